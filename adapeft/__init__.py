@@ -1,0 +1,27 @@
+"""adapeft: adaptive parameter-efficient fine-tuning.
+
+Probe every parameter group with a few forward passes, fit the loss along its update direction, and
+choose which groups to train. The compiled ops live under torch.ops.adapeft; the functions below serve
+them on every device, falling back to the pure-PyTorch reference where a kernel is missing.
+"""
+from ._backend import BACKENDS, BUILD_INFO
+from ._layout import CHUNK_ELEMENTS, REPORT_FIELDS
+from .ops import FitResult, group_fingerprint, new_ledger, new_report, pack_group, perturb_, quadratic_fit
+from .perturb import GroupPerturbation
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BACKENDS",
+    "BUILD_INFO",
+    "CHUNK_ELEMENTS",
+    "REPORT_FIELDS",
+    "FitResult",
+    "GroupPerturbation",
+    "group_fingerprint",
+    "new_ledger",
+    "new_report",
+    "pack_group",
+    "perturb_",
+    "quadratic_fit",
+]

@@ -1,0 +1,26 @@
+"""Fake (meta) implementations: output shapes and dtypes without touching data, for FakeTensor,
+torch.compile and torch.library.opcheck."""
+import torch
+
+from . import _layout as L
+
+
+@torch.library.register_fake("adapeft::pack_group")
+def _pack_group(params, directions):
+    words = L.TABLE_HEADER_WORDS + L.TABLE_TENSOR_WORDS * len(params) + L.count_chunks(params)
+    return params[0].new_empty((words,), dtype=torch.int64)
+
+
+@torch.library.register_fake("adapeft::perturb_")
+def _perturb(params, directions, table, fingerprint, steps, from_step, to_step, ledger_in, ledger_out, report,
+             report_row):
+    return None
+
+
+@torch.library.register_fake("adapeft::quadratic_fit")
+def _quadratic_fit(losses, steps, counts, appi=None, r2_threshold=0.99):
+    groups = losses.shape[0]
+    real = [losses.new_empty((groups,), dtype=torch.float64) for _ in range(5)]
+    accepted = losses.new_empty((groups,), dtype=torch.bool)
+    b, A, r2, ppi, eta_star = real
+    return b, A, r2, accepted, ppi, eta_star

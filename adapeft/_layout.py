@@ -1,0 +1,62 @@
+"""Memory layouts of the group table, the ledger and the report (mirror of csrc/layout.h).
+
+tests/test_layout.py checks every constant here against the compiled extension.
+"""
+import torch
+
+CHUNK_SHIFT = 12
+CHUNK_ELEMENTS = 1 << CHUNK_SHIFT
+
+TABLE_HEADER_WORDS = 4  # num_tensors, num_chunks, num_elements, layout version
+TABLE_TENSOR_WORDS = 4  # param pointer, direction pointer, numel, dtype codes
+TABLE_LAYOUT_VERSION = 1
+CHUNK_TENSOR_SHIFT = 40
+
+LEDGER_HEADER_WORDS = 8
+LEDGER_DEMAND = 0
+DIRECTORY_OFFSET_SHIFT = 16
+DIRECTORY_COUNT_MASK = 0xFFFF
+CHUNK_UNMOVED = 0xFFFF
+ENTRY_POSITION_SHIFT = 32
+
+REPORT_FIELDS = ("step", "changed", "unmoved", "saved", "nonfinite")
+REPORT_STEP, REPORT_CHANGED, REPORT_UNMOVED, REPORT_SAVED, REPORT_NONFINITE = range(len(REPORT_FIELDS))
+
+DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+# Integer views of each storage dtype, to compare and save bits.
+BITS_DTYPES = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
+
+
+def chunks_of(numel):
+    return (numel + CHUNK_ELEMENTS - 1) >> CHUNK_SHIFT
+
+
+def count_chunks(params):
+    return sum(chunks_of(p.numel()) for p in params)
+
+
+def ledger_words(num_chunks, capacity):
+    """Words of a ledger able to hold `capacity` entries for a group of `num_chunks` chunks."""
+    return LEDGER_HEADER_WORDS + num_chunks + capacity
+
+
+def _fnv1a(value, word):
+    for byte in range(8):
+        value ^= (word >> (8 * byte)) & 0xFF
+        value = (value * 0x100000001B3) & 0xFFFFFFFFFFFFFFFF
+    return value
+
+
+def group_fingerprint(params, directions):
+    """Same value as the extension's group_fingerprint (FNV-1a over pointer, numel, dtype, contiguity)."""
+    value = 0xCBF29CE484222325
+    value = _fnv1a(value, len(params))
+    value = _fnv1a(value, len(directions))
+    for tensors in (params, directions):
+        for t in tensors:
+            pointer = t.data_ptr() if t.numel() else 0
+            value = _fnv1a(value, pointer & 0xFFFFFFFFFFFFFFFF)
+            value = _fnv1a(value, t.numel())
+            value = _fnv1a(value, DTYPE_CODES.get(t.dtype, -1) & 0xFFFFFFFFFFFFFFFF)
+            value = _fnv1a(value, 1 if t.is_contiguous() else 0)
+    return value - (1 << 64) if value >= (1 << 63) else value

@@ -1,0 +1,58 @@
+"""The adapeft ops as Python functions: same names and arguments as torch.ops.adapeft, served by the
+compiled kernels where they exist and by adapeft.reference elsewhere (see adapeft._backend)."""
+from collections import namedtuple
+
+import torch
+
+from . import _backend
+from . import _layout as L
+
+FitResult = namedtuple("FitResult", "b A r2 accepted ppi eta_star")
+FitResult.__doc__ = """Per-group results of quadratic_fit (float64 vectors, `accepted` bool): the fitted b ~ G.d and
+A ~ d.H.d, R^2, whether the fit passed the filter, PPI = b^2/(A*n) (0 when rejected) and eta* = b/A (nan when
+rejected)."""
+
+
+def pack_group(params, directions):
+    """Validate a group (tensors and directions of the same shapes) and build its table on its device."""
+    params, directions = list(params), list(directions)
+    if not params:
+        raise ValueError("adapeft.pack_group: the group has no tensors")
+    with torch.no_grad():
+        return _backend.call("pack_group")(params, directions)
+
+
+def group_fingerprint(params, directions):
+    """The fingerprint perturb_ checks, so that a table is never used with tensors it does not describe."""
+    if _backend._C is not None:
+        return _backend._C.group_fingerprint(list(params), list(directions))
+    return L.group_fingerprint(list(params), list(directions))
+
+
+def new_ledger(num_chunks, capacity, device):
+    """A zeroed ledger for a group of `num_chunks` chunks with room for `capacity` saved elements."""
+    if capacity < 0:
+        raise ValueError(f"adapeft.new_ledger: capacity must be >= 0, got {capacity}")
+    return torch.zeros(L.ledger_words(num_chunks, capacity), dtype=torch.int64, device=device)
+
+
+def new_report(rows, device):
+    """A report with `rows` rows of the fields in adapeft.REPORT_FIELDS, filled with nan until written."""
+    return torch.full((rows, len(L.REPORT_FIELDS)), float("nan"), dtype=torch.float64, device=device)
+
+
+def perturb_(params, directions, table, fingerprint, steps, from_step, to_step, ledger_in, ledger_out, report,
+             report_row=-1):
+    """Move a group in place from step `from_step` to step `to_step` (-1: the unperturbed weights).
+
+    Prefer adapeft.GroupPerturbation, which keeps the ledgers and the current step for you.
+    """
+    with torch.no_grad():
+        _backend.call("perturb_")(list(params), list(directions), table, fingerprint, steps, from_step, to_step,
+                                  ledger_in, ledger_out, report, report_row)
+
+
+def quadratic_fit(losses, steps, counts, appi=None, r2_threshold=0.99):
+    """Fit dL(x) = -x*b + x^2/2*A for every group (row) at once; accumulate PPI into `appi` where accepted."""
+    with torch.no_grad():
+        return FitResult(*_backend.call("quadratic_fit")(losses, steps, counts, appi, r2_threshold))

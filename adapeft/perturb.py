@@ -1,0 +1,120 @@
+"""GroupPerturbation: a parameter group moved in place along a direction and restored bit for bit."""
+import contextlib
+import signal
+import threading
+import warnings
+
+import torch
+
+from . import _layout as L
+from . import ops
+
+# Saved elements per element of the group that a new perturbation makes room for. Measured
+# (benchmarks/bench_ledger.py): non-invertible elements are about r of all elements for relative
+# steps r = |eta d| / |w|, i.e. below 1% for the steps a probe uses (r <= 1e-2) in float32 and
+# bfloat16; groups stored exactly at zero in bfloat16 or float16 (a fresh LoRA B) need one per element.
+DEFAULT_CAPACITY_FRACTION = 1 / 32
+MIN_CAPACITY = 1024
+
+
+@contextlib.contextmanager
+def _sigint_deferred():
+    """Keep Ctrl-C from landing between a move and the bookkeeping that records it."""
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield
+        return
+    received = []
+    signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        if received:
+            raise KeyboardInterrupt
+
+
+class GroupPerturbation:
+    """A group of parameters and its direction, ready to be moved to `w0 - steps[j] * d` and back.
+
+    Every move is a *rebase*: w0 is rebuilt exactly from the current values (the few elements whose step
+    is not invertible are kept in a ledger) and the next point written in the same pass, so after
+    `restore()` every element is bit-identical to w0 whatever the dtype. No copy of the group is made:
+    the two ledgers hold `capacity` saved elements each (8 bytes apiece). If a step needs more, the
+    chunks (4096 elements) that do not fit stay at w0 for that step; the report says so (`unmoved`), the
+    realized step accounts for it, and `grow()` makes room for the next time.
+
+    `steps` is a float32 device tensor of step sizes (e.g. eta * [-2, -1, 1, 2]); it may be rewritten
+    while the group is at w0 (a captured CUDA graph then replays with the new values) but never while
+    it is perturbed, since the next move reads the current step to rebuild w0.
+
+    Use as a context manager (or try/finally) so that an exception, a NaN loss or Ctrl-C restores w0.
+    """
+
+    def __init__(self, params, directions, steps, *, capacity=None, validate=False):
+        self.params = list(params)
+        self.directions = list(directions)
+        if validate:
+            self.check_directions()
+        self.table = ops.pack_group(self.params, self.directions)
+        self.fingerprint = ops.group_fingerprint(self.params, self.directions)
+        self.device = self.params[0].device
+        if steps.device != self.device or steps.dtype != torch.float32:
+            raise ValueError(f"adapeft.GroupPerturbation: steps must be a float32 tensor on {self.device}, got "
+                             f"{steps.dtype} on {steps.device}")
+        self.steps = steps
+        self.numel = sum(p.numel() for p in self.params)
+        self.num_chunks = L.count_chunks(self.params)
+        if capacity is None:
+            capacity = max(MIN_CAPACITY, int(self.numel * DEFAULT_CAPACITY_FRACTION))
+        self._ledgers = [ops.new_ledger(self.num_chunks, capacity, self.device) for _ in range(2)]
+        # (current step or -1 for w0, index of the ledger that describes it), updated as one value.
+        self._state = (-1, 0)
+
+    @property
+    def position(self):
+        """The step the group is at, or -1 when it holds its unperturbed values."""
+        return self._state[0]
+
+    @property
+    def capacity(self):
+        return self._ledgers[0].numel() - L.LEDGER_HEADER_WORDS - self.num_chunks
+
+    def check_directions(self):
+        """Raise up front if a direction holds inf or nan (costs one host synchronisation)."""
+        for i, d in enumerate(self.directions):
+            if d.numel() and not bool(torch.isfinite(d).all()):
+                raise ValueError(f"adapeft.GroupPerturbation: directions[{i}] contains inf or nan")
+
+    def move(self, step, report=None, report_row=-1):
+        """Move the group to w0 - steps[step] * d (step -1: back to w0); optionally write a report row."""
+        position, current = self._state
+        if report is None:
+            report, report_row = self._ledgers[current].new_empty((0,), dtype=torch.float64), -1
+        with _sigint_deferred():
+            ops.perturb_(self.params, self.directions, self.table, self.fingerprint, self.steps, position, step,
+                         self._ledgers[current], self._ledgers[1 - current], report, report_row)
+            self._state = (step, 1 - current)
+
+    def restore(self):
+        if self.position != -1:
+            self.move(-1)
+
+    def grow(self, capacity):
+        """Give the ledgers room for `capacity` saved elements (only while at w0)."""
+        if self.position != -1:
+            raise RuntimeError("adapeft.GroupPerturbation.grow: restore the group first")
+        if capacity > self.capacity:
+            self._ledgers = [ops.new_ledger(self.num_chunks, capacity, self.device) for _ in range(2)]
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.restore()
+        return False
+
+    def __del__(self):
+        if getattr(self, "_state", (-1, 0))[0] != -1:
+            warnings.warn("adapeft.GroupPerturbation was deleted while perturbed; restoring w0", RuntimeWarning)
+            self.restore()

@@ -1,0 +1,245 @@
+"""Pure-PyTorch twins of the adapeft ops.
+
+Each function computes exactly what the compiled op computes (the perturbed and restored parameters
+bit for bit, the same ledger and report layout; sums in float64, in another order), one tensor at a
+time with ordinary torch operations. They are the ground truth of the tests, the fallback where a
+compiled kernel is missing, and the "pure PyTorch" baseline of the benchmarks.
+"""
+import math
+
+import torch
+
+from . import _layout as L
+
+_SUPPORTED = tuple(L.DTYPE_CODES)
+
+
+def _check_group(params, directions, op="adapeft.pack_group"):
+    if len(params) != len(directions):
+        raise ValueError(f"{op}: params has {len(params)} tensors but directions has {len(directions)}; "
+                         "give one direction per parameter")
+    for i, (p, d) in enumerate(zip(params, directions)):
+        if p.device != params[0].device:
+            raise ValueError(f"{op}: params[{i}] is on {p.device} but params[0] is on {params[0].device}; "
+                             "a group lives on one device")
+        if d.device != p.device:
+            raise ValueError(f"{op}: directions[{i}] is on {d.device} but params[{i}] is on {p.device}")
+        if p.dtype not in _SUPPORTED:
+            raise ValueError(f"{op}: params[{i}] has dtype {p.dtype}; supported are float32, bfloat16 and float16")
+        if d.dtype not in (torch.float32, p.dtype):
+            raise ValueError(f"{op}: directions[{i}] has dtype {d.dtype}; it must be float32 or the dtype of "
+                             f"params[{i}] ({p.dtype})")
+        if d.shape != p.shape:
+            raise ValueError(f"{op}: directions[{i}] has shape {tuple(d.shape)} but params[{i}] has shape "
+                             f"{tuple(p.shape)}")
+        if not p.is_contiguous():
+            raise ValueError(f"{op}: params[{i}] is not contiguous (a strided view); perturb the contiguous tensor "
+                             "it views instead")
+        if not d.is_contiguous():
+            raise ValueError(f"{op}: directions[{i}] is not contiguous; pass direction.contiguous()")
+    spans = sorted((p.data_ptr(), p.data_ptr() + p.numel() * p.element_size(), i)
+                   for i, p in enumerate(params) if p.numel())
+    for (_, end, i), (begin, _, j) in zip(spans, spans[1:]):
+        if begin < end:
+            raise ValueError(f"{op}: params[{i}] and params[{j}] overlap in memory; a tensor (tied or shared "
+                             "weights included) must appear once in a group")
+    for i, d in enumerate(directions):
+        if not d.numel():
+            continue
+        begin, end = d.data_ptr(), d.data_ptr() + d.numel() * d.element_size()
+        for p_begin, p_end, j in spans:
+            if p_begin < end and begin < p_end:
+                raise ValueError(f"{op}: directions[{i}] overlaps params[{j}] in memory; a direction must not "
+                                 "alias the parameters it moves")
+
+
+def pack_group(params, directions):
+    _check_group(params, directions)
+    rows, chunk_words, total = [], [], 0
+    for i, (p, d) in enumerate(zip(params, directions)):
+        rows += [p.data_ptr(), d.data_ptr(), p.numel(), L.DTYPE_CODES[p.dtype] | (L.DTYPE_CODES[d.dtype] << 8)]
+        chunk_words += [(i << L.CHUNK_TENSOR_SHIFT) | c for c in range(L.chunks_of(p.numel()))]
+        total += p.numel()
+    header = [len(params), len(chunk_words), total, L.TABLE_LAYOUT_VERSION]
+    table = torch.tensor(header + rows + chunk_words, dtype=torch.int64)
+    return table.to(params[0].device) if params else table
+
+
+def _bits(t):
+    return t.view(L.BITS_DTYPES[t.dtype])
+
+
+def _unsigned_bits(t):
+    width = 8 * t.element_size()
+    return _bits(t).to(torch.int64) & ((1 << width) - 1)
+
+
+def _from_unsigned_bits(values, dtype):
+    width = 8 * torch.empty((), dtype=dtype).element_size()
+    signed = torch.where(values >= (1 << (width - 1)), values - (1 << width), values)
+    return signed.to(L.BITS_DTYPES[dtype]).view(dtype)
+
+
+def _step_away(w0, s):
+    return (w0.float() - s).to(w0.dtype)
+
+
+def _step_back(w, s):
+    return (w.float() + s).to(w.dtype)
+
+
+def _check_step(params, directions, table, fingerprint, steps, from_step, to_step, ledger_in, ledger_out, report,
+                report_row):
+    op = "adapeft.perturb_"
+    if len(params) != len(directions):
+        raise ValueError(f"{op}: params has {len(params)} tensors but directions has {len(directions)}")
+    if fingerprint != L.group_fingerprint(params, directions):
+        raise ValueError(f"{op}: the group's tensors are not those its table was built for (a parameter or "
+                         "direction was reallocated, replaced or changed dtype); build a new table with "
+                         "adapeft.pack_group")
+    num_chunks = L.count_chunks(params)
+    if table.numel() != L.TABLE_HEADER_WORDS + L.TABLE_TENSOR_WORDS * len(params) + num_chunks:
+        raise ValueError(f"{op}: table does not describe this group; build it with adapeft.pack_group")
+    if steps.dtype != torch.float32:
+        raise ValueError(f"{op}: steps must be float32, got {steps.dtype}")
+    for name, index, meaning in (("from_step", from_step, "the unperturbed weights"), ("to_step", to_step, "restore")):
+        if not -1 <= index < steps.numel():
+            raise ValueError(f"{op}: {name}={index} is outside [-1, {steps.numel()}) (-1 means {meaning})")
+    for name, ledger in (("ledger_in", ledger_in), ("ledger_out", ledger_out)):
+        if ledger.dtype != torch.int64 or ledger.numel() < L.LEDGER_HEADER_WORDS + num_chunks:
+            raise ValueError(f"{op}: {name} must be int64 with at least {L.LEDGER_HEADER_WORDS + num_chunks} words "
+                             "for this group; make it with adapeft.new_ledger")
+    if from_step >= 0 and ledger_in.data_ptr() == ledger_out.data_ptr():
+        raise ValueError(f"{op}: ledger_in and ledger_out must be different ledgers when rebasing from a step")
+    if report.dtype != torch.float64 or report.numel() % len(L.REPORT_FIELDS):
+        raise ValueError(f"{op}: report must be float64 with {len(L.REPORT_FIELDS)} values per row")
+    if not -1 <= report_row < report.numel() // len(L.REPORT_FIELDS):
+        raise ValueError(f"{op}: report_row={report_row} is outside [-1, {report.numel() // len(L.REPORT_FIELDS)})")
+    return num_chunks
+
+
+def _rebuild_w0(current, direction, eta, ledger_in, directory, entries_base):
+    """w0 of one tensor from its perturbed values: the unmoved chunks as they are, the ledger's
+    entries from their saved bits, every other element stepped back."""
+    counts = directory & L.DIRECTORY_COUNT_MASK
+    offsets = directory >> L.DIRECTORY_OFFSET_SHIFT
+    unmoved = counts == L.CHUNK_UNMOVED
+    element_chunk = torch.arange(current.numel(), device=current.device) >> L.CHUNK_SHIFT
+    w0 = torch.where(unmoved[element_chunk], current, _step_back(current, eta * direction))
+    saved = (~unmoved) & (counts > 0)
+    chunks = saved.nonzero().flatten()
+    if chunks.numel():
+        per_chunk = counts[chunks]
+        first = torch.repeat_interleave(offsets[chunks], per_chunk)
+        chunk_start = torch.cumsum(per_chunk, 0) - per_chunk
+        within = torch.arange(int(per_chunk.sum()), device=current.device) - torch.repeat_interleave(
+            chunk_start, per_chunk)
+        entries = ledger_in[entries_base + first + within]
+        position = (entries >> L.ENTRY_POSITION_SHIFT) + (torch.repeat_interleave(chunks, per_chunk) << L.CHUNK_SHIFT)
+        w0[position] = _from_unsigned_bits(entries & 0xFFFFFFFF, w0.dtype)
+    return w0
+
+
+def perturb_(params, directions, table, fingerprint, steps, from_step, to_step, ledger_in, ledger_out, report,
+             report_row=-1):
+    num_chunks = _check_step(params, directions, table, fingerprint, steps, from_step, to_step, ledger_in,
+                             ledger_out, report, report_row)
+    has_from, has_to = from_step >= 0, to_step >= 0
+    header, entries_base = L.LEDGER_HEADER_WORDS, L.LEDGER_HEADER_WORDS + num_chunks
+    capacity = ledger_out.numel() - entries_base
+    steps = steps.reshape(-1)
+    demand = 0
+    dot_dir_step = dot_dir_dir = 0.0
+    changed = unmoved = nonfinite = 0
+    chunk_base = 0
+    with torch.no_grad():
+        for p, d in zip(params, directions):
+            n = p.numel()
+            tensor_chunks = L.chunks_of(n)
+            if n == 0:
+                continue
+            current = p.view(-1)
+            direction = d.reshape(-1).float()
+            directory_slice = slice(header + chunk_base, header + chunk_base + tensor_chunks)
+            if has_from:
+                w0 = _rebuild_w0(current, direction, steps[from_step], ledger_in, ledger_in[directory_slice],
+                                 entries_base)
+            else:
+                w0 = current.clone()
+            element_chunk = torch.arange(n, device=p.device) >> L.CHUNK_SHIFT
+            if has_to:
+                s = steps[to_step] * direction
+                moved_to = _step_away(w0, s)
+                flagged = _bits(_step_back(moved_to, s)) != _bits(w0)
+                counts = torch.zeros(tensor_chunks, dtype=torch.int64, device=p.device).index_add_(
+                    0, element_chunk, flagged.to(torch.int64))
+                before = demand + torch.cumsum(counts, 0) - counts
+                fits = (counts == 0) | (before + counts <= capacity)
+                demand += int(counts.sum())
+                offsets = torch.where(counts > 0, before, torch.zeros_like(before))
+                ledger_out[directory_slice] = torch.where(
+                    fits, (offsets << L.DIRECTORY_OFFSET_SHIFT) | counts, torch.full_like(counts, L.CHUNK_UNMOVED))
+                moved = fits[element_chunk]
+                out = torch.where(moved, moved_to, w0)
+                keep = (flagged & moved).nonzero().flatten()
+                chunk_of_entry = keep >> L.CHUNK_SHIFT
+                first_of_chunk = torch.cumsum(counts, 0) - counts
+                rank = torch.arange(keep.numel(), device=p.device) - first_of_chunk[chunk_of_entry]
+                ledger_out[entries_base + before[chunk_of_entry] + rank] = (
+                    ((keep & (L.CHUNK_ELEMENTS - 1)) << L.ENTRY_POSITION_SHIFT) | _unsigned_bits(w0)[keep])
+                unmoved += int((~moved).sum())
+                changed += int(((_bits(out) != _bits(w0)) & moved).sum())
+                step_along = direction.double() * (out.double() - w0.double())
+                dot_dir_step += float(torch.where(moved, step_along, torch.zeros_like(step_along)).sum())
+            else:
+                out = w0
+            current.copy_(out)
+            dot_dir_dir += float((direction.double() ** 2).sum())
+            nonfinite += int((~torch.isfinite(direction)).sum())
+            chunk_base += tensor_chunks
+        if report_row >= 0:
+            # IEEE division (an empty group gives nan, as the kernels do), not Python's.
+            step = -torch.tensor(dot_dir_step, dtype=torch.float64) / dot_dir_dir
+            row = report.view(-1, len(L.REPORT_FIELDS))[report_row]
+            row.copy_(torch.tensor([float(step), changed, unmoved, demand, nonfinite], dtype=torch.float64))
+        ledger_out[:header] = 0
+
+
+def quadratic_fit(losses, steps, counts, appi=None, r2_threshold=0.99):
+    """Batched least squares of dL(x) = -x*b + x^2/2*A in float64, one row per group."""
+    op = "adapeft.quadratic_fit"
+    if losses.dim() != 2:
+        raise ValueError(f"{op}: losses must be K x M (groups x points), got shape {tuple(losses.shape)}")
+    groups, points = losses.shape
+    if points % 2 != 1 or not 3 <= points <= 15:
+        raise ValueError(f"{op}: losses needs an odd number of points between 3 and 15 per group (the middle one "
+                         f"unperturbed), got {points}")
+    if steps.shape != losses.shape:
+        raise ValueError(f"{op}: steps has shape {tuple(steps.shape)} but losses has shape {tuple(losses.shape)}")
+    if counts.dim() != 1 or counts.shape[0] != groups:
+        raise ValueError(f"{op}: counts must have one entry per group ({groups}), got shape {tuple(counts.shape)}")
+    if appi is not None and (appi.shape != (groups,) or appi.dtype not in (torch.float32, torch.float64)
+                             or not appi.is_contiguous()):
+        raise ValueError(f"{op}: appi must be a contiguous float32 or float64 vector of {groups} groups")
+    x = steps.double()
+    y = losses.double() - losses.double()[:, points // 2: points // 2 + 1]
+    p, q = -x, 0.5 * x * x
+    spp, sqq, spq = (p * p).sum(1), (q * q).sum(1), (p * q).sum(1)
+    spy, sqy = (p * y).sum(1), (q * y).sum(1)
+    det = spp * sqq - spq * spq
+    b = (spy * sqq - sqy * spq) / det
+    A = (sqy * spp - spy * spq) / det
+    fitted = -x * b[:, None] + 0.5 * x * x * A[:, None]
+    ss_res = ((y - fitted) ** 2).sum(1)
+    ss_tot = ((y - y.mean(1, keepdim=True)) ** 2).sum(1)
+    one, zero = torch.ones_like(ss_res), torch.zeros_like(ss_res)
+    r2 = torch.where(ss_res == 0, one, torch.where(ss_tot == 0, zero, 1 - ss_res / ss_tot))
+    n = counts.double()
+    ppi = b * b / (A * n)
+    accepted = ((b > 0) & (A > 0) & (r2 > r2_threshold) & (n > 0) & torch.isfinite(b) & torch.isfinite(A)
+                & torch.isfinite(r2) & torch.isfinite(ss_res) & torch.isfinite(ppi))
+    ppi = torch.where(accepted, ppi, zero)
+    eta_star = torch.where(accepted, b / A, torch.full_like(b, math.nan))
+    if appi is not None:
+        appi[accepted] += ppi[accepted].to(appi.dtype)
+    return b, A, r2, accepted, ppi, eta_star

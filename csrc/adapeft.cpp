@@ -1,0 +1,97 @@
+// Op schemas of the adapeft library and the small Python module that loads them.
+// Kernels live one op per file per backend in cpu/ and cuda/; adapeft/reference.py holds the
+// pure-PyTorch twin of every op and adapeft/_fake.py the fake (meta) implementations.
+#include <ATen/Parallel.h>
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#include <mutex>
+#include <set>
+#include <thread>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include "group_table.h"
+#include "layout.h"
+
+TORCH_LIBRARY(adapeft, m) {
+  // Validates a parameter group and returns its table (pointers, sizes, dtypes, chunk map) on the
+  // group's device. Built once per group; every later step reads it on the device.
+  m.def("pack_group(Tensor[] params, Tensor[] directions) -> Tensor");
+  // Moves the group in place from step `from_step` (-1: the unperturbed weights w0) to step
+  // `to_step` (-1: restore w0), i.e. to w0 - steps[to_step] * d, rebuilding w0 bit for bit from the
+  // current values and `ledger_in`; records in `ledger_out` what the next move needs, and writes
+  // the realized step and element counts to row `report_row` of `report` (-1: no row).
+  m.def(
+      "perturb_(Tensor(a!)[] params, Tensor[] directions, Tensor table, int fingerprint, Tensor steps, "
+      "int from_step, int to_step, Tensor ledger_in, Tensor(b!) ledger_out, Tensor(c!) report, "
+      "int report_row) -> ()");
+  // One least-squares fit of dL(x) = -x*b + x^2/2*A per row of `losses` (K x M, M odd, the middle
+  // column the unperturbed loss) at the realized steps `steps` (K x M), with R^2, the acceptance
+  // filter, PPI = b^2/(A*n), eta* = b/A, and PPI accumulated into `appi` for accepted rows.
+  m.def(
+      "quadratic_fit(Tensor losses, Tensor steps, Tensor counts, Tensor(a!)? appi, float r2_threshold=0.99) "
+      "-> (Tensor b, Tensor A, Tensor r2, Tensor accepted, Tensor ppi, Tensor eta_star)");
+}
+
+namespace {
+
+int64_t fingerprint(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& directions) {
+  return adapeft::group_fingerprint(params, directions);
+}
+
+// How many distinct threads at::parallel_for used for n items: with the extension built without
+// OpenMP it runs serially even when torch has several threads.
+int64_t parallel_threads_used(int64_t n) {
+  std::mutex lock;
+  std::set<std::thread::id> seen;
+  at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    std::lock_guard<std::mutex> guard(lock);
+    seen.insert(std::this_thread::get_id());
+  });
+  return static_cast<int64_t>(seen.size());
+}
+
+pybind11::dict build_info() {
+  pybind11::dict info;
+#ifdef _OPENMP
+  info["openmp"] = true;
+#else
+  info["openmp"] = false;
+#endif
+#ifdef ADAPEFT_WITH_CUDA
+  info["cuda"] = true;
+#else
+  info["cuda"] = false;
+#endif
+  return info;
+}
+
+pybind11::dict layout() {
+  using namespace adapeft;
+  pybind11::dict out;
+  out["chunk_elements"] = kChunkElements;
+  out["table_header_words"] = static_cast<int64_t>(kTableHeaderWords);
+  out["table_tensor_words"] = static_cast<int64_t>(kTableTensorWords);
+  out["table_layout_version"] = kTableLayoutVersion;
+  out["chunk_tensor_shift"] = kChunkTensorShift;
+  out["ledger_header_words"] = static_cast<int64_t>(kLedgerHeaderWords);
+  out["directory_offset_shift"] = kDirectoryOffsetShift;
+  out["chunk_unmoved"] = kChunkUnmoved;
+  out["entry_position_shift"] = kEntryPositionShift;
+  out["report_fields"] = static_cast<int64_t>(kReportFields);
+  return out;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
+  module.doc() = "adapeft compiled kernels; the ops are under torch.ops.adapeft";
+  module.def("group_fingerprint", &fingerprint, "Fingerprint of a group's tensors (pointers, sizes, dtypes)");
+  module.def("parallel_threads_used", &parallel_threads_used);
+  module.def("build_info", &build_info);
+  module.def("layout", &layout);
+}

@@ -1,0 +1,351 @@
+// CUDA kernel of adapeft::perturb_: one launch per step for the whole group, whatever its number
+// of tensors or mix of dtypes. A persistent grid walks the group's chunks (described by the table
+// built once by pack_group); step sizes are read from device memory and nothing waits for the host,
+// so a captured CUDA graph replays the same launches for new step values.
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "group_table.h"
+#include "step_math.h"
+
+namespace adapeft {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kItems = static_cast<int>(kChunkElements) / kThreads;
+constexpr int kWords = static_cast<int>(kChunkElements) / 32;
+constexpr int kWarps = kThreads / 32;
+static_assert(kWords == 4 * 32, "the bitmap scan gives each lane of one warp four words");
+
+struct MoveArgs {
+  const int64_t* table;
+  int64_t num_tensors;
+  int64_t num_chunks;
+  const float* steps;
+  int from_step;
+  int to_step;
+  const int64_t* ledger_in;
+  int64_t* ledger_out;
+  unsigned long long capacity;
+  double* report_row;
+};
+
+struct Totals {
+  double dot_dir_step = 0.0;
+  double dot_dir_dir = 0.0;
+  unsigned long long changed = 0;
+  unsigned long long unmoved = 0;
+  unsigned long long nonfinite = 0;
+};
+
+struct MoveShared {
+  // One bit per element of the chunk: in = has a ledger entry to read, out = needs one written.
+  uint32_t in_bits[kWords];
+  uint32_t in_prefix[kWords];
+  uint32_t out_bits[kWords];
+  uint32_t out_prefix[kWords];
+  uint32_t out_count;
+  int moved;
+  unsigned long long out_offset;
+  double dot_dir_step[kWarps];
+  double dot_dir_dir[kWarps];
+  unsigned long long counts[3][kWarps];
+  int is_last;
+};
+
+// Exclusive prefix of the set bits before each word (so an element's entry index is its rank among
+// the flagged positions of its chunk); run by warp 0. Returns the total in *total when non-null.
+__device__ void scan_bitmap(const uint32_t* bits, uint32_t* prefix, uint32_t* total) {
+  const int lane = threadIdx.x;
+  uint32_t c[4];
+  uint32_t sum = 0;
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    c[j] = __popc(bits[4 * lane + j]);
+    sum += c[j];
+  }
+  uint32_t inclusive = sum;
+#pragma unroll
+  for (int delta = 1; delta < 32; delta <<= 1) {
+    const uint32_t other = __shfl_up_sync(0xffffffffu, inclusive, delta);
+    if (lane >= delta) inclusive += other;
+  }
+  uint32_t running = inclusive - sum;
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    prefix[4 * lane + j] = running;
+    running += c[j];
+  }
+  if (total != nullptr && lane == 31) *total = inclusive;
+}
+
+__device__ __forceinline__ uint32_t rank_of(const uint32_t* bits, const uint32_t* prefix, int i) {
+  const uint32_t word = bits[i >> 5];
+  return prefix[i >> 5] + __popc(word & ((1u << (i & 31)) - 1u));
+}
+
+template <typename T, typename D>
+__device__ void move_chunk(T* param, const D* direction, int len, int64_t chunk, const MoveArgs& a, float eta_from,
+                           float eta_to, MoveShared& sh, Totals& totals) {
+  using S = Storage<T>;
+  const int tid = threadIdx.x;
+  const bool has_from = a.from_step >= 0;
+  const bool has_to = a.to_step >= 0;
+  const int64_t dir_in = has_from ? a.ledger_in[kLedgerHeaderWords + chunk] : 0;
+  const int count_in = static_cast<int>(dir_in & kDirectoryCountMask);
+  const bool unmoved_in = has_from && count_in == kChunkUnmoved;
+  const bool lookup = has_from && !unmoved_in && count_in > 0;
+  const int64_t* entries_in = a.ledger_in + kLedgerHeaderWords + a.num_chunks + (dir_in >> kDirectoryOffsetShift);
+
+  for (int w = tid; w < kWords; w += kThreads) {
+    sh.in_bits[w] = 0;
+    sh.out_bits[w] = 0;
+  }
+  __syncthreads();
+  if (lookup) {
+    for (int e = tid; e < count_in; e += kThreads) {
+      const int pos = static_cast<int>(entries_in[e] >> kEntryPositionShift);
+      atomicOr(&sh.in_bits[pos >> 5], 1u << (pos & 31));
+    }
+    __syncthreads();
+    if (tid < 32) scan_bitmap(sh.in_bits, sh.in_prefix, nullptr);
+    __syncthreads();
+  }
+
+  D d[kItems];
+  T x[kItems];
+#pragma unroll
+  for (int k = 0; k < kItems; ++k) {
+    const int i = k * kThreads + tid;
+    if (i < len) {
+      d[k] = direction[i];
+      x[k] = param[i];
+    }
+  }
+  T w0[kItems];
+  T next[kItems];
+  uint32_t flagged = 0;
+#pragma unroll
+  for (int k = 0; k < kItems; ++k) {
+    const int i = k * kThreads + tid;
+    if (i >= len) continue;
+    const float df = static_cast<float>(d[k]);
+    T base = x[k];
+    if (has_from && !unmoved_in) {
+      if (lookup && (sh.in_bits[i >> 5] >> (i & 31)) & 1u) {
+        base = S::from_bits(static_cast<uint32_t>(entries_in[rank_of(sh.in_bits, sh.in_prefix, i)]));
+      } else {
+        base = step_back(x[k], mul_rn(eta_from, df));
+      }
+    }
+    w0[k] = base;
+    next[k] = base;
+    if (has_to) {
+      const float s = mul_rn(eta_to, df);
+      next[k] = step_away(base, s);
+      if (S::bits(step_back(next[k], s)) != S::bits(base)) {
+        flagged |= 1u << k;
+        atomicOr(&sh.out_bits[i >> 5], 1u << (i & 31));
+      }
+    }
+  }
+
+  if (has_to) {
+    __syncthreads();
+    if (tid < 32) scan_bitmap(sh.out_bits, sh.out_prefix, &sh.out_count);
+    __syncthreads();
+    if (tid == 0) {
+      // A chunk whose entries do not fit stays exactly at w0: a full ledger costs coverage, never bits.
+      const uint32_t count = sh.out_count;
+      unsigned long long offset = 0;
+      int moved = 1;
+      if (count > 0) {
+        offset = atomicAdd(reinterpret_cast<unsigned long long*>(a.ledger_out + kLedgerDemand), count);
+        moved = offset + count <= a.capacity;
+      }
+      a.ledger_out[kLedgerHeaderWords + chunk] =
+          moved ? static_cast<int64_t>(offset << kDirectoryOffsetShift) | count : kChunkUnmoved;
+      sh.moved = moved;
+      sh.out_offset = offset;
+    }
+    __syncthreads();
+  }
+  const bool moved = has_to && sh.moved;
+  int64_t* entries_out = a.ledger_out + kLedgerHeaderWords + a.num_chunks + sh.out_offset;
+#pragma unroll
+  for (int k = 0; k < kItems; ++k) {
+    const int i = k * kThreads + tid;
+    if (i >= len) continue;
+    const T out = moved ? next[k] : w0[k];
+    if (S::bits(out) != S::bits(x[k])) param[i] = out;
+    if (moved && ((flagged >> k) & 1u)) {
+      entries_out[rank_of(sh.out_bits, sh.out_prefix, i)] =
+          (static_cast<int64_t>(i) << kEntryPositionShift) | static_cast<int64_t>(S::bits(w0[k]));
+    }
+    const float df = static_cast<float>(d[k]);
+    totals.dot_dir_dir += static_cast<double>(df) * static_cast<double>(df);
+    totals.nonfinite += !is_finite(df);
+    if (moved) {
+      totals.changed += S::bits(out) != S::bits(w0[k]);
+      const double dw = static_cast<double>(S::to_float(out)) - static_cast<double>(S::to_float(w0[k]));
+      totals.dot_dir_step += static_cast<double>(df) * dw;
+    }
+  }
+  if (has_to && !moved && tid == 0) totals.unmoved += len;
+  // The next chunk reuses the shared bitmaps.
+  __syncthreads();
+}
+
+template <typename T>
+__device__ void move_chunk_direction(char* param, const char* direction, int64_t direction_code, int len,
+                                     int64_t chunk, const MoveArgs& a, float eta_from, float eta_to, MoveShared& sh,
+                                     Totals& totals) {
+  if (direction_code == kFloat32) {
+    move_chunk<T, float>(reinterpret_cast<T*>(param), reinterpret_cast<const float*>(direction), len, chunk, a,
+                         eta_from, eta_to, sh, totals);
+  } else {
+    move_chunk<T, T>(reinterpret_cast<T*>(param), reinterpret_cast<const T*>(direction), len, chunk, a, eta_from,
+                     eta_to, sh, totals);
+  }
+}
+
+template <typename V>
+__device__ V warp_sum(V v) {
+#pragma unroll
+  for (int delta = 16; delta > 0; delta >>= 1) v += __shfl_down_sync(0xffffffffu, v, delta);
+  return v;
+}
+
+__device__ double read_double(int64_t* word) {
+  return __longlong_as_double(static_cast<long long>(atomicAdd(reinterpret_cast<unsigned long long*>(word), 0ull)));
+}
+
+__device__ unsigned long long read_count(int64_t* word) {
+  return atomicAdd(reinterpret_cast<unsigned long long*>(word), 0ull);
+}
+
+// Adds the block's totals into ledger_out's header; the last block to finish writes the report row
+// and zeroes the header, so the ledger is ready for its next use without a host round trip.
+__device__ void finish_step(const MoveArgs& a, Totals totals, MoveShared& sh) {
+  const int tid = threadIdx.x;
+  const int warp = tid / 32, lane = tid % 32;
+  totals.dot_dir_step = warp_sum(totals.dot_dir_step);
+  totals.dot_dir_dir = warp_sum(totals.dot_dir_dir);
+  totals.changed = warp_sum(totals.changed);
+  totals.unmoved = warp_sum(totals.unmoved);
+  totals.nonfinite = warp_sum(totals.nonfinite);
+  if (lane == 0) {
+    sh.dot_dir_step[warp] = totals.dot_dir_step;
+    sh.dot_dir_dir[warp] = totals.dot_dir_dir;
+    sh.counts[0][warp] = totals.changed;
+    sh.counts[1][warp] = totals.unmoved;
+    sh.counts[2][warp] = totals.nonfinite;
+  }
+  __syncthreads();
+  int64_t* header = a.ledger_out;
+  if (tid == 0) {
+    Totals block;
+    for (int w = 0; w < kWarps; ++w) {
+      block.dot_dir_step += sh.dot_dir_step[w];
+      block.dot_dir_dir += sh.dot_dir_dir[w];
+      block.changed += sh.counts[0][w];
+      block.unmoved += sh.counts[1][w];
+      block.nonfinite += sh.counts[2][w];
+    }
+    atomicAdd(reinterpret_cast<double*>(header + kLedgerDotDirStep), block.dot_dir_step);
+    atomicAdd(reinterpret_cast<double*>(header + kLedgerDotDirDir), block.dot_dir_dir);
+    atomicAdd(reinterpret_cast<unsigned long long*>(header + kLedgerChanged), block.changed);
+    atomicAdd(reinterpret_cast<unsigned long long*>(header + kLedgerUnmoved), block.unmoved);
+    atomicAdd(reinterpret_cast<unsigned long long*>(header + kLedgerNonfinite), block.nonfinite);
+    __threadfence();
+    const unsigned long long done =
+        atomicAdd(reinterpret_cast<unsigned long long*>(header + kLedgerBlocksDone), 1ull);
+    sh.is_last = done == gridDim.x - 1;
+  }
+  __syncthreads();
+  if (sh.is_last && tid == 0) {
+    __threadfence();
+    if (a.report_row != nullptr) {
+      a.report_row[kReportStep] = -read_double(header + kLedgerDotDirStep) / read_double(header + kLedgerDotDirDir);
+      a.report_row[kReportChanged] = static_cast<double>(read_count(header + kLedgerChanged));
+      a.report_row[kReportUnmoved] = static_cast<double>(read_count(header + kLedgerUnmoved));
+      a.report_row[kReportSaved] = static_cast<double>(read_count(header + kLedgerDemand));
+      a.report_row[kReportNonfinite] = static_cast<double>(read_count(header + kLedgerNonfinite));
+    }
+    for (int f = 0; f < kLedgerHeaderWords; ++f) header[f] = 0;
+  }
+}
+
+__global__ void __launch_bounds__(kThreads) move_kernel(MoveArgs a) {
+  __shared__ MoveShared sh;
+  Totals totals;
+  const float eta_from = a.from_step >= 0 ? a.steps[a.from_step] : 0.0f;
+  const float eta_to = a.to_step >= 0 ? a.steps[a.to_step] : 0.0f;
+  const int64_t* rows = a.table + kTableHeaderWords;
+  const int64_t* chunk_words = rows + a.num_tensors * kTableTensorWords;
+  for (int64_t chunk = blockIdx.x; chunk < a.num_chunks; chunk += gridDim.x) {
+    const int64_t word = chunk_words[chunk];
+    const int64_t* row = rows + (word >> kChunkTensorShift) * kTableTensorWords;
+    const int64_t start = (word & kChunkIndexMask) << kChunkShift;
+    const int len = static_cast<int>(min(kChunkElements, row[kTensorNumel] - start));
+    const int64_t codes = row[kTensorDtypes];
+    const int64_t direction_code = direction_dtype_code(codes);
+    auto* param = reinterpret_cast<char*>(row[kTensorParamPtr]);
+    const auto* direction =
+        reinterpret_cast<const char*>(row[kTensorDirectionPtr]) + start * (direction_code == kFloat32 ? 4 : 2);
+    switch (param_dtype_code(codes)) {
+      case kFloat32:
+        move_chunk<float, float>(reinterpret_cast<float*>(param) + start, reinterpret_cast<const float*>(direction),
+                                 len, chunk, a, eta_from, eta_to, sh, totals);
+        break;
+      case kBFloat16:
+        move_chunk_direction<c10::BFloat16>(param + start * 2, direction, direction_code, len, chunk, a, eta_from,
+                                            eta_to, sh, totals);
+        break;
+      case kFloat16:
+        move_chunk_direction<c10::Half>(param + start * 2, direction, direction_code, len, chunk, a, eta_from,
+                                        eta_to, sh, totals);
+        break;
+    }
+  }
+  finish_step(a, totals, sh);
+}
+
+int resident_blocks(int device) {
+  static int cached[64] = {0};
+  if (device < 64 && cached[device] > 0) return cached[device];
+  int per_sm = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, move_kernel, kThreads, 0));
+  const int blocks = std::max(1, per_sm) * at::cuda::getDeviceProperties(device)->multiProcessorCount;
+  if (device < 64) cached[device] = blocks;
+  return blocks;
+}
+
+void perturb_cuda(at::TensorList params, at::TensorList directions, const at::Tensor& table, int64_t fingerprint,
+                  const at::Tensor& steps, int64_t from_step, int64_t to_step, const at::Tensor& ledger_in,
+                  const at::Tensor& ledger_out, const at::Tensor& report, int64_t report_row) {
+  const StepCall call = check_step_args(params, directions, table, fingerprint, steps, from_step, to_step, ledger_in,
+                                        ledger_out, report, report_row);
+  const c10::cuda::CUDAGuard guard(table.device());
+  MoveArgs a;
+  a.table = table.data_ptr<int64_t>();
+  a.num_tensors = call.num_tensors;
+  a.num_chunks = call.num_chunks;
+  a.steps = steps.data_ptr<float>();
+  a.from_step = static_cast<int>(from_step);
+  a.to_step = static_cast<int>(to_step);
+  a.ledger_in = ledger_in.data_ptr<int64_t>();
+  a.ledger_out = ledger_out.data_ptr<int64_t>();
+  a.capacity = static_cast<unsigned long long>(call.capacity);
+  a.report_row = call.report_row;
+  const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>(call.num_chunks, resident_blocks(table.get_device())));
+  move_kernel<<<static_cast<unsigned>(blocks), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(a);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(adapeft, CUDA, m) { m.impl("perturb_", &perturb_cuda); }
+
+}  // namespace adapeft

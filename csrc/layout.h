@@ -1,0 +1,69 @@
+// Memory layouts shared by the CPU and CUDA kernels and mirrored by adapeft/_layout.py
+// (tests/test_layout.py checks that the two agree).
+#pragma once
+
+#include <cstdint>
+
+namespace adapeft {
+
+// A group is cut into chunks of at most kChunkElements elements; a chunk never straddles two
+// tensors, so one chunk has one pointer, one dtype and contiguous memory.
+constexpr int kChunkShift = 12;
+constexpr int64_t kChunkElements = int64_t{1} << kChunkShift;
+
+// Group table, int64 words: header, then kTableTensorWords per tensor, then one word per chunk.
+enum TableHeader : int64_t {
+  kTableNumTensors = 0,
+  kTableNumChunks = 1,
+  kTableNumElements = 2,
+  kTableVersion = 3,
+  kTableHeaderWords = 4,
+};
+enum TableTensorField : int64_t {
+  kTensorParamPtr = 0,
+  kTensorDirectionPtr = 1,
+  kTensorNumel = 2,
+  kTensorDtypes = 3,  // param dtype code | direction dtype code << 8
+  kTableTensorWords = 4,
+};
+constexpr int64_t kTableLayoutVersion = 1;
+// Chunk word: tensor index << kChunkTensorShift | index of the chunk within its tensor.
+constexpr int kChunkTensorShift = 40;
+constexpr int64_t kChunkIndexMask = (int64_t{1} << kChunkTensorShift) - 1;
+
+enum DtypeCode : int64_t { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
+
+// Ledger, int64 words: header, then a directory word per chunk of the group, then entries.
+// A ledger records the original bits of the elements whose step is not exactly invertible, so
+// that a restore (or a rebase to the next step) rebuilds w0 bit for bit.
+enum LedgerHeader : int64_t {
+  kLedgerDemand = 0,       // entries requested during the step (may exceed the capacity)
+  kLedgerBlocksDone = 1,   // CUDA: blocks finished, so the last one can finalise the report
+  kLedgerDotDirStep = 2,   // double: sum d * (w_new - w0)
+  kLedgerDotDirDir = 3,    // double: sum d * d
+  kLedgerChanged = 4,      // elements whose bits changed
+  kLedgerUnmoved = 5,      // elements left at w0 because the ledger was full
+  kLedgerNonfinite = 6,    // non-finite direction elements
+  kLedgerHeaderWords = 8,
+};
+// Directory word: entry offset << kDirectoryOffsetShift | entry count. A count of kChunkUnmoved
+// marks a chunk that could not reserve its entries and was therefore left exactly at w0.
+constexpr int kDirectoryOffsetShift = 16;
+constexpr int64_t kDirectoryCountMask = 0xFFFF;
+constexpr int64_t kChunkUnmoved = 0xFFFF;
+// Entry word: position within the chunk << 32 | original bits (zero-extended). Entries of a chunk
+// are stored in increasing position, so an element's entry is found by counting flagged positions
+// before it.
+constexpr int kEntryPositionShift = 32;
+
+// Report: one row of kReportFields float64 values per step written.
+enum ReportField : int64_t {
+  kReportStep = 0,       // realized step t = -(d . dw) / (d . d)
+  kReportChanged = 1,    // elements whose bits differ from w0
+  kReportUnmoved = 2,    // elements left at w0 because the ledger was full (0 = no overflow)
+  kReportSaved = 3,      // ledger entries this step needed (its non-invertible elements)
+  kReportNonfinite = 4,  // non-finite direction elements
+  kReportFields = 5,
+};
+
+}  // namespace adapeft
