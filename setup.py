@@ -91,7 +91,7 @@ def extensions():
     sources += sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     # -ffp-contract=off: restore exactness relies on the same rounding in every code path, which
     # a fused multiply-add would silently change.
-    cxx = ["-O3", "-std=c++17", "-fopenmp", "-ffp-contract=off"]
+    cxx = ["-O3", "-fopenmp", "-ffp-contract=off"]
     define_macros = []
     extra_link_args = ["-fopenmp"]
     include_dirs = [os.path.join(HERE, "csrc")]
@@ -112,7 +112,7 @@ def extensions():
     sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cpp")))
     define_macros.append(("ADAPEFT_WITH_CUDA", None))
     include_dirs += _nvidia_wheel_includes()
-    nvcc = ["-O3", "-std=c++17", "-fmad=false", "--expt-relaxed-constexpr", "-lineinfo"]
+    nvcc = ["-O3", "-fmad=false", "--expt-relaxed-constexpr", "-lineinfo"]
     return [
         cpp_extension.CUDAExtension(
             "adapeft._C",

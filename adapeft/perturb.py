@@ -13,7 +13,7 @@ from . import ops
 # (benchmarks/bench_ledger.py): non-invertible elements are about r of all elements for relative
 # steps r = |eta d| / |w|, i.e. below 1% for the steps a probe uses (r <= 1e-2) in float32 and
 # bfloat16; groups stored exactly at zero in bfloat16 or float16 (a fresh LoRA B) need one per element.
-DEFAULT_CAPACITY_FRACTION = 1 / 32
+DEFAULT_CAPACITY_FRACTION = 1 / 16
 MIN_CAPACITY = 1024
 
 
