@@ -93,13 +93,13 @@ def _check_step(params, directions, table, fingerprint, steps, from_step, to_ste
     op = "adapeft.perturb_"
     if len(params) != len(directions):
         raise ValueError(f"{op}: params has {len(params)} tensors but directions has {len(directions)}")
-    if fingerprint != L.group_fingerprint(params, directions):
-        raise ValueError(f"{op}: the group's tensors are not those its table was built for (a parameter or "
-                         "direction was reallocated, replaced or changed dtype); build a new table with "
-                         "adapeft.pack_group")
     num_chunks = L.count_chunks(params)
-    if table.numel() != L.TABLE_HEADER_WORDS + L.TABLE_TENSOR_WORDS * len(params) + num_chunks:
-        raise ValueError(f"{op}: table does not describe this group; build it with adapeft.pack_group")
+    if fingerprint == L.group_fingerprint(params, directions):
+        if table.numel() != L.TABLE_HEADER_WORDS + L.TABLE_TENSOR_WORDS * len(params) + num_chunks:
+            raise ValueError(f"{op}: table does not describe this group; build it with adapeft.pack_group")
+    else:
+        # This twin reads the tensors themselves, never the table's addresses; it only validates them.
+        _check_group(params, directions, op)
     if steps.dtype != torch.float32:
         raise ValueError(f"{op}: steps must be float32, got {steps.dtype}")
     for name, index, meaning in (("from_step", from_step, "the unperturbed weights"), ("to_step", to_step, "restore")):

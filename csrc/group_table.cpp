@@ -69,6 +69,11 @@ uint64_t fnv1a(uint64_t hash, int64_t word) {
 
 }  // namespace
 
+at::Tensor table_on(const at::Tensor& host_table, const c10::Device& device) {
+  if (device.is_cpu()) return host_table;
+  return host_table.pin_memory().to(device, /*non_blocking=*/true);
+}
+
 int64_t count_chunks(at::TensorList params) {
   int64_t chunks = 0;
   for (const auto& p : params) chunks += (p.numel() + kChunkElements - 1) >> kChunkShift;
@@ -158,9 +163,6 @@ StepCall check_step_args(
     int64_t report_row) {
   TORCH_CHECK(params.size() == directions.size(), "adapeft.perturb_: params has ", params.size(),
               " tensors but directions has ", directions.size());
-  TORCH_CHECK(fingerprint == group_fingerprint(params, directions),
-              "adapeft.perturb_: the group's tensors are not those its table was built for (a parameter or "
-              "direction was reallocated, replaced or changed dtype); build a new table with adapeft.pack_group");
   const auto device = table.device();
   for (const auto& [name, t] : std::initializer_list<std::pair<const char*, const at::Tensor*>>{
            {"table", &table}, {"steps", &steps}, {"ledger_in", &ledger_in},
@@ -174,9 +176,6 @@ StepCall check_step_args(
   }
   const int64_t num_tensors = static_cast<int64_t>(params.size());
   const int64_t num_chunks = count_chunks(params);
-  TORCH_CHECK(table.scalar_type() == at::kLong &&
-                  table.numel() == kTableHeaderWords + num_tensors * kTableTensorWords + num_chunks,
-              "adapeft.perturb_: table does not describe this group; build it with adapeft.pack_group");
   TORCH_CHECK(steps.scalar_type() == at::kFloat, "adapeft.perturb_: steps must be float32, got ", steps.scalar_type());
   TORCH_CHECK(from_step >= -1 && from_step < steps.numel(), "adapeft.perturb_: from_step=", from_step,
               " is outside [-1, ", steps.numel(), ") (-1 means the unperturbed weights)");
@@ -196,6 +195,19 @@ StepCall check_step_args(
   TORCH_CHECK(report_row >= -1 && report_row < report.numel() / kReportFields, "adapeft.perturb_: report_row=",
               report_row, " is outside [-1, ", report.numel() / kReportFields, ")");
   StepCall call;
+  call.table = table;
+  if (fingerprint == group_fingerprint(params, directions)) {
+    TORCH_CHECK(table.scalar_type() == at::kLong &&
+                    table.numel() == kTableHeaderWords + num_tensors * kTableTensorWords + num_chunks,
+                "adapeft.perturb_: table does not describe this group; build it with adapeft.pack_group");
+  } else {
+    // The table is a cache of the group's addresses: when they changed (a parameter was reallocated or
+    // replaced, or the tensors are copies) the op stays correct with a table rebuilt for this call.
+    TORCH_WARN_ONCE("adapeft.perturb_: the group's tensors are not those its table was built for (a parameter ",
+                    "or direction was reallocated or replaced); using a table rebuilt for this call, which costs ",
+                    "host work and a copy per call. Build a new table with adapeft.pack_group.");
+    call.table = table_on(build_group_table(params, directions), device);
+  }
   call.num_tensors = num_tensors;
   call.num_chunks = num_chunks;
   call.capacity = ledger_out.numel() - kLedgerHeaderWords - num_chunks;

@@ -12,6 +12,9 @@ namespace adapeft {
 // Validates a group (params and directions) and returns its table as a CPU int64 tensor.
 at::Tensor build_group_table(at::TensorList params, at::TensorList directions);
 
+// A host-built table on `device`, copied without waiting for the device.
+at::Tensor table_on(const at::Tensor& host_table, const c10::Device& device);
+
 // FNV-1a over (pointer, numel, dtype, contiguity) of every tensor; adapeft/_layout.py mirrors it.
 int64_t group_fingerprint(at::TensorList params, at::TensorList directions);
 
@@ -20,6 +23,7 @@ int64_t count_chunks(at::TensorList params);
 
 // What a perturbation kernel needs once the arguments have been checked.
 struct StepCall {
+  at::Tensor table;     // the table given, or one rebuilt when it describes other tensors
   int64_t num_tensors;
   int64_t num_chunks;
   int64_t capacity;     // ledger_out entries

@@ -130,7 +130,7 @@ void perturb_cpu(at::TensorList params, at::TensorList directions, const at::Ten
   m.capacity = call.capacity;
   out[kLedgerDemand] = 0;
 
-  const int64_t* words = table.data_ptr<int64_t>();
+  const int64_t* words = call.table.data_ptr<int64_t>();
   const int64_t* rows = words + kTableHeaderWords;
   const int64_t* chunk_words = rows + call.num_tensors * kTableTensorWords;
   constexpr int64_t kChunksPerTask = 16;

@@ -8,8 +8,7 @@ namespace {
 
 // The table is built on the host once per group and sent to the device without waiting for it.
 at::Tensor pack_group_cuda(at::TensorList params, at::TensorList directions) {
-  auto table = build_group_table(params, directions).pin_memory();
-  return table.to(params[0].device(), /*non_blocking=*/true);
+  return table_on(build_group_table(params, directions), params[0].device());
 }
 
 }  // namespace

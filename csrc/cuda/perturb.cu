@@ -329,7 +329,7 @@ void perturb_cuda(at::TensorList params, at::TensorList directions, const at::Te
                                         ledger_out, report, report_row);
   const c10::cuda::CUDAGuard guard(table.device());
   MoveArgs a;
-  a.table = table.data_ptr<int64_t>();
+  a.table = call.table.data_ptr<int64_t>();
   a.num_tensors = call.num_tensors;
   a.num_chunks = call.num_chunks;
   a.steps = steps.data_ptr<float>();

@@ -1,0 +1,30 @@
+import os
+import random
+
+import pytest
+import torch
+
+# Fresh random inputs on every run; the seed is printed in the header so a failure can be replayed
+# with ADAPEFT_TEST_SEED=<seed>.
+SEED = int(os.environ.get("ADAPEFT_TEST_SEED", random.SystemRandom().randrange(2**31)))
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def pytest_report_header(config):
+    cuda = torch.cuda.get_device_name() if torch.cuda.is_available() else "none (CUDA tests skip)"
+    return [f"adapeft test seed: {SEED} (ADAPEFT_TEST_SEED to replay)", f"torch {torch.__version__}, CUDA device: {cuda}"]
+
+
+@pytest.fixture
+def generator(request):
+    """A torch.Generator seeded from the run seed and the test's name."""
+    return torch.Generator().manual_seed(SEED + sum(map(ord, request.node.nodeid)))
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    return request.param
+
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -1,0 +1,447 @@
+"""adapeft::perturb_ (op 1): in-place multi-tensor perturbation with bit-exact restore."""
+import math
+import os
+import signal
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+import adapeft
+from adapeft import _layout as L
+from adapeft import reference
+from adapeft.perturb import _sigint_deferred
+
+from conftest import requires_cuda
+from oracle import bits_of, direction_float32, step
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+PROBE_SEQUENCE = [0, 1, 2, 3, -1]  # w0 -> -2eta -> -eta -> +eta -> +2eta -> w0
+FIELD = {name: i for i, name in enumerate(adapeft.REPORT_FIELDS)}
+
+
+def compiled_perturb(*args):
+    torch.ops.adapeft.perturb_(*args)
+
+
+IMPLEMENTATIONS = {"compiled": (lambda p, d: torch.ops.adapeft.pack_group(p, d), compiled_perturb),
+                   "reference": (reference.pack_group, reference.perturb_)}
+
+
+def random_group(generator, device, sizes, dtypes, direction_float32=True, scale=0.02):
+    params, directions = [], []
+    for i, n in enumerate(sizes):
+        dtype = dtypes[i % len(dtypes)]
+        params.append((torch.randn(n, generator=generator) * scale).to(dtype).to(device))
+        direction_dtype = torch.float32 if direction_float32 or i % 2 else dtype
+        directions.append(torch.randn(n, generator=generator).to(direction_dtype).to(device))
+    return params, directions
+
+
+def run_moves(implementation, params, directions, steps, sequence, capacity=None):
+    """Apply `sequence` of moves; return the bits of every tensor after each move and the report."""
+    pack, perturb = IMPLEMENTATIONS[implementation]
+    device = params[0].device
+    table = pack(params, directions)
+    fingerprint = adapeft.group_fingerprint(params, directions)
+    chunks = L.count_chunks(params)
+    numel = sum(p.numel() for p in params)
+    ledgers = [adapeft.new_ledger(chunks, numel if capacity is None else capacity, device) for _ in range(2)]
+    report = adapeft.new_report(len(sequence), device)
+    snapshots = []
+    position, current = -1, 0
+    for row, target in enumerate(sequence):
+        with torch.no_grad():
+            perturb(params, directions, table, fingerprint, steps, position, target, ledgers[current],
+                    ledgers[1 - current], report, row)
+        position, current = target, 1 - current
+        snapshots.append([bits_of(p) for p in params])
+    return snapshots, report.cpu()
+
+
+def clone_group(params, directions):
+    return [p.clone() for p in params], [d.clone() for d in directions]
+
+
+def assert_same_bits(actual, expected, what):
+    for i, (a, e) in enumerate(zip(actual, expected)):
+        assert a.shape == e.shape, f"{what}: tensor {i} shape"
+        mismatch = np.flatnonzero(a != e)
+        assert mismatch.size == 0, f"{what}: tensor {i} differs at {mismatch[:5]} ({a[mismatch[:5]]} vs {e[mismatch[:5]]})"
+
+
+AWKWARD_SIZES = [
+    [1],
+    [0, 5, 0],
+    [4095, 4096, 4097],
+    [8193, 31, 12345],
+    [3] * 200 + [1, 2, 7] * 30,
+    [70_001],
+]
+
+
+@pytest.mark.parametrize("sizes", AWKWARD_SIZES, ids=lambda s: f"{len(s)}x{sum(s)}")
+@pytest.mark.parametrize("dtypes", [[torch.float32], [torch.bfloat16], [torch.float16], DTYPES],
+                         ids=["f32", "bf16", "f16", "mixed"])
+@pytest.mark.parametrize("direction_in_float32", [True, False], ids=["d32", "dparam"])
+def test_compiled_matches_reference_and_restores(device, generator, sizes, dtypes, direction_in_float32):
+    params, directions = random_group(generator, device, sizes, dtypes, direction_in_float32)
+    original = [bits_of(p) for p in params]
+    eta = 10 ** float(torch.empty(()).uniform_(-4, -1, generator=generator))
+    steps = torch.tensor([-2 * eta, -eta, eta, 2 * eta], dtype=torch.float32, device=device)
+    twin_params, twin_directions = clone_group(params, directions)
+    got, got_report = run_moves("compiled", params, directions, steps, PROBE_SEQUENCE)
+    want, want_report = run_moves("reference", twin_params, twin_directions, steps, PROBE_SEQUENCE)
+    for row, (g, w) in enumerate(zip(got, want)):
+        assert_same_bits(g, w, f"after move {row}")
+    assert_same_bits(got[-1], original, "after restore")
+    counts = [FIELD[name] for name in ("changed", "unmoved", "saved", "nonfinite")]
+    assert torch.equal(got_report[:, counts], want_report[:, counts])
+    torch.testing.assert_close(got_report[:, FIELD["step"]], want_report[:, FIELD["step"]], rtol=1e-12, atol=0,
+                               equal_nan=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_against_numpy_oracle(device, generator, dtype):
+    """Each perturbed point is round(w0 - eta_j * d) computed by numpy in float32; the report's counts
+    and realized step agree with those values, computed in float64."""
+    params, directions = random_group(generator, device, [5000, 4096, 77], [dtype])
+    w0 = [bits_of(p) for p in params]
+    d32 = [direction_float32(d) for d in directions]
+    eta = 3e-3
+    steps = torch.tensor([-2 * eta, -eta, eta, 2 * eta], dtype=torch.float32, device=device)
+    snapshots, report = run_moves("compiled", params, directions, steps, PROBE_SEQUENCE)
+    for j in range(4):
+        moved_and_flags = [step(b, d, steps[j].item(), dtype) for b, d in zip(w0, d32)]
+        assert_same_bits(snapshots[j], [m for m, _ in moved_and_flags], f"step {j}")
+        from oracle import to_float32
+        dw = np.concatenate([to_float32(m, dtype).astype(np.float64) - to_float32(b, dtype).astype(np.float64)
+                             for (m, _), b in zip(moved_and_flags, w0)])
+        d = np.concatenate(d32).astype(np.float64)
+        assert report[j, FIELD["step"]].item() == pytest.approx(-(d @ dw) / (d @ d), rel=1e-12)
+        assert report[j, FIELD["changed"]] == sum(int((m != b).sum()) for (m, _), b in zip(moved_and_flags, w0))
+        assert report[j, FIELD["saved"]] == sum(int(f.sum()) for _, f in moved_and_flags)
+        assert report[j, FIELD["unmoved"]] == 0 and report[j, FIELD["nonfinite"]] == 0
+
+
+def special_values(generator, dtype, n):
+    """float32 values that stress exact inversion: powers of two and their neighbours, subnormals,
+    signed zeros, extremes of the dtype, random bit patterns and ordinary weights."""
+    info = torch.finfo(dtype)
+    powers = 2.0 ** torch.randint(int(math.log2(info.tiny)) - 10, int(math.log2(info.max)), (n,), generator=generator)
+    signs = torch.where(torch.rand(n, generator=generator) < 0.5, -1.0, 1.0)
+    powers = (powers * signs).to(dtype)
+    above = torch.nextafter(powers, torch.full_like(powers, math.inf))
+    below = torch.nextafter(powers, torch.full_like(powers, -math.inf))
+    subnormal = (torch.rand(n, generator=generator) * info.tiny * signs).to(dtype)
+    zeros = torch.where(signs > 0, torch.zeros(n), torch.full((n,), -0.0)).to(dtype)
+    extremes = (torch.tensor([info.max, -info.max, info.tiny, -info.tiny, info.eps, 1.0, -1.0])
+                .repeat(n // 7 + 1)[:n].to(dtype))
+    width = {torch.float32: 32, torch.bfloat16: 16, torch.float16: 16}[dtype]
+    random_bits = torch.randint(-(2 ** (width - 1)), 2 ** (width - 1), (n,), generator=generator)
+    random_bits = random_bits.to(torch.int32 if width == 32 else torch.int16).view(dtype)
+    random_bits = torch.where(torch.isfinite(random_bits), random_bits, torch.zeros_like(random_bits))
+    weights = (torch.randn(n, generator=generator) * 0.02).to(dtype)
+    values = torch.cat([powers, above, below, subnormal, zeros, extremes, random_bits, weights])
+    return values[torch.randperm(values.numel(), generator=generator)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_restore_is_bit_exact_on_hard_values(device, generator, dtype):
+    draws = 12 if device == "cpu" else 40
+    for _ in range(draws):
+        w = special_values(generator, dtype, 3000).to(device)
+        scale = 10.0 ** torch.randint(-45, 38, (w.numel(),), generator=generator).float()
+        d = (torch.randn(w.numel(), generator=generator) * scale).to(device)
+        d[torch.rand(w.numel(), generator=generator) < 0.05] = 0.0
+        eta = 10 ** float(torch.empty(()).uniform_(-12, 3, generator=generator))
+        steps = torch.tensor([-2 * eta, -eta, eta, 2 * eta, eta * 1e30], dtype=torch.float32, device=device)
+        original = bits_of(w)
+        group = [w[:1000], w[1000:1001], w[1001:]]
+        directions = [d[:1000], d[1000:1001], d[1001:]]
+        sequence = [0, 1, 2, 3, 4, 0, -1]
+        got, report = run_moves("compiled", group, directions, steps, sequence)
+        assert_same_bits([np.concatenate(got[-1])], [original], f"restore (eta={eta:g})")
+        assert report[:, FIELD["unmoved"]].sum() == 0
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_nonfinite_direction_restores_and_flags_the_step(device, generator, dtype):
+    params, directions = random_group(generator, device, [3000, 5000], [dtype])
+    directions[0][17] = math.inf
+    directions[1][4000] = math.nan
+    directions[1][4001] = -math.inf
+    original = [bits_of(p) for p in params]
+    steps = torch.tensor([-2e-3, -1e-3, 1e-3, 2e-3], device=device)
+    snapshots, report = run_moves("compiled", params, directions, steps, PROBE_SEQUENCE)
+    assert_same_bits(snapshots[-1], original, "restore")
+    assert report[:4, FIELD["nonfinite"]].tolist() == [3.0] * 4
+    assert torch.isnan(report[:4, FIELD["step"]]).all()
+    fit = adapeft.quadratic_fit(torch.rand(1, 5, dtype=torch.float64),
+                                torch.cat([report[:2, 0], torch.zeros(1, dtype=torch.float64), report[2:4, 0]])[None],
+                                torch.tensor([8000]))
+    assert not fit.accepted.item()
+    with pytest.raises(ValueError, match=r"directions\[0\] contains inf or nan"):
+        adapeft.GroupPerturbation(params, directions, steps, validate=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_full_ledger_leaves_chunks_at_w0_and_stays_exact(device, generator, dtype):
+    """With too little room, chunks that cannot save their entries are left exactly at w0, the report
+    says how many elements, the realized step reflects it, and the restore is still exact."""
+    sizes = [3 * L.CHUNK_ELEMENTS + 5, 2 * L.CHUNK_ELEMENTS]
+    params, directions = random_group(generator, device, sizes, [dtype])
+    params[1].zero_()  # in bfloat16 every zero is saved; in float32 none is
+    w0 = [bits_of(p) for p in params]
+    eta = 5e-3
+    steps = torch.tensor([-2 * eta, -eta, eta, 2 * eta], device=device)
+    for capacity in (0, 10, 300):
+        snapshots, report = run_moves("compiled", params, directions, steps, PROBE_SEQUENCE, capacity=capacity)
+        assert_same_bits(snapshots[-1], w0, f"restore with capacity {capacity}")
+        for j in range(4):
+            moved_and_flags = [step(b, direction_float32(d), steps[j].item(), dtype) for b, d in zip(w0, directions)]
+            unmoved = 0
+            for (moved, flags), before, now in zip(moved_and_flags, w0, snapshots[j]):
+                for c in range(L.chunks_of(before.size)):
+                    part = slice(c * L.CHUNK_ELEMENTS, (c + 1) * L.CHUNK_ELEMENTS)
+                    if np.array_equal(now[part], before[part]) and not np.array_equal(moved[part], before[part]):
+                        unmoved += now[part].size
+                        assert flags[part].any(), "a chunk with nothing to save was left unmoved"
+                    else:
+                        assert np.array_equal(now[part], moved[part]), "a moved chunk is not at its step"
+            assert report[j, FIELD["unmoved"]] == unmoved
+            assert report[j, FIELD["saved"]] == sum(int(f.sum()) for _, f in moved_and_flags)
+            if capacity == 0 and dtype == torch.float32:
+                assert unmoved > 0
+
+
+def test_group_perturbation_grows_and_restores_on_error(device, generator):
+    params, directions = random_group(generator, device, [9000, 100], [torch.bfloat16])
+    params[0].zero_()
+    original = [bits_of(p) for p in params]
+    steps = torch.tensor([-2e-3, -1e-3, 1e-3, 2e-3], device=device)
+    report = adapeft.new_report(4, device)
+    group = adapeft.GroupPerturbation(params, directions, steps, capacity=0)
+    with pytest.raises(RuntimeError, match="loss was nan"):
+        with group:
+            group.move(0, report, 0)
+            assert group.position == 0
+            raise RuntimeError("loss was nan")
+    assert group.position == -1
+    assert_same_bits([bits_of(p) for p in params], original, "after an exception")
+    assert report[0, FIELD["unmoved"]] > 0
+    group.grow(int(report[0, FIELD["saved"]]))
+    with group:
+        group.move(0, report, 0)
+        with pytest.raises(RuntimeError, match="restore the group first"):
+            group.grow(10**6)
+    assert report[0, FIELD["unmoved"]] == 0
+    assert_same_bits([bits_of(p) for p in params], original, "after grow")
+
+
+def test_ctrl_c_during_moves_leaves_weights_intact(generator):
+    params, directions = random_group(generator, "cpu", [5000], [torch.float32])
+    original = [bits_of(p) for p in params]
+    steps = torch.tensor([-2e-2, -1e-2, 1e-2, 2e-2])
+    with pytest.raises(KeyboardInterrupt):
+        with adapeft.GroupPerturbation(params, directions, steps) as group:
+            group.move(0)
+            with _sigint_deferred():
+                os.kill(os.getpid(), signal.SIGINT)
+                group.move(1)  # the interrupt waits until this move is recorded
+            group.move(2)
+    assert group.position == -1
+    assert_same_bits([bits_of(p) for p in params], original, "after Ctrl-C")
+
+
+def test_steps_can_be_rewritten_between_probes(device, generator):
+    params, directions = random_group(generator, device, [6000], [torch.float32])
+    steps = torch.tensor([-2e-3, -1e-3, 1e-3, 2e-3], device=device)
+    group = adapeft.GroupPerturbation(params, directions, steps)
+    for eta in (1e-3, 1e-1, 1e-5):
+        steps.copy_(torch.tensor([-2 * eta, -eta, eta, 2 * eta]))
+        before = [bits_of(p) for p in params]
+        with group:
+            for j in range(4):
+                group.move(j)
+        assert_same_bits([bits_of(p) for p in params], before, f"eta {eta}")
+
+
+def test_errors_name_the_argument(device):
+    p = torch.zeros(6, 4, device=device)
+    d = torch.ones(6, 4, device=device)
+    steps = torch.tensor([1e-3], device=device)
+    pack = adapeft.pack_group
+    with pytest.raises(Exception, match=r"params has 1 tensors but directions has 2"):
+        pack([p], [d, d])
+    with pytest.raises(Exception, match=r"params\[0\] is not contiguous"):
+        pack([p.t()], [d.t().contiguous()])
+    with pytest.raises(Exception, match=r"directions\[0\] has shape"):
+        pack([p], [d.view(-1)])
+    with pytest.raises(Exception, match=r"directions\[0\] has dtype"):
+        pack([p.half()], [d.double()])
+    with pytest.raises(Exception, match=r"params\[0\] has dtype"):
+        pack([p.double()], [d.double()])
+    with pytest.raises(Exception, match=r"params\[0\] and params\[1\] overlap"):
+        pack([p, p], [d, d.clone()])
+    with pytest.raises(Exception, match=r"directions\[0\] overlaps params\[0\]"):
+        pack([p], [p])
+    with pytest.raises(Exception, match=r"the group has no tensors"):
+        pack([], [])
+    with pytest.raises(Exception, match="steps must be a float32"):
+        adapeft.GroupPerturbation([p], [d], steps.double())
+    group = adapeft.GroupPerturbation([p], [d], steps)
+    ledger = group._ledgers[0]
+    report = adapeft.new_report(1, device)
+    args = [group.params, group.directions, group.table, group.fingerprint, steps, -1, 0, ledger,
+            group._ledgers[1], report, 0]
+
+    def call(**change):
+        names = ["params", "directions", "table", "fingerprint", "steps", "from_step", "to_step", "ledger_in",
+                 "ledger_out", "report", "report_row"]
+        values = dict(zip(names, args))
+        values.update(change)
+        adapeft.perturb_(*[values[n] for n in names])
+
+    with pytest.raises(Exception, match="to_step=1 is outside"):
+        call(to_step=1)
+    with pytest.raises(Exception, match="from_step=-2 is outside"):
+        call(from_step=-2)
+    with pytest.raises(Exception, match="report_row=3 is outside"):
+        call(report_row=3)
+    with pytest.raises(Exception, match="ledger_in and ledger_out must be different"):
+        call(from_step=0, ledger_out=ledger)
+    with pytest.raises(Exception, match="ledger_out must be int64"):
+        call(ledger_out=torch.zeros(3, dtype=torch.int64, device=device))
+    with pytest.raises(Exception, match="report must be float64"):
+        call(report=torch.zeros(4, dtype=torch.float64, device=device))
+    with pytest.raises(Exception, match="steps must be float32"):
+        call(steps=steps.double())
+    with pytest.raises(Exception, match="table does not describe this group"):
+        call(table=group.table[:-1])
+
+
+def test_stale_table_is_rebuilt_for_the_call(device, generator):
+    """The table caches addresses; if a parameter moved to new memory the op still acts on the tensors
+    it is given, never on the old addresses (and warns once on stderr that it rebuilt the table)."""
+    params, directions = random_group(generator, device, [5000, 20], [torch.float32, torch.bfloat16])
+    steps = torch.tensor([-1e-2, 1e-2], device=device)
+    group = adapeft.GroupPerturbation(params, directions, steps, capacity=5020)
+    old = params[0].data
+    params[0].data = old.clone()
+    old.fill_(7.0)
+    original = [bits_of(p) for p in params]
+    report = adapeft.new_report(1, device)
+    with group:
+        group.move(0, report, 0)
+        assert report[0, FIELD["changed"]] > 5000 and report[0, FIELD["unmoved"]] == 0
+    assert (old == 7.0).all()
+    assert_same_bits([bits_of(p) for p in params], original, "restore with a rebuilt table")
+
+
+def test_reference_raises_the_same_errors():
+    p, d = torch.zeros(3), torch.ones(3)
+    with pytest.raises(ValueError, match=r"directions\[0\] overlaps params\[0\]"):
+        reference.pack_group([p], [p])
+    with pytest.raises(ValueError, match=r"params\[0\] is not contiguous"):
+        reference.pack_group([torch.zeros(3, 2).t()], [torch.zeros(2, 3)])
+    with pytest.raises(ValueError, match=r"params\[0\] and params\[1\] overlap"):
+        ledger = adapeft.new_ledger(1, 0, "cpu")
+        reference.perturb_([p, p], [d, d], reference.pack_group([p], [d]), 0, torch.ones(1), -1, 0, ledger,
+                           ledger.clone(), adapeft.new_report(1, "cpu"), 0)
+
+
+def test_python_fingerprint_matches_extension(generator):
+    params, directions = random_group(generator, "cpu", [0, 3, 4097], DTYPES)
+    params.append(torch.zeros(4, 3).t())
+    directions.append(torch.zeros(3, 4))
+    assert L.group_fingerprint(params, directions) == adapeft._backend._C.group_fingerprint(params, directions)
+
+
+def test_opcheck(device, generator):
+    # One chunk per tensor and one CPU task, so that ledger offsets (claimed in completion order) are the
+    # same in every run that opcheck compares.
+    params, directions = random_group(generator, device, [4000, 7], [torch.float32, torch.bfloat16])
+    torch.library.opcheck(torch.ops.adapeft.pack_group.default, (params, directions),
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+    table = adapeft.pack_group(params, directions)
+    fingerprint = adapeft.group_fingerprint(params, directions)
+    chunks = L.count_chunks(params)
+    ledgers = [adapeft.new_ledger(chunks, 6000, device) for _ in range(2)]
+    report = adapeft.new_report(2, device)
+    steps = torch.tensor([1e-3, -1e-3], device=device)
+    # opcheck runs the op on copies of the tensors, for which the table is rebuilt (with a warning).
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for from_step, to_step, ledger_in, ledger_out in ((-1, 0, ledgers[1], ledgers[0]),
+                                                          (0, -1, ledgers[0], ledgers[1])):
+            torch.library.opcheck(
+                torch.ops.adapeft.perturb_.default,
+                (params, directions, table, fingerprint, steps, from_step, to_step, ledger_in, ledger_out, report, 0))
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtypes", [[torch.float32], [torch.bfloat16], DTYPES], ids=["f32", "bf16", "mixed"])
+def test_cuda_equals_cpu_bitwise(generator, dtypes):
+    sizes = [4097, 1, 0, 33, 9000] + [5] * 300
+    params, directions = random_group(generator, "cpu", sizes, dtypes)
+    steps = torch.tensor([-4e-3, -2e-3, 2e-3, 4e-3])
+    cuda_params = [p.cuda() for p in params]
+    cuda_directions = [d.cuda() for d in directions]
+    on_cpu, cpu_report = run_moves("compiled", params, directions, steps, PROBE_SEQUENCE)
+    on_cuda, cuda_report = run_moves("compiled", cuda_params, cuda_directions, steps.cuda(), PROBE_SEQUENCE)
+    for row, (a, b) in enumerate(zip(on_cuda, on_cpu)):
+        assert_same_bits(a, b, f"CUDA vs CPU after move {row}")
+    assert torch.equal(cuda_report[:, 1:], cpu_report[:, 1:])
+    torch.testing.assert_close(cuda_report[:, 0], cpu_report[:, 0], rtol=1e-12, atol=0)
+
+
+@requires_cuda
+def test_cuda_graph_replays_moves_with_new_steps(generator):
+    params, directions = random_group(generator, "cuda", [70000, 300, 5], [torch.float32, torch.bfloat16])
+    steps = torch.tensor([-2e-3, -1e-3, 1e-3, 2e-3], device="cuda")
+    report = adapeft.new_report(5, "cuda")
+    group = adapeft.GroupPerturbation(params, directions, steps)
+    twin_params, twin_directions = clone_group(params, directions)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for j in PROBE_SEQUENCE:  # warm-up outside the capture
+            group.move(j, report, j if j >= 0 else 4)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for j in PROBE_SEQUENCE:
+            group.move(j, report, j if j >= 0 else 4)
+    for eta in (3e-3, 7e-2):
+        steps.copy_(torch.tensor([-2 * eta, -eta, eta, 2 * eta]))
+        before = [bits_of(p) for p in params]
+        graph.replay()
+        expected_steps = steps.clone()
+        _, eager_report = run_moves("compiled", twin_params, twin_directions, expected_steps, PROBE_SEQUENCE)
+        torch.cuda.synchronize()
+        assert_same_bits([bits_of(p) for p in params], before, f"graph replay eta={eta}")
+        assert torch.equal(report.cpu()[:4, 1:], eager_report[:4, 1:])
+        torch.testing.assert_close(report.cpu()[:4, 0], eager_report[:4, 0], rtol=1e-12, atol=0)
+
+
+@requires_cuda
+def test_cuda_group_beyond_32bit_indexing():
+    n = 2**31 + 4099
+    free, _ = torch.cuda.mem_get_info()
+    if free < n * 8 + 2**30:
+        pytest.skip(f"needs {n * 8 / 2**30:.1f} GiB of free GPU memory")
+    generator = torch.Generator(device="cuda").manual_seed(1)
+    w = (torch.randn(n, device="cuda", generator=generator, dtype=torch.bfloat16) * 0.02)
+    d = torch.randn(n, device="cuda", generator=generator, dtype=torch.bfloat16)
+    original = w.clone()
+    steps = torch.tensor([-2e-2, -1e-2, 1e-2, 2e-2], device="cuda")
+    report = adapeft.new_report(4, "cuda")
+    with adapeft.GroupPerturbation([w], [d], steps, capacity=n // 8) as group:
+        for j in range(4):
+            group.move(j, report, j)
+        assert not torch.equal(w[-5000:], original[-5000:]), "the elements beyond 2^31 did not move"
+    assert torch.equal(w.view(torch.int16), original.view(torch.int16))
+    assert report[:, FIELD["unmoved"]].sum().item() == 0
+    assert (report[:, FIELD["changed"]] > 0.5 * n).all()
