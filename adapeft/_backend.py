@@ -6,6 +6,7 @@ ADAPEFT_REQUIRE_EXT=1 a missing extension or missing CPU kernels raise instead, 
 fallback cannot pass CI.
 """
 import functools
+import importlib
 import os
 import warnings
 
@@ -18,7 +19,7 @@ DEVICE_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
 REQUIRE_EXT = os.environ.get("ADAPEFT_REQUIRE_EXT", "0") == "1"
 
 try:
-    from . import _C
+    _C = importlib.import_module("adapeft._C")
     LOAD_ERROR = None
 except ImportError as error:  # not built, or built against another torch
     _C = None

@@ -11,6 +11,7 @@ from adapeft import _backend
 from adapeft import _layout as L
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+needs_extension = pytest.mark.skipif(_backend._C is None, reason="the compiled extension is not built")
 
 
 def test_compiled_cpu_kernels_are_registered():
@@ -30,6 +31,7 @@ def test_cuda_kernels_registered_when_built_with_cuda():
         assert adapeft.BACKENDS[op]["cuda"] == "compiled"
 
 
+@needs_extension
 def test_openmp_is_on():
     """Without -fopenmp, at::parallel_for inside the extension silently runs on one thread."""
     assert adapeft.BUILD_INFO["openmp"]
@@ -39,6 +41,7 @@ def test_openmp_is_on():
     assert _backend._C.parallel_threads_used(64) == threads
 
 
+@needs_extension
 def test_layout_matches_extension():
     compiled = dict(_backend._C.layout())
     mirror = {

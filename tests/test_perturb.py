@@ -9,11 +9,14 @@ import pytest
 import torch
 
 import adapeft
+from adapeft import _backend
 from adapeft import _layout as L
 from adapeft import reference
 from adapeft.perturb import _sigint_deferred
 
 from conftest import requires_cuda
+
+pytestmark = pytest.mark.skipif(_backend._C is None, reason="the compiled extension is not built")
 from oracle import bits_of, direction_float32, step
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]

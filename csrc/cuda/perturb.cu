@@ -12,7 +12,7 @@
 namespace adapeft {
 namespace {
 
-constexpr int kThreads = 256;
+constexpr int kThreads = 512;
 constexpr int kItems = static_cast<int>(kChunkElements) / kThreads;
 constexpr int kWords = static_cast<int>(kChunkElements) / 32;
 constexpr int kWarps = kThreads / 32;
@@ -113,61 +113,67 @@ __device__ void move_chunk(T* param, const D* direction, int len, int64_t chunk,
     __syncthreads();
   }
 
-  D d[kItems];
-  T x[kItems];
+  // Registers hold only the direction and w0 of each element (the current value is read into w0 and
+  // rebuilt in place; the next value is recomputed when written), so that several blocks fit per SM.
+  float d[kItems];
+  T w0[kItems];
 #pragma unroll
   for (int k = 0; k < kItems; ++k) {
     const int i = k * kThreads + tid;
     if (i < len) {
-      d[k] = direction[i];
-      x[k] = param[i];
+      d[k] = static_cast<float>(direction[i]);
+      w0[k] = param[i];
     }
   }
-  T w0[kItems];
-  T next[kItems];
-  uint32_t flagged = 0;
+  uint32_t flagged = 0;    // the step of element k is not invertible
+  uint32_t same_base = 0;  // w0 of element k equals its current value
+  uint32_t same_next = 0;  // its next value equals its current value
 #pragma unroll
   for (int k = 0; k < kItems; ++k) {
     const int i = k * kThreads + tid;
     if (i >= len) continue;
-    const float df = static_cast<float>(d[k]);
-    T base = x[k];
+    const T current = w0[k];
     if (has_from && !unmoved_in) {
       if (lookup && (sh.in_bits[i >> 5] >> (i & 31)) & 1u) {
-        base = S::from_bits(static_cast<uint32_t>(entries_in[rank_of(sh.in_bits, sh.in_prefix, i)]));
+        w0[k] = S::from_bits(static_cast<uint32_t>(entries_in[rank_of(sh.in_bits, sh.in_prefix, i)]));
       } else {
-        base = step_back(x[k], mul_rn(eta_from, df));
+        w0[k] = step_back(current, mul_rn(eta_from, d[k]));
       }
     }
-    w0[k] = base;
-    next[k] = base;
+    same_base |= static_cast<uint32_t>(S::bits(w0[k]) == S::bits(current)) << k;
     if (has_to) {
-      const float s = mul_rn(eta_to, df);
-      next[k] = step_away(base, s);
-      if (S::bits(step_back(next[k], s)) != S::bits(base)) {
+      const float s = mul_rn(eta_to, d[k]);
+      const T next = step_away(w0[k], s);
+      same_next |= static_cast<uint32_t>(S::bits(next) == S::bits(current)) << k;
+      if (S::bits(step_back(next, s)) != S::bits(w0[k])) {
         flagged |= 1u << k;
         atomicOr(&sh.out_bits[i >> 5], 1u << (i & 31));
       }
     }
   }
 
-  if (has_to) {
-    __syncthreads();
+  // Chunks where every step inverts (all of a restore, most chunks at small steps) skip the
+  // ledger bookkeeping.
+  if (has_to && __syncthreads_or(flagged != 0)) {
     if (tid < 32) scan_bitmap(sh.out_bits, sh.out_prefix, &sh.out_count);
     __syncthreads();
     if (tid == 0) {
       // A chunk whose entries do not fit stays exactly at w0: a full ledger costs coverage, never bits.
       const uint32_t count = sh.out_count;
-      unsigned long long offset = 0;
-      int moved = 1;
-      if (count > 0) {
-        offset = atomicAdd(reinterpret_cast<unsigned long long*>(a.ledger_out + kLedgerDemand), count);
-        moved = offset + count <= a.capacity;
-      }
+      const unsigned long long offset =
+          atomicAdd(reinterpret_cast<unsigned long long*>(a.ledger_out + kLedgerDemand), count);
+      const int moved = offset + count <= a.capacity;
       a.ledger_out[kLedgerHeaderWords + chunk] =
           moved ? static_cast<int64_t>(offset << kDirectoryOffsetShift) | count : kChunkUnmoved;
       sh.moved = moved;
       sh.out_offset = offset;
+    }
+    __syncthreads();
+  } else if (has_to) {
+    if (tid == 0) {
+      a.ledger_out[kLedgerHeaderWords + chunk] = 0;
+      sh.moved = 1;
+      sh.out_offset = 0;
     }
     __syncthreads();
   }
@@ -177,19 +183,19 @@ __device__ void move_chunk(T* param, const D* direction, int len, int64_t chunk,
   for (int k = 0; k < kItems; ++k) {
     const int i = k * kThreads + tid;
     if (i >= len) continue;
-    const T out = moved ? next[k] : w0[k];
-    if (S::bits(out) != S::bits(x[k])) param[i] = out;
+    const float s = mul_rn(eta_to, d[k]);
+    const T out = moved ? step_away(w0[k], s) : w0[k];
+    if (!(((moved ? same_next : same_base) >> k) & 1u)) param[i] = out;
     if (moved && ((flagged >> k) & 1u)) {
       entries_out[rank_of(sh.out_bits, sh.out_prefix, i)] =
           (static_cast<int64_t>(i) << kEntryPositionShift) | static_cast<int64_t>(S::bits(w0[k]));
     }
-    const float df = static_cast<float>(d[k]);
-    totals.dot_dir_dir += static_cast<double>(df) * static_cast<double>(df);
-    totals.nonfinite += !is_finite(df);
+    totals.dot_dir_dir += static_cast<double>(d[k]) * static_cast<double>(d[k]);
+    totals.nonfinite += !is_finite(d[k]);
     if (moved) {
       totals.changed += S::bits(out) != S::bits(w0[k]);
       const double dw = static_cast<double>(S::to_float(out)) - static_cast<double>(S::to_float(w0[k]));
-      totals.dot_dir_step += static_cast<double>(df) * dw;
+      totals.dot_dir_step += static_cast<double>(d[k]) * dw;
     }
   }
   if (has_to && !moved && tid == 0) totals.unmoved += len;
@@ -277,7 +283,7 @@ __device__ void finish_step(const MoveArgs& a, Totals totals, MoveShared& sh) {
   }
 }
 
-__global__ void __launch_bounds__(kThreads) move_kernel(MoveArgs a) {
+__global__ void __launch_bounds__(kThreads, 1) move_kernel(MoveArgs a) {
   __shared__ MoveShared sh;
   Totals totals;
   const float eta_from = a.from_step >= 0 ? a.steps[a.from_step] : 0.0f;
