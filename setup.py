@@ -7,6 +7,7 @@ TORCH_CUDA_ARCH_LIST is respected; without it we build for sm_80 and sm_90 (+PTX
 import glob
 import os
 import shutil
+import subprocess
 import sys
 
 from setuptools import setup
@@ -77,6 +78,30 @@ def _want_cuda():
     return CUDA_MODE != "0" and not reasons
 
 
+def _shared_cxx_runtime_args():
+    """Link the C++ runtime that torch uses, as a shared library.
+
+    Some toolchains ship only a static libstdc++ (seen: a GCC under /opt/gcc set as CXX). Linking it
+    into the extension gives the process a second, uninitialised copy whose stream code crashes on the
+    first number formatted into an error message. The process already holds the shared runtime (torch
+    loaded it): name that file explicitly so the linker resolves everything against it.
+    """
+    compiler = os.environ.get("CXX", "c++")
+    try:
+        found = subprocess.run([compiler, "-print-file-name=libstdc++.so"], capture_output=True, text=True,
+                               check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return []
+    if os.path.isabs(found) and os.path.exists(found):
+        return []
+    try:
+        with open("/proc/self/maps") as maps:
+            loaded = [line.split()[-1] for line in maps if "libstdc++.so" in line]
+    except OSError:
+        return []
+    return [loaded[0]] if loaded else []
+
+
 def _nvidia_wheel_includes():
     """Headers that CUDA torch wheels ship (cuBLAS/cuSPARSE, needed by ATen/cuda/CUDAContext.h)."""
     found = []
@@ -93,7 +118,7 @@ def extensions():
     # a fused multiply-add would silently change.
     cxx = ["-O3", "-fopenmp", "-ffp-contract=off"]
     define_macros = []
-    extra_link_args = ["-fopenmp"]
+    extra_link_args = ["-fopenmp"] + _shared_cxx_runtime_args()
     include_dirs = [os.path.join(HERE, "csrc")]
     if not with_cuda:
         return [
