@@ -405,7 +405,7 @@ def test_cuda_graph_replays_moves_with_new_steps(generator):
     params, directions = random_group(generator, "cuda", [70000, 300, 5], [torch.float32, torch.bfloat16])
     steps = torch.tensor([-2e-3, -1e-3, 1e-3, 2e-3], device="cuda")
     report = adapeft.new_report(5, "cuda")
-    group = adapeft.GroupPerturbation(params, directions, steps)
+    group = adapeft.GroupPerturbation(params, directions, steps, capacity=sum(p.numel() for p in params))
     twin_params, twin_directions = clone_group(params, directions)
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
@@ -439,7 +439,7 @@ def test_cuda_group_beyond_32bit_indexing():
     w = (torch.randn(n, device="cuda", generator=generator, dtype=torch.bfloat16) * 0.02)
     d = torch.randn(n, device="cuda", generator=generator, dtype=torch.bfloat16)
     original = w.clone()
-    steps = torch.tensor([-2e-2, -1e-2, 1e-2, 2e-2], device="cuda")
+    steps = torch.tensor([-4e-4, -2e-4, 2e-4, 4e-4], device="cuda")  # relative steps 1e-2 .. 2e-2
     report = adapeft.new_report(4, "cuda")
     with adapeft.GroupPerturbation([w], [d], steps, capacity=n // 8) as group:
         for j in range(4):
@@ -448,3 +448,4 @@ def test_cuda_group_beyond_32bit_indexing():
     assert torch.equal(w.view(torch.int16), original.view(torch.int16))
     assert report[:, FIELD["unmoved"]].sum().item() == 0
     assert (report[:, FIELD["changed"]] > 0.5 * n).all()
+    assert (report[:, FIELD["saved"]] > 0).all()
