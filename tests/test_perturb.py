@@ -170,6 +170,22 @@ def test_restore_is_bit_exact_on_hard_values(device, generator, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_rebase_equals_separate_restore_and_perturb(device, generator, dtype):
+    """Rebuilding w0 and writing the next step in one pass gives the bits of two separate passes."""
+    params, directions = random_group(generator, device, [9000, 4096, 3], [dtype])
+    twin_params, twin_directions = clone_group(params, directions)
+    steps = torch.tensor([-2e-2, -1e-2, 1e-2, 2e-2], device=device)
+    fused, fused_report = run_moves("compiled", params, directions, steps, [0, 1, 2, 3, -1])
+    separate, separate_report = run_moves("compiled", twin_params, twin_directions, steps,
+                                          [0, -1, 1, -1, 2, -1, 3, -1])
+    for fused_row, separate_row in ((0, 0), (1, 2), (2, 4), (3, 6), (4, 7)):
+        assert_same_bits(fused[fused_row], separate[separate_row], f"move {fused_row}")
+        assert torch.equal(fused_report[fused_row, 1:], separate_report[separate_row, 1:])
+        torch.testing.assert_close(fused_report[fused_row, 0], separate_report[separate_row, 0], rtol=1e-12,
+                                   atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_nonfinite_direction_restores_and_flags_the_step(device, generator, dtype):
     params, directions = random_group(generator, device, [3000, 5000], [dtype])
     directions[0][17] = math.inf
@@ -269,6 +285,15 @@ def test_steps_can_be_rewritten_between_probes(device, generator):
             for j in range(4):
                 group.move(j)
         assert_same_bits([bits_of(p) for p in params], before, f"eta {eta}")
+
+
+def test_pack_group_matches_reference(device, generator):
+    params, directions = random_group(generator, device, [0, 1, 4096, 4097, 9000], DTYPES, False)
+    table = adapeft.pack_group(params, directions)
+    assert table.device.type == device and table.dtype == torch.int64
+    assert torch.equal(table.cpu(), reference.pack_group(params, directions).cpu())
+    header = table[:L.TABLE_HEADER_WORDS].tolist()
+    assert header == [5, L.count_chunks(params), sum(p.numel() for p in params), L.TABLE_LAYOUT_VERSION]
 
 
 def test_errors_name_the_argument(device):
