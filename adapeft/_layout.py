@@ -22,9 +22,20 @@ ENTRY_POSITION_SHIFT = 32
 REPORT_FIELDS = ("step", "changed", "unmoved", "saved", "nonfinite")
 REPORT_STEP, REPORT_CHANGED, REPORT_UNMOVED, REPORT_SAVED, REPORT_NONFINITE = range(len(REPORT_FIELDS))
 
-DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.float64: 3}
 # Integer views of each storage dtype, to compare and save bits.
-BITS_DTYPES = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
+BITS_DTYPES = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16,
+               torch.float64: torch.int64}
+
+
+def arithmetic_dtype(dtype):
+    """The dtype a step is computed in: float32 for storage of 32 bits or fewer, float64 for float64."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def entry_words(dtype):
+    """Ledger words one saved element of this dtype takes."""
+    return 2 if dtype == torch.float64 else 1
 
 
 def chunks_of(numel):

@@ -30,7 +30,8 @@ def group_fingerprint(params, directions):
 
 
 def new_ledger(num_chunks, capacity, device):
-    """A zeroed ledger for a group of `num_chunks` chunks with room for `capacity` saved elements."""
+    """A zeroed ledger for a group of `num_chunks` chunks with `capacity` words of entries (a saved
+    element takes one word, two for float64)."""
     if capacity < 0:
         raise ValueError(f"adapeft.new_ledger: capacity must be >= 0, got {capacity}")
     return torch.zeros(L.ledger_words(num_chunks, capacity), dtype=torch.int64, device=device)

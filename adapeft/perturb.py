@@ -65,9 +65,10 @@ class GroupPerturbation:
         self.steps = steps
         self.numel = sum(p.numel() for p in self.params)
         self.num_chunks = L.count_chunks(self.params)
+        self._entry_words = max(L.entry_words(p.dtype) for p in self.params)
         if capacity is None:
             capacity = max(MIN_CAPACITY, int(self.numel * DEFAULT_CAPACITY_FRACTION))
-        self._ledgers = [ops.new_ledger(self.num_chunks, capacity, self.device) for _ in range(2)]
+        self._ledgers = self._new_ledgers(capacity)
         # (current step or -1 for w0, index of the ledger that describes it), updated as one value.
         self._state = (-1, 0)
 
@@ -78,7 +79,11 @@ class GroupPerturbation:
 
     @property
     def capacity(self):
-        return self._ledgers[0].numel() - L.LEDGER_HEADER_WORDS - self.num_chunks
+        """Elements the ledgers can save per step."""
+        return (self._ledgers[0].numel() - L.LEDGER_HEADER_WORDS - self.num_chunks) // self._entry_words
+
+    def _new_ledgers(self, capacity):
+        return [ops.new_ledger(self.num_chunks, capacity * self._entry_words, self.device) for _ in range(2)]
 
     def check_directions(self):
         """Raise up front if a direction holds inf or nan (costs one host synchronisation)."""
@@ -105,7 +110,7 @@ class GroupPerturbation:
         if self.position != -1:
             raise RuntimeError("adapeft.GroupPerturbation.grow: restore the group first")
         if capacity > self.capacity:
-            self._ledgers = [ops.new_ledger(self.num_chunks, capacity, self.device) for _ in range(2)]
+            self._ledgers = self._new_ledgers(capacity)
 
     def __enter__(self):
         return self

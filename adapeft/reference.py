@@ -25,7 +25,8 @@ def _check_group(params, directions, op="adapeft.pack_group"):
         if d.device != p.device:
             raise ValueError(f"{op}: directions[{i}] is on {d.device} but params[{i}] is on {p.device}")
         if p.dtype not in _SUPPORTED:
-            raise ValueError(f"{op}: params[{i}] has dtype {p.dtype}; supported are float32, bfloat16 and float16")
+            raise ValueError(f"{op}: params[{i}] has dtype {p.dtype}; supported are float32, bfloat16, float16 and "
+                             "float64")
         if d.dtype not in (torch.float32, p.dtype):
             raise ValueError(f"{op}: directions[{i}] has dtype {d.dtype}; it must be float32 or the dtype of "
                              f"params[{i}] ({p.dtype})")
@@ -70,22 +71,27 @@ def _bits(t):
 
 
 def _unsigned_bits(t):
+    """The bits of t as int64 values, zero-extended (the int64 bits themselves for float64)."""
+    if t.dtype == torch.float64:
+        return _bits(t)
     width = 8 * t.element_size()
     return _bits(t).to(torch.int64) & ((1 << width) - 1)
 
 
 def _from_unsigned_bits(values, dtype):
+    if dtype == torch.float64:
+        return values.view(torch.float64)
     width = 8 * torch.empty((), dtype=dtype).element_size()
     signed = torch.where(values >= (1 << (width - 1)), values - (1 << width), values)
     return signed.to(L.BITS_DTYPES[dtype]).view(dtype)
 
 
 def _step_away(w0, s):
-    return (w0.float() - s).to(w0.dtype)
+    return (w0.to(s.dtype) - s).to(w0.dtype)
 
 
 def _step_back(w, s):
-    return (w.float() + s).to(w.dtype)
+    return (w.to(s.dtype) + s).to(w.dtype)
 
 
 def _check_step(params, directions, table, fingerprint, steps, from_step, to_step, ledger_in, ledger_out, report,
@@ -121,6 +127,7 @@ def _check_step(params, directions, table, fingerprint, steps, from_step, to_ste
 def _rebuild_w0(current, direction, eta, ledger_in, directory, entries_base):
     """w0 of one tensor from its perturbed values: the unmoved chunks as they are, the ledger's
     entries from their saved bits, every other element stepped back."""
+    width = L.entry_words(current.dtype)
     counts = directory & L.DIRECTORY_COUNT_MASK
     offsets = directory >> L.DIRECTORY_OFFSET_SHIFT
     unmoved = counts == L.CHUNK_UNMOVED
@@ -134,9 +141,11 @@ def _rebuild_w0(current, direction, eta, ledger_in, directory, entries_base):
         chunk_start = torch.cumsum(per_chunk, 0) - per_chunk
         within = torch.arange(int(per_chunk.sum()), device=current.device) - torch.repeat_interleave(
             chunk_start, per_chunk)
-        entries = ledger_in[entries_base + first + within]
-        position = (entries >> L.ENTRY_POSITION_SHIFT) + (torch.repeat_interleave(chunks, per_chunk) << L.CHUNK_SHIFT)
-        w0[position] = _from_unsigned_bits(entries & 0xFFFFFFFF, w0.dtype)
+        entry = entries_base + first + within * width
+        position = (ledger_in[entry] >> L.ENTRY_POSITION_SHIFT) + (
+            torch.repeat_interleave(chunks, per_chunk) << L.CHUNK_SHIFT)
+        bits = ledger_in[entry + width - 1]
+        w0[position] = _from_unsigned_bits(bits if width == 2 else bits & 0xFFFFFFFF, w0.dtype)
     return w0
 
 
@@ -148,7 +157,7 @@ def perturb_(params, directions, table, fingerprint, steps, from_step, to_step, 
     header, entries_base = L.LEDGER_HEADER_WORDS, L.LEDGER_HEADER_WORDS + num_chunks
     capacity = ledger_out.numel() - entries_base
     steps = steps.reshape(-1)
-    demand = 0
+    demand = saved = 0
     dot_dir_step = dot_dir_dir = 0.0
     changed = unmoved = nonfinite = 0
     chunk_base = 0
@@ -159,7 +168,8 @@ def perturb_(params, directions, table, fingerprint, steps, from_step, to_step, 
             if n == 0:
                 continue
             current = p.view(-1)
-            direction = d.reshape(-1).float()
+            direction = d.reshape(-1).to(L.arithmetic_dtype(p.dtype))
+            width = L.entry_words(p.dtype)
             directory_slice = slice(header + chunk_base, header + chunk_base + tensor_chunks)
             if has_from:
                 w0 = _rebuild_w0(current, direction, steps[from_step], ledger_in, ledger_in[directory_slice],
@@ -173,9 +183,11 @@ def perturb_(params, directions, table, fingerprint, steps, from_step, to_step, 
                 flagged = _bits(_step_back(moved_to, s)) != _bits(w0)
                 counts = torch.zeros(tensor_chunks, dtype=torch.int64, device=p.device).index_add_(
                     0, element_chunk, flagged.to(torch.int64))
-                before = demand + torch.cumsum(counts, 0) - counts
-                fits = (counts == 0) | (before + counts <= capacity)
-                demand += int(counts.sum())
+                words = counts * width
+                before = demand + torch.cumsum(words, 0) - words
+                fits = (counts == 0) | (before + words <= capacity)
+                demand += int(words.sum())
+                saved += int(counts.sum())
                 offsets = torch.where(counts > 0, before, torch.zeros_like(before))
                 ledger_out[directory_slice] = torch.where(
                     fits, (offsets << L.DIRECTORY_OFFSET_SHIFT) | counts, torch.full_like(counts, L.CHUNK_UNMOVED))
@@ -183,10 +195,16 @@ def perturb_(params, directions, table, fingerprint, steps, from_step, to_step, 
                 out = torch.where(moved, moved_to, w0)
                 keep = (flagged & moved).nonzero().flatten()
                 chunk_of_entry = keep >> L.CHUNK_SHIFT
-                first_of_chunk = torch.cumsum(counts, 0) - counts
+                kept = torch.where(fits, counts, torch.zeros_like(counts))
+                first_of_chunk = torch.cumsum(kept, 0) - kept
                 rank = torch.arange(keep.numel(), device=p.device) - first_of_chunk[chunk_of_entry]
-                ledger_out[entries_base + before[chunk_of_entry] + rank] = (
-                    ((keep & (L.CHUNK_ELEMENTS - 1)) << L.ENTRY_POSITION_SHIFT) | _unsigned_bits(w0)[keep])
+                slot = entries_base + before[chunk_of_entry] + rank * width
+                position = (keep & (L.CHUNK_ELEMENTS - 1)) << L.ENTRY_POSITION_SHIFT
+                if width == 1:
+                    ledger_out[slot] = position | _unsigned_bits(w0)[keep]
+                else:
+                    ledger_out[slot] = position
+                    ledger_out[slot + 1] = _unsigned_bits(w0)[keep]
                 unmoved += int((~moved).sum())
                 changed += int(((_bits(out) != _bits(w0)) & moved).sum())
                 step_along = direction.double() * (out.double() - w0.double())
@@ -201,7 +219,7 @@ def perturb_(params, directions, table, fingerprint, steps, from_step, to_step, 
             # IEEE division (an empty group gives nan, as the kernels do), not Python's.
             step = -torch.tensor(dot_dir_step, dtype=torch.float64) / dot_dir_dir
             row = report.view(-1, len(L.REPORT_FIELDS))[report_row]
-            row.copy_(torch.tensor([float(step), changed, unmoved, demand, nonfinite], dtype=torch.float64))
+            row.copy_(torch.tensor([float(step), changed, unmoved, saved, nonfinite], dtype=torch.float64))
         ledger_out[:header] = 0
 
 

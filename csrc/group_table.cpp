@@ -15,6 +15,8 @@ int64_t dtype_code(at::ScalarType type) {
       return kBFloat16;
     case at::kHalf:
       return kFloat16;
+    case at::kDouble:
+      return kFloat64;
     default:
       return -1;
   }
@@ -94,7 +96,7 @@ at::Tensor build_group_table(at::TensorList params, at::TensorList directions) {
     TORCH_CHECK(d.device() == p.device(), "adapeft.pack_group: directions[", i, "] is on ", d.device(),
                 " but params[", i, "] is on ", p.device());
     TORCH_CHECK(dtype_code(p.scalar_type()) >= 0, "adapeft.pack_group: params[", i, "] has dtype ",
-                p.scalar_type(), "; supported are float32, bfloat16 and float16");
+                p.scalar_type(), "; supported are float32, bfloat16, float16 and float64");
     TORCH_CHECK(d.scalar_type() == at::kFloat || d.scalar_type() == p.scalar_type(),
                 "adapeft.pack_group: directions[", i, "] has dtype ", d.scalar_type(),
                 "; it must be float32 or the dtype of params[", i, "] (", p.scalar_type(), ")");

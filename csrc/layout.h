@@ -31,19 +31,20 @@ constexpr int64_t kTableLayoutVersion = 1;
 constexpr int kChunkTensorShift = 40;
 constexpr int64_t kChunkIndexMask = (int64_t{1} << kChunkTensorShift) - 1;
 
-enum DtypeCode : int64_t { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
+enum DtypeCode : int64_t { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2, kFloat64 = 3 };
 
 // Ledger, int64 words: header, then a directory word per chunk of the group, then entries.
 // A ledger records the original bits of the elements whose step is not exactly invertible, so
 // that a restore (or a rebase to the next step) rebuilds w0 bit for bit.
 enum LedgerHeader : int64_t {
-  kLedgerDemand = 0,       // entries requested during the step (may exceed the capacity)
+  kLedgerDemand = 0,       // entry words requested during the step (may exceed the capacity)
   kLedgerBlocksDone = 1,   // CUDA: blocks finished, so the last one can finalise the report
   kLedgerDotDirStep = 2,   // double: sum d * (w_new - w0)
   kLedgerDotDirDir = 3,    // double: sum d * d
   kLedgerChanged = 4,      // elements whose bits changed
   kLedgerUnmoved = 5,      // elements left at w0 because the ledger was full
   kLedgerNonfinite = 6,    // non-finite direction elements
+  kLedgerSaved = 7,        // elements whose step is not invertible (entries requested)
   kLedgerHeaderWords = 8,
 };
 // Directory word: entry offset << kDirectoryOffsetShift | entry count. A count of kChunkUnmoved
@@ -51,9 +52,10 @@ enum LedgerHeader : int64_t {
 constexpr int kDirectoryOffsetShift = 16;
 constexpr int64_t kDirectoryCountMask = 0xFFFF;
 constexpr int64_t kChunkUnmoved = 0xFFFF;
-// Entry word: position within the chunk << 32 | original bits (zero-extended). Entries of a chunk
-// are stored in increasing position, so an element's entry is found by counting flagged positions
-// before it.
+// Entry: one word, position within the chunk << 32 | original bits (zero-extended), for dtypes of
+// 32 bits or fewer; two words, position << 32 then the 64 original bits, for float64. Entries of a
+// chunk are stored in increasing position, so an element's entry is found by counting flagged
+// positions before it. Directory offsets, the demand and the capacity count words.
 constexpr int kEntryPositionShift = 32;
 
 // Report: one row of kReportFields float64 values per step written.

@@ -19,7 +19,7 @@ from conftest import requires_cuda
 pytestmark = pytest.mark.skipif(_backend._C is None, reason="the compiled extension is not built")
 from oracle import bits_of, direction_float32, step
 
-DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 PROBE_SEQUENCE = [0, 1, 2, 3, -1]  # w0 -> -2eta -> -eta -> +eta -> +2eta -> w0
 FIELD = {name: i for i, name in enumerate(adapeft.REPORT_FIELDS)}
 
@@ -49,8 +49,8 @@ def run_moves(implementation, params, directions, steps, sequence, capacity=None
     table = pack(params, directions)
     fingerprint = adapeft.group_fingerprint(params, directions)
     chunks = L.count_chunks(params)
-    numel = sum(p.numel() for p in params)
-    ledgers = [adapeft.new_ledger(chunks, numel if capacity is None else capacity, device) for _ in range(2)]
+    words = sum(p.numel() * L.entry_words(p.dtype) for p in params)
+    ledgers = [adapeft.new_ledger(chunks, words if capacity is None else capacity, device) for _ in range(2)]
     report = adapeft.new_report(len(sequence), device)
     snapshots = []
     position, current = -1, 0
@@ -129,23 +129,29 @@ def test_against_numpy_oracle(device, generator, dtype):
 
 
 def special_values(generator, dtype, n):
-    """float32 values that stress exact inversion: powers of two and their neighbours, subnormals,
-    signed zeros, extremes of the dtype, random bit patterns and ordinary weights."""
+    """Values that stress exact inversion: powers of two and their neighbours, subnormals, signed
+    zeros, extremes of the dtype, random bit patterns and ordinary weights (built in float64, which
+    holds every value of the smaller dtypes exactly)."""
     info = torch.finfo(dtype)
-    powers = 2.0 ** torch.randint(int(math.log2(info.tiny)) - 10, int(math.log2(info.max)), (n,), generator=generator)
-    signs = torch.where(torch.rand(n, generator=generator) < 0.5, -1.0, 1.0)
-    powers = (powers * signs).to(dtype)
+    f64 = torch.float64
+    exponents = torch.randint(int(math.log2(info.tiny)) - 10, int(math.log2(info.max)), (n,), generator=generator)
+    signs = torch.where(torch.rand(n, generator=generator, dtype=f64) < 0.5, -1.0, 1.0).to(f64)
+    powers = (torch.pow(2.0, exponents.to(f64)) * signs).to(dtype)
     above = torch.nextafter(powers, torch.full_like(powers, math.inf))
     below = torch.nextafter(powers, torch.full_like(powers, -math.inf))
-    subnormal = (torch.rand(n, generator=generator) * info.tiny * signs).to(dtype)
-    zeros = torch.where(signs > 0, torch.zeros(n), torch.full((n,), -0.0)).to(dtype)
-    extremes = (torch.tensor([info.max, -info.max, info.tiny, -info.tiny, info.eps, 1.0, -1.0])
+    subnormal = (torch.rand(n, generator=generator, dtype=f64) * info.tiny * signs).to(dtype)
+    zeros = torch.where(signs > 0, torch.zeros(n, dtype=f64), torch.full((n,), -0.0, dtype=f64)).to(dtype)
+    extremes = (torch.tensor([info.max, -info.max, info.tiny, -info.tiny, info.eps, 1.0, -1.0], dtype=f64)
                 .repeat(n // 7 + 1)[:n].to(dtype))
-    width = {torch.float32: 32, torch.bfloat16: 16, torch.float16: 16}[dtype]
-    random_bits = torch.randint(-(2 ** (width - 1)), 2 ** (width - 1), (n,), generator=generator)
-    random_bits = random_bits.to(torch.int32 if width == 32 else torch.int16).view(dtype)
+    width = {torch.float32: 32, torch.bfloat16: 16, torch.float16: 16, torch.float64: 64}[dtype]
+    if width == 64:
+        halves = torch.randint(0, 2**32, (n, 2), generator=generator)
+        random_bits = ((halves[:, 0] << 32) | halves[:, 1]).view(torch.float64)
+    else:
+        random_bits = torch.randint(-(2 ** (width - 1)), 2 ** (width - 1), (n,), generator=generator)
+        random_bits = random_bits.to(torch.int32 if width == 32 else torch.int16).view(dtype)
     random_bits = torch.where(torch.isfinite(random_bits), random_bits, torch.zeros_like(random_bits))
-    weights = (torch.randn(n, generator=generator) * 0.02).to(dtype)
+    weights = (torch.randn(n, generator=generator, dtype=f64) * 0.02).to(dtype)
     values = torch.cat([powers, above, below, subnormal, zeros, extremes, random_bits, weights])
     return values[torch.randperm(values.numel(), generator=generator)]
 
@@ -310,7 +316,7 @@ def test_errors_name_the_argument(device):
     with pytest.raises(Exception, match=r"directions\[0\] has dtype"):
         pack([p.half()], [d.double()])
     with pytest.raises(Exception, match=r"params\[0\] has dtype"):
-        pack([p.double()], [d.double()])
+        pack([p.int()], [d.int()])
     with pytest.raises(Exception, match=r"params\[0\] and params\[1\] overlap"):
         pack([p, p], [d, d.clone()])
     with pytest.raises(Exception, match=r"directions\[0\] overlaps params\[0\]"):

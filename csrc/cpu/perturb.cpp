@@ -16,10 +16,11 @@ struct StepTotals {
   int64_t changed = 0;
   int64_t unmoved = 0;
   int64_t nonfinite = 0;
+  int64_t saved = 0;
 
   StepTotals operator+(const StepTotals& o) const {
     return {dot_dir_step + o.dot_dir_step, dot_dir_dir + o.dot_dir_dir, changed + o.changed,
-            unmoved + o.unmoved, nonfinite + o.nonfinite};
+            unmoved + o.unmoved, nonfinite + o.nonfinite, saved + o.saved};
   }
 };
 
@@ -37,9 +38,13 @@ struct Move {
 template <typename T, typename D>
 StepTotals move_chunk(T* param, const D* direction, int64_t len, int64_t chunk, const Move& m) {
   using S = Storage<T>;
+  using A = typename S::Arith;
+  constexpr int width = S::entry_words;
   T w0[kChunkElements];
   T next[kChunkElements];
   bool flagged[kChunkElements];
+  const A eta_from = static_cast<A>(m.eta_from);
+  const A eta_to = static_cast<A>(m.eta_to);
 
   // Rebuild w0 from the current values: unmoved chunks hold it already, ledger entries hold the
   // elements whose step was not invertible (in increasing position), the rest step back exactly.
@@ -51,10 +56,11 @@ StepTotals move_chunk(T* param, const D* direction, int64_t len, int64_t chunk, 
     const int64_t* entries = m.ledger_in + kLedgerHeaderWords + m.num_chunks + (dir_in >> kDirectoryOffsetShift);
     int64_t e = 0;
     for (int64_t i = 0; i < len; ++i) {
-      if (e < count_in && (entries[e] >> kEntryPositionShift) == i) {
-        w0[i] = S::from_bits(static_cast<uint32_t>(entries[e++]));
+      if (e < count_in && (entries[e * width] >> kEntryPositionShift) == i) {
+        w0[i] = S::from_bits(static_cast<typename S::Bits>(entries[e * width + width - 1]));
+        ++e;
       } else {
-        w0[i] = step_back(param[i], mul_rn(m.eta_from, static_cast<float>(direction[i])));
+        w0[i] = step_back(param[i], mul_rn(eta_from, static_cast<A>(direction[i])));
       }
     }
   }
@@ -62,7 +68,7 @@ StepTotals move_chunk(T* param, const D* direction, int64_t len, int64_t chunk, 
   int64_t count_out = 0;
   if (m.has_to) {
     for (int64_t i = 0; i < len; ++i) {
-      const float s = mul_rn(m.eta_to, static_cast<float>(direction[i]));
+      const A s = mul_rn(eta_to, static_cast<A>(direction[i]));
       next[i] = step_away(w0[i], s);
       flagged[i] = S::bits(step_back(next[i], s)) != S::bits(w0[i]);
       count_out += flagged[i];
@@ -74,23 +80,31 @@ StepTotals move_chunk(T* param, const D* direction, int64_t len, int64_t chunk, 
   int64_t offset = 0;
   if (m.has_to) {
     if (count_out > 0) {
-      offset = __atomic_fetch_add(&m.ledger_out[kLedgerDemand], count_out, __ATOMIC_RELAXED);
-      moved = offset + count_out <= m.capacity;
+      offset = __atomic_fetch_add(&m.ledger_out[kLedgerDemand], count_out * width, __ATOMIC_RELAXED);
+      moved = offset + count_out * width <= m.capacity;
     }
     m.ledger_out[kLedgerHeaderWords + chunk] =
         moved ? (offset << kDirectoryOffsetShift) | count_out : kChunkUnmoved;
   }
 
   StepTotals totals;
+  totals.saved = count_out;
   int64_t* entries_out = m.ledger_out + kLedgerHeaderWords + m.num_chunks + offset;
   int64_t rank = 0;
   for (int64_t i = 0; i < len; ++i) {
     const T out = moved ? next[i] : w0[i];
     param[i] = out;
     if (moved && flagged[i]) {
-      entries_out[rank++] = (i << kEntryPositionShift) | static_cast<int64_t>(S::bits(w0[i]));
+      const auto bits = static_cast<int64_t>(S::bits(w0[i]));
+      if (width == 1) {
+        entries_out[rank] = (i << kEntryPositionShift) | bits;
+      } else {
+        entries_out[rank * width] = i << kEntryPositionShift;
+        entries_out[rank * width + 1] = bits;
+      }
+      ++rank;
     }
-    const float d = static_cast<float>(direction[i]);
+    const A d = static_cast<A>(direction[i]);
     totals.dot_dir_dir += static_cast<double>(d) * static_cast<double>(d);
     totals.nonfinite += !is_finite(d);
     if (moved) {
@@ -104,12 +118,13 @@ StepTotals move_chunk(T* param, const D* direction, int64_t len, int64_t chunk, 
 }
 
 template <typename T>
-StepTotals move_chunk_dispatch_direction(void* param, const void* direction, int64_t direction_code, int64_t len,
+StepTotals move_chunk_dispatch_direction(char* param, const char* direction, int64_t direction_code, int64_t len,
                                          int64_t chunk, const Move& m) {
   if (direction_code == kFloat32) {
-    return move_chunk<T, float>(static_cast<T*>(param), static_cast<const float*>(direction), len, chunk, m);
+    return move_chunk<T, float>(reinterpret_cast<T*>(param), reinterpret_cast<const float*>(direction), len, chunk,
+                                m);
   }
-  return move_chunk<T, T>(static_cast<T*>(param), static_cast<const T*>(direction), len, chunk, m);
+  return move_chunk<T, T>(reinterpret_cast<T*>(param), reinterpret_cast<const T*>(direction), len, chunk, m);
 }
 
 void perturb_cpu(at::TensorList params, at::TensorList directions, const at::Tensor& table, int64_t fingerprint,
@@ -144,21 +159,23 @@ void perturb_cpu(at::TensorList params, at::TensorList directions, const at::Ten
           const int64_t len = std::min(kChunkElements, row[kTensorNumel] - start);
           const int64_t codes = row[kTensorDtypes];
           const int64_t direction_code = direction_dtype_code(codes);
-          auto* param = reinterpret_cast<char*>(row[kTensorParamPtr]);
-          const auto* direction = reinterpret_cast<const char*>(row[kTensorDirectionPtr]);
-          const int64_t direction_offset = start * (direction_code == kFloat32 ? 4 : 2);
-          switch (param_dtype_code(codes)) {
+          const int64_t param_code = param_dtype_code(codes);
+          char* param = reinterpret_cast<char*>(row[kTensorParamPtr]) + start * dtype_bytes(param_code);
+          const char* direction =
+              reinterpret_cast<const char*>(row[kTensorDirectionPtr]) + start * dtype_bytes(direction_code);
+          switch (param_code) {
             case kFloat32:
-              acc = acc + move_chunk<float, float>(reinterpret_cast<float*>(param) + start,
-                                                   reinterpret_cast<const float*>(direction) + start, len, chunk, m);
+              acc = acc + move_chunk<float, float>(reinterpret_cast<float*>(param),
+                                                   reinterpret_cast<const float*>(direction), len, chunk, m);
               break;
             case kBFloat16:
-              acc = acc + move_chunk_dispatch_direction<c10::BFloat16>(
-                              param + start * 2, direction + direction_offset, direction_code, len, chunk, m);
+              acc = acc + move_chunk_dispatch_direction<c10::BFloat16>(param, direction, direction_code, len, chunk, m);
               break;
             case kFloat16:
-              acc = acc + move_chunk_dispatch_direction<c10::Half>(param + start * 2, direction + direction_offset,
-                                                                   direction_code, len, chunk, m);
+              acc = acc + move_chunk_dispatch_direction<c10::Half>(param, direction, direction_code, len, chunk, m);
+              break;
+            case kFloat64:
+              acc = acc + move_chunk_dispatch_direction<double>(param, direction, direction_code, len, chunk, m);
               break;
           }
         }
@@ -171,7 +188,7 @@ void perturb_cpu(at::TensorList params, at::TensorList directions, const at::Ten
     row[kReportStep] = -totals.dot_dir_step / totals.dot_dir_dir;
     row[kReportChanged] = static_cast<double>(totals.changed);
     row[kReportUnmoved] = static_cast<double>(totals.unmoved);
-    row[kReportSaved] = static_cast<double>(out[kLedgerDemand]);
+    row[kReportSaved] = static_cast<double>(totals.saved);
     row[kReportNonfinite] = static_cast<double>(totals.nonfinite);
   }
   out[kLedgerDemand] = 0;

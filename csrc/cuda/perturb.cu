@@ -37,6 +37,7 @@ struct Totals {
   unsigned long long changed = 0;
   unsigned long long unmoved = 0;
   unsigned long long nonfinite = 0;
+  unsigned long long saved = 0;
 };
 
 struct MoveShared {
@@ -50,7 +51,7 @@ struct MoveShared {
   unsigned long long out_offset;
   double dot_dir_step[kWarps];
   double dot_dir_dir[kWarps];
-  unsigned long long counts[3][kWarps];
+  unsigned long long counts[4][kWarps];
   int is_last;
 };
 
@@ -86,9 +87,13 @@ __device__ __forceinline__ uint32_t rank_of(const uint32_t* bits, const uint32_t
 }
 
 template <typename T, typename D>
-__device__ void move_chunk(T* param, const D* direction, int len, int64_t chunk, const MoveArgs& a, float eta_from,
-                           float eta_to, MoveShared& sh, Totals& totals) {
+__device__ void move_chunk(T* param, const D* direction, int len, int64_t chunk, const MoveArgs& a, float eta_from_f,
+                           float eta_to_f, MoveShared& sh, Totals& totals) {
   using S = Storage<T>;
+  using A = typename S::Arith;
+  constexpr int width = S::entry_words;
+  const A eta_from = static_cast<A>(eta_from_f);
+  const A eta_to = static_cast<A>(eta_to_f);
   const int tid = threadIdx.x;
   const bool has_from = a.from_step >= 0;
   const bool has_to = a.to_step >= 0;
@@ -105,7 +110,7 @@ __device__ void move_chunk(T* param, const D* direction, int len, int64_t chunk,
   __syncthreads();
   if (lookup) {
     for (int e = tid; e < count_in; e += kThreads) {
-      const int pos = static_cast<int>(entries_in[e] >> kEntryPositionShift);
+      const int pos = static_cast<int>(entries_in[e * width] >> kEntryPositionShift);
       atomicOr(&sh.in_bits[pos >> 5], 1u << (pos & 31));
     }
     __syncthreads();
@@ -115,13 +120,13 @@ __device__ void move_chunk(T* param, const D* direction, int len, int64_t chunk,
 
   // Registers hold only the direction and w0 of each element (the current value is read into w0 and
   // rebuilt in place; the next value is recomputed when written), so that several blocks fit per SM.
-  float d[kItems];
+  A d[kItems];
   T w0[kItems];
 #pragma unroll
   for (int k = 0; k < kItems; ++k) {
     const int i = k * kThreads + tid;
     if (i < len) {
-      d[k] = static_cast<float>(direction[i]);
+      d[k] = static_cast<A>(direction[i]);
       w0[k] = param[i];
     }
   }
@@ -135,14 +140,15 @@ __device__ void move_chunk(T* param, const D* direction, int len, int64_t chunk,
     const T current = w0[k];
     if (has_from && !unmoved_in) {
       if (lookup && (sh.in_bits[i >> 5] >> (i & 31)) & 1u) {
-        w0[k] = S::from_bits(static_cast<uint32_t>(entries_in[rank_of(sh.in_bits, sh.in_prefix, i)]));
+        const uint32_t rank = rank_of(sh.in_bits, sh.in_prefix, i);
+        w0[k] = S::from_bits(static_cast<typename S::Bits>(entries_in[rank * width + width - 1]));
       } else {
         w0[k] = step_back(current, mul_rn(eta_from, d[k]));
       }
     }
     same_base |= static_cast<uint32_t>(S::bits(w0[k]) == S::bits(current)) << k;
     if (has_to) {
-      const float s = mul_rn(eta_to, d[k]);
+      const A s = mul_rn(eta_to, d[k]);
       const T next = step_away(w0[k], s);
       same_next |= static_cast<uint32_t>(S::bits(next) == S::bits(current)) << k;
       if (S::bits(step_back(next, s)) != S::bits(w0[k])) {
@@ -161,8 +167,9 @@ __device__ void move_chunk(T* param, const D* direction, int len, int64_t chunk,
       // A chunk whose entries do not fit stays exactly at w0: a full ledger costs coverage, never bits.
       const uint32_t count = sh.out_count;
       const unsigned long long offset =
-          atomicAdd(reinterpret_cast<unsigned long long*>(a.ledger_out + kLedgerDemand), count);
-      const int moved = offset + count <= a.capacity;
+          atomicAdd(reinterpret_cast<unsigned long long*>(a.ledger_out + kLedgerDemand), count * width);
+      const int moved = offset + count * width <= a.capacity;
+      totals.saved += count;
       a.ledger_out[kLedgerHeaderWords + chunk] =
           moved ? static_cast<int64_t>(offset << kDirectoryOffsetShift) | count : kChunkUnmoved;
       sh.moved = moved;
@@ -183,12 +190,18 @@ __device__ void move_chunk(T* param, const D* direction, int len, int64_t chunk,
   for (int k = 0; k < kItems; ++k) {
     const int i = k * kThreads + tid;
     if (i >= len) continue;
-    const float s = mul_rn(eta_to, d[k]);
+    const A s = mul_rn(eta_to, d[k]);
     const T out = moved ? step_away(w0[k], s) : w0[k];
     if (!(((moved ? same_next : same_base) >> k) & 1u)) param[i] = out;
     if (moved && ((flagged >> k) & 1u)) {
-      entries_out[rank_of(sh.out_bits, sh.out_prefix, i)] =
-          (static_cast<int64_t>(i) << kEntryPositionShift) | static_cast<int64_t>(S::bits(w0[k]));
+      const uint32_t rank = rank_of(sh.out_bits, sh.out_prefix, i);
+      const auto bits = static_cast<int64_t>(S::bits(w0[k]));
+      if (width == 1) {
+        entries_out[rank] = (static_cast<int64_t>(i) << kEntryPositionShift) | bits;
+      } else {
+        entries_out[rank * width] = static_cast<int64_t>(i) << kEntryPositionShift;
+        entries_out[rank * width + 1] = bits;
+      }
     }
     totals.dot_dir_dir += static_cast<double>(d[k]) * static_cast<double>(d[k]);
     totals.nonfinite += !is_finite(d[k]);
@@ -241,12 +254,14 @@ __device__ void finish_step(const MoveArgs& a, Totals totals, MoveShared& sh) {
   totals.changed = warp_sum(totals.changed);
   totals.unmoved = warp_sum(totals.unmoved);
   totals.nonfinite = warp_sum(totals.nonfinite);
+  totals.saved = warp_sum(totals.saved);
   if (lane == 0) {
     sh.dot_dir_step[warp] = totals.dot_dir_step;
     sh.dot_dir_dir[warp] = totals.dot_dir_dir;
     sh.counts[0][warp] = totals.changed;
     sh.counts[1][warp] = totals.unmoved;
     sh.counts[2][warp] = totals.nonfinite;
+    sh.counts[3][warp] = totals.saved;
   }
   __syncthreads();
   int64_t* header = a.ledger_out;
@@ -258,12 +273,14 @@ __device__ void finish_step(const MoveArgs& a, Totals totals, MoveShared& sh) {
       block.changed += sh.counts[0][w];
       block.unmoved += sh.counts[1][w];
       block.nonfinite += sh.counts[2][w];
+      block.saved += sh.counts[3][w];
     }
     atomicAdd(reinterpret_cast<double*>(header + kLedgerDotDirStep), block.dot_dir_step);
     atomicAdd(reinterpret_cast<double*>(header + kLedgerDotDirDir), block.dot_dir_dir);
     atomicAdd(reinterpret_cast<unsigned long long*>(header + kLedgerChanged), block.changed);
     atomicAdd(reinterpret_cast<unsigned long long*>(header + kLedgerUnmoved), block.unmoved);
     atomicAdd(reinterpret_cast<unsigned long long*>(header + kLedgerNonfinite), block.nonfinite);
+    atomicAdd(reinterpret_cast<unsigned long long*>(header + kLedgerSaved), block.saved);
     __threadfence();
     const unsigned long long done =
         atomicAdd(reinterpret_cast<unsigned long long*>(header + kLedgerBlocksDone), 1ull);
@@ -276,7 +293,7 @@ __device__ void finish_step(const MoveArgs& a, Totals totals, MoveShared& sh) {
       a.report_row[kReportStep] = -read_double(header + kLedgerDotDirStep) / read_double(header + kLedgerDotDirDir);
       a.report_row[kReportChanged] = static_cast<double>(read_count(header + kLedgerChanged));
       a.report_row[kReportUnmoved] = static_cast<double>(read_count(header + kLedgerUnmoved));
-      a.report_row[kReportSaved] = static_cast<double>(read_count(header + kLedgerDemand));
+      a.report_row[kReportSaved] = static_cast<double>(read_count(header + kLedgerSaved));
       a.report_row[kReportNonfinite] = static_cast<double>(read_count(header + kLedgerNonfinite));
     }
     for (int f = 0; f < kLedgerHeaderWords; ++f) header[f] = 0;
@@ -297,21 +314,24 @@ __global__ void __launch_bounds__(kThreads, 1) move_kernel(MoveArgs a) {
     const int len = static_cast<int>(min(kChunkElements, row[kTensorNumel] - start));
     const int64_t codes = row[kTensorDtypes];
     const int64_t direction_code = direction_dtype_code(codes);
-    auto* param = reinterpret_cast<char*>(row[kTensorParamPtr]);
-    const auto* direction =
-        reinterpret_cast<const char*>(row[kTensorDirectionPtr]) + start * (direction_code == kFloat32 ? 4 : 2);
-    switch (param_dtype_code(codes)) {
+    const int64_t param_code = param_dtype_code(codes);
+    char* param = reinterpret_cast<char*>(row[kTensorParamPtr]) + start * dtype_bytes(param_code);
+    const char* direction = reinterpret_cast<const char*>(row[kTensorDirectionPtr]) + start * dtype_bytes(direction_code);
+    switch (param_code) {
       case kFloat32:
-        move_chunk<float, float>(reinterpret_cast<float*>(param) + start, reinterpret_cast<const float*>(direction),
-                                 len, chunk, a, eta_from, eta_to, sh, totals);
+        move_chunk<float, float>(reinterpret_cast<float*>(param), reinterpret_cast<const float*>(direction), len,
+                                 chunk, a, eta_from, eta_to, sh, totals);
         break;
       case kBFloat16:
-        move_chunk_direction<c10::BFloat16>(param + start * 2, direction, direction_code, len, chunk, a, eta_from,
-                                            eta_to, sh, totals);
+        move_chunk_direction<c10::BFloat16>(param, direction, direction_code, len, chunk, a, eta_from, eta_to, sh,
+                                            totals);
         break;
       case kFloat16:
-        move_chunk_direction<c10::Half>(param + start * 2, direction, direction_code, len, chunk, a, eta_from,
-                                        eta_to, sh, totals);
+        move_chunk_direction<c10::Half>(param, direction, direction_code, len, chunk, a, eta_from, eta_to, sh,
+                                        totals);
+        break;
+      case kFloat64:
+        move_chunk_direction<double>(param, direction, direction_code, len, chunk, a, eta_from, eta_to, sh, totals);
         break;
     }
   }
