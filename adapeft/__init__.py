@@ -6,6 +6,7 @@ them on every device, falling back to the pure-PyTorch reference where a kernel 
 """
 from ._backend import BACKENDS, BUILD_INFO
 from ._layout import CHUNK_ELEMENTS, REPORT_FIELDS
+from .groups import ParameterGroups, group_parameters
 from .ops import FitResult, group_fingerprint, new_ledger, new_report, pack_group, perturb_, quadratic_fit
 from .perturb import GroupPerturbation
 
@@ -18,7 +19,9 @@ __all__ = [
     "REPORT_FIELDS",
     "FitResult",
     "GroupPerturbation",
+    "ParameterGroups",
     "group_fingerprint",
+    "group_parameters",
     "new_ledger",
     "new_report",
     "pack_group",
