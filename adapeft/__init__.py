@@ -9,6 +9,7 @@ from ._layout import CHUNK_ELEMENTS, REPORT_FIELDS
 from .groups import ParameterGroups, group_parameters
 from .ops import FitResult, group_fingerprint, new_ledger, new_report, pack_group, perturb_, quadratic_fit
 from .perturb import GroupPerturbation
+from .probe import Prober, ProbeResult, probe
 
 __version__ = "0.1.0"
 
@@ -20,11 +21,14 @@ __all__ = [
     "FitResult",
     "GroupPerturbation",
     "ParameterGroups",
+    "ProbeResult",
+    "Prober",
     "group_fingerprint",
     "group_parameters",
     "new_ledger",
     "new_report",
     "pack_group",
     "perturb_",
+    "probe",
     "quadratic_fit",
 ]

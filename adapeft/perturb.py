@@ -40,7 +40,8 @@ class GroupPerturbation:
     Every move is a *rebase*: w0 is rebuilt exactly from the current values (the few elements whose step
     is not invertible are kept in a ledger) and the next point written in the same pass, so after
     `restore()` every element is bit-identical to w0 whatever the dtype. No copy of the group is made:
-    the two ledgers hold `capacity` saved elements each (8 bytes apiece). If a step needs more, the
+    the two ledgers hold `capacity` saved elements each (8 bytes apiece, 16 in float64; several groups
+    probed one after the other may share one pair, `ledgers=`). If a step needs more, the
     chunks (4096 elements) that do not fit stay at w0 for that step; the report says so (`unmoved`), the
     realized step accounts for it, and `grow()` makes room for the next time.
 
@@ -51,7 +52,7 @@ class GroupPerturbation:
     Use as a context manager (or try/finally) so that an exception, a NaN loss or Ctrl-C restores w0.
     """
 
-    def __init__(self, params, directions, steps, *, capacity=None, validate=False):
+    def __init__(self, params, directions, steps, *, capacity=None, ledgers=None, validate=False):
         self.params = list(params)
         self.directions = list(directions)
         if validate:
@@ -66,9 +67,12 @@ class GroupPerturbation:
         self.numel = sum(p.numel() for p in self.params)
         self.num_chunks = L.count_chunks(self.params)
         self._entry_words = max(L.entry_words(p.dtype) for p in self.params)
-        if capacity is None:
-            capacity = max(MIN_CAPACITY, int(self.numel * DEFAULT_CAPACITY_FRACTION))
-        self._ledgers = self._new_ledgers(capacity)
+        if ledgers is not None:
+            self._ledgers = self._check_ledgers(ledgers)
+        else:
+            if capacity is None:
+                capacity = max(MIN_CAPACITY, int(self.numel * DEFAULT_CAPACITY_FRACTION))
+            self._ledgers = self._new_ledgers(capacity)
         # (current step or -1 for w0, index of the ledger that describes it), updated as one value.
         self._state = (-1, 0)
 
@@ -84,6 +88,17 @@ class GroupPerturbation:
 
     def _new_ledgers(self, capacity):
         return [ops.new_ledger(self.num_chunks, capacity * self._entry_words, self.device) for _ in range(2)]
+
+    def _check_ledgers(self, ledgers):
+        ledgers = list(ledgers)
+        if len(ledgers) != 2 or ledgers[0] is ledgers[1]:
+            raise ValueError("adapeft.GroupPerturbation: ledgers must be two distinct tensors from adapeft.new_ledger")
+        for ledger in ledgers:
+            if ledger.dtype != torch.int64 or ledger.device != self.device or \
+                    ledger.numel() < L.LEDGER_HEADER_WORDS + self.num_chunks or ledger.numel() != ledgers[0].numel():
+                raise ValueError(f"adapeft.GroupPerturbation: ledgers must be int64 tensors of one size on {self.device}"
+                                 f" with at least {L.LEDGER_HEADER_WORDS + self.num_chunks} words for this group")
+        return ledgers
 
     def check_directions(self):
         """Raise up front if a direction holds inf or nan (costs one host synchronisation)."""

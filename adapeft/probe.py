@@ -1,0 +1,380 @@
+"""The Hessian-informed probe (the paper's Algorithm 1): per group, the loss reduction and learning rate.
+
+Call `Prober.step(batch, eta)` after `backward()` and before `optimizer.step()`. For every group k alone
+the model is moved in place to w - eta_j * d_k for eta_j in {-2,-1,1,2}*eta, the loss is measured, and
+the group is restored bit for bit; one fused fit turns the K x 5 losses into b ~ G.d, A ~ d.H.d, R^2,
+PPI = b^2/(A n) and eta* = b/A, accumulating PPI into APPI. On CUDA nothing in `step()` waits for the
+device (the user's loss_fn aside), and the model, its gradients, buffers, training modes, the optimizer
+and the RNG are left exactly as they were, also when loss_fn raises or the user presses Ctrl-C.
+"""
+import contextlib
+import math
+import numbers
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from . import _layout as L
+from . import ops, reference
+from .groups import ParameterGroups, group_parameters
+from .perturb import GroupPerturbation
+
+POINTS = (-2.0, -1.0, 1.0, 2.0)
+COLUMNS = (0, 1, 3, 4)  # where the four perturbed points sit in a row of five; column 2 is the base loss
+BACKENDS = ("compiled", "torch")
+# Ledger room the prober starts with, as a share of the largest group; it grows when a probe needs more.
+CAPACITY_FRACTION = 1 / 64
+MIN_CAPACITY = 4096
+RELIABLE_CHANGED_SHARE = 0.5
+FIELD = {name: i for i, name in enumerate(L.REPORT_FIELDS)}
+
+
+@dataclass
+class ProbeResult:
+    """One probe step, per group in `names` order (device tensors; reading them is the caller's sync).
+
+    b, A, r2, ppi, eta_star: float64; accepted: the fit passed b > 0, A > 0, R^2 > threshold and was
+    reliable; reliable: most elements really moved at every point and no chunk was left unmoved;
+    probed: the group had a direction (frozen groups are skipped); losses and steps: K x 5 (column 2 the
+    unperturbed loss, steps the realized ones); changed: K x 5 elements whose bits changed.
+    """
+
+    names: list
+    b: torch.Tensor
+    A: torch.Tensor
+    r2: torch.Tensor
+    accepted: torch.Tensor
+    ppi: torch.Tensor
+    eta_star: torch.Tensor
+    reliable: torch.Tensor
+    probed: torch.Tensor
+    losses: torch.Tensor
+    steps: torch.Tensor
+    changed: torch.Tensor
+    eta: float
+
+    def table(self):
+        """A printable table (synchronises with the device)."""
+        rows = [f"{'group':12} {'b':>11} {'A':>11} {'R^2':>8} {'kept':>5} {'PPI':>10} {'eta*':>9}"]
+        host = {k: getattr(self, k).cpu().tolist() for k in ("b", "A", "r2", "accepted", "ppi", "eta_star", "probed")}
+        for k, name in enumerate(self.names):
+            if not host["probed"][k]:
+                rows.append(f"{name:12} {'(not probed: no direction)':>40}")
+                continue
+            rows.append(f"{name:12} {host['b'][k]:11.4e} {host['A'][k]:11.4e} {host['r2'][k]:8.5f} "
+                        f"{'yes' if host['accepted'][k] else 'no':>5} {host['ppi'][k]:10.3e} {host['eta_star'][k]:9.3g}")
+        return "\n".join(rows)
+
+
+def _check_eta(eta):
+    if isinstance(eta, torch.Tensor):
+        if eta.numel() != 1 or eta.device.type != "cpu":
+            raise TypeError("adapeft.Prober.step: eta must be a positive number (a Python float, or a one-element CPU "
+                            "tensor); a device tensor would need a host synchronisation to check")
+        eta = eta.item()
+    if isinstance(eta, bool) or not isinstance(eta, numbers.Real):
+        raise TypeError(f"adapeft.Prober.step: eta must be a positive number, got {type(eta).__name__}")
+    eta = float(eta)
+    if not math.isfinite(eta) or eta <= 0:
+        raise ValueError(f"adapeft.Prober.step: eta must be positive and finite, got {eta}")
+    return eta
+
+
+@contextlib.contextmanager
+def _model_untouched(model, device):
+    """Eval mode and a forked RNG for the probe; every module's own training flag and the RNG state seen by
+    the next training step come back exactly, whatever happens inside."""
+    modes = [(module, module.training) for module in model.modules()]
+    devices = [device.index if device.index is not None else torch.cuda.current_device()] \
+        if device.type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=devices):
+            model.eval()
+            yield
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+class Prober:
+    """Per-group probe of a model: `step(batch, eta)` measures every group's loss reduction and learning rate.
+
+    model: the torch.nn.Module; groups: a ParameterGroups (default `group_parameters(model)`);
+    loss_fn(model, batch) -> 0-dim tensor, run under torch.no_grad() in eval mode.
+    direction: "grad" (the gradients in p.grad, the paper's choice), a dict {group name: list of tensors}
+    or a callable (group name, params) -> list of tensors or None. backend: "compiled" (the adapeft ops)
+    or "torch" (a plain implementation: per-tensor loops, a saved copy per group, .item() per forward, a
+    numpy fit; the baseline the ops are measured against). r2_threshold: the fit filter.
+    """
+
+    def __init__(self, model, groups=None, loss_fn=None, *, direction="grad", backend="compiled",
+                 r2_threshold=0.99, history=True):
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"adapeft.Prober: model must be a torch.nn.Module, got {type(model).__name__}")
+        if groups is None:
+            groups = group_parameters(model)
+        if not isinstance(groups, ParameterGroups):
+            raise TypeError("adapeft.Prober: groups must come from adapeft.group_parameters(model), got "
+                            f"{type(groups).__name__}")
+        if not callable(loss_fn):
+            raise TypeError("adapeft.Prober: loss_fn must be a callable loss_fn(model, batch) -> 0-dim tensor")
+        if backend not in BACKENDS:
+            raise ValueError(f"adapeft.Prober: backend must be one of {BACKENDS}, got {backend!r}")
+        if not (direction == "grad" or isinstance(direction, dict) or callable(direction)):
+            raise ValueError("adapeft.Prober: direction must be 'grad', a dict {group: tensors} or a callable "
+                             f"(group, params) -> tensors, got {direction!r}")
+        own = {id(p) for p in model.parameters()}
+        foreign = [name for name in groups.names if any(id(p) not in own for p in groups.params(name))]
+        if foreign:
+            raise ValueError(f"adapeft.Prober: groups {foreign} hold parameters that are not this model's; build "
+                             "them with adapeft.group_parameters(model)")
+        devices = {p.device for name in groups.names for p in groups.params(name)}
+        if len(devices) != 1:
+            raise ValueError(f"adapeft.Prober: the model's parameters are on several devices {sorted(map(str, devices))}"
+                             "; the probe needs them on one")
+        self.model, self.groups, self.loss_fn = model, groups, loss_fn
+        self.direction, self.backend, self.r2_threshold = direction, backend, r2_threshold
+        self.device = devices.pop()
+        self.names = list(groups.names)
+        k = len(self.names)
+        self.appi = torch.zeros(k, dtype=torch.float64, device=self.device)
+        self.history = [] if history else None
+        self._points = torch.tensor(POINTS, dtype=torch.float32, device=self.device)
+        self._steps = torch.empty(len(POINTS), dtype=torch.float32, device=self.device)
+        self._losses = torch.empty(k, 5, dtype=torch.float64, device=self.device)
+        self._report = torch.zeros(k * 5, len(L.REPORT_FIELDS), dtype=torch.float64, device=self.device)
+        self._perturbations = {}
+        self._ledgers = None
+        self._capacity_words = 0
+        self._counts_key = None
+        self._counts = None
+        self._pending = None
+        self._notes = set()
+
+    # Directions -----------------------------------------------------------------------------------
+    def _directions(self, name, params):
+        """(params, directions) of the tensors of group `name` that can move, or None to skip it."""
+        if self.direction == "grad":
+            pairs = [(p, p.grad) for p in params if p.requires_grad and p.grad is not None]
+            if len(pairs) < len(params):
+                self._note(name, f"{len(params) - len(pairs)} of its {len(params)} tensors have no gradient "
+                                 "(frozen or unused) and are not probed")
+            if not pairs:
+                return None
+            return [p for p, _ in pairs], [d for _, d in pairs]
+        given = self.direction.get(name) if isinstance(self.direction, dict) else self.direction(name, params)
+        if given is None:
+            self._note(name, "no direction was given for it")
+            return None
+        given = list(given)
+        if len(given) != len(params):
+            raise ValueError(f"adapeft.Prober: direction for group {name!r} has {len(given)} tensors but the group "
+                             f"has {len(params)}")
+        return params, given
+
+    def _note(self, name, why):
+        if (name, why) not in self._notes:
+            self._notes.add((name, why))
+            warnings.warn(f"adapeft.Prober: group {name!r}: {why}", UserWarning, stacklevel=4)
+
+    # Ledgers --------------------------------------------------------------------------------------
+    def _ensure_ledgers(self, plans):
+        chunks = max(L.count_chunks(params) for params, _ in plans.values())
+        words = max(max(MIN_CAPACITY, int(sum(p.numel() for p in params) * CAPACITY_FRACTION))
+                    * max(L.entry_words(p.dtype) for p in params) for params, _ in plans.values())
+        self._capacity_words = max(self._capacity_words, words)
+        size = L.LEDGER_HEADER_WORDS + chunks + self._capacity_words
+        if self._ledgers is None or self._ledgers[0].numel() < size:
+            self._ledgers = [ops.new_ledger(chunks, size - L.LEDGER_HEADER_WORDS - chunks, self.device)
+                             for _ in range(2)]
+
+    def _learn_from_last_step(self):
+        """Grow the ledgers and warn about unreliable groups once the last probe's report is on the host,
+        without waiting for it."""
+        if self._pending is None:
+            return
+        event, host, names, words = self._pending
+        if event is not None and not event.query():
+            return
+        self._pending = None
+        saved, unmoved, reliable, probed = host
+        needed = max((int(s) * w for s, w in zip(saved.tolist(), words)), default=0)
+        if needed > self._capacity_words or unmoved.any():
+            self._capacity_words = max(needed, self._capacity_words) * 5 // 4
+            self._ledgers = None
+        for k, name in enumerate(names):
+            if probed[k] and not reliable[k]:
+                warnings.warn(
+                    f"adapeft.Prober: group {name!r}: most of its elements did not change at some probe point (the "
+                    "step is below the resolution of its dtype), or its ledger was full; its fit is marked "
+                    "unreliable and not used. Use a larger eta, or keep float32 master weights.",
+                    UserWarning, stacklevel=3)
+
+    # The probe ------------------------------------------------------------------------------------
+    def step(self, batch, eta):
+        """Probe every group at {-2,-1,1,2}*eta around the current weights; returns a ProbeResult."""
+        eta = _check_eta(eta)
+        self._learn_from_last_step()
+        plans = {}
+        for name in self.names:
+            found = self._directions(name, self.groups.params(name))
+            if found is not None:
+                plans[name] = found
+        if not plans:
+            raise RuntimeError("adapeft.Prober.step: no group has a direction; call loss.backward() before step() "
+                               "or give directions")
+        with torch.no_grad(), _model_untouched(self.model, self.device):
+            torch.mul(self._points, eta, out=self._steps)
+            self._losses.fill_(math.nan)
+            self._report.zero_()
+            base = self._loss(batch, None)
+            self._losses[:, 2] = base
+            if self.backend == "compiled":
+                self._probe_compiled(batch, plans)
+            else:
+                self._probe_torch(batch, plans)
+        return self._finish(plans, eta)
+
+    def _loss(self, batch, group):
+        where = "on the unperturbed model" if group is None else f"with group {group!r} perturbed"
+        try:
+            loss = self.loss_fn(self.model, batch)
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except Exception as error:
+            raise RuntimeError(f"adapeft.Prober.step: loss_fn(model, batch) failed {where}: {error!r}; the model "
+                               "was left unchanged") from error
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1 or not loss.is_floating_point():
+            raise TypeError(f"adapeft.Prober.step: loss_fn must return a one-element floating tensor, got "
+                            f"{type(loss).__name__}{'' if not isinstance(loss, torch.Tensor) else tuple(loss.shape)}")
+        return loss.reshape(())
+
+    def _probe_compiled(self, batch, plans):
+        self._ensure_ledgers(plans)
+        for k, name in enumerate(self.names):
+            if name not in plans:
+                continue
+            params, directions = plans[name]
+            fingerprint = ops.group_fingerprint(params, directions)
+            cached = self._perturbations.get(name)
+            if cached is None or cached.fingerprint != fingerprint or cached._ledgers is not self._ledgers:
+                cached = GroupPerturbation(params, directions, self._steps, ledgers=self._ledgers)
+                self._perturbations[name] = cached
+            with cached:
+                for j, column in enumerate(COLUMNS):
+                    cached.move(j, self._report, 5 * k + column)
+                    self._losses[k, column] = self._loss(batch, name)
+
+    def _probe_torch(self, batch, plans):
+        """The plain implementation: a saved copy per group, per-tensor loops, .item() per forward."""
+        for k, name in enumerate(self.names):
+            if name not in plans:
+                continue
+            params, directions = plans[name]
+            saved = [p.detach().clone() for p in params]
+            try:
+                for j, column in enumerate(COLUMNS):
+                    dot_step = dot_dir = changed = 0.0
+                    for p, w0, d in zip(params, saved, directions):
+                        s = self._steps[j] * d.to(L.arithmetic_dtype(p.dtype))
+                        p.copy_(reference._step_away(w0, s))
+                        d64 = d.double()
+                        dot_step += (d64 * (p.double() - w0.double())).sum().item()
+                        dot_dir += (d64 * d64).sum().item()
+                        changed += (reference._bits(p) != reference._bits(w0)).sum().item()
+                    self._losses[k, column] = self._loss(batch, name).item()
+                    row = self._report[5 * k + column]
+                    row[FIELD["step"]] = -dot_step / dot_dir if dot_dir else math.nan
+                    row[FIELD["changed"]] = changed
+            finally:
+                for p, w0 in zip(params, saved):
+                    p.copy_(w0)
+
+    def _finish(self, plans, eta):
+        k = len(self.names)
+        counts_key = tuple(sum(p.numel() for p in plans[n][0]) if n in plans else 0 for n in self.names)
+        if counts_key != self._counts_key:
+            # Pinned and non-blocking: the counts reach the device without a host synchronisation.
+            pinned = torch.tensor(counts_key, dtype=torch.float64)
+            self._counts = pinned.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" \
+                else pinned
+            self._counts_key = counts_key
+        counts = self._counts
+        report = self._report.view(k, 5, len(L.REPORT_FIELDS))
+        steps = report[:, :, FIELD["step"]]
+        changed = report[:, :, FIELD["changed"]]
+        probed = torch.tensor([n in plans for n in self.names], device="cpu")
+        probed = probed.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else probed
+        if self.backend == "compiled":
+            fit = ops.quadratic_fit(self._losses, steps, counts, None, self.r2_threshold)
+        else:
+            fit = _numpy_fit(self._losses, steps, counts, self.r2_threshold)
+        moved_share = changed[:, list(COLUMNS)] / counts.clamp(min=1)[:, None]
+        unmoved = report[:, list(COLUMNS), FIELD["unmoved"]].sum(1)
+        reliable = (moved_share >= RELIABLE_CHANGED_SHARE).all(1) & (unmoved == 0) & probed
+        accepted = fit.accepted & reliable
+        ppi = torch.where(accepted, fit.ppi, torch.zeros_like(fit.ppi))
+        eta_star = torch.where(accepted, fit.eta_star, torch.full_like(fit.eta_star, math.nan))
+        self.appi += ppi
+        if self.history is not None:
+            self.history.append(ppi.clone())
+        saved = report[:, list(COLUMNS), FIELD["saved"]].amax(1)
+        words = [max(L.entry_words(p.dtype) for p in plans[n][0]) if n in plans else 1 for n in self.names]
+        self._remember(torch.stack([saved, unmoved, reliable.double(), probed.double()]), words)
+        return ProbeResult(names=list(self.names), b=fit.b, A=fit.A, r2=fit.r2, accepted=accepted, ppi=ppi,
+                           eta_star=eta_star, reliable=reliable, probed=probed, losses=self._losses.clone(),
+                           steps=steps.clone(), changed=changed.clone(), eta=eta)
+
+    def _remember(self, summary, words):
+        if self.device.type == "cuda":
+            host = torch.empty(summary.shape, dtype=summary.dtype, pin_memory=True)
+            host.copy_(summary, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+        else:
+            host, event = summary, None
+        saved, unmoved, reliable, probed = host[0], host[1], host[2], host[3]
+        self._pending = (event, (saved, unmoved, reliable.bool(), probed.bool()), list(self.names), words)
+        if event is None:
+            self._learn_from_last_step()
+
+    def flush(self):
+        """Wait for the last probe and emit its warnings now (a host synchronisation on CUDA)."""
+        if self._pending is not None and self._pending[0] is not None:
+            self._pending[0].synchronize()
+        self._learn_from_last_step()
+
+
+def _numpy_fit(losses, steps, counts, threshold):
+    """The fit in numpy float64 (least squares and R^2 row by row), for the torch backend."""
+    L_host, x_host, n_host = losses.cpu().numpy(), steps.cpu().numpy(), counts.cpu().numpy()
+    out = {name: np.full(len(L_host), np.nan) for name in ("b", "A", "r2")}
+    accepted = np.zeros(len(L_host), dtype=bool)
+    for k, (row, x, n) in enumerate(zip(L_host, x_host, n_host)):
+        y = row - row[2]
+        if not (np.isfinite(y).all() and np.isfinite(x).all()):
+            continue
+        design = np.stack([-x, 0.5 * x * x], axis=1)
+        (b, A), *_ = np.linalg.lstsq(design, y, rcond=None)
+        ss_res = float(((y - design @ np.array([b, A])) ** 2).sum())
+        ss_tot = float(((y - y.mean()) ** 2).sum())
+        r2 = 1.0 if ss_res == 0 else (0.0 if ss_tot == 0 else 1 - ss_res / ss_tot)
+        out["b"][k], out["A"][k], out["r2"][k] = b, A, r2
+        with np.errstate(all="ignore"):
+            ppi = b * b / (A * n)
+        accepted[k] = b > 0 and A > 0 and r2 > threshold and n > 0 and np.isfinite(ppi)
+    device = losses.device
+    b, A, r2 = (torch.tensor(out[name], dtype=torch.float64, device=device) for name in ("b", "A", "r2"))
+    acc = torch.tensor(accepted, device=device)
+    n = counts.to(torch.float64)
+    ppi = torch.where(acc, b * b / (A * n), torch.zeros_like(b))
+    eta_star = torch.where(acc, b / A, torch.full_like(b, math.nan))
+    return ops.FitResult(b, A, r2, acc, ppi, eta_star)
+
+
+def probe(model, batch, loss_fn, eta, groups=None, **options):
+    """One probe step without keeping a Prober: the same result as `Prober(model, groups, loss_fn,
+    **options).step(batch, eta)`."""
+    return Prober(model, groups, loss_fn, **options).step(batch, eta)

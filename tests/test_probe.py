@@ -1,0 +1,386 @@
+"""adapeft.Prober: correct numbers, zero host syncs, nothing changed, no copies, honest bf16, clear errors."""
+import ctypes
+import ctypes.util
+import math
+import warnings
+
+import pytest
+import torch
+
+import adapeft
+from adapeft import _backend
+
+from conftest import requires_cuda
+
+pytestmark = pytest.mark.skipif(_backend._C is None, reason="the compiled extension is not built")
+transformers = pytest.importorskip("transformers")
+
+
+def cross_entropy(model, batch):
+    inputs, labels = batch
+    return torch.nn.functional.cross_entropy(model(inputs), labels)
+
+
+def lm_loss(model, batch):
+    # Computed here rather than by transformers, whose loss casts the logits to float32.
+    logits = model(input_ids=batch).logits[:, :-1]
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
+
+
+def mlp(dtype=torch.float64, device="cpu", seed=0):
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.LayerNorm(32), torch.nn.Tanh(),
+                                torch.nn.Dropout(0.1), torch.nn.Linear(32, 4)).to(dtype).to(device)
+    batch = (torch.randn(128, 8, dtype=dtype, device=device), torch.randint(0, 4, (128,), device=device))
+    return model, batch, cross_entropy
+
+
+def tiny_gpt2(dtype=torch.float64, device="cpu", seed=0):
+    torch.manual_seed(seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=61, n_positions=32,
+                                         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0,
+                                         eos_token_id=0)
+        config._attn_implementation = "eager"  # double backward (the Hessian oracle) needs the eager attention
+        model = transformers.GPT2LMHeadModel(config).to(dtype).to(device)
+    batch = torch.randint(0, 61, (4, 16), device=device)
+    return model, batch, lm_loss
+
+
+def with_gradient(model, batch, loss_fn):
+    model.eval()
+    model.zero_grad()
+    loss_fn(model, batch).backward()
+    model.train()
+
+
+def autograd_b_and_A(model, batch, loss_fn, groups):
+    """G.g and g.H_kk.g per group with autograd (a Hessian-vector product on the group's block)."""
+    was = model.training
+    model.eval()
+    out = []
+    for name in groups.names:
+        params = groups.params(name)
+        g = [p.grad for p in params]
+        grads = torch.autograd.grad(loss_fn(model, batch), params, create_graph=True)
+        hv = torch.autograd.grad(grads, params, grad_outputs=g)
+        out.append((sum((a.double() * b.double()).sum().item() for a, b in zip(grads, g)),
+                    sum((h.double() * b.double()).sum().item() for h, b in zip(hv, g))))
+    model.train(was)
+    return out
+
+
+@pytest.mark.parametrize("make", [mlp, tiny_gpt2], ids=["mlp", "gpt2"])
+@pytest.mark.parametrize("backend", ["compiled", "torch"])
+def test_b_and_A_match_autograd_in_float64(make, backend):
+    model, batch, loss_fn = make()
+    with_gradient(model, batch, loss_fn)
+    groups = adapeft.group_parameters(model)
+    prober = adapeft.Prober(model, groups, loss_fn, backend=backend)
+    result = prober.step(batch, 1e-4)
+    for k, (b, A) in enumerate(autograd_b_and_A(model, batch, loss_fn, groups)):
+        name = groups.names[k]
+        # Symmetric points cancel the cubic term's effect on b to O(eta^2); float64 rounding of losses near 3
+        # is ~1e-16, far below b * eta: the relative error is ~1e-8 here, against a bound of 1e-4.
+        assert result.b[k].item() == pytest.approx(b, rel=1e-4), name
+        # A is determined to 1e-4 of itself unless the curvature is tiny next to the slope (a LayerNorm's
+        # gain here: A/b ~ 4e-4), where the step's quartic term, not rounding, sets a floor of 1e-4 * b.
+        assert result.A[k].item() == pytest.approx(A, rel=1e-4, abs=1e-4 * abs(b)), name
+        if result.accepted[k] and abs(A) > 1e-2 * abs(b):
+            assert result.ppi[k].item() == pytest.approx(b * b / (A * groups.numel[k]), rel=1e-3)
+            assert result.eta_star[k].item() == pytest.approx(b / A, rel=1e-3)
+
+
+def test_float32_error_is_what_rounding_predicts():
+    model, batch, loss_fn = mlp(torch.float32)
+    with_gradient(model, batch, loss_fn)
+    groups = adapeft.group_parameters(model)
+    eta = 1e-2
+    result = adapeft.Prober(model, groups, loss_fn).step(batch, eta)
+    loss0 = loss_fn(model.eval(), batch).item()
+    for k, (b, A) in enumerate(autograd_b_and_A(model, batch, loss_fn, groups)):
+        # Each float32 loss carries ~eps*L0 of rounding; five of them, divided by the sum of squared
+        # steps, bound the error of b (per unit step) and A (per unit step squared).
+        eps = torch.finfo(torch.float32).eps * loss0
+        assert abs(result.b[k].item() - b) <= 4 * eps / eta + 1e-3 * abs(b), groups.names[k]
+        assert abs(result.A[k].item() - A) <= 8 * eps / eta**2 + 1e-2 * abs(A), groups.names[k]
+
+
+def test_backends_agree():
+    model, batch, loss_fn = tiny_gpt2(torch.float32)
+    with_gradient(model, batch, loss_fn)
+    compiled = adapeft.Prober(model, None, loss_fn).step(batch, 1e-3)
+    plain = adapeft.Prober(model, None, loss_fn, backend="torch").step(batch, 1e-3)
+    assert torch.equal(compiled.losses, plain.losses)  # the same perturbed points, bit for bit
+    torch.testing.assert_close(compiled.steps, plain.steps, rtol=1e-12, atol=0)
+    for name in ("b", "A", "r2"):
+        torch.testing.assert_close(getattr(compiled, name), getattr(plain, name), rtol=1e-8, atol=1e-12)
+    assert torch.equal(compiled.accepted, plain.accepted)
+
+
+def snapshot(model, optimizer):
+    state = {
+        "params": {n: p.detach().clone() for n, p in model.named_parameters()},
+        "grads": {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None},
+        "buffers": {n: b.clone() for n, b in model.named_buffers()},
+        "modes": {n: m.training for n, m in model.named_modules()},
+        "optimizer": {id(p): {k: v.clone() if torch.is_tensor(v) else v for k, v in s.items()}
+                      for p, s in optimizer.state.items()},
+        "cpu_rng": torch.get_rng_state(),
+    }
+    return state
+
+
+def assert_same(before, after):
+    for key in ("params", "grads", "buffers"):
+        assert before[key].keys() == after[key].keys()
+        for name, value in before[key].items():
+            other = after[key][name]
+            assert torch.equal(value.view(torch.uint8) if value.dtype.is_floating_point else value,
+                               other.view(torch.uint8) if other.dtype.is_floating_point else other), f"{key} {name}"
+    assert before["modes"] == after["modes"]
+    assert torch.equal(before["cpu_rng"], after["cpu_rng"])
+    assert before["optimizer"].keys() == after["optimizer"].keys()
+    for pid, state in before["optimizer"].items():
+        for k, v in state.items():
+            assert torch.equal(v, after["optimizer"][pid][k]) if torch.is_tensor(v) else v == after["optimizer"][pid][k]
+
+
+def trained_model():
+    model, batch, loss_fn = mlp(torch.float32)
+    model.add_module("5", torch.nn.BatchNorm1d(4))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    for _ in range(2):
+        optimizer.zero_grad()
+        loss_fn(model, batch).backward()
+        optimizer.step()
+    optimizer.zero_grad()
+    loss_fn(model, batch).backward()
+    model[1].eval()  # a submodule in its own mode must keep it
+    return model, batch, loss_fn, optimizer
+
+
+@pytest.mark.parametrize("backend", ["compiled", "torch"])
+def test_nothing_changes(backend):
+    model, batch, loss_fn, optimizer = trained_model()
+    before = snapshot(model, optimizer)
+    expected_next_random = torch.rand(3)
+    torch.set_rng_state(before["cpu_rng"])
+
+    def noisy_loss(model, batch):
+        torch.rand(5)  # a loss that consumes randomness must not shift the training run's
+        return loss_fn(model, batch)
+
+    adapeft.Prober(model, None, noisy_loss, backend=backend).step(batch, 1e-3)
+    assert_same(before, snapshot(model, optimizer))
+    assert torch.equal(torch.rand(3), expected_next_random)
+
+
+@pytest.mark.parametrize("failure", ["raise", "interrupt"])
+def test_nothing_changes_when_loss_fn_fails_midway(failure):
+    model, batch, loss_fn, optimizer = trained_model()
+    before = snapshot(model, optimizer)
+    calls = []
+
+    def failing(model, batch):
+        calls.append(1)
+        if len(calls) == 7:
+            if failure == "raise":
+                raise ValueError("out of memory, say")
+            raise KeyboardInterrupt
+        return loss_fn(model, batch)
+
+    expected = (RuntimeError, "loss_fn.*failed with group") if failure == "raise" else (KeyboardInterrupt, "")
+    with pytest.raises(expected[0], match=expected[1]):
+        adapeft.Prober(model, None, failing).step(batch, 1e-3)
+    assert_same(before, snapshot(model, optimizer))
+
+
+def test_nan_loss_rejects_only_that_group():
+    model, batch, loss_fn, optimizer = trained_model()
+    before = snapshot(model, optimizer)
+    groups = adapeft.group_parameters(model)
+    calls = []
+
+    def sometimes_nan(model, batch):
+        calls.append(1)
+        loss = loss_fn(model, batch)
+        return loss * math.nan if len(calls) == 3 else loss  # a point of the first group
+
+    result = adapeft.Prober(model, groups, sometimes_nan).step(batch, 1e-2)
+    assert not result.accepted[0] and torch.isnan(result.losses[0]).any()
+    assert result.accepted[1:].any()
+    assert_same(before, snapshot(model, optimizer))
+
+
+def glibc_in_use():
+    libc = ctypes.CDLL(ctypes.util.find_library("c"))
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [(name, ctypes.c_size_t) for name in
+                    ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+                     "keepcost")]
+
+    libc.mallinfo2.restype = MallInfo2
+    info = libc.mallinfo2()
+    return info.uordblks + info.hblkhd
+
+
+@pytest.mark.parametrize("backend", ["compiled", "torch"])
+def test_no_copies_on_cpu(backend):
+    """While the model is perturbed, the probe holds its side buffers and nothing the size of a group."""
+    try:
+        glibc_in_use()
+    except (AttributeError, OSError):
+        pytest.skip("needs glibc's mallinfo2")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(512, 1024), torch.nn.Tanh(), torch.nn.Linear(1024, 4))
+    batch = (torch.randn(8, 512), torch.randint(0, 4, (8,)))
+    with_gradient(model, batch, cross_entropy)
+    in_use = []
+
+    def measured(model, batch):
+        in_use.append(glibc_in_use())
+        return cross_entropy(model, batch)
+
+    prober = adapeft.Prober(model, None, measured, backend=backend)
+    prober.step(batch, 1e-3)  # the first step allocates the ledgers and tables
+    in_use.clear()
+    prober.step(batch, 1e-3)
+    extra = max(in_use[1:]) - in_use[0]
+    largest_group = max(g * 4 for g in prober.groups.numel)
+    if backend == "compiled":
+        assert extra < 64 * 1024, f"{extra} bytes held while perturbed"
+    else:
+        assert extra >= largest_group, "the plain backend keeps a copy of the group; the test should see it"
+
+
+def test_bf16_steps_below_resolution_are_flagged():
+    model, batch, loss_fn = mlp(torch.bfloat16)
+    with_gradient(model, batch, loss_fn)
+    with pytest.warns(UserWarning, match=r"group 'others': most of its elements did not change.*larger eta.*"
+                                          r"float32 master weights"):
+        result = adapeft.Prober(model, None, loss_fn).step(batch, 1e-7)
+    others = result.names.index("others")
+    assert not result.reliable[others] and not result.accepted[others]
+    assert result.changed[others, [0, 1, 3, 4]].max() < 0.5 * adapeft.group_parameters(model).numel[others]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        larger = adapeft.Prober(model, None, loss_fn).step(batch, 0.3)  # well above the resolution
+    assert larger.reliable[others] and larger.accepted[others]
+    assert not any("'others'" in str(w.message) for w in caught)
+
+
+def test_frozen_groups_are_skipped_with_a_note():
+    model, batch, loss_fn = mlp(torch.float64)
+    model[1].requires_grad_(False)
+    with_gradient(model, batch, loss_fn)
+    with pytest.warns(UserWarning, match=r"group 'norm': 1 of its 1 tensors have no gradient"):
+        result = adapeft.Prober(model, None, loss_fn).step(batch, 1e-4)
+    norm = result.names.index("norm")
+    assert not result.probed[norm] and not result.accepted[norm] and result.probed.sum() == len(result.names) - 1
+
+
+def test_appi_and_history_accumulate():
+    model, batch, loss_fn = mlp(torch.float64)
+    with_gradient(model, batch, loss_fn)
+    prober = adapeft.Prober(model, None, loss_fn)
+    first = prober.step(batch, 1e-4)
+    second = prober.step(batch, 1e-4)
+    torch.testing.assert_close(prober.appi, first.ppi + second.ppi)
+    assert len(prober.history) == 2 and torch.equal(prober.history[1], second.ppi)
+    functional = adapeft.probe(model, batch, loss_fn, 1e-4)
+    torch.testing.assert_close(functional.b, second.b)
+
+
+def test_custom_directions():
+    model, batch, loss_fn = mlp(torch.float64)
+    with_gradient(model, batch, loss_fn)
+    groups = adapeft.group_parameters(model)
+    given = {name: [p.grad.clone() for p in groups.params(name)] for name in groups.names}
+    from_dict = adapeft.Prober(model, groups, loss_fn, direction=given).step(batch, 1e-4)
+    from_grad = adapeft.Prober(model, groups, loss_fn).step(batch, 1e-4)
+    torch.testing.assert_close(from_dict.b, from_grad.b)
+    only_head = adapeft.Prober(model, groups, loss_fn,
+                               direction=lambda name, params: given[name] if name == "head" else None)
+    with pytest.warns(UserWarning, match="no direction was given"):
+        result = only_head.step(batch, 1e-4)
+    assert result.probed.tolist() == [name == "head" for name in groups.names]
+
+
+def test_bad_input_is_named_and_changes_nothing():
+    other, _, _ = mlp(torch.float32, seed=1)
+    split = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2, device="meta"))
+    model, batch, loss_fn, optimizer = trained_model()
+    wrong_batch = (torch.randn(3, 5), batch[1])
+    before = snapshot(model, optimizer)
+    prober = adapeft.Prober(model, None, loss_fn)
+    for eta, error in ((0.0, ValueError), (-1e-3, ValueError), (math.nan, ValueError), (math.inf, ValueError),
+                       ("1e-3", TypeError), (True, TypeError)):
+        with pytest.raises(error, match="eta must be"):
+            prober.step(batch, eta)
+    with pytest.raises(RuntimeError, match=r"loss_fn\(model, batch\) failed on the unperturbed model"):
+        prober.step(wrong_batch, 1e-3)
+    with pytest.raises(TypeError, match="loss_fn must return a one-element floating tensor"):
+        adapeft.Prober(model, None, lambda m, b: 1.0).step(batch, 1e-3)
+    with pytest.raises(ValueError, match="not this model's"):
+        adapeft.Prober(model, adapeft.group_parameters(other), loss_fn)
+    with pytest.raises(TypeError, match="groups must come from adapeft.group_parameters"):
+        adapeft.Prober(model, ["head"], loss_fn)
+    with pytest.raises(TypeError, match="loss_fn must be a callable"):
+        adapeft.Prober(model, None, None)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        adapeft.Prober(model, None, loss_fn, backend="numpy")
+    with pytest.raises(ValueError, match="on several devices"):
+        adapeft.Prober(split, None, loss_fn)
+    assert_same(before, snapshot(model, optimizer))
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_step_has_no_host_sync(dtype):
+    model, batch, loss_fn = tiny_gpt2(dtype, "cuda")
+    with_gradient(model, batch, loss_fn)
+    prober = adapeft.Prober(model, None, loss_fn)
+    prober.step(batch, 1e-2)  # warm-up: tables, ledgers and kernels are set up outside the check
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        result = prober.step(batch, 1e-2)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert result.accepted.any()
+
+
+@requires_cuda
+def test_cuda_memory_is_bounded_by_side_buffers():
+    model, batch, loss_fn = tiny_gpt2(torch.float32, "cuda")
+    with_gradient(model, batch, loss_fn)
+    prober = adapeft.Prober(model, None, loss_fn)
+    prober.step(batch, 1e-3)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    with torch.no_grad():
+        loss_fn(model.eval(), batch)
+    forward_peak = torch.cuda.max_memory_allocated() - base
+    torch.cuda.reset_peak_memory_stats()
+    prober.step(batch, 1e-3)
+    probe_peak = torch.cuda.max_memory_allocated() - base
+    side = sum(t.numel() * t.element_size() for t in prober._ledgers) + 1 << 20
+    assert probe_peak <= forward_peak + side, (probe_peak, forward_peak, side)
+
+
+@requires_cuda
+def test_cuda_and_cpu_probes_agree():
+    cpu_model, batch, loss_fn = tiny_gpt2(torch.float64)
+    with_gradient(cpu_model, batch, loss_fn)
+    cuda_model, _, _ = tiny_gpt2(torch.float64, "cuda")
+    cuda_model.load_state_dict(cpu_model.state_dict())
+    for p, q in zip(cuda_model.parameters(), cpu_model.parameters()):
+        p.grad = q.grad.cuda()
+    on_cpu = adapeft.Prober(cpu_model, None, loss_fn).step(batch, 1e-4)
+    on_cuda = adapeft.Prober(cuda_model, None, loss_fn).step(batch.cuda(), 1e-4)
+    torch.testing.assert_close(on_cuda.b.cpu(), on_cpu.b, rtol=1e-6, atol=0)
+    torch.testing.assert_close(on_cuda.A.cpu(), on_cpu.A, rtol=1e-4, atol=1e-8)
