@@ -142,6 +142,8 @@ class Prober:
         self.appi = torch.zeros(k, dtype=torch.float64, device=self.device)
         self.history = [] if history else None
         self._points = torch.tensor(POINTS, dtype=torch.float32, device=self.device)
+        # A device index (a Python list used as an index would be copied to the device and wait for it).
+        self._point_columns = torch.tensor(COLUMNS, device=self.device)
         self._steps = torch.empty(len(POINTS), dtype=torch.float32, device=self.device)
         self._losses = torch.empty(k, 5, dtype=torch.float64, device=self.device)
         self._report = torch.zeros(k * 5, len(L.REPORT_FIELDS), dtype=torch.float64, device=self.device)
@@ -311,8 +313,9 @@ class Prober:
             fit = ops.quadratic_fit(self._losses, steps, counts, None, self.r2_threshold)
         else:
             fit = _numpy_fit(self._losses, steps, counts, self.r2_threshold)
-        moved_share = changed[:, list(COLUMNS)] / counts.clamp(min=1)[:, None]
-        unmoved = report[:, list(COLUMNS), FIELD["unmoved"]].sum(1)
+        at_points = report.index_select(1, self._point_columns)
+        moved_share = at_points[:, :, FIELD["changed"]] / counts.clamp(min=1)[:, None]
+        unmoved = at_points[:, :, FIELD["unmoved"]].sum(1)
         reliable = (moved_share >= RELIABLE_CHANGED_SHARE).all(1) & (unmoved == 0) & probed
         accepted = fit.accepted & reliable
         ppi = torch.where(accepted, fit.ppi, torch.zeros_like(fit.ppi))
@@ -320,7 +323,7 @@ class Prober:
         self.appi += ppi
         if self.history is not None:
             self.history.append(ppi.clone())
-        saved = report[:, list(COLUMNS), FIELD["saved"]].amax(1)
+        saved = at_points[:, :, FIELD["saved"]].amax(1)
         words = [max(L.entry_words(p.dtype) for p in plans[n][0]) if n in plans else 1 for n in self.names]
         self._remember(torch.stack([saved, unmoved, reliable.double(), probed.double()]), words)
         return ProbeResult(names=list(self.names), b=fit.b, A=fit.A, r2=fit.r2, accepted=accepted, ppi=ppi,
