@@ -360,7 +360,9 @@ def test_cuda_step_has_no_host_sync(dtype):
         result = prober.step(batch, 1e-2)
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    assert result.accepted.any()
+    assert result.probed.all() and torch.isfinite(result.losses).all()
+    if dtype == torch.float32:
+        assert result.accepted.any()
 
 
 @requires_cuda
