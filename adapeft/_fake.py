@@ -6,14 +6,14 @@ from . import _layout as L
 
 
 @torch.library.register_fake("adapeft::pack_group")
-def _pack_group(params, directions):
+def _pack_group(params, directions, states, layout):
     words = L.TABLE_HEADER_WORDS + L.TABLE_TENSOR_WORDS * len(params) + L.count_chunks(params)
     return params[0].new_empty((words,), dtype=torch.int64)
 
 
 @torch.library.register_fake("adapeft::perturb_")
-def _perturb(params, directions, table, fingerprint, steps, from_step, to_step, ledger_in, ledger_out, report,
-             report_row):
+def _perturb(params, directions, states, layout, table, fingerprint, hyper, steps, from_step, to_step, ledger_in,
+             ledger_out, report, report_row):
     return None
 
 

@@ -8,9 +8,17 @@ CHUNK_SHIFT = 12
 CHUNK_ELEMENTS = 1 << CHUNK_SHIFT
 
 TABLE_HEADER_WORDS = 4  # num_tensors, num_chunks, num_elements, layout version
-TABLE_TENSOR_WORDS = 4  # param pointer, direction pointer, numel, dtype codes
-TABLE_LAYOUT_VERSION = 1
+TABLE_TENSOR_WORDS = 8  # param pointer, direction pointer, numel, dtype codes and kind, three state pointers
+TABLE_LAYOUT_VERSION = 2
 CHUNK_TENSOR_SHIFT = 40
+
+# Direction kinds and the optimizer hyperparameters of each tensor (a row of HYPER_WORDS float64).
+DIRECTION_TENSOR, DIRECTION_ADAM, DIRECTION_SGD = 0, 1, 2
+STATES_PER_TENSOR = 3
+HYPER_WORDS = 8
+HYPER_LAMBDA, HYPER_SIGN = 0, 1
+HYPER_BETA1, HYPER_BETA2, HYPER_EPS, HYPER_BIAS_CORRECTION1, HYPER_BIAS_CORRECTION2_SQRT = 2, 3, 4, 5, 6
+HYPER_GRAD_COEFFICIENT, HYPER_BUFFER_COEFFICIENT = 2, 3
 
 LEDGER_HEADER_WORDS = 8
 LEDGER_DEMAND = 0
@@ -58,12 +66,17 @@ def _fnv1a(value, word):
     return value
 
 
-def group_fingerprint(params, directions):
-    """Same value as the extension's group_fingerprint (FNV-1a over pointer, numel, dtype, contiguity)."""
+def group_fingerprint(params, directions, states=(), layout=()):
+    """Same value as the extension's group_fingerprint (FNV-1a over the layout, and each tensor's pointer,
+    numel, dtype and contiguity)."""
     value = 0xCBF29CE484222325
     value = _fnv1a(value, len(params))
     value = _fnv1a(value, len(directions))
-    for tensors in (params, directions):
+    value = _fnv1a(value, len(states))
+    value = _fnv1a(value, len(layout))
+    for word in layout:
+        value = _fnv1a(value, word & 0xFFFFFFFFFFFFFFFF)
+    for tensors in (params, directions, states):
         for t in tensors:
             pointer = t.data_ptr() if t.numel() else 0
             value = _fnv1a(value, pointer & 0xFFFFFFFFFFFFFFFF)

@@ -13,20 +13,26 @@ A ~ d.H.d, R^2, whether the fit passed the filter, PPI = b^2/(A*n) (0 when rejec
 rejected)."""
 
 
-def pack_group(params, directions):
-    """Validate a group (tensors and directions of the same shapes) and build its table on its device."""
-    params, directions = list(params), list(directions)
+def pack_group(params, directions, states=(), layout=()):
+    """Validate a group and build its table on its device.
+
+    Each tensor's direction is `directions[i]` (same shape; float32 or the parameter's dtype), or, per
+    `layout` (STATES_PER_TENSOR + 1 integers per tensor: a direction kind, then indices into `states`, -1
+    for none), formed from the gradient in `directions[i]` and an optimizer's state tensors.
+    """
+    params, directions, states, layout = list(params), list(directions), list(states), [int(v) for v in layout]
     if not params:
         raise ValueError("adapeft.pack_group: the group has no tensors")
     with torch.no_grad():
-        return _backend.call("pack_group")(params, directions)
+        return _backend.call("pack_group")(params, directions, states, layout)
 
 
-def group_fingerprint(params, directions):
+def group_fingerprint(params, directions, states=(), layout=()):
     """The fingerprint perturb_ checks, so that a table is never used with tensors it does not describe."""
+    args = (list(params), list(directions), list(states), [int(v) for v in layout])
     if _backend._C is not None:
-        return _backend._C.group_fingerprint(list(params), list(directions))
-    return L.group_fingerprint(list(params), list(directions))
+        return _backend._C.group_fingerprint(*args)
+    return L.group_fingerprint(*args)
 
 
 def new_ledger(num_chunks, capacity, device):
@@ -42,15 +48,15 @@ def new_report(rows, device):
     return torch.full((rows, len(L.REPORT_FIELDS)), float("nan"), dtype=torch.float64, device=device)
 
 
-def perturb_(params, directions, table, fingerprint, steps, from_step, to_step, ledger_in, ledger_out, report,
-             report_row=-1):
+def perturb_(params, directions, states, layout, table, fingerprint, hyper, steps, from_step, to_step, ledger_in,
+             ledger_out, report, report_row=-1):
     """Move a group in place from step `from_step` to step `to_step` (-1: the unperturbed weights).
 
-    Prefer adapeft.GroupPerturbation, which keeps the ledgers and the current step for you.
+    Prefer adapeft.GroupPerturbation, which keeps the table, the ledgers and the current step for you.
     """
     with torch.no_grad():
-        _backend.call("perturb_")(list(params), list(directions), table, fingerprint, steps, from_step, to_step,
-                                  ledger_in, ledger_out, report, report_row)
+        _backend.call("perturb_")(list(params), list(directions), list(states), list(layout), table, fingerprint,
+                                  hyper, steps, from_step, to_step, ledger_in, ledger_out, report, report_row)
 
 
 def quadratic_fit(losses, steps, counts, appi=None, r2_threshold=0.99):

@@ -47,19 +47,24 @@ class GroupPerturbation:
 
     `steps` is a float32 device tensor of step sizes (e.g. eta * [-2, -1, 1, 2]); it may be rewritten
     while the group is at w0 (a captured CUDA graph then replays with the new values) but never while
-    it is perturbed, since the next move reads the current step to rebuild w0.
+    it is perturbed, since the next move reads the current step to rebuild w0. The same holds for
+    `hyper`, the optimizer hyperparameters when `layout` forms directions from an optimizer's state
+    (see adapeft.optimizer_direction).
 
     Use as a context manager (or try/finally) so that an exception, a NaN loss or Ctrl-C restores w0.
     """
 
-    def __init__(self, params, directions, steps, *, capacity=None, ledgers=None, validate=False):
+    def __init__(self, params, directions, steps, *, states=(), layout=(), hyper=None, capacity=None, ledgers=None,
+                 validate=False):
         self.params = list(params)
         self.directions = list(directions)
+        self.states, self.layout = list(states), [int(v) for v in layout]
         if validate:
             self.check_directions()
-        self.table = ops.pack_group(self.params, self.directions)
-        self.fingerprint = ops.group_fingerprint(self.params, self.directions)
+        self.table = ops.pack_group(self.params, self.directions, self.states, self.layout)
+        self.fingerprint = ops.group_fingerprint(self.params, self.directions, self.states, self.layout)
         self.device = self.params[0].device
+        self.hyper = hyper if hyper is not None else torch.empty(0, dtype=torch.float64, device=self.device)
         if steps.device != self.device or steps.dtype != torch.float32:
             raise ValueError(f"adapeft.GroupPerturbation: steps must be a float32 tensor on {self.device}, got "
                              f"{steps.dtype} on {steps.device}")
@@ -112,8 +117,9 @@ class GroupPerturbation:
         if report is None:
             report, report_row = self._ledgers[current].new_empty((0,), dtype=torch.float64), -1
         with _sigint_deferred():
-            ops.perturb_(self.params, self.directions, self.table, self.fingerprint, self.steps, position, step,
-                         self._ledgers[current], self._ledgers[1 - current], report, report_row)
+            ops.perturb_(self.params, self.directions, self.states, self.layout, self.table, self.fingerprint,
+                         self.hyper, self.steps, position, step, self._ledgers[current], self._ledgers[1 - current],
+                         report, report_row)
             self._state = (step, 1 - current)
 
     def restore(self):

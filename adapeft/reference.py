@@ -14,7 +14,32 @@ from . import _layout as L
 _SUPPORTED = tuple(L.DTYPE_CODES)
 
 
-def _check_group(params, directions, op="adapeft.pack_group"):
+def _check_group(params, directions, states=(), layout=(), op="adapeft.pack_group"):
+    per_tensor = L.STATES_PER_TENSOR + 1
+    if layout and len(layout) != per_tensor * len(params):
+        raise ValueError(f"{op}: layout must be empty or hold {per_tensor} integers per tensor "
+                         f"({per_tensor * len(params)}), got {len(layout)}")
+    for i, p in enumerate(params):
+        if not layout:
+            break
+        kind = layout[i * per_tensor]
+        if kind not in (L.DIRECTION_TENSOR, L.DIRECTION_ADAM, L.DIRECTION_SGD):
+            raise ValueError(f"{op}: layout gives tensor {i} the unknown direction kind {kind}")
+        named = [j for j in layout[i * per_tensor + 1:(i + 1) * per_tensor] if j >= 0]
+        if named and kind == L.DIRECTION_TENSOR:
+            raise ValueError(f"{op}: tensor {i} has a given direction and must not name optimizer states")
+        for j in named:
+            if j >= len(states):
+                raise ValueError(f"{op}: layout names states[{j}] for tensor {i} but there are {len(states)} states")
+            st = states[j]
+            if st.device != p.device or st.shape != p.shape or not st.is_contiguous():
+                raise ValueError(f"{op}: states[{j}] must be a contiguous tensor of the shape of params[{i}] on its "
+                                 "device")
+            if st.dtype not in (torch.float32, p.dtype):
+                raise ValueError(f"{op}: states[{j}] has dtype {st.dtype}; it must be float32 or the dtype of "
+                                 f"params[{i}]")
+        if len({states[j].dtype for j in named}) > 1:
+            raise ValueError(f"{op}: the states of tensor {i} must share one dtype")
     if len(params) != len(directions):
         raise ValueError(f"{op}: params has {len(params)} tensors but directions has {len(directions)}; "
                          "give one direction per parameter")
@@ -44,21 +69,35 @@ def _check_group(params, directions, op="adapeft.pack_group"):
         if begin < end:
             raise ValueError(f"{op}: params[{i}] and params[{j}] overlap in memory; a tensor (tied or shared "
                              "weights included) must appear once in a group")
-    for i, d in enumerate(directions):
-        if not d.numel():
-            continue
-        begin, end = d.data_ptr(), d.data_ptr() + d.numel() * d.element_size()
-        for p_begin, p_end, j in spans:
-            if p_begin < end and begin < p_end:
-                raise ValueError(f"{op}: directions[{i}] overlaps params[{j}] in memory; a direction must not "
-                                 "alias the parameters it moves")
+    for name, readers in (("directions", directions), ("states", states)):
+        for i, d in enumerate(readers):
+            if not d.numel():
+                continue
+            begin, end = d.data_ptr(), d.data_ptr() + d.numel() * d.element_size()
+            for p_begin, p_end, j in spans:
+                if p_begin < end and begin < p_end:
+                    raise ValueError(f"{op}: {name}[{i}] overlaps params[{j}] in memory; it must not alias the "
+                                     "parameters it moves")
 
 
-def pack_group(params, directions):
-    _check_group(params, directions)
+def _tensor_layout(layout, i):
+    """(kind, state indices) of tensor i."""
+    if not layout:
+        return L.DIRECTION_TENSOR, [-1] * L.STATES_PER_TENSOR
+    per_tensor = L.STATES_PER_TENSOR + 1
+    return layout[i * per_tensor], list(layout[i * per_tensor + 1:(i + 1) * per_tensor])
+
+
+def pack_group(params, directions, states=(), layout=()):
+    _check_group(params, directions, states, layout)
     rows, chunk_words, total = [], [], 0
     for i, (p, d) in enumerate(zip(params, directions)):
-        rows += [p.data_ptr(), d.data_ptr(), p.numel(), L.DTYPE_CODES[p.dtype] | (L.DTYPE_CODES[d.dtype] << 8)]
+        kind, named = _tensor_layout(layout, i)
+        state_dtype = next((states[j].dtype for j in named if j >= 0), torch.float32)
+        codes = (L.DTYPE_CODES[p.dtype] | (L.DTYPE_CODES[d.dtype] << 8) | (kind << 16)
+                 | (L.DTYPE_CODES[state_dtype] << 24))
+        rows += [p.data_ptr(), d.data_ptr(), p.numel(), codes] + [states[j].data_ptr() if j >= 0 else 0 for j in named]
+        rows += [0] * (L.TABLE_TENSOR_WORDS - 4 - L.STATES_PER_TENSOR)
         chunk_words += [(i << L.CHUNK_TENSOR_SHIFT) | c for c in range(L.chunks_of(p.numel()))]
         total += p.numel()
     header = [len(params), len(chunk_words), total, L.TABLE_LAYOUT_VERSION]
@@ -86,26 +125,71 @@ def _from_unsigned_bits(values, dtype):
     return signed.to(L.BITS_DTYPES[dtype]).view(dtype)
 
 
-def _step_away(w0, s):
-    return (w0.to(s.dtype) - s).to(w0.dtype)
+def _step_away(w0, s, c=None):
+    """round(w0 * c - s) in the arithmetic type of s; c None (or exactly 1) leaves out the product."""
+    w = w0.to(s.dtype)
+    return ((w if c is None else w * c) - s).to(w0.dtype)
 
 
-def _step_back(w, s):
-    return (w.to(s.dtype) + s).to(w.dtype)
+def _step_back(w, s, c=None):
+    back = w.to(s.dtype) + s
+    return (back if c is None else back / c).to(w.dtype)
 
 
-def _check_step(params, directions, table, fingerprint, steps, from_step, to_step, ledger_in, ledger_out, report,
-                report_row):
+class _Direction:
+    """One tensor's direction d = a + lambda * w0 as the kernels form it (see csrc/step_math.h)."""
+
+    def __init__(self, d, tensor_states, kind, hyper_row, dtype):
+        arith = L.arithmetic_dtype(dtype)
+        scalar = lambda value: torch.tensor(value, dtype=arith, device=d.device)  # noqa: E731
+        g = d.reshape(-1).to(arith)
+        self.lam = None
+        if kind == L.DIRECTION_TENSOR:
+            self.a = g
+            return
+        h = [scalar(float(v)) for v in hyper_row]
+        state = [t.reshape(-1).to(arith) if t is not None else torch.zeros_like(g) for t in tensor_states]
+        g = h[L.HYPER_SIGN] * g
+        if kind == L.DIRECTION_SGD:
+            self.a = h[L.HYPER_GRAD_COEFFICIENT] * g + h[L.HYPER_BUFFER_COEFFICIENT] * state[0]
+        else:
+            one = scalar(1.0)
+            m = h[L.HYPER_BETA1] * state[0] + (one - h[L.HYPER_BETA1]) * g
+            v = h[L.HYPER_BETA2] * state[1] + (one - h[L.HYPER_BETA2]) * (g * g)
+            if tensor_states[2] is not None:
+                v = torch.where(state[2] > v, state[2], v)
+            denom = torch.sqrt(v) / h[L.HYPER_BIAS_CORRECTION2_SQRT] + h[L.HYPER_EPS]
+            self.a = (m / h[L.HYPER_BIAS_CORRECTION1]) / denom
+        if float(h[L.HYPER_LAMBDA]) != 0.0:  # as the kernels decide it: in the arithmetic type
+            self.lam = h[L.HYPER_LAMBDA]
+
+    def scale(self, eta):
+        """c = 1 - eta * lambda, or None when it is exactly 1."""
+        if self.lam is None:
+            return None
+        c = 1 - eta.to(self.lam.dtype) * self.lam
+        return None if float(c) == 1.0 else c
+
+    def full(self, w0):
+        return self.a if self.lam is None else self.a + self.lam * w0.to(self.a.dtype)
+
+
+def _check_step(params, directions, states, layout, table, fingerprint, hyper, steps, from_step, to_step, ledger_in,
+                ledger_out, report, report_row):
     op = "adapeft.perturb_"
     if len(params) != len(directions):
         raise ValueError(f"{op}: params has {len(params)} tensors but directions has {len(directions)}")
     num_chunks = L.count_chunks(params)
-    if fingerprint == L.group_fingerprint(params, directions):
+    optimizer_kinds = any(_tensor_layout(layout, i)[0] != L.DIRECTION_TENSOR for i in range(len(params)))
+    if optimizer_kinds and (hyper.dtype != torch.float64 or hyper.numel() != len(params) * L.HYPER_WORDS):
+        raise ValueError(f"{op}: hyper must be float64 with {L.HYPER_WORDS} values per tensor when directions come "
+                         "from an optimizer")
+    if fingerprint == L.group_fingerprint(params, directions, states, layout):
         if table.numel() != L.TABLE_HEADER_WORDS + L.TABLE_TENSOR_WORDS * len(params) + num_chunks:
             raise ValueError(f"{op}: table does not describe this group; build it with adapeft.pack_group")
     else:
         # This twin reads the tensors themselves, never the table's addresses; it only validates them.
-        _check_group(params, directions, op)
+        _check_group(params, directions, states, layout, op)
     if steps.dtype != torch.float32:
         raise ValueError(f"{op}: steps must be float32, got {steps.dtype}")
     for name, index, meaning in (("from_step", from_step, "the unperturbed weights"), ("to_step", to_step, "restore")):
@@ -125,6 +209,7 @@ def _check_step(params, directions, table, fingerprint, steps, from_step, to_ste
 
 
 def _rebuild_w0(current, direction, eta, ledger_in, directory, entries_base):
+    """`direction` is the tensor's _Direction."""
     """w0 of one tensor from its perturbed values: the unmoved chunks as they are, the ledger's
     entries from their saved bits, every other element stepped back."""
     width = L.entry_words(current.dtype)
@@ -132,7 +217,8 @@ def _rebuild_w0(current, direction, eta, ledger_in, directory, entries_base):
     offsets = directory >> L.DIRECTORY_OFFSET_SHIFT
     unmoved = counts == L.CHUNK_UNMOVED
     element_chunk = torch.arange(current.numel(), device=current.device) >> L.CHUNK_SHIFT
-    w0 = torch.where(unmoved[element_chunk], current, _step_back(current, eta * direction))
+    eta = eta.to(direction.a.dtype)
+    w0 = torch.where(unmoved[element_chunk], current, _step_back(current, eta * direction.a, direction.scale(eta)))
     saved = (~unmoved) & (counts > 0)
     chunks = saved.nonzero().flatten()
     if chunks.numel():
@@ -149,10 +235,11 @@ def _rebuild_w0(current, direction, eta, ledger_in, directory, entries_base):
     return w0
 
 
-def perturb_(params, directions, table, fingerprint, steps, from_step, to_step, ledger_in, ledger_out, report,
-             report_row=-1):
-    num_chunks = _check_step(params, directions, table, fingerprint, steps, from_step, to_step, ledger_in,
-                             ledger_out, report, report_row)
+def perturb_(params, directions, states, layout, table, fingerprint, hyper, steps, from_step, to_step, ledger_in,
+             ledger_out, report, report_row=-1):
+    num_chunks = _check_step(params, directions, states, layout, table, fingerprint, hyper, steps, from_step, to_step,
+                             ledger_in, ledger_out, report, report_row)
+    hyper_rows = hyper.reshape(-1, L.HYPER_WORDS).tolist() if hyper.numel() else []
     has_from, has_to = from_step >= 0, to_step >= 0
     header, entries_base = L.LEDGER_HEADER_WORDS, L.LEDGER_HEADER_WORDS + num_chunks
     capacity = ledger_out.numel() - entries_base
@@ -162,13 +249,15 @@ def perturb_(params, directions, table, fingerprint, steps, from_step, to_step, 
     changed = unmoved = nonfinite = 0
     chunk_base = 0
     with torch.no_grad():
-        for p, d in zip(params, directions):
+        for i, (p, d) in enumerate(zip(params, directions)):
             n = p.numel()
             tensor_chunks = L.chunks_of(n)
             if n == 0:
                 continue
             current = p.view(-1)
-            direction = d.reshape(-1).to(L.arithmetic_dtype(p.dtype))
+            kind, named = _tensor_layout(layout, i)
+            direction = _Direction(d, [states[j] if j >= 0 else None for j in named], kind,
+                                   hyper_rows[i] if kind != L.DIRECTION_TENSOR else None, p.dtype)
             width = L.entry_words(p.dtype)
             directory_slice = slice(header + chunk_base, header + chunk_base + tensor_chunks)
             if has_from:
@@ -178,9 +267,10 @@ def perturb_(params, directions, table, fingerprint, steps, from_step, to_step, 
                 w0 = current.clone()
             element_chunk = torch.arange(n, device=p.device) >> L.CHUNK_SHIFT
             if has_to:
-                s = steps[to_step] * direction
-                moved_to = _step_away(w0, s)
-                flagged = _bits(_step_back(moved_to, s)) != _bits(w0)
+                eta = steps[to_step].to(direction.a.dtype)
+                s, c = eta * direction.a, direction.scale(eta)
+                moved_to = _step_away(w0, s, c)
+                flagged = _bits(_step_back(moved_to, s, c)) != _bits(w0)
                 counts = torch.zeros(tensor_chunks, dtype=torch.int64, device=p.device).index_add_(
                     0, element_chunk, flagged.to(torch.int64))
                 words = counts * width
@@ -207,13 +297,14 @@ def perturb_(params, directions, table, fingerprint, steps, from_step, to_step, 
                     ledger_out[slot + 1] = _unsigned_bits(w0)[keep]
                 unmoved += int((~moved).sum())
                 changed += int(((_bits(out) != _bits(w0)) & moved).sum())
-                step_along = direction.double() * (out.double() - w0.double())
+                step_along = direction.full(w0).double() * (out.double() - w0.double())
                 dot_dir_step += float(torch.where(moved, step_along, torch.zeros_like(step_along)).sum())
             else:
                 out = w0
             current.copy_(out)
-            dot_dir_dir += float((direction.double() ** 2).sum())
-            nonfinite += int((~torch.isfinite(direction)).sum())
+            full = direction.full(w0)
+            dot_dir_dir += float((full.double() ** 2).sum())
+            nonfinite += int((~torch.isfinite(full)).sum())
             chunk_base += tensor_chunks
         if report_row >= 0:
             # IEEE division (an empty group gives nan, as the kernels do), not Python's.

@@ -18,16 +18,19 @@
 
 TORCH_LIBRARY(adapeft, m) {
   // Validates a parameter group and returns its table (pointers, sizes, dtypes, chunk map) on the
-  // group's device. Built once per group; every later step reads it on the device.
-  m.def("pack_group(Tensor[] params, Tensor[] directions) -> Tensor");
+  // group's device. Built once per group; every later step reads it on the device. Each tensor's
+  // direction is given in `directions`, or (per `layout`: a kind and three indices into `states` per
+  // tensor) formed from a gradient there and an optimizer's state tensors.
+  m.def("pack_group(Tensor[] params, Tensor[] directions, Tensor[] states, int[] layout) -> Tensor");
   // Moves the group in place from step `from_step` (-1: the unperturbed weights w0) to step
   // `to_step` (-1: restore w0), i.e. to w0 - steps[to_step] * d, rebuilding w0 bit for bit from the
   // current values and `ledger_in`; records in `ledger_out` what the next move needs, and writes
-  // the realized step and element counts to row `report_row` of `report` (-1: no row).
+  // the realized step and element counts to row `report_row` of `report` (-1: no row). `hyper`
+  // holds the optimizer's hyperparameters per tensor when `layout` names optimizer directions.
   m.def(
-      "perturb_(Tensor(a!)[] params, Tensor[] directions, Tensor table, int fingerprint, Tensor steps, "
-      "int from_step, int to_step, Tensor ledger_in, Tensor(b!) ledger_out, Tensor(c!) report, "
-      "int report_row) -> ()");
+      "perturb_(Tensor(a!)[] params, Tensor[] directions, Tensor[] states, int[] layout, Tensor table, "
+      "int fingerprint, Tensor hyper, Tensor steps, int from_step, int to_step, Tensor ledger_in, "
+      "Tensor(b!) ledger_out, Tensor(c!) report, int report_row) -> ()");
   // One least-squares fit of dL(x) = -x*b + x^2/2*A per row of `losses` (K x M, M odd, the middle
   // column the unperturbed loss) at the realized steps `steps` (K x M), with R^2, the acceptance
   // filter, PPI = b^2/(A*n), eta* = b/A, and PPI accumulated into `appi` for accepted rows.
@@ -38,8 +41,9 @@ TORCH_LIBRARY(adapeft, m) {
 
 namespace {
 
-int64_t fingerprint(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& directions) {
-  return adapeft::group_fingerprint(params, directions);
+int64_t fingerprint(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& directions,
+                    const std::vector<at::Tensor>& states, const std::vector<int64_t>& layout) {
+  return adapeft::group_fingerprint(params, directions, states, layout);
 }
 
 // How many distinct threads at::parallel_for used for n items: with the extension built without
@@ -76,6 +80,8 @@ pybind11::dict layout() {
   out["chunk_elements"] = kChunkElements;
   out["table_header_words"] = static_cast<int64_t>(kTableHeaderWords);
   out["table_tensor_words"] = static_cast<int64_t>(kTableTensorWords);
+  out["states_per_tensor"] = static_cast<int64_t>(kStatesPerTensor);
+  out["hyper_words"] = static_cast<int64_t>(kHyperWords);
   out["table_layout_version"] = kTableLayoutVersion;
   out["chunk_tensor_shift"] = kChunkTensorShift;
   out["ledger_header_words"] = static_cast<int64_t>(kLedgerHeaderWords);
@@ -90,7 +96,8 @@ pybind11::dict layout() {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.doc() = "adapeft compiled kernels; the ops are under torch.ops.adapeft";
-  module.def("group_fingerprint", &fingerprint, "Fingerprint of a group's tensors (pointers, sizes, dtypes)");
+  module.def("group_fingerprint", &fingerprint, "Fingerprint of a group (its layout and its tensors' pointers, sizes, "
+             "dtypes)");
   module.def("parallel_threads_used", &parallel_threads_used);
   module.def("build_info", &build_info);
   module.def("layout", &layout);

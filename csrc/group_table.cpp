@@ -29,9 +29,9 @@ struct Span {
   size_t index;
 };
 
-// Perturbing a tensor twice (tied weights listed twice, overlapping views) or reading a direction
-// that the perturbation itself overwrites would silently corrupt the group.
-void check_no_overlap(at::TensorList params, at::TensorList directions) {
+// Perturbing a tensor twice (tied weights listed twice, overlapping views) or reading a direction or
+// state that the perturbation itself overwrites would silently corrupt the group.
+void check_no_overlap(at::TensorList params, const std::vector<std::pair<const char*, at::TensorList>>& readers) {
   std::vector<Span> spans;
   for (size_t i = 0; i < params.size(); ++i) {
     if (params[i].numel() == 0) continue;
@@ -44,20 +44,22 @@ void check_no_overlap(at::TensorList params, at::TensorList directions) {
                 "adapeft.pack_group: params[", spans[k - 1].index, "] and params[", spans[k].index,
                 "] overlap in memory; a tensor (tied or shared weights included) must appear once in a group");
   }
-  for (size_t i = 0; i < directions.size(); ++i) {
-    if (directions[i].numel() == 0) continue;
-    auto begin = reinterpret_cast<uintptr_t>(directions[i].data_ptr());
-    auto end = begin + directions[i].nbytes();
-    auto after = std::upper_bound(spans.begin(), spans.end(), begin,
-                                  [](uintptr_t value, const Span& s) { return value < s.begin; });
-    // The span starting at or before `begin`, and any span starting inside [begin, end).
-    if (after != spans.begin()) {
-      const Span& before = *(after - 1);
-      TORCH_CHECK(before.end <= begin, "adapeft.pack_group: directions[", i, "] overlaps params[",
-                  before.index, "] in memory; a direction must not alias the parameters it moves");
+  for (const auto& [list_name, list] : readers) {
+    for (size_t i = 0; i < list.size(); ++i) {
+      if (list[i].numel() == 0) continue;
+      auto begin = reinterpret_cast<uintptr_t>(list[i].data_ptr());
+      auto end = begin + list[i].nbytes();
+      auto after = std::upper_bound(spans.begin(), spans.end(), begin,
+                                    [](uintptr_t value, const Span& s) { return value < s.begin; });
+      // The span starting at or before `begin`, and any span starting inside [begin, end).
+      if (after != spans.begin()) {
+        const Span& before = *(after - 1);
+        TORCH_CHECK(before.end <= begin, "adapeft.pack_group: ", list_name, "[", i, "] overlaps params[",
+                    before.index, "] in memory; it must not alias the parameters it moves");
+      }
+      TORCH_CHECK(after == spans.end() || after->begin >= end, "adapeft.pack_group: ", list_name, "[", i,
+                  "] overlaps params[", after->index, "] in memory; it must not alias the parameters it moves");
     }
-    TORCH_CHECK(after == spans.end() || after->begin >= end, "adapeft.pack_group: directions[", i,
-                "] overlaps params[", after->index, "] in memory; a direction must not alias the parameters it moves");
   }
 }
 
@@ -82,10 +84,15 @@ int64_t count_chunks(at::TensorList params) {
   return chunks;
 }
 
-at::Tensor build_group_table(at::TensorList params, at::TensorList directions) {
+at::Tensor build_group_table(at::TensorList params, at::TensorList directions, at::TensorList states,
+                             at::IntArrayRef layout) {
   TORCH_CHECK(params.size() == directions.size(), "adapeft.pack_group: params has ", params.size(),
               " tensors but directions has ", directions.size(), "; give one direction per parameter");
   const int64_t num_tensors = static_cast<int64_t>(params.size());
+  constexpr int64_t per_tensor = kStatesPerTensor + 1;
+  TORCH_CHECK(layout.empty() || static_cast<int64_t>(layout.size()) == num_tensors * per_tensor,
+              "adapeft.pack_group: layout must be empty or hold ", per_tensor, " integers per tensor (",
+              num_tensors * per_tensor, "), got ", layout.size());
   TORCH_CHECK(num_tensors < (int64_t{1} << (64 - kChunkTensorShift - 1)),
               "adapeft.pack_group: too many tensors in one group (", num_tensors, ")");
   for (int64_t i = 0; i < num_tensors; ++i) {
@@ -106,11 +113,34 @@ at::Tensor build_group_table(at::TensorList params, at::TensorList directions) {
                 "] is not contiguous (a strided view); perturb the contiguous tensor it views instead");
     TORCH_CHECK(d.is_contiguous(), "adapeft.pack_group: directions[", i,
                 "] is not contiguous; pass direction.contiguous()");
+    if (layout.empty()) continue;
+    const int64_t kind = layout[i * per_tensor];
+    TORCH_CHECK(kind == kDirectionTensor || kind == kDirectionAdam || kind == kDirectionSgd,
+                "adapeft.pack_group: layout gives tensor ", i, " the unknown direction kind ", kind);
+    int64_t state_dtype = -1;
+    for (int j = 0; j < kStatesPerTensor; ++j) {
+      const int64_t index = layout[i * per_tensor + 1 + j];
+      if (index < 0) continue;
+      TORCH_CHECK(kind != kDirectionTensor, "adapeft.pack_group: tensor ", i,
+                  " has a given direction and must not name optimizer states");
+      TORCH_CHECK(index < static_cast<int64_t>(states.size()), "adapeft.pack_group: layout names states[", index,
+                  "] for tensor ", i, " but there are ", states.size(), " states");
+      const auto& st = states[index];
+      TORCH_CHECK(st.device() == p.device() && st.sizes() == p.sizes() && st.is_contiguous(),
+                  "adapeft.pack_group: states[", index, "] must be a contiguous tensor of the shape of params[", i,
+                  "] on its device");
+      TORCH_CHECK(st.scalar_type() == at::kFloat || st.scalar_type() == p.scalar_type(),
+                  "adapeft.pack_group: states[", index, "] has dtype ", st.scalar_type(),
+                  "; it must be float32 or the dtype of params[", i, "]");
+      TORCH_CHECK(state_dtype < 0 || state_dtype == dtype_code(st.scalar_type()), "adapeft.pack_group: the states",
+                  " of tensor ", i, " must share one dtype");
+      state_dtype = dtype_code(st.scalar_type());
+    }
   }
-  check_no_overlap(params, directions);
+  check_no_overlap(params, {{"directions", directions}, {"states", states}});
 
   const int64_t num_chunks = count_chunks(params);
-  auto table = at::empty({kTableHeaderWords + num_tensors * kTableTensorWords + num_chunks},
+  auto table = at::zeros({kTableHeaderWords + num_tensors * kTableTensorWords + num_chunks},
                          at::TensorOptions().dtype(at::kLong));
   int64_t* words = table.data_ptr<int64_t>();
   int64_t* rows = words + kTableHeaderWords;
@@ -124,7 +154,16 @@ at::Tensor build_group_table(at::TensorList params, at::TensorList directions) {
     row[kTensorParamPtr] = static_cast<int64_t>(reinterpret_cast<uintptr_t>(p.data_ptr()));
     row[kTensorDirectionPtr] = static_cast<int64_t>(reinterpret_cast<uintptr_t>(d.data_ptr()));
     row[kTensorNumel] = p.numel();
-    row[kTensorDtypes] = dtype_code(p.scalar_type()) | (dtype_code(d.scalar_type()) << 8);
+    const int64_t kind = layout.empty() ? kDirectionTensor : layout[i * per_tensor];
+    int64_t state_dtype = kFloat32;
+    for (int j = 0; j < kStatesPerTensor; ++j) {
+      const int64_t index = layout.empty() ? -1 : layout[i * per_tensor + 1 + j];
+      row[kTensorStatePtr + j] =
+          index < 0 ? 0 : static_cast<int64_t>(reinterpret_cast<uintptr_t>(states[index].data_ptr()));
+      if (index >= 0) state_dtype = dtype_code(states[index].scalar_type());
+    }
+    row[kTensorDtypes] = dtype_code(p.scalar_type()) | (dtype_code(d.scalar_type()) << 8) | (kind << 16) |
+                         (state_dtype << 24);
     const int64_t tensor_chunks = (p.numel() + kChunkElements - 1) >> kChunkShift;
     for (int64_t c = 0; c < tensor_chunks; ++c) chunk_words[chunk++] = (i << kChunkTensorShift) | c;
     total += p.numel();
@@ -136,11 +175,15 @@ at::Tensor build_group_table(at::TensorList params, at::TensorList directions) {
   return table;
 }
 
-int64_t group_fingerprint(at::TensorList params, at::TensorList directions) {
+int64_t group_fingerprint(at::TensorList params, at::TensorList directions, at::TensorList states,
+                          at::IntArrayRef layout) {
   uint64_t hash = 0xcbf29ce484222325ull;
   hash = fnv1a(hash, static_cast<int64_t>(params.size()));
   hash = fnv1a(hash, static_cast<int64_t>(directions.size()));
-  for (at::TensorList list : {params, directions}) {
+  hash = fnv1a(hash, static_cast<int64_t>(states.size()));
+  hash = fnv1a(hash, static_cast<int64_t>(layout.size()));
+  for (int64_t value : layout) hash = fnv1a(hash, value);
+  for (at::TensorList list : {params, directions, states}) {
     for (const auto& t : list) {
       hash = fnv1a(hash, static_cast<int64_t>(reinterpret_cast<uintptr_t>(t.numel() ? t.data_ptr() : nullptr)));
       hash = fnv1a(hash, t.numel());
@@ -154,8 +197,11 @@ int64_t group_fingerprint(at::TensorList params, at::TensorList directions) {
 StepCall check_step_args(
     at::TensorList params,
     at::TensorList directions,
+    at::TensorList states,
+    at::IntArrayRef layout,
     const at::Tensor& table,
     int64_t fingerprint,
+    const at::Tensor& hyper,
     const at::Tensor& steps,
     int64_t from_step,
     int64_t to_step,
@@ -167,7 +213,7 @@ StepCall check_step_args(
               " tensors but directions has ", directions.size());
   const auto device = table.device();
   for (const auto& [name, t] : std::initializer_list<std::pair<const char*, const at::Tensor*>>{
-           {"table", &table}, {"steps", &steps}, {"ledger_in", &ledger_in},
+           {"table", &table}, {"hyper", &hyper}, {"steps", &steps}, {"ledger_in", &ledger_in},
            {"ledger_out", &ledger_out}, {"report", &report}}) {
     TORCH_CHECK(t->device() == device, "adapeft.perturb_: ", name, " is on ", t->device(), " but table is on ", device);
     TORCH_CHECK(t->is_contiguous(), "adapeft.perturb_: ", name, " must be contiguous");
@@ -196,9 +242,16 @@ StepCall check_step_args(
               " values per row");
   TORCH_CHECK(report_row >= -1 && report_row < report.numel() / kReportFields, "adapeft.perturb_: report_row=",
               report_row, " is outside [-1, ", report.numel() / kReportFields, ")");
+  bool optimizer_kinds = false;
+  for (size_t i = 0; i < layout.size(); i += kStatesPerTensor + 1) optimizer_kinds |= layout[i] != kDirectionTensor;
+  TORCH_CHECK(!optimizer_kinds || (hyper.scalar_type() == at::kDouble &&
+                                   hyper.numel() == num_tensors * static_cast<int64_t>(kHyperWords)),
+              "adapeft.perturb_: hyper must be float64 with ", static_cast<int64_t>(kHyperWords),
+              " values per tensor when directions come from an optimizer");
   StepCall call;
   call.table = table;
-  if (fingerprint == group_fingerprint(params, directions)) {
+  call.hyper = optimizer_kinds ? hyper.data_ptr<double>() : nullptr;
+  if (fingerprint == group_fingerprint(params, directions, states, layout)) {
     TORCH_CHECK(table.scalar_type() == at::kLong &&
                     table.numel() == kTableHeaderWords + num_tensors * kTableTensorWords + num_chunks,
                 "adapeft.perturb_: table does not describe this group; build it with adapeft.pack_group");
@@ -208,7 +261,7 @@ StepCall check_step_args(
     TORCH_WARN_ONCE("adapeft.perturb_: the group's tensors are not those its table was built for (a parameter ",
                     "or direction was reallocated or replaced); using a table rebuilt for this call, which costs ",
                     "host work and a copy per call. Build a new table with adapeft.pack_group.");
-    call.table = table_on(build_group_table(params, directions), device);
+    call.table = table_on(build_group_table(params, directions, states, layout), device);
   }
   call.num_tensors = num_tensors;
   call.num_chunks = num_chunks;

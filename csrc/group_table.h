@@ -9,14 +9,19 @@
 
 namespace adapeft {
 
-// Validates a group (params and directions) and returns its table as a CPU int64 tensor.
-at::Tensor build_group_table(at::TensorList params, at::TensorList directions);
+// Validates a group and returns its table as a CPU int64 tensor. `layout` has kStatesPerTensor + 1
+// integers per tensor (empty: every direction given): the direction kind, then the indices into
+// `states` of its optimizer state tensors (-1 when absent).
+at::Tensor build_group_table(at::TensorList params, at::TensorList directions, at::TensorList states,
+                             at::IntArrayRef layout);
 
 // A host-built table on `device`, copied without waiting for the device.
 at::Tensor table_on(const at::Tensor& host_table, const c10::Device& device);
 
-// FNV-1a over (pointer, numel, dtype, contiguity) of every tensor; adapeft/_layout.py mirrors it.
-int64_t group_fingerprint(at::TensorList params, at::TensorList directions);
+// FNV-1a over the layout and (pointer, numel, dtype, contiguity) of every tensor; adapeft/_layout.py
+// mirrors it.
+int64_t group_fingerprint(at::TensorList params, at::TensorList directions, at::TensorList states,
+                          at::IntArrayRef layout);
 
 // Number of chunks of a group, from the sizes alone.
 int64_t count_chunks(at::TensorList params);
@@ -28,13 +33,17 @@ struct StepCall {
   int64_t num_chunks;
   int64_t capacity;     // ledger_out entries
   double* report_row;   // nullptr when no report row is asked for
+  const double* hyper;  // kHyperWords per tensor, or nullptr when every direction is given
 };
 
 StepCall check_step_args(
     at::TensorList params,
     at::TensorList directions,
+    at::TensorList states,
+    at::IntArrayRef layout,
     const at::Tensor& table,
     int64_t fingerprint,
+    const at::Tensor& hyper,
     const at::Tensor& steps,
     int64_t from_step,
     int64_t to_step,

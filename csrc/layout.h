@@ -21,12 +21,36 @@ enum TableHeader : int64_t {
 };
 enum TableTensorField : int64_t {
   kTensorParamPtr = 0,
-  kTensorDirectionPtr = 1,
+  kTensorDirectionPtr = 1,  // the direction, or the gradient for an optimizer's direction
   kTensorNumel = 2,
-  kTensorDtypes = 3,  // param dtype code | direction dtype code << 8
-  kTableTensorWords = 4,
+  kTensorDtypes = 3,  // param dtype | direction dtype << 8 | direction kind << 16
+  kTensorStatePtr = 4,  // up to three optimizer state tensors (0 when absent), see DirectionKind
+  kTableTensorWords = 8,
 };
-constexpr int64_t kTableLayoutVersion = 1;
+constexpr int kStatesPerTensor = 3;
+constexpr int64_t kTableLayoutVersion = 2;
+
+// How a tensor's direction d is formed. With an optimizer's direction, d = a + lambda * w0 where a is
+// computed per element from the gradient g and the optimizer's state, and lambda * w0 is its weight
+// decay; the step to w0 - eta * d is then written as round(w0 * (1 - eta*lambda) - eta * a).
+enum DirectionKind : int64_t {
+  kDirectionTensor = 0,  // d given
+  kDirectionAdam = 1,    // states: exp_avg, exp_avg_sq, max_exp_avg_sq (amsgrad); a = Adam's next update / lr
+  kDirectionSgd = 2,     // states: momentum_buffer; a = c_g * g + c_buf * buffer
+};
+// Per tensor, a row of kHyperWords float64 values (the `hyper` tensor) for the optimizer kinds.
+enum HyperField : int64_t {
+  kHyperLambda = 0,  // coefficient of w0 in d (decoupled or L2 weight decay)
+  kHyperSign = 1,    // +1, or -1 for a maximizing optimizer
+  kHyperBeta1 = 2,   // Adam: beta1, beta2, eps, 1 - beta1^t, sqrt(1 - beta2^t) (t: the coming step)
+  kHyperBeta2 = 3,
+  kHyperEps = 4,
+  kHyperBiasCorrection1 = 5,
+  kHyperBiasCorrection2Sqrt = 6,
+  kHyperGradCoefficient = 2,    // SGD: a = c_g * g + c_buf * buffer
+  kHyperBufferCoefficient = 3,
+  kHyperWords = 8,
+};
 // Chunk word: tensor index << kChunkTensorShift | index of the chunk within its tensor.
 constexpr int kChunkTensorShift = 40;
 constexpr int64_t kChunkIndexMask = (int64_t{1} << kChunkTensorShift) - 1;

@@ -8,6 +8,7 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 
@@ -36,6 +37,38 @@ C10_HOST_DEVICE inline float sub_rn(float a, float b) {
   return __fsub_rn(a, b);
 #else
   return a - b;
+#endif
+}
+
+C10_HOST_DEVICE inline float div_rn(float a, float b) {
+#ifdef __CUDA_ARCH__
+  return __fdiv_rn(a, b);
+#else
+  return a / b;
+#endif
+}
+
+C10_HOST_DEVICE inline float sqrt_rn(float a) {
+#ifdef __CUDA_ARCH__
+  return __fsqrt_rn(a);
+#else
+  return std::sqrt(a);
+#endif
+}
+
+C10_HOST_DEVICE inline double div_rn(double a, double b) {
+#ifdef __CUDA_ARCH__
+  return __ddiv_rn(a, b);
+#else
+  return a / b;
+#endif
+}
+
+C10_HOST_DEVICE inline double sqrt_rn(double a) {
+#ifdef __CUDA_ARCH__
+  return __dsqrt_rn(a);
+#else
+  return std::sqrt(a);
 #endif
 }
 
@@ -152,18 +185,89 @@ struct Storage<double> {
   }
 };
 
-// w0 moved by a step s (= eta * d, rounded once in the arithmetic type): round_T(w0 - s).
+// w0 moved by a step: round_T(w0 * c - s) with s = eta * a and c = 1 - eta * lambda (each rounded
+// once in the arithmetic type); c is exactly 1 when the direction has no weight-decay term.
 template <typename T>
-C10_HOST_DEVICE inline T step_away(T w0, typename Storage<T>::Arith s) {
-  return Storage<T>::from_float(sub_rn(Storage<T>::to_float(w0), s));
+C10_HOST_DEVICE inline T step_away(T w0, typename Storage<T>::Arith s, typename Storage<T>::Arith c) {
+  const auto w = Storage<T>::to_float(w0);
+  return Storage<T>::from_float(sub_rn(c == 1 ? w : mul_rn(w, c), s));
 }
 
-// The inverse attempt: round_T(w + s). Equal to w0 for most elements, but not where w0 - s landed
-// on a coarser grid (it crossed a power of two), on ties, or where |w0| is small next to |s|.
+// The inverse attempt: round_T((w + s) / c). Equal to w0 for most elements, but not where the step
+// landed on a coarser grid (it crossed a power of two), on ties, or where |w0| is small next to |s|.
 template <typename T>
-C10_HOST_DEVICE inline T step_back(T w, typename Storage<T>::Arith s) {
-  return Storage<T>::from_float(add_rn(Storage<T>::to_float(w), s));
+C10_HOST_DEVICE inline T step_back(T w, typename Storage<T>::Arith s, typename Storage<T>::Arith c) {
+  const auto back = add_rn(Storage<T>::to_float(w), s);
+  return Storage<T>::from_float(c == 1 ? back : div_rn(back, c));
 }
+
+// One element of a dtype known only at run time, in the arithmetic type A (optimizer states).
+template <typename A>
+C10_HOST_DEVICE inline A load_as(const void* base, int64_t i, int64_t code) {
+  switch (code) {
+    case kFloat32:
+      return static_cast<A>(static_cast<const float*>(base)[i]);
+    case kBFloat16:
+      return static_cast<A>(static_cast<float>(static_cast<const c10::BFloat16*>(base)[i]));
+    case kFloat16:
+      return static_cast<A>(static_cast<float>(static_cast<const c10::Half*>(base)[i]));
+    default:
+      return static_cast<A>(static_cast<const double*>(base)[i]);
+  }
+}
+
+// How one tensor's direction is formed (see DirectionKind), with its hyperparameters in the
+// arithmetic type.
+template <typename A>
+struct DirectionRule {
+  int64_t kind = kDirectionTensor;
+  A lambda = 0, sign = 1, h2 = 0, h3 = 0, h4 = 0, h5 = 1, h6 = 1;
+  const void* state[kStatesPerTensor] = {nullptr, nullptr, nullptr};
+  int64_t state_code = kFloat32;
+
+  C10_HOST_DEVICE static DirectionRule load(const int64_t* row, const double* hyper_row) {
+    DirectionRule r;
+    r.kind = (row[kTensorDtypes] >> 16) & 0xff;
+    r.state_code = (row[kTensorDtypes] >> 24) & 0xff;
+    for (int j = 0; j < kStatesPerTensor; ++j) r.state[j] = reinterpret_cast<const void*>(row[kTensorStatePtr + j]);
+    if (r.kind != kDirectionTensor) {
+      r.lambda = static_cast<A>(hyper_row[kHyperLambda]);
+      r.sign = static_cast<A>(hyper_row[kHyperSign]);
+      r.h2 = static_cast<A>(hyper_row[2]);
+      r.h3 = static_cast<A>(hyper_row[3]);
+      r.h4 = static_cast<A>(hyper_row[4]);
+      r.h5 = static_cast<A>(hyper_row[5]);
+      r.h6 = static_cast<A>(hyper_row[6]);
+    }
+    return r;
+  }
+
+  C10_HOST_DEVICE A state_at(int j, int64_t i) const {
+    return state[j] == nullptr ? A(0) : load_as<A>(state[j], i, state_code);
+  }
+
+  // The part of d that does not depend on w0, from the gradient (or given direction) g of element i.
+  C10_HOST_DEVICE A term(A g, int64_t i) const {
+    if (kind == kDirectionTensor) return g;
+    g = mul_rn(sign, g);
+    if (kind == kDirectionSgd) return add_rn(mul_rn(h2, g), mul_rn(h3, state_at(0, i)));
+    // Adam: m' = b1 m + (1 - b1) g, v' = b2 v + (1 - b2) g^2 (max with the running max under amsgrad),
+    // a = (m' / bc1) / (sqrt(v') / sqrt(bc2) + eps).
+    const A m = add_rn(mul_rn(h2, state_at(0, i)), mul_rn(sub_rn(A(1), h2), g));
+    A v = add_rn(mul_rn(h3, state_at(1, i)), mul_rn(sub_rn(A(1), h3), mul_rn(g, g)));
+    if (state[2] != nullptr) {
+      const A running = state_at(2, i);
+      v = running > v ? running : v;
+    }
+    return div_rn(div_rn(m, h5), add_rn(div_rn(sqrt_rn(v), h6), h4));
+  }
+
+  // c = 1 - eta * lambda for a step of size eta.
+  C10_HOST_DEVICE A scale(A eta) const { return lambda == 0 ? A(1) : sub_rn(A(1), mul_rn(eta, lambda)); }
+
+  // The whole direction of an element, d = a + lambda * w0, for the report.
+  C10_HOST_DEVICE A full(A a, A w0) const { return lambda == 0 ? a : add_rn(a, mul_rn(lambda, w0)); }
+};
 
 // Exponent bits all ones means inf or nan; written on the bits so fast-math cannot fold it away.
 C10_HOST_DEVICE inline bool is_finite(float v) {

@@ -48,6 +48,8 @@ def test_layout_matches_extension():
         "chunk_elements": L.CHUNK_ELEMENTS,
         "table_header_words": L.TABLE_HEADER_WORDS,
         "table_tensor_words": L.TABLE_TENSOR_WORDS,
+        "states_per_tensor": L.STATES_PER_TENSOR,
+        "hyper_words": L.HYPER_WORDS,
         "table_layout_version": L.TABLE_LAYOUT_VERSION,
         "chunk_tensor_shift": L.CHUNK_TENSOR_SHIFT,
         "ledger_header_words": L.LEDGER_HEADER_WORDS,

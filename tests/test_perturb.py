@@ -24,12 +24,21 @@ PROBE_SEQUENCE = [0, 1, 2, 3, -1]  # w0 -> -2eta -> -eta -> +eta -> +2eta -> w0
 FIELD = {name: i for i, name in enumerate(adapeft.REPORT_FIELDS)}
 
 
-def compiled_perturb(*args):
-    torch.ops.adapeft.perturb_(*args)
+NO_HYPER = {}
 
 
-IMPLEMENTATIONS = {"compiled": (lambda p, d: torch.ops.adapeft.pack_group(p, d), compiled_perturb),
-                   "reference": (reference.pack_group, reference.perturb_)}
+def compiled_perturb(params, directions, *args):
+    device = params[0].device
+    torch.ops.adapeft.perturb_(params, directions, [], [], args[0], args[1], NO_HYPER.setdefault(
+        device, torch.empty(0, dtype=torch.float64, device=device)), *args[2:])
+
+
+def reference_perturb(params, directions, *args):
+    reference.perturb_(params, directions, [], [], args[0], args[1], torch.empty(0, dtype=torch.float64), *args[2:])
+
+
+IMPLEMENTATIONS = {"compiled": (lambda p, d: torch.ops.adapeft.pack_group(p, d, [], []), compiled_perturb),
+                   "reference": (reference.pack_group, reference_perturb)}
 
 
 def random_group(generator, device, sizes, dtypes, direction_float32=True, scale=0.02):
@@ -328,12 +337,12 @@ def test_errors_name_the_argument(device):
     group = adapeft.GroupPerturbation([p], [d], steps)
     ledger = group._ledgers[0]
     report = adapeft.new_report(1, device)
-    args = [group.params, group.directions, group.table, group.fingerprint, steps, -1, 0, ledger,
-            group._ledgers[1], report, 0]
+    args = [group.params, group.directions, [], [], group.table, group.fingerprint, group.hyper, steps, -1, 0,
+            ledger, group._ledgers[1], report, 0]
 
     def call(**change):
-        names = ["params", "directions", "table", "fingerprint", "steps", "from_step", "to_step", "ledger_in",
-                 "ledger_out", "report", "report_row"]
+        names = ["params", "directions", "states", "layout", "table", "fingerprint", "hyper", "steps", "from_step",
+                 "to_step", "ledger_in", "ledger_out", "report", "report_row"]
         values = dict(zip(names, args))
         values.update(change)
         adapeft.perturb_(*[values[n] for n in names])
@@ -382,22 +391,25 @@ def test_reference_raises_the_same_errors():
         reference.pack_group([torch.zeros(3, 2).t()], [torch.zeros(2, 3)])
     with pytest.raises(ValueError, match=r"params\[0\] and params\[1\] overlap"):
         ledger = adapeft.new_ledger(1, 0, "cpu")
-        reference.perturb_([p, p], [d, d], reference.pack_group([p], [d]), 0, torch.ones(1), -1, 0, ledger,
-                           ledger.clone(), adapeft.new_report(1, "cpu"), 0)
+        reference.perturb_([p, p], [d, d], [], [], reference.pack_group([p], [d]), 0, torch.empty(0), torch.ones(1),
+                           -1, 0, ledger, ledger.clone(), adapeft.new_report(1, "cpu"), 0)
 
 
 def test_python_fingerprint_matches_extension(generator):
     params, directions = random_group(generator, "cpu", [0, 3, 4097], DTYPES)
     params.append(torch.zeros(4, 3).t())
     directions.append(torch.zeros(3, 4))
-    assert L.group_fingerprint(params, directions) == adapeft._backend._C.group_fingerprint(params, directions)
+    states = [torch.zeros(3), torch.zeros(4097)]
+    layout = [0, -1, -1, -1, 1, 0, -1, -1, 1, 1, -1, -1, 0, -1, -1, -1, 0, -1, -1, -1]
+    for args in ((params, directions, [], []), (params, directions, states, layout)):
+        assert L.group_fingerprint(*args) == adapeft._backend._C.group_fingerprint(*args)
 
 
 def test_opcheck(device, generator):
     # One chunk per tensor and one CPU task, so that ledger offsets (claimed in completion order) are the
     # same in every run that opcheck compares.
     params, directions = random_group(generator, device, [4000, 7], [torch.float32, torch.bfloat16])
-    torch.library.opcheck(torch.ops.adapeft.pack_group.default, (params, directions),
+    torch.library.opcheck(torch.ops.adapeft.pack_group.default, (params, directions, [], []),
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
     table = adapeft.pack_group(params, directions)
     fingerprint = adapeft.group_fingerprint(params, directions)
@@ -412,7 +424,8 @@ def test_opcheck(device, generator):
                                                           (0, -1, ledgers[0], ledgers[1])):
             torch.library.opcheck(
                 torch.ops.adapeft.perturb_.default,
-                (params, directions, table, fingerprint, steps, from_step, to_step, ledger_in, ledger_out, report, 0))
+                (params, directions, [], [], table, fingerprint, torch.empty(0, dtype=torch.float64, device=device),
+                 steps, from_step, to_step, ledger_in, ledger_out, report, 0))
 
 
 @requires_cuda

@@ -5,8 +5,9 @@
 namespace adapeft {
 namespace {
 
-at::Tensor pack_group_cpu(at::TensorList params, at::TensorList directions) {
-  return build_group_table(params, directions);
+at::Tensor pack_group_cpu(at::TensorList params, at::TensorList directions, at::TensorList states,
+                          at::IntArrayRef layout) {
+  return build_group_table(params, directions, states, layout);
 }
 
 }  // namespace

@@ -36,15 +36,20 @@ struct Move {
 };
 
 template <typename T, typename D>
-StepTotals move_chunk(T* param, const D* direction, int64_t len, int64_t chunk, const Move& m) {
+StepTotals move_chunk(T* param, const D* direction, int64_t len, int64_t chunk, int64_t start,
+                      const DirectionRule<typename Storage<T>::Arith>& rule, const Move& m) {
   using S = Storage<T>;
   using A = typename S::Arith;
   constexpr int width = S::entry_words;
   T w0[kChunkElements];
   T next[kChunkElements];
+  A a[kChunkElements];
   bool flagged[kChunkElements];
   const A eta_from = static_cast<A>(m.eta_from);
   const A eta_to = static_cast<A>(m.eta_to);
+  const A c_from = rule.scale(eta_from);
+  const A c_to = rule.scale(eta_to);
+  for (int64_t i = 0; i < len; ++i) a[i] = rule.term(static_cast<A>(direction[i]), start + i);
 
   // Rebuild w0 from the current values: unmoved chunks hold it already, ledger entries hold the
   // elements whose step was not invertible (in increasing position), the rest step back exactly.
@@ -60,7 +65,7 @@ StepTotals move_chunk(T* param, const D* direction, int64_t len, int64_t chunk, 
         w0[i] = S::from_bits(static_cast<typename S::Bits>(entries[e * width + width - 1]));
         ++e;
       } else {
-        w0[i] = step_back(param[i], mul_rn(eta_from, static_cast<A>(direction[i])));
+        w0[i] = step_back(param[i], mul_rn(eta_from, a[i]), c_from);
       }
     }
   }
@@ -68,9 +73,9 @@ StepTotals move_chunk(T* param, const D* direction, int64_t len, int64_t chunk, 
   int64_t count_out = 0;
   if (m.has_to) {
     for (int64_t i = 0; i < len; ++i) {
-      const A s = mul_rn(eta_to, static_cast<A>(direction[i]));
-      next[i] = step_away(w0[i], s);
-      flagged[i] = S::bits(step_back(next[i], s)) != S::bits(w0[i]);
+      const A s = mul_rn(eta_to, a[i]);
+      next[i] = step_away(w0[i], s, c_to);
+      flagged[i] = S::bits(step_back(next[i], s, c_to)) != S::bits(w0[i]);
       count_out += flagged[i];
     }
   }
@@ -104,7 +109,7 @@ StepTotals move_chunk(T* param, const D* direction, int64_t len, int64_t chunk, 
       }
       ++rank;
     }
-    const A d = static_cast<A>(direction[i]);
+    const A d = rule.full(a[i], S::to_float(w0[i]));
     totals.dot_dir_dir += static_cast<double>(d) * static_cast<double>(d);
     totals.nonfinite += !is_finite(d);
     if (moved) {
@@ -119,19 +124,23 @@ StepTotals move_chunk(T* param, const D* direction, int64_t len, int64_t chunk, 
 
 template <typename T>
 StepTotals move_chunk_dispatch_direction(char* param, const char* direction, int64_t direction_code, int64_t len,
-                                         int64_t chunk, const Move& m) {
+                                         int64_t chunk, int64_t start, const int64_t* row, const double* hyper_row,
+                                         const Move& m) {
+  const auto rule = DirectionRule<typename Storage<T>::Arith>::load(row, hyper_row);
   if (direction_code == kFloat32) {
     return move_chunk<T, float>(reinterpret_cast<T*>(param), reinterpret_cast<const float*>(direction), len, chunk,
-                                m);
+                                start, rule, m);
   }
-  return move_chunk<T, T>(reinterpret_cast<T*>(param), reinterpret_cast<const T*>(direction), len, chunk, m);
+  return move_chunk<T, T>(reinterpret_cast<T*>(param), reinterpret_cast<const T*>(direction), len, chunk, start,
+                          rule, m);
 }
 
-void perturb_cpu(at::TensorList params, at::TensorList directions, const at::Tensor& table, int64_t fingerprint,
-                 const at::Tensor& steps, int64_t from_step, int64_t to_step, const at::Tensor& ledger_in,
-                 const at::Tensor& ledger_out, const at::Tensor& report, int64_t report_row) {
-  const StepCall call = check_step_args(params, directions, table, fingerprint, steps, from_step, to_step, ledger_in,
-                                        ledger_out, report, report_row);
+void perturb_cpu(at::TensorList params, at::TensorList directions, at::TensorList states, at::IntArrayRef layout,
+                 const at::Tensor& table, int64_t fingerprint, const at::Tensor& hyper, const at::Tensor& steps,
+                 int64_t from_step, int64_t to_step, const at::Tensor& ledger_in, const at::Tensor& ledger_out,
+                 const at::Tensor& report, int64_t report_row) {
+  const StepCall call = check_step_args(params, directions, states, layout, table, fingerprint, hyper, steps,
+                                        from_step, to_step, ledger_in, ledger_out, report, report_row);
   const float* step_values = steps.data_ptr<float>();
   int64_t* out = ledger_out.data_ptr<int64_t>();
   Move m;
@@ -154,7 +163,9 @@ void perturb_cpu(at::TensorList params, at::TensorList directions, const at::Ten
       [&](int64_t begin, int64_t end, StepTotals acc) {
         for (int64_t chunk = begin; chunk < end; ++chunk) {
           const int64_t word = chunk_words[chunk];
-          const int64_t* row = rows + (word >> kChunkTensorShift) * kTableTensorWords;
+          const int64_t tensor = word >> kChunkTensorShift;
+          const int64_t* row = rows + tensor * kTableTensorWords;
+          const double* hyper_row = call.hyper == nullptr ? nullptr : call.hyper + tensor * kHyperWords;
           const int64_t start = (word & kChunkIndexMask) << kChunkShift;
           const int64_t len = std::min(kChunkElements, row[kTensorNumel] - start);
           const int64_t codes = row[kTensorDtypes];
@@ -165,17 +176,20 @@ void perturb_cpu(at::TensorList params, at::TensorList directions, const at::Ten
               reinterpret_cast<const char*>(row[kTensorDirectionPtr]) + start * dtype_bytes(direction_code);
           switch (param_code) {
             case kFloat32:
-              acc = acc + move_chunk<float, float>(reinterpret_cast<float*>(param),
-                                                   reinterpret_cast<const float*>(direction), len, chunk, m);
+              acc = acc + move_chunk_dispatch_direction<float>(param, direction, direction_code, len, chunk, start, row,
+                                                               hyper_row, m);
               break;
             case kBFloat16:
-              acc = acc + move_chunk_dispatch_direction<c10::BFloat16>(param, direction, direction_code, len, chunk, m);
+              acc = acc + move_chunk_dispatch_direction<c10::BFloat16>(param, direction, direction_code, len, chunk,
+                                                                       start, row, hyper_row, m);
               break;
             case kFloat16:
-              acc = acc + move_chunk_dispatch_direction<c10::Half>(param, direction, direction_code, len, chunk, m);
+              acc = acc + move_chunk_dispatch_direction<c10::Half>(param, direction, direction_code, len, chunk, start,
+                                                                   row, hyper_row, m);
               break;
             case kFloat64:
-              acc = acc + move_chunk_dispatch_direction<double>(param, direction, direction_code, len, chunk, m);
+              acc = acc + move_chunk_dispatch_direction<double>(param, direction, direction_code, len, chunk, start,
+                                                                row, hyper_row, m);
               break;
           }
         }

@@ -7,8 +7,9 @@ namespace adapeft {
 namespace {
 
 // The table is built on the host once per group and sent to the device without waiting for it.
-at::Tensor pack_group_cuda(at::TensorList params, at::TensorList directions) {
-  return table_on(build_group_table(params, directions), params[0].device());
+at::Tensor pack_group_cuda(at::TensorList params, at::TensorList directions, at::TensorList states,
+                           at::IntArrayRef layout) {
+  return table_on(build_group_table(params, directions, states, layout), params[0].device());
 }
 
 }  // namespace

@@ -29,6 +29,7 @@ struct MoveArgs {
   int64_t* ledger_out;
   unsigned long long capacity;
   double* report_row;
+  const double* hyper;
 };
 
 struct Totals {
@@ -87,13 +88,16 @@ __device__ __forceinline__ uint32_t rank_of(const uint32_t* bits, const uint32_t
 }
 
 template <typename T, typename D>
-__device__ void move_chunk(T* param, const D* direction, int len, int64_t chunk, const MoveArgs& a, float eta_from_f,
+__device__ void move_chunk(T* param, const D* direction, int len, int64_t chunk, int64_t start,
+                           const DirectionRule<typename Storage<T>::Arith>& rule, const MoveArgs& a, float eta_from_f,
                            float eta_to_f, MoveShared& sh, Totals& totals) {
   using S = Storage<T>;
   using A = typename S::Arith;
   constexpr int width = S::entry_words;
   const A eta_from = static_cast<A>(eta_from_f);
   const A eta_to = static_cast<A>(eta_to_f);
+  const A c_from = rule.scale(eta_from);
+  const A c_to = rule.scale(eta_to);
   const int tid = threadIdx.x;
   const bool has_from = a.from_step >= 0;
   const bool has_to = a.to_step >= 0;
@@ -126,7 +130,7 @@ __device__ void move_chunk(T* param, const D* direction, int len, int64_t chunk,
   for (int k = 0; k < kItems; ++k) {
     const int i = k * kThreads + tid;
     if (i < len) {
-      d[k] = static_cast<A>(direction[i]);
+      d[k] = rule.term(static_cast<A>(direction[i]), start + i);
       w0[k] = param[i];
     }
   }
@@ -143,15 +147,15 @@ __device__ void move_chunk(T* param, const D* direction, int len, int64_t chunk,
         const uint32_t rank = rank_of(sh.in_bits, sh.in_prefix, i);
         w0[k] = S::from_bits(static_cast<typename S::Bits>(entries_in[rank * width + width - 1]));
       } else {
-        w0[k] = step_back(current, mul_rn(eta_from, d[k]));
+        w0[k] = step_back(current, mul_rn(eta_from, d[k]), c_from);
       }
     }
     same_base |= static_cast<uint32_t>(S::bits(w0[k]) == S::bits(current)) << k;
     if (has_to) {
       const A s = mul_rn(eta_to, d[k]);
-      const T next = step_away(w0[k], s);
+      const T next = step_away(w0[k], s, c_to);
       same_next |= static_cast<uint32_t>(S::bits(next) == S::bits(current)) << k;
-      if (S::bits(step_back(next, s)) != S::bits(w0[k])) {
+      if (S::bits(step_back(next, s, c_to)) != S::bits(w0[k])) {
         flagged |= 1u << k;
         atomicOr(&sh.out_bits[i >> 5], 1u << (i & 31));
       }
@@ -191,7 +195,7 @@ __device__ void move_chunk(T* param, const D* direction, int len, int64_t chunk,
     const int i = k * kThreads + tid;
     if (i >= len) continue;
     const A s = mul_rn(eta_to, d[k]);
-    const T out = moved ? step_away(w0[k], s) : w0[k];
+    const T out = moved ? step_away(w0[k], s, c_to) : w0[k];
     if (!(((moved ? same_next : same_base) >> k) & 1u)) param[i] = out;
     if (moved && ((flagged >> k) & 1u)) {
       const uint32_t rank = rank_of(sh.out_bits, sh.out_prefix, i);
@@ -203,12 +207,13 @@ __device__ void move_chunk(T* param, const D* direction, int len, int64_t chunk,
         entries_out[rank * width + 1] = bits;
       }
     }
-    totals.dot_dir_dir += static_cast<double>(d[k]) * static_cast<double>(d[k]);
-    totals.nonfinite += !is_finite(d[k]);
+    const A full = rule.full(d[k], S::to_float(w0[k]));
+    totals.dot_dir_dir += static_cast<double>(full) * static_cast<double>(full);
+    totals.nonfinite += !is_finite(full);
     if (moved) {
       totals.changed += S::bits(out) != S::bits(w0[k]);
       const double dw = static_cast<double>(S::to_float(out)) - static_cast<double>(S::to_float(w0[k]));
-      totals.dot_dir_step += static_cast<double>(d[k]) * dw;
+      totals.dot_dir_step += static_cast<double>(full) * dw;
     }
   }
   if (has_to && !moved && tid == 0) totals.unmoved += len;
@@ -218,14 +223,17 @@ __device__ void move_chunk(T* param, const D* direction, int len, int64_t chunk,
 
 template <typename T>
 __device__ void move_chunk_direction(char* param, const char* direction, int64_t direction_code, int len,
-                                     int64_t chunk, const MoveArgs& a, float eta_from, float eta_to, MoveShared& sh,
-                                     Totals& totals) {
+                                     int64_t chunk, int64_t start, const int64_t* row, const MoveArgs& a,
+                                     float eta_from, float eta_to, MoveShared& sh, Totals& totals) {
+  const int64_t tensor = (row - (a.table + kTableHeaderWords)) / kTableTensorWords;
+  const auto rule = DirectionRule<typename Storage<T>::Arith>::load(
+      row, a.hyper == nullptr ? nullptr : a.hyper + tensor * kHyperWords);
   if (direction_code == kFloat32) {
-    move_chunk<T, float>(reinterpret_cast<T*>(param), reinterpret_cast<const float*>(direction), len, chunk, a,
-                         eta_from, eta_to, sh, totals);
+    move_chunk<T, float>(reinterpret_cast<T*>(param), reinterpret_cast<const float*>(direction), len, chunk, start,
+                         rule, a, eta_from, eta_to, sh, totals);
   } else {
-    move_chunk<T, T>(reinterpret_cast<T*>(param), reinterpret_cast<const T*>(direction), len, chunk, a, eta_from,
-                     eta_to, sh, totals);
+    move_chunk<T, T>(reinterpret_cast<T*>(param), reinterpret_cast<const T*>(direction), len, chunk, start, rule, a,
+                     eta_from, eta_to, sh, totals);
   }
 }
 
@@ -319,19 +327,20 @@ __global__ void __launch_bounds__(kThreads, 1) move_kernel(MoveArgs a) {
     const char* direction = reinterpret_cast<const char*>(row[kTensorDirectionPtr]) + start * dtype_bytes(direction_code);
     switch (param_code) {
       case kFloat32:
-        move_chunk<float, float>(reinterpret_cast<float*>(param), reinterpret_cast<const float*>(direction), len,
-                                 chunk, a, eta_from, eta_to, sh, totals);
+        move_chunk_direction<float>(param, direction, direction_code, len, chunk, start, row, a, eta_from, eta_to, sh,
+                                    totals);
         break;
       case kBFloat16:
-        move_chunk_direction<c10::BFloat16>(param, direction, direction_code, len, chunk, a, eta_from, eta_to, sh,
-                                            totals);
+        move_chunk_direction<c10::BFloat16>(param, direction, direction_code, len, chunk, start, row, a, eta_from,
+                                            eta_to, sh, totals);
         break;
       case kFloat16:
-        move_chunk_direction<c10::Half>(param, direction, direction_code, len, chunk, a, eta_from, eta_to, sh,
-                                        totals);
+        move_chunk_direction<c10::Half>(param, direction, direction_code, len, chunk, start, row, a, eta_from, eta_to,
+                                        sh, totals);
         break;
       case kFloat64:
-        move_chunk_direction<double>(param, direction, direction_code, len, chunk, a, eta_from, eta_to, sh, totals);
+        move_chunk_direction<double>(param, direction, direction_code, len, chunk, start, row, a, eta_from, eta_to,
+                                     sh, totals);
         break;
     }
   }
@@ -348,11 +357,12 @@ int resident_blocks(int device) {
   return blocks;
 }
 
-void perturb_cuda(at::TensorList params, at::TensorList directions, const at::Tensor& table, int64_t fingerprint,
-                  const at::Tensor& steps, int64_t from_step, int64_t to_step, const at::Tensor& ledger_in,
-                  const at::Tensor& ledger_out, const at::Tensor& report, int64_t report_row) {
-  const StepCall call = check_step_args(params, directions, table, fingerprint, steps, from_step, to_step, ledger_in,
-                                        ledger_out, report, report_row);
+void perturb_cuda(at::TensorList params, at::TensorList directions, at::TensorList states, at::IntArrayRef layout,
+                  const at::Tensor& table, int64_t fingerprint, const at::Tensor& hyper, const at::Tensor& steps,
+                  int64_t from_step, int64_t to_step, const at::Tensor& ledger_in, const at::Tensor& ledger_out,
+                  const at::Tensor& report, int64_t report_row) {
+  const StepCall call = check_step_args(params, directions, states, layout, table, fingerprint, hyper, steps,
+                                        from_step, to_step, ledger_in, ledger_out, report, report_row);
   const c10::cuda::CUDAGuard guard(table.device());
   MoveArgs a;
   a.table = call.table.data_ptr<int64_t>();
@@ -365,6 +375,7 @@ void perturb_cuda(at::TensorList params, at::TensorList directions, const at::Te
   a.ledger_out = ledger_out.data_ptr<int64_t>();
   a.capacity = static_cast<unsigned long long>(call.capacity);
   a.report_row = call.report_row;
+  a.hyper = call.hyper;
   const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>(call.num_chunks, resident_blocks(table.get_device())));
   move_kernel<<<static_cast<unsigned>(blocks), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(a);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
