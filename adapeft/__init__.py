@@ -7,6 +7,7 @@ them on every device, falling back to the pure-PyTorch reference where a kernel 
 from ._backend import BACKENDS, BUILD_INFO
 from ._layout import CHUNK_ELEMENTS, REPORT_FIELDS
 from .groups import ParameterGroups, group_parameters
+from .optim import OptimizerDirection, optimizer_direction
 from .ops import FitResult, group_fingerprint, new_ledger, new_report, pack_group, perturb_, quadratic_fit
 from .perturb import GroupPerturbation
 from .probe import Prober, ProbeResult, probe
@@ -19,6 +20,7 @@ __all__ = [
     "CHUNK_ELEMENTS",
     "REPORT_FIELDS",
     "FitResult",
+    "OptimizerDirection",
     "GroupPerturbation",
     "ParameterGroups",
     "ProbeResult",
@@ -27,6 +29,7 @@ __all__ = [
     "group_parameters",
     "new_ledger",
     "new_report",
+    "optimizer_direction",
     "pack_group",
     "perturb_",
     "probe",

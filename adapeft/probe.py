@@ -19,6 +19,7 @@ import torch
 from . import _layout as L
 from . import ops, reference
 from .groups import ParameterGroups, group_parameters
+from .optim import optimizer_direction
 from .perturb import GroupPerturbation
 
 POINTS = (-2.0, -1.0, 1.0, 2.0)
@@ -103,13 +104,15 @@ class Prober:
 
     model: the torch.nn.Module; groups: a ParameterGroups (default `group_parameters(model)`);
     loss_fn(model, batch) -> 0-dim tensor, run under torch.no_grad() in eval mode.
-    direction: "grad" (the gradients in p.grad, the paper's choice), a dict {group name: list of tensors}
-    or a callable (group name, params) -> list of tensors or None. backend: "compiled" (the adapeft ops)
+    direction: "grad" (the gradients in p.grad, the paper's choice), "optimizer" (the update `optimizer`
+    would apply next, per unit of learning rate, read from its state without stepping it: eta* is then a
+    learning rate for that optimizer), a dict {group name: list of tensors} or a callable
+    (group name, params) -> list of tensors or None. backend: "compiled" (the adapeft ops)
     or "torch" (a plain implementation: per-tensor loops, a saved copy per group, .item() per forward, a
     numpy fit; the baseline the ops are measured against). r2_threshold: the fit filter.
     """
 
-    def __init__(self, model, groups=None, loss_fn=None, *, direction="grad", backend="compiled",
+    def __init__(self, model, groups=None, loss_fn=None, *, direction="grad", optimizer=None, backend="compiled",
                  r2_threshold=0.99, history=True):
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"adapeft.Prober: model must be a torch.nn.Module, got {type(model).__name__}")
@@ -122,9 +125,11 @@ class Prober:
             raise TypeError("adapeft.Prober: loss_fn must be a callable loss_fn(model, batch) -> 0-dim tensor")
         if backend not in BACKENDS:
             raise ValueError(f"adapeft.Prober: backend must be one of {BACKENDS}, got {backend!r}")
-        if not (direction == "grad" or isinstance(direction, dict) or callable(direction)):
-            raise ValueError("adapeft.Prober: direction must be 'grad', a dict {group: tensors} or a callable "
-                             f"(group, params) -> tensors, got {direction!r}")
+        if not (direction in ("grad", "optimizer") or isinstance(direction, dict) or callable(direction)):
+            raise ValueError("adapeft.Prober: direction must be 'grad', 'optimizer', a dict {group: tensors} or a "
+                             f"callable (group, params) -> tensors, got {direction!r}")
+        if direction == "optimizer" and not isinstance(optimizer, torch.optim.Optimizer):
+            raise ValueError("adapeft.Prober: direction='optimizer' needs the optimizer (optimizer=...)")
         own = {id(p) for p in model.parameters()}
         foreign = [name for name in groups.names if any(id(p) not in own for p in groups.params(name))]
         if foreign:
@@ -135,7 +140,7 @@ class Prober:
             raise ValueError(f"adapeft.Prober: the model's parameters are on several devices {sorted(map(str, devices))}"
                              "; the probe needs them on one")
         self.model, self.groups, self.loss_fn = model, groups, loss_fn
-        self.direction, self.backend, self.r2_threshold = direction, backend, r2_threshold
+        self.direction, self.optimizer, self.backend, self.r2_threshold = direction, optimizer, backend, r2_threshold
         self.device = devices.pop()
         self.names = list(groups.names)
         k = len(self.names)
@@ -157,15 +162,20 @@ class Prober:
 
     # Directions -----------------------------------------------------------------------------------
     def _directions(self, name, params):
-        """(params, directions) of the tensors of group `name` that can move, or None to skip it."""
-        if self.direction == "grad":
+        """The plan (params, directions, states, layout, hyper) of the tensors of group `name` that can
+        move, or None to skip the group."""
+        if self.direction in ("grad", "optimizer"):
             pairs = [(p, p.grad) for p in params if p.requires_grad and p.grad is not None]
             if len(pairs) < len(params):
                 self._note(name, f"{len(params) - len(pairs)} of its {len(params)} tensors have no gradient "
                                  "(frozen or unused) and are not probed")
             if not pairs:
                 return None
-            return [p for p, _ in pairs], [d for _, d in pairs]
+            moving = [p for p, _ in pairs]
+            if self.direction == "optimizer":
+                found = optimizer_direction(self.optimizer, moving)
+                return moving, found.directions, found.states, found.layout, found.hyper
+            return moving, [d for _, d in pairs], [], [], None
         given = self.direction.get(name) if isinstance(self.direction, dict) else self.direction(name, params)
         if given is None:
             self._note(name, "no direction was given for it")
@@ -174,7 +184,7 @@ class Prober:
         if len(given) != len(params):
             raise ValueError(f"adapeft.Prober: direction for group {name!r} has {len(given)} tensors but the group "
                              f"has {len(params)}")
-        return params, given
+        return params, given, [], [], None
 
     def _note(self, name, why):
         if (name, why) not in self._notes:
@@ -183,9 +193,9 @@ class Prober:
 
     # Ledgers --------------------------------------------------------------------------------------
     def _ensure_ledgers(self, plans):
-        chunks = max(L.count_chunks(params) for params, _ in plans.values())
-        words = max(max(MIN_CAPACITY, int(sum(p.numel() for p in params) * CAPACITY_FRACTION))
-                    * max(L.entry_words(p.dtype) for p in params) for params, _ in plans.values())
+        chunks = max(L.count_chunks(plan[0]) for plan in plans.values())
+        words = max(max(MIN_CAPACITY, int(sum(p.numel() for p in plan[0]) * CAPACITY_FRACTION))
+                    * max(L.entry_words(p.dtype) for p in plan[0]) for plan in plans.values())
         self._capacity_words = max(self._capacity_words, words)
         size = L.LEDGER_HEADER_WORDS + chunks + self._capacity_words
         if self._ledgers is None or self._ledgers[0].numel() < size:
@@ -258,12 +268,15 @@ class Prober:
         for k, name in enumerate(self.names):
             if name not in plans:
                 continue
-            params, directions = plans[name]
-            fingerprint = ops.group_fingerprint(params, directions)
+            params, directions, states, layout, hyper = plans[name]
+            fingerprint = ops.group_fingerprint(params, directions, states, layout)
             cached = self._perturbations.get(name)
             if cached is None or cached.fingerprint != fingerprint or cached._ledgers is not self._ledgers:
-                cached = GroupPerturbation(params, directions, self._steps, ledgers=self._ledgers)
+                cached = GroupPerturbation(params, directions, self._steps, states=states, layout=layout, hyper=hyper,
+                                           ledgers=self._ledgers)
                 self._perturbations[name] = cached
+            elif hyper is not None:
+                cached.hyper = hyper  # the bias corrections move with the optimizer's step count
             with cached:
                 for j, column in enumerate(COLUMNS):
                     cached.move(j, self._report, 5 * k + column)
@@ -274,15 +287,21 @@ class Prober:
         for k, name in enumerate(self.names):
             if name not in plans:
                 continue
-            params, directions = plans[name]
+            params, directions, states, layout, hyper = plans[name]
+            hyper_rows = hyper.reshape(-1, L.HYPER_WORDS).tolist() if hyper is not None else None
+            rules = []
+            for i, (p, d) in enumerate(zip(params, directions)):
+                kind, named = reference._tensor_layout(layout, i)
+                rules.append(reference._Direction(d, [states[j] if j >= 0 else None for j in named], kind,
+                                                  hyper_rows[i] if hyper_rows else None, p.dtype))
             saved = [p.detach().clone() for p in params]
             try:
                 for j, column in enumerate(COLUMNS):
                     dot_step = dot_dir = changed = 0.0
-                    for p, w0, d in zip(params, saved, directions):
-                        s = self._steps[j] * d.to(L.arithmetic_dtype(p.dtype))
-                        p.copy_(reference._step_away(w0, s))
-                        d64 = d.double()
+                    for p, w0, rule in zip(params, saved, rules):
+                        eta = self._steps[j].to(rule.a.dtype)
+                        p.view(-1).copy_(reference._step_away(w0.view(-1), eta * rule.a, rule.scale(eta)))
+                        d64 = rule.full(w0.view(-1)).double().view_as(p)
                         dot_step += (d64 * (p.double() - w0.double())).sum().item()
                         dot_dir += (d64 * d64).sum().item()
                         changed += (reference._bits(p) != reference._bits(w0)).sum().item()

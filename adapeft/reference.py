@@ -7,6 +7,7 @@ compiled kernel is missing, and the "pure PyTorch" baseline of the benchmarks.
 """
 import math
 
+import numpy as np
 import torch
 
 from . import _layout as L
@@ -136,6 +137,13 @@ def _step_back(w, s, c=None):
     return (back if c is None else back / c).to(w.dtype)
 
 
+def _sqrt_rn(t):
+    """Correctly rounded square root (torch's CPU sqrt is vectorised to within an ulp, not exact)."""
+    if t.device.type == "cpu":
+        return torch.from_numpy(np.sqrt(t.numpy()))
+    return torch.sqrt(t)
+
+
 class _Direction:
     """One tensor's direction d = a + lambda * w0 as the kernels form it (see csrc/step_math.h)."""
 
@@ -158,7 +166,7 @@ class _Direction:
             v = h[L.HYPER_BETA2] * state[1] + (one - h[L.HYPER_BETA2]) * (g * g)
             if tensor_states[2] is not None:
                 v = torch.where(state[2] > v, state[2], v)
-            denom = torch.sqrt(v) / h[L.HYPER_BIAS_CORRECTION2_SQRT] + h[L.HYPER_EPS]
+            denom = _sqrt_rn(v) / h[L.HYPER_BIAS_CORRECTION2_SQRT] + h[L.HYPER_EPS]
             self.a = (m / h[L.HYPER_BIAS_CORRECTION1]) / denom
         if float(h[L.HYPER_LAMBDA]) != 0.0:  # as the kernels decide it: in the arithmetic type
             self.lam = h[L.HYPER_LAMBDA]
