@@ -10,7 +10,7 @@ from .groups import ParameterGroups, group_parameters
 from .optim import OptimizerDirection, optimizer_direction
 from .ops import FitResult, group_fingerprint, new_ledger, new_report, pack_group, perturb_, quadratic_fit
 from .perturb import GroupPerturbation
-from .probe import Prober, ProbeResult, probe
+from .probe import ProbeResult, Prober, ProbeSchedule, param_groups, probe
 
 __version__ = "0.1.0"
 
@@ -25,12 +25,14 @@ __all__ = [
     "ParameterGroups",
     "ProbeResult",
     "Prober",
+    "ProbeSchedule",
     "group_fingerprint",
     "group_parameters",
     "new_ledger",
     "new_report",
     "optimizer_direction",
     "pack_group",
+    "param_groups",
     "perturb_",
     "probe",
     "quadratic_fit",

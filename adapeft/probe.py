@@ -113,7 +113,7 @@ class Prober:
     """
 
     def __init__(self, model, groups=None, loss_fn=None, *, direction="grad", optimizer=None, backend="compiled",
-                 r2_threshold=0.99, history=True):
+                 r2_threshold=0.99, apply_lr=False, lr_ema=0.9, lr_clip=(0.5, 2.0), schedule=None, history=True):
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"adapeft.Prober: model must be a torch.nn.Module, got {type(model).__name__}")
         if groups is None:
@@ -143,6 +143,9 @@ class Prober:
         self.direction, self.optimizer, self.backend, self.r2_threshold = direction, optimizer, backend, r2_threshold
         self.device = devices.pop()
         self.names = list(groups.names)
+        self.schedule = schedule if schedule is not None else ProbeSchedule(len(self.names))
+        self.lr_ema, self.lr_clip = lr_ema, lr_clip
+        self._lr_groups = self._learning_rate_groups(optimizer, direction) if apply_lr else None
         k = len(self.names)
         self.appi = torch.zeros(k, dtype=torch.float64, device=self.device)
         self.history = [] if history else None
@@ -159,6 +162,45 @@ class Prober:
         self._counts = None
         self._pending = None
         self._notes = set()
+
+    # Learning rates -------------------------------------------------------------------------------
+    def _learning_rate_groups(self, optimizer, direction):
+        if direction != "optimizer":
+            raise ValueError("adapeft.Prober: apply_lr=True needs direction='optimizer', so that eta* is a learning "
+                             "rate of that optimizer")
+        by_name = {group.get("adapeft_group"): group for group in optimizer.param_groups}
+        missing = [name for name in self.names if name not in by_name]
+        if missing:
+            raise ValueError(f"adapeft.Prober: apply_lr=True needs one optimizer param group per adapeft group; "
+                             f"none is named for {missing}. Build them with adapeft.param_groups(groups, lr=...)")
+        for name in self.names:
+            if {id(p) for p in by_name[name]["params"]} != {id(p) for p in self.groups.params(name)}:
+                raise ValueError(f"adapeft.Prober: the optimizer param group named {name!r} does not hold exactly "
+                                 "that group's parameters")
+        return [by_name[name] for name in self.names]
+
+    def _apply_learning_rates(self, result):
+        """GeN's safeguards: each accepted group's lr moves toward eta*, clipped to [lr/2, 2 lr], by an EMA.
+        Tensor learning rates on the device are updated there; float ones cost one host synchronisation."""
+        low, high = self.lr_clip
+        floats = [k for k, group in enumerate(self._lr_groups) if not isinstance(group["lr"], torch.Tensor)]
+        if floats:
+            accepted, eta_star = result.accepted.tolist(), result.eta_star.tolist()
+        for k, group in enumerate(self._lr_groups):
+            lr = group["lr"]
+            if k in floats:
+                if accepted[k]:
+                    target = min(max(eta_star[k], low * lr), high * lr)
+                    group["lr"] = self.lr_ema * lr + (1 - self.lr_ema) * target
+                continue
+            star = result.eta_star[k].to(lr.device, lr.dtype)
+            target = torch.minimum(torch.maximum(star, low * lr), high * lr)
+            moved = self.lr_ema * lr + (1 - self.lr_ema) * target
+            lr.copy_(torch.where(result.accepted[k].to(lr.device), moved, lr))
+
+    def maybe_step(self, training_step, batch, eta):
+        """`step(batch, eta)` when the schedule says this training step is due, else None."""
+        return self.step(batch, eta) if self.schedule(training_step) else None
 
     # Directions -----------------------------------------------------------------------------------
     def _directions(self, name, params):
@@ -345,9 +387,12 @@ class Prober:
         saved = at_points[:, :, FIELD["saved"]].amax(1)
         words = [max(L.entry_words(p.dtype) for p in plans[n][0]) if n in plans else 1 for n in self.names]
         self._remember(torch.stack([saved, unmoved, reliable.double(), probed.double()]), words)
-        return ProbeResult(names=list(self.names), b=fit.b, A=fit.A, r2=fit.r2, accepted=accepted, ppi=ppi,
-                           eta_star=eta_star, reliable=reliable, probed=probed, losses=self._losses.clone(),
-                           steps=steps.clone(), changed=changed.clone(), eta=eta)
+        result = ProbeResult(names=list(self.names), b=fit.b, A=fit.A, r2=fit.r2, accepted=accepted, ppi=ppi,
+                             eta_star=eta_star, reliable=reliable, probed=probed, losses=self._losses.clone(),
+                             steps=steps.clone(), changed=changed.clone(), eta=eta)
+        if self._lr_groups is not None:
+            self._apply_learning_rates(result)
+        return result
 
     def _remember(self, summary, words):
         if self.device.type == "cuda":
@@ -394,6 +439,35 @@ def _numpy_fit(losses, steps, counts, threshold):
     ppi = torch.where(acc, b * b / (A * n), torch.zeros_like(b))
     eta_star = torch.where(acc, b / A, torch.full_like(b, math.nan))
     return ops.FitResult(b, A, r2, acc, ppi, eta_star)
+
+
+class ProbeSchedule:
+    """When to probe (lazy updating): every `interval` training steps from `start` until `stop`.
+
+    A probe costs 4K+1 forward passes for K groups; the paper probes every 4K steps (the default), which
+    adds about one forward pass per training step on average.
+    """
+
+    def __init__(self, num_groups, interval=None, start=0, stop=None):
+        self.interval = int(interval) if interval is not None else 4 * num_groups
+        if self.interval < 1:
+            raise ValueError(f"adapeft.ProbeSchedule: interval must be at least 1, got {interval}")
+        self.num_groups, self.start, self.stop = num_groups, start, stop
+
+    def __call__(self, training_step):
+        if training_step < self.start or (self.stop is not None and training_step >= self.stop):
+            return False
+        return (training_step - self.start) % self.interval == 0
+
+    @property
+    def forward_passes_per_step(self):
+        return (4 * self.num_groups + 1) / self.interval
+
+
+def param_groups(groups, names=None, **options):
+    """Optimizer parameter groups, one per adapeft group (named under "adapeft_group"), so that the probe
+    can set per-group learning rates: `torch.optim.AdamW(adapeft.param_groups(groups, lr=1e-4))`."""
+    return [{"params": groups.params(name), "adapeft_group": name, **options} for name in (names or groups.names)]
 
 
 def probe(model, batch, loss_fn, eta, groups=None, **options):

@@ -199,3 +199,85 @@ def test_capturable_adam_on_cuda_needs_no_sync():
     for p, q in zip(params, expected):
         assert torch.allclose(p, q, rtol=0, atol=1e-6)
     group.restore()
+
+
+def probe_setup(lr):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(10, 32), torch.nn.LayerNorm(32), torch.nn.Tanh(),
+                                torch.nn.Linear(32, 3)).double()
+    x, y = torch.randn(128, 10, dtype=torch.float64), torch.randint(0, 3, (128,))
+    groups = adapeft.group_parameters(model)
+
+    def loss_fn(model, batch):
+        return torch.nn.functional.cross_entropy(model(batch[0]), batch[1])
+
+    return model, groups, loss_fn, (x, y)
+
+
+def test_apply_lr_follows_eta_star_with_gens_safeguards():
+    model, groups, loss_fn, batch = probe_setup(0.05)
+    optimizer = torch.optim.SGD(adapeft.param_groups(groups, lr=0.05, momentum=0.9), lr=0.05)
+    for _ in range(3):
+        optimizer.zero_grad()
+        loss_fn(model, batch).backward()
+        optimizer.step()
+    optimizer.zero_grad()
+    loss_fn(model, batch).backward()
+    prober = adapeft.Prober(model, groups, loss_fn, direction="optimizer", optimizer=optimizer, apply_lr=True)
+    before = [g["lr"] for g in optimizer.param_groups]
+    result = prober.step(batch, 1e-3)
+    accepted, eta_star = result.accepted.tolist(), result.eta_star.tolist()
+    assert any(accepted)
+    for k, group in enumerate(optimizer.param_groups):
+        if accepted[k]:
+            target = min(max(eta_star[k], 0.5 * before[k]), 2.0 * before[k])
+            assert group["lr"] == pytest.approx(0.9 * before[k] + 0.1 * target)
+            assert 0.95 * before[k] <= group["lr"] <= 1.1 * before[k]
+        else:
+            assert group["lr"] == before[k]
+
+
+def test_apply_lr_updates_tensor_learning_rates_in_place():
+    model, groups, loss_fn, batch = probe_setup(1e-3)
+    rates = [torch.tensor(1e-2, dtype=torch.float64) for _ in groups.names]
+    optimizer = torch.optim.AdamW([{"params": groups.params(n), "adapeft_group": n, "lr": r}
+                                   for n, r in zip(groups.names, rates)], foreach=False)
+    for _ in range(2):
+        optimizer.zero_grad()
+        loss_fn(model, batch).backward()
+        optimizer.step()
+    optimizer.zero_grad()
+    loss_fn(model, batch).backward()
+    result = adapeft.Prober(model, groups, loss_fn, direction="optimizer", optimizer=optimizer,
+                            apply_lr=True).step(batch, 1e-4)
+    for k, group in enumerate(optimizer.param_groups):
+        assert group["lr"] is rates[k]
+        if result.accepted[k]:
+            target = min(max(result.eta_star[k].item(), 5e-3), 2e-2)
+            assert rates[k].item() == pytest.approx(0.9 * 1e-2 + 0.1 * target)
+        else:
+            assert rates[k].item() == 1e-2
+
+
+def test_apply_lr_needs_matching_param_groups():
+    model, groups, loss_fn, batch = probe_setup(0.05)
+    plain = torch.optim.SGD(model.parameters(), lr=0.05)
+    with pytest.raises(ValueError, match="needs direction='optimizer'"):
+        adapeft.Prober(model, groups, loss_fn, optimizer=plain, apply_lr=True)
+    with pytest.raises(ValueError, match="one optimizer param group per adapeft group"):
+        adapeft.Prober(model, groups, loss_fn, direction="optimizer", optimizer=plain, apply_lr=True)
+
+
+def test_probe_schedule():
+    schedule = adapeft.ProbeSchedule(7)
+    assert schedule.interval == 28 and schedule.forward_passes_per_step == pytest.approx(29 / 28)
+    assert [t for t in range(100) if schedule(t)] == [0, 28, 56, 84]
+    windowed = adapeft.ProbeSchedule(7, interval=10, start=5, stop=40)
+    assert [t for t in range(100) if windowed(t)] == [5, 15, 25, 35]
+    with pytest.raises(ValueError, match="interval must be at least 1"):
+        adapeft.ProbeSchedule(7, interval=0)
+    model, groups, loss_fn, batch = probe_setup(0.05)
+    loss_fn(model, batch).backward()
+    prober = adapeft.Prober(model, groups, loss_fn, schedule=adapeft.ProbeSchedule(len(groups), interval=3))
+    ran = [prober.maybe_step(t, batch, 1e-4) is not None for t in range(7)]
+    assert ran == [True, False, False, True, False, False, True] and len(prober.history) == 3
