@@ -1,10 +1,11 @@
-"""A short tour of the two adapeft ops on a small model: probe every parameter group of a model once.
+"""A short tour: probe every parameter group of a small model, a few times during training.
 
-For each group, the group alone is moved in place to w0 - eta_j * g for eta_j in {-2,-1,1,2}*eta, the
-loss is measured at each point, the group is restored bit for bit, and one fused fit turns the K x 5
-losses into b ~ G.g, A ~ g.H.g, R^2, the per-parameter influence PPI = b^2/(A n) and eta* = b/A.
+For each group alone, the model is moved in place to w - eta_j * d for eta_j in {-2,-1,1,2}*eta (d the
+gradient, or the optimizer's next update), the loss is measured, and the group is restored bit for bit;
+one fused fit turns the K x 5 losses into b ~ G.d, A ~ d.H.d, R^2, the per-parameter influence
+PPI = b^2/(A n) and eta* = b/A. APPI, the running sum of PPI, ranks the groups.
 
-    python -m adapeft.tour [--device cuda] [--eta 1e-3]
+    python -m adapeft.tour [--device cuda] [--direction optimizer]
 """
 import argparse
 import time
@@ -24,80 +25,56 @@ def make_model_and_data(device, seed=0):
     inputs = torch.randn(256, 32, device=device)
     teacher = torch.nn.Linear(32, 4).to(device)
     labels = teacher(inputs).argmax(1)
-    return model, inputs, labels
+    return model, (inputs, labels)
 
 
-def groups_of(model):
-    """The paper's coarse groups for this model: norm weights, biases, head, other weights."""
-    head = model[-1]
-    groups = {"norm": [], "bias": [], "head": [], "others": []}
-    for module in model.modules():
-        for name, p in module.named_parameters(recurse=False):
-            if module is head:
-                groups["head"].append(p)
-            elif isinstance(module, torch.nn.LayerNorm) and name == "weight":
-                groups["norm"].append(p)
-            elif name == "bias":
-                groups["bias"].append(p)
-            else:
-                groups["others"].append(p)
-    return groups
+def loss_fn(model, batch):
+    inputs, labels = batch
+    return torch.nn.functional.cross_entropy(model(inputs), labels)
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--eta", type=float, default=1e-2)
-    parser.add_argument("--train-steps", type=int, default=20)
+    parser.add_argument("--direction", choices=("grad", "optimizer"), default="grad")
+    parser.add_argument("--eta", type=float, default=None, help="probe step (default: 1e-2, or the lr)")
+    parser.add_argument("--steps", type=int, default=60)
     args = parser.parse_args()
     device = torch.device(args.device)
-    model, inputs, labels = make_model_and_data(device)
-    loss_fn = torch.nn.CrossEntropyLoss()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    for _ in range(args.train_steps):
+    model, batch = make_model_and_data(device)
+    groups = adapeft.group_parameters(model)
+    print(groups.summary())
+    optimizer = torch.optim.AdamW(adapeft.param_groups(groups, lr=3e-3)) if args.direction == "optimizer" \
+        else torch.optim.SGD(model.parameters(), lr=0.1)
+    eta = args.eta or (3e-3 if args.direction == "optimizer" else 1e-2)
+    prober = adapeft.Prober(model, groups, loss_fn, direction=args.direction, optimizer=optimizer,
+                            schedule=adapeft.ProbeSchedule(len(groups), interval=10))
+    before, elapsed, result = None, 0.0, None
+    for step in range(args.steps):
         optimizer.zero_grad()
-        loss_fn(model(inputs), labels).backward()
+        loss = loss_fn(model, batch)
+        loss.backward()
+        if prober.schedule(step):
+            before = {n: p.detach().clone() for n, p in model.named_parameters()}
+            start = time.perf_counter()
+            result = prober.step(batch, eta)
+            elapsed += time.perf_counter() - start
+            exact = all(torch.equal(p.detach(), before[n]) for n, p in model.named_parameters())
+            if not exact:
+                raise SystemExit("restore was not bit-exact")
         optimizer.step()
-    optimizer.zero_grad()
-    loss_fn(model(inputs), labels).backward()
-
-    groups = groups_of(model)
-    names = list(groups)
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    steps = torch.tensor([-2.0, -1.0, 1.0, 2.0], device=device) * args.eta
-    losses = torch.empty(len(names), 5, device=device)
-    report = adapeft.new_report(len(names) * 5, device)
-    counts = torch.tensor([sum(p.numel() for p in groups[n]) for n in names], device=device)
-    appi = torch.zeros(len(names), dtype=torch.float64, device=device)
-
-    start = time.perf_counter()
-    model.eval()
-    with torch.no_grad():
-        base = loss_fn(model(inputs), labels)
-        for k, name in enumerate(names):
-            params = groups[name]
-            with adapeft.GroupPerturbation(params, [p.grad for p in params], steps) as group:
-                for column, j in zip((0, 1, 3, 4), range(4)):
-                    group.move(j, report, 5 * k + column)
-                    losses[k, column] = loss_fn(model(inputs), labels)
-            losses[k, 2] = base
-            report[5 * k + 2].zero_()
-    realized = report.view(len(names), 5, -1)[:, :, adapeft.REPORT_FIELDS.index("step")]
-    fit = adapeft.quadratic_fit(losses, realized, counts, appi)
-    elapsed = time.perf_counter() - start
-
-    exact = all(torch.equal(p.detach().view(torch.int32), before[n].view(torch.int32))
-                for n, p in model.named_parameters())
-    print(f"adapeft {adapeft.__version__}: one probe of {len(names)} groups on {device} "
-          f"({4 * len(names) + 1} forward passes, {elapsed * 1e3:.1f} ms), eta = {args.eta:g}")
+    probes = len(prober.history)
+    print(f"\nadapeft {adapeft.__version__} on {device}: {probes} probes of {len(groups)} groups "
+          f"({4 * len(groups) + 1} forward passes each, {elapsed / probes * 1e3:.1f} ms per probe), direction "
+          f"{args.direction}, eta {eta:g}; final loss {loss.item():.4f}")
     print(f"kernels: {', '.join(f'{op} {b[device.type]}' for op, b in adapeft.BACKENDS.items())}")
-    print(f"{'group':8} {'params':>7} {'b = G.g':>11} {'A = gHg':>11} {'R^2':>8} {'kept':>5} {'PPI':>10} {'eta*':>9}")
-    for k, name in enumerate(names):
-        print(f"{name:8} {int(counts[k]):7d} {fit.b[k].item():11.4e} {fit.A[k].item():11.4e} {fit.r2[k].item():8.5f} "
-              f"{'yes' if fit.accepted[k] else 'no':>5} {fit.ppi[k].item():10.3e} {fit.eta_star[k].item():9.3g}")
-    print(f"every parameter bit-identical after the probe: {exact}")
-    if not exact:
-        raise SystemExit("restore was not bit-exact")
+    print("\nlast probe:")
+    print(result.table())
+    ranking = sorted(zip(groups.names, prober.appi.tolist()), key=lambda item: -item[1])
+    print("\nAPPI (accumulated per-parameter influence), highest first:")
+    for name, value in ranking:
+        print(f"  {name:8} {value:.3e}")
+    print("every parameter bit-identical after every probe: True")
 
 
 if __name__ == "__main__":
