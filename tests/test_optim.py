@@ -186,11 +186,11 @@ def test_capturable_adam_on_cuda_needs_no_sync():
     assert optimizer.state[next(model.parameters())]["step"].device.type == "cuda"
     params = list(model.parameters())
     expected = next_weights(model, optimizer, make)
+    steps = torch.tensor([1e-3], device="cuda")
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         found = adapeft.optimizer_direction(optimizer, params)
-        steps = torch.tensor([1e-3], device="cuda")
         group = adapeft.GroupPerturbation(params, found.directions, steps, states=found.states, layout=found.layout,
                                           hyper=found.hyper, capacity=sum(p.numel() for p in params))
         group.move(0)

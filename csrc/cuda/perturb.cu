@@ -6,6 +6,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <algorithm>
+
 #include "group_table.h"
 #include "step_math.h"
 
@@ -221,13 +223,17 @@ __device__ void move_chunk(T* param, const D* direction, int len, int64_t chunk,
   __syncthreads();
 }
 
-template <typename T>
+// kWithRules: the group has directions formed from an optimizer's state. A group of given directions
+// runs an instantiation where the rule is the constant identity and costs nothing.
+template <typename T, bool kWithRules>
 __device__ void move_chunk_direction(char* param, const char* direction, int64_t direction_code, int len,
                                      int64_t chunk, int64_t start, const int64_t* row, const MoveArgs& a,
                                      float eta_from, float eta_to, MoveShared& sh, Totals& totals) {
-  const int64_t tensor = (row - (a.table + kTableHeaderWords)) / kTableTensorWords;
-  const auto rule = DirectionRule<typename Storage<T>::Arith>::load(
-      row, a.hyper == nullptr ? nullptr : a.hyper + tensor * kHyperWords);
+  DirectionRule<typename Storage<T>::Arith> rule;
+  if constexpr (kWithRules) {
+    const int64_t tensor = (row - (a.table + kTableHeaderWords)) / kTableTensorWords;
+    rule = DirectionRule<typename Storage<T>::Arith>::load(row, a.hyper + tensor * kHyperWords);
+  }
   if (direction_code == kFloat32) {
     move_chunk<T, float>(reinterpret_cast<T*>(param), reinterpret_cast<const float*>(direction), len, chunk, start,
                          rule, a, eta_from, eta_to, sh, totals);
@@ -308,6 +314,9 @@ __device__ void finish_step(const MoveArgs& a, Totals totals, MoveShared& sh) {
   }
 }
 
+// Instantiated per need, since the register budget is set by the widest path a kernel contains:
+// kWithRules for optimizer directions, kWithDouble for float64 tensors.
+template <bool kWithRules, bool kWithDouble>
 __global__ void __launch_bounds__(kThreads, 1) move_kernel(MoveArgs a) {
   __shared__ MoveShared sh;
   Totals totals;
@@ -327,20 +336,22 @@ __global__ void __launch_bounds__(kThreads, 1) move_kernel(MoveArgs a) {
     const char* direction = reinterpret_cast<const char*>(row[kTensorDirectionPtr]) + start * dtype_bytes(direction_code);
     switch (param_code) {
       case kFloat32:
-        move_chunk_direction<float>(param, direction, direction_code, len, chunk, start, row, a, eta_from, eta_to, sh,
+        move_chunk_direction<float, kWithRules>(param, direction, direction_code, len, chunk, start, row, a, eta_from, eta_to, sh,
                                     totals);
         break;
       case kBFloat16:
-        move_chunk_direction<c10::BFloat16>(param, direction, direction_code, len, chunk, start, row, a, eta_from,
+        move_chunk_direction<c10::BFloat16, kWithRules>(param, direction, direction_code, len, chunk, start, row, a, eta_from,
                                             eta_to, sh, totals);
         break;
       case kFloat16:
-        move_chunk_direction<c10::Half>(param, direction, direction_code, len, chunk, start, row, a, eta_from, eta_to,
+        move_chunk_direction<c10::Half, kWithRules>(param, direction, direction_code, len, chunk, start, row, a, eta_from, eta_to,
                                         sh, totals);
         break;
       case kFloat64:
-        move_chunk_direction<double>(param, direction, direction_code, len, chunk, start, row, a, eta_from, eta_to,
-                                     sh, totals);
+        if constexpr (kWithDouble) {
+          move_chunk_direction<double, kWithRules>(param, direction, direction_code, len, chunk, start, row, a,
+                                                   eta_from, eta_to, sh, totals);
+        }
         break;
     }
   }
@@ -351,7 +362,7 @@ int resident_blocks(int device) {
   static int cached[64] = {0};
   if (device < 64 && cached[device] > 0) return cached[device];
   int per_sm = 0;
-  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, move_kernel, kThreads, 0));
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, move_kernel<true, true>, kThreads, 0));
   const int blocks = std::max(1, per_sm) * at::cuda::getDeviceProperties(device)->multiProcessorCount;
   if (device < 64) cached[device] = blocks;
   return blocks;
@@ -377,7 +388,15 @@ void perturb_cuda(at::TensorList params, at::TensorList directions, at::TensorLi
   a.report_row = call.report_row;
   a.hyper = call.hyper;
   const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>(call.num_chunks, resident_blocks(table.get_device())));
-  move_kernel<<<static_cast<unsigned>(blocks), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(a);
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  const bool with_double =
+      std::any_of(params.begin(), params.end(), [](const at::Tensor& p) { return p.scalar_type() == at::kDouble; });
+  const auto launch = [&](auto kernel) { kernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(a); };
+  if (call.hyper != nullptr) {
+    with_double ? launch(move_kernel<true, true>) : launch(move_kernel<true, false>);
+  } else {
+    with_double ? launch(move_kernel<false, true>) : launch(move_kernel<false, false>);
+  }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
