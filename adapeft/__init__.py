@@ -11,6 +11,7 @@ from .optim import OptimizerDirection, optimizer_direction
 from .ops import FitResult, group_fingerprint, new_ledger, new_report, pack_group, perturb_, quadratic_fit
 from .perturb import GroupPerturbation
 from .probe import ProbeResult, Prober, ProbeSchedule, param_groups, probe
+from .select import Selection, select
 
 __version__ = "0.1.0"
 
@@ -26,6 +27,7 @@ __all__ = [
     "ProbeResult",
     "Prober",
     "ProbeSchedule",
+    "Selection",
     "group_fingerprint",
     "group_parameters",
     "new_ledger",
@@ -36,4 +38,5 @@ __all__ = [
     "perturb_",
     "probe",
     "quadratic_fit",
+    "select",
 ]

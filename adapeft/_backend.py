@@ -14,7 +14,10 @@ import torch
 
 from . import reference
 
-OPS = ("pack_group", "perturb_", "quadratic_fit")
+OPS = ("pack_group", "perturb_", "quadratic_fit", "knapsack_greedy", "knapsack_exact", "knapsack_pareto",
+       "knapsack_exhaustive")
+# The knapsack is CPU work whatever the model's device: those ops have no CUDA kernel, by design.
+CPU_ONLY = ("knapsack_greedy", "knapsack_exact", "knapsack_pareto", "knapsack_exhaustive")
 DEVICE_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
 REQUIRE_EXT = os.environ.get("ADAPEFT_REQUIRE_EXT", "0") == "1"
 
@@ -43,8 +46,10 @@ def _compiled(op, key):
     return _C is not None and torch._C._dispatch_has_kernel_for_dispatch_key(f"adapeft::{op}", key)
 
 
-#: Which implementation serves each op on each device type: "compiled" or "reference".
-BACKENDS = {op: {device: "compiled" if _compiled(op, key) else "reference" for device, key in DEVICE_KEYS.items()}
+#: Which implementation serves each op on each device type: "compiled" or "reference" ("cpu only" for the
+#: knapsack ops on CUDA).
+BACKENDS = {op: {device: "cpu only" if device == "cuda" and op in CPU_ONLY
+                 else "compiled" if _compiled(op, key) else "reference" for device, key in DEVICE_KEYS.items()}
             for op in OPS}
 
 if REQUIRE_EXT:
@@ -83,7 +88,7 @@ if _C is not None:
 
     for _op in OPS:
         for _device, _key in DEVICE_KEYS.items():
-            if BACKENDS[_op][_device] == "reference":
+            if BACKENDS[_op][_device] == "reference" and not (_device == "cuda" and _op in CPU_ONLY):
                 torch.library.impl(f"adapeft::{_op}", _device, func=_fallback(_op, _device))
 
     def call(op):

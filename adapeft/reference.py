@@ -360,3 +360,99 @@ def quadratic_fit(losses, steps, counts, appi=None, r2_threshold=0.99):
     if appi is not None:
         appi[accepted] += ppi[accepted].to(appi.dtype)
     return b, A, r2, accepted, ppi, eta_star
+
+
+# Knapsack -------------------------------------------------------------------------------------------
+def _knapsack_items(values, counts, rank, op):
+    """(quantised values, counts, ranks) as Python ints, with the extension's checks and grid."""
+    values = [float(v) for v in torch.as_tensor(values).reshape(-1).tolist()]
+    counts_list = torch.as_tensor(counts).reshape(-1).tolist()
+    rank = [int(r) for r in torch.as_tensor(rank).reshape(-1).tolist()]
+    k = len(values)
+    if k == 0:
+        raise ValueError(f"{op}: there are no groups to choose from (K = 0)")
+    if len(counts_list) != k:
+        raise ValueError(f"{op}: values has {k} groups but counts has {len(counts_list)}")
+    if len(rank) != k:
+        raise ValueError(f"{op}: rank must have one entry per group ({k}), got {len(rank)}")
+    weights = []
+    for i, (v, w) in enumerate(zip(values, counts_list)):
+        if not math.isfinite(v) or v < 0:
+            raise ValueError(f"{op}: values[{i}] = {v}; loss reductions must be finite and >= 0")
+        if w != int(w) or int(w) <= 0:
+            raise ValueError(f"{op}: counts[{i}] = {w}; every group must have at least one parameter")
+        weights.append(int(w))
+    largest = max(values)
+    shift = 62 - math.ceil(math.log2(max(k, 2)))
+    quanta = [round(math.ldexp(v / largest, shift)) if largest > 0 else 0 for v in values]
+    return quanta, weights, rank
+
+
+def _efficiency_order(quanta, weights, rank):
+    from fractions import Fraction
+    return sorted(range(len(quanta)), key=lambda i: (-Fraction(quanta[i], weights[i]), weights[i], rank[i], i))
+
+
+def knapsack_greedy(values, counts, rank):
+    quanta, weights, rank = _knapsack_items(values, counts, rank, "adapeft.knapsack_greedy")
+    return torch.tensor(_efficiency_order(quanta, weights, rank), dtype=torch.int64)
+
+
+def _pareto_states(quanta, weights, order, capacity=None):
+    """Nemhauser-Ullmann over `order`: non-dominated (weight, value, mask) with weight <= capacity."""
+    frontier = [(0, 0, 0)]
+    for i in order:
+        if quanta[i] == 0:
+            continue
+        shifted = [(w + weights[i], v + quanta[i], m | (1 << i)) for w, v, m in frontier
+                   if capacity is None or w + weights[i] <= capacity]
+        merged, a, c = [], 0, 0
+        while a < len(frontier) or c < len(shifted):
+            if c < len(shifted) and (a >= len(frontier) or shifted[c][0] < frontier[a][0]):
+                point, c = shifted[c], c + 1
+            else:
+                point, a = frontier[a], a + 1
+            if merged and point[1] <= merged[-1][1]:
+                continue
+            if merged and merged[-1][0] == point[0]:
+                merged.pop()
+            merged.append(point)
+        frontier = merged
+    return frontier
+
+
+def knapsack_exact(values, counts, rank, capacity, max_states=10**8):
+    """The refined optimum by dynamic programming over all non-dominated states (no reduction)."""
+    quanta, weights, rank = _knapsack_items(values, counts, rank, "adapeft.knapsack_exact")
+    if capacity < 0:
+        raise ValueError(f"adapeft.knapsack_exact: capacity must be >= 0, got {capacity}")
+    states = _pareto_states(quanta, weights, _efficiency_order(quanta, weights, rank), capacity)
+    best = states[-1][2]
+    mask = torch.tensor([bool(best >> i & 1) for i in range(len(quanta))])
+    return mask, torch.tensor([1, len(quanta), len(states)], dtype=torch.int64)
+
+
+def knapsack_pareto(values, counts, rank, max_points=10**7):
+    quanta, weights, rank = _knapsack_items(values, counts, rank, "adapeft.knapsack_pareto")
+    if len(quanta) > 64:
+        raise ValueError(f"adapeft.knapsack_pareto: the exact frontier takes at most 64 groups (got {len(quanta)})")
+    frontier = _pareto_states(quanta, weights, _efficiency_order(quanta, weights, rank))
+    if len(frontier) > max_points:
+        frontier = []
+    as_signed = [m - (1 << 64) if m >= (1 << 63) else m for _, _, m in frontier]
+    return (torch.tensor([w for w, _, _ in frontier], dtype=torch.int64),
+            torch.tensor([v for _, v, _ in frontier], dtype=torch.int64),
+            torch.tensor(as_signed, dtype=torch.int64))
+
+
+def knapsack_exhaustive(values, counts, rank):
+    quanta, weights, _ = _knapsack_items(values, counts, rank, "adapeft.knapsack_exhaustive")
+    if len(quanta) > 24:
+        raise ValueError(f"adapeft.knapsack_exhaustive: enumerates 2^K subsets, so K must be at most 24 "
+                         f"(got {len(quanta)})")
+    w = np.zeros(1, dtype=np.int64)
+    v = np.zeros(1, dtype=np.int64)
+    for q_i, w_i in zip(quanta, weights):  # subset s has bit i set for the second half after item i
+        w = np.concatenate([w, w + w_i])
+        v = np.concatenate([v, v + q_i])
+    return torch.from_numpy(w), torch.from_numpy(v)

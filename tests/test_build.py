@@ -28,7 +28,7 @@ def test_cuda_kernels_registered_when_built_with_cuda():
     if not adapeft.BUILD_INFO["cuda"]:
         pytest.skip("built without CUDA")
     for op in _backend.OPS:
-        assert adapeft.BACKENDS[op]["cuda"] == "compiled"
+        assert adapeft.BACKENDS[op]["cuda"] == ("cpu only" if op in _backend.CPU_ONLY else "compiled")
 
 
 @needs_extension
@@ -87,7 +87,7 @@ def test_import_without_the_extension_falls_back(tmp_path):
         "    warnings.simplefilter('always')\n"
         "    import adapeft\n"
         "assert any('could not be loaded (blocked by the test)' in str(w.message) for w in caught), caught\n"
-        "assert all(v == {'cpu': 'reference', 'cuda': 'reference'} for v in adapeft.BACKENDS.values())\n"
+        "assert all(v['cpu'] == 'reference' for v in adapeft.BACKENDS.values())\n"
         "w = torch.randn(5000) * 0.02; d = torch.randn(5000); w0 = w.clone()\n"
         "steps = torch.tensor([-2e-3, -1e-3, 1e-3, 2e-3])\n"
         "with warnings.catch_warnings():\n"

@@ -1,0 +1,240 @@
+"""Knapsack selection: greedy, exact (refined), Pareto frontier and exhaustive, against enumeration."""
+import json
+import math
+import warnings
+from fractions import Fraction
+
+import numpy as np
+import pytest
+import torch
+
+import adapeft
+from adapeft import _backend, reference
+
+pytestmark = pytest.mark.skipif(_backend._C is None, reason="the compiled extension is not built")
+ops = torch.ops.adapeft
+
+
+def random_instance(rng, k):
+    """Values and counts of the kinds real probes give, and the awkward ones: ties, duplicates, zeros,
+    huge and tiny counts."""
+    kind = rng.integers(0, 6)
+    if kind == 0:
+        values = rng.random(k)
+    elif kind == 1:
+        values = rng.pareto(1.0, k) * 1e-3  # heavy-tailed
+    elif kind == 2:
+        values = rng.choice([0.0, 0.5, 1.0, 2.0], size=k)  # many ties and zeros
+    elif kind == 3:
+        values = np.zeros(k)
+    else:
+        values = rng.random(k) * 10.0 ** rng.integers(-12, 3)
+    counts = np.exp(rng.uniform(0, math.log(1e11), k)).astype(np.int64) + 1 if rng.random() < 0.5 \
+        else rng.integers(1, 20, k)
+    if kind == 5:  # duplicated groups: same value and count
+        values[k // 2:] = values[:k - k // 2]
+        counts[k // 2:] = counts[:k - k // 2]
+    return torch.tensor(values, dtype=torch.float64), torch.tensor(counts, dtype=torch.int64)
+
+
+def enumerate_all(values, counts):
+    """All subsets with numpy (independent of the extension): weights and fixed-point values."""
+    quanta, weights, _ = reference._knapsack_items(values, counts, torch.zeros(len(values)), "oracle")
+    k = len(quanta)
+    subsets = np.arange(1 << k, dtype=np.int64)
+    bits = (subsets[:, None] >> np.arange(k)) & 1
+    return bits @ np.array(weights, dtype=object), bits @ np.array(quanta, dtype=object), bits.astype(bool)
+
+
+def nondominated(w, q):
+    order = sorted(range(len(w)), key=lambda s: (w[s], -q[s]))
+    frontier, best = [], -1
+    for s in order:
+        if q[s] > best:
+            if frontier and w[frontier[-1]] == w[s]:
+                frontier.pop()
+            frontier.append(s)
+            best = q[s]
+    return [(w[s], q[s]) for s in frontier]
+
+
+def test_against_enumeration_on_many_instances():
+    rng = np.random.default_rng(int(torch.randint(0, 2**31, ()).item()))
+    for trial in range(2000):
+        k = int(rng.integers(1, 11))
+        values, counts = random_instance(rng, k)
+        rank = torch.tensor(rng.permutation(k))
+        w, q, bits = enumerate_all(values, counts)
+        # exact: the most value within the capacity, and the fewest parameters among those
+        capacity = int(rng.integers(0, int(counts.sum()) + 2))
+        mask, info = ops.knapsack_exact(values, counts, rank, capacity, 10**7)
+        fits = [s for s in range(len(w)) if w[s] <= capacity]
+        best = max(q[s] for s in fits)
+        lightest = min(w[s] for s in fits if q[s] == best)
+        chosen = int(sum(1 << i for i in range(k) if mask[i]))
+        assert info[0] == 1, f"trial {trial}: not proven"
+        assert (w[chosen], q[chosen]) == (lightest, best), f"trial {trial}: {values}, {counts}, cap {capacity}"
+        # pareto: exactly the non-dominated set, each mask reaching its point
+        pw, pq, pm = ops.knapsack_pareto(values, counts, rank, 10**7)
+        assert list(zip(pw.tolist(), pq.tolist())) == nondominated(w, q), f"trial {trial}"
+        for weight, value, m in zip(pw.tolist(), pq.tolist(), pm.tolist()):
+            assert (w[m & ((1 << k) - 1)], q[m & ((1 << k) - 1)]) == (weight, value)
+        # greedy: sorted by value per parameter exactly, then fewer parameters, then rank
+        quanta, weights, _ = reference._knapsack_items(values, counts, rank, "oracle")
+        order = ops.knapsack_greedy(values, counts, rank).tolist()
+        keys = [(-Fraction(quanta[i], weights[i]), weights[i], int(rank[i]), i) for i in order]
+        assert keys == sorted(keys) and sorted(order) == list(range(k)), f"trial {trial}"
+
+
+def test_exhaustive_op_and_twins_agree():
+    rng = np.random.default_rng(1)
+    for _ in range(50):
+        k = int(rng.integers(1, 13))
+        values, counts = random_instance(rng, k)
+        rank = torch.tensor(rng.permutation(k))
+        for got, want in zip(ops.knapsack_exhaustive(values, counts, rank),
+                             reference.knapsack_exhaustive(values, counts, rank)):
+            assert torch.equal(got, want)
+        w, q, _ = enumerate_all(values, counts)
+        assert ops.knapsack_exhaustive(values, counts, rank)[0].tolist() == list(w)
+        assert torch.equal(ops.knapsack_greedy(values, counts, rank), reference.knapsack_greedy(values, counts, rank))
+        capacity = int(rng.integers(0, int(counts.sum()) + 1))
+        assert torch.equal(ops.knapsack_exact(values, counts, rank, capacity, 10**7)[0],
+                           reference.knapsack_exact(values, counts, rank, capacity)[0])
+        for got, want in zip(ops.knapsack_pareto(values, counts, rank, 10**7),
+                             reference.knapsack_pareto(values, counts, rank)):
+            assert torch.equal(got, want)
+
+
+def realistic(k, seed=0):
+    rng = np.random.default_rng(seed)
+    values = torch.tensor(rng.pareto(1.0, k) * rng.random(k), dtype=torch.float64)
+    counts = torch.tensor(np.exp(rng.uniform(math.log(1e3), math.log(1e9), k)).astype(np.int64))
+    return values, counts
+
+
+def test_exact_at_scale_beats_or_ties_greedy():
+    values, counts = realistic(100_000)
+    rank = torch.arange(100_000)
+    capacity = int(0.3 * counts.sum())
+    mask, info = ops.knapsack_exact(values, counts, rank, capacity, 10**8)
+    assert info[0] == 1 and int(counts[mask].sum()) <= capacity
+    greedy = adapeft.select(values=values, counts=counts, budget=0.3, method="greedy")
+    assert values[mask].sum() >= greedy.value * (1 - 1e-12)
+
+
+def test_selection_api():
+    names = ["lora_A", "lora_B", "head", "norm", "bias", "embed", "others"]
+    values = [0.3, 0.1, 0.5, 0.2, 0.05, 0.01, 0.4]
+    counts = [1000, 1000, 500, 300, 200, 50_000, 1_000_000]
+    exact = adapeft.select(values=values, counts=counts, budget=0.002, method="exact", names=names)
+    assert exact.proven and exact.count <= 0.002 * sum(counts)
+    assert exact.mask.dtype == bool and exact.mask.shape == (7,)
+    assert exact.value == pytest.approx(sum(v for v, m in zip(values, exact.mask) if m))
+    greedy = adapeft.select(values=values, counts=counts, method="greedy", names=names)
+    assert [p[0] for p in greedy.frontier] == sorted(p[0] for p in greedy.frontier)
+    masks = [p[2] for p in greedy.frontier]
+    assert all((a <= b).all() for a, b in zip(masks, masks[1:])), "greedy sets must be nested"
+    pareto = adapeft.select(values=values, counts=counts, method="pareto", names=names, budget=0.002)
+    assert pareto.labels == ["exact"] * len(pareto.frontier)
+    assert pareto.value == pytest.approx(exact.value) and pareto.count == exact.count
+    assert all(a[0] < b[0] and a[1] < b[1] for a, b in zip(pareto.frontier, pareto.frontier[1:]))
+    assert "chosen:" in pareto.table()
+
+
+def test_pareto_beyond_the_exact_limit_is_labelled():
+    values, counts = realistic(60, seed=3)
+    selection = adapeft.select(values=values, counts=counts, method="pareto", budgets=(0.1, 0.3))
+    assert "greedy" in selection.labels and {"exact@0.1", "exact@0.3"} <= set(selection.labels)
+    assert any("more than the 40" in note for note in selection.notes)
+    exact = adapeft.select(values=values, counts=counts, method="exact", budget=0.3)
+    point = selection.frontier[selection.labels.index("exact@0.3")]
+    assert point[0] == exact.count and point[1] == pytest.approx(exact.value)
+
+
+def test_all_zero_values_select_nothing():
+    for method in ("greedy", "exact", "pareto"):
+        selection = adapeft.select(values=[0.0, 0.0, 0.0], counts=[5, 1, 3], budget=0.5, method=method)
+        assert not selection.mask.any() and selection.value == 0.0
+    greedy = adapeft.select(values=[0.0, 0.0, 0.0], counts=[5, 1, 3], method="greedy")
+    assert [p[0] for p in greedy.frontier] == [0, 1, 4, 9]  # ties: fewer parameters first
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    (dict(values=[1.0, math.nan], counts=[1, 1], budget=0.5), RuntimeError, r"values\[1\] = nan"),
+    (dict(values=[1.0, -1.0], counts=[1, 1], budget=0.5), RuntimeError, r"values\[1\] = -1"),
+    (dict(values=[1.0, 1.0], counts=[1, 0], budget=0.5), RuntimeError, r"counts\[1\] = 0"),
+    (dict(values=[1.0, 1.0], counts=[1, -3], budget=0.5), RuntimeError, r"counts\[1\] = -3"),
+    (dict(values=[1.0, 1.0], counts=[1, 1.5], budget=0.5), RuntimeError, "whole numbers"),
+    (dict(values=[1.0, 1.0], counts=[1, 1], budget=1.5), ValueError, "budget must be a share"),
+    (dict(values=[1.0, 1.0], counts=[1, 1], budget=-0.1), ValueError, "budget must be a share"),
+    (dict(values=[], counts=[], budget=0.5), ValueError, r"K = 0"),
+    (dict(values=[1.0], counts=[1, 2], budget=0.5), ValueError, "values has 1 groups but counts has 2"),
+    (dict(values=[1.0], counts=[1]), ValueError, "needs a budget"),
+])
+def test_bad_input(kwargs, error, message):
+    with pytest.raises(error, match=message):
+        adapeft.select(method="exact", **kwargs)
+
+
+def test_ops_opcheck():
+    values, counts = realistic(9, seed=4)
+    rank = torch.arange(9)
+    torch.library.opcheck(ops.knapsack_greedy.default, (values, counts, rank))
+    torch.library.opcheck(ops.knapsack_exact.default, (values, counts, rank, int(counts.sum() // 3), 10**6))
+    torch.library.opcheck(ops.knapsack_exhaustive.default, (values, counts, rank))
+    # The frontier's length depends on the data; fake tensors give it an unbacked size.
+    torch.library.opcheck(ops.knapsack_pareto.default, (values, counts, rank, 10**6),
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+
+def tiny_gpt2(layers):
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        config = transformers.GPT2Config(n_layer=layers, n_embd=32, n_head=2, vocab_size=61, n_positions=32,
+                                         bos_token_id=0, eos_token_id=0)
+        return peft.get_peft_model(transformers.GPT2LMHeadModel(config),
+                                   peft.LoraConfig(r=4, target_modules=["c_attn"], fan_in_fan_out=True))
+
+
+def test_apply_save_load_and_transfer_to_a_larger_model(tmp_path):
+    small = tiny_gpt2(2)
+    groups = adapeft.group_parameters(small)
+    values = {"lora_A": 0.2, "lora_B": 0.5, "norm": 0.3, "bias": 0.1, "embed": 0.01, "others": 0.05}
+    selection = adapeft.select(values=[values[n] for n in groups.names], counts=groups.numel, names=groups.names,
+                               budget=0.05, method="exact")
+    path = tmp_path / "selection.json"
+    selection.save(path)
+    assert json.loads(path.read_text())["chosen"] == selection.chosen
+    loaded = adapeft.Selection.load(path)
+    assert loaded.chosen == selection.chosen and loaded.method == "exact"
+    large = tiny_gpt2(4)
+    large_groups = adapeft.group_parameters(large)
+    report = loaded.apply(large, large_groups)
+    assert set(report["trained"]) == set(selection.chosen) and "lora_B" in report["trained"]
+    for name in large_groups.names:
+        assert all(p.requires_grad == (name in selection.chosen) for p in large_groups.params(name))
+    assert report["trainable_parameters"] == sum(p.numel() for p in large.parameters() if p.requires_grad)
+    layered = adapeft.group_parameters(large, granularity="layer")
+    with pytest.raises(ValueError, match="do not match"):
+        loaded.apply(large, layered)
+
+
+def test_select_from_a_prober():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.LayerNorm(16), torch.nn.Tanh(),
+                                torch.nn.Linear(16, 3)).double()
+    batch = (torch.randn(64, 8, dtype=torch.float64), torch.randint(0, 3, (64,)))
+
+    def loss_fn(model, batch):
+        return torch.nn.functional.cross_entropy(model(batch[0]), batch[1])
+
+    loss_fn(model, batch).backward()
+    prober = adapeft.Prober(model, None, loss_fn)
+    prober.step(batch, 1e-4)
+    selection = adapeft.select(prober, budget=0.2, method="exact")
+    assert selection.names == prober.names and selection.counts == prober.groups.numel
+    expected = (prober.appi * torch.tensor(prober.groups.numel, dtype=torch.float64)).tolist()
+    assert selection.values == pytest.approx(expected)
