@@ -384,7 +384,8 @@ def _knapsack_items(values, counts, rank, op):
         weights.append(int(w))
     largest = max(values)
     shift = 62 - math.ceil(math.log2(max(k, 2)))
-    quanta = [round(math.ldexp(v / largest, shift)) if largest > 0 else 0 for v in values]
+    grid = math.ldexp(1.0, shift)  # a power of two: the product is exact, as in the extension
+    quanta = [round(v / largest * grid) if largest > 0 else 0 for v in values]
     return quanta, weights, rank
 
 

@@ -26,11 +26,13 @@ from .groups import ParameterGroups
 
 METHODS = ("greedy", "exact", "pareto")
 DEFAULT_BUDGETS = (0.001, 0.003, 0.01, 0.03, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0)
-# Measured by benchmarks/bench_select.py: the exact frontier stays interactive (well under a second)
-# up to about this many groups of realistic values and counts.
-MAX_EXACT_GROUPS = 40
+# The exact frontier is kept for up to 64 groups (its masks are 64-bit) and 5 million points. Measured by
+# benchmarks/bench_select.py: realistic, uniform and strongly correlated instances of 64 groups have
+# frontiers of 10^3-10^4 points, found in milliseconds; values exactly proportional to counts (every
+# efficiency tied) reach the point limit within a second, and the greedy frontier is used instead.
+MAX_EXACT_GROUPS = 64
 MAX_FRONTIER_POINTS = 5_000_000
-MAX_EXACT_STATES = 50_000_000
+MAX_EXACT_STATES = 20_000_000  # about 0.5 GB of search states at most
 
 
 @dataclass

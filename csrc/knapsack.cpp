@@ -1,8 +1,10 @@
 #include "knapsack.h"
 
+#include <ATen/Parallel.h>
+
 #include <algorithm>
 #include <cmath>
-#include <parallel/algorithm>
+#include <cstring>
 
 namespace adapeft {
 
@@ -41,27 +43,65 @@ KnapsackItems knapsack_items(const at::Tensor& values, const at::Tensor& counts,
                 op, ": the counts add up to more than 2^62 parameters");
   }
   const int shift = 62 - static_cast<int>(std::ceil(std::log2(static_cast<double>(std::max<int64_t>(k, 2)))));
-  for (int64_t i = 0; i < k; ++i) {
-    items.value[i] = largest > 0 ? std::llrint(std::ldexp(vp[i] / largest, shift)) : 0;
-  }
+  const double grid = std::ldexp(1.0, shift);  // a power of two: the product below is exact
+  at::parallel_for(0, k, 1 << 14, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) items.value[i] = largest > 0 ? std::llrint(vp[i] / largest * grid) : 0;
+  });
   items.unit = largest > 0 ? std::ldexp(largest, -shift) : 0.0;
   return items;
 }
 
 std::vector<int64_t> efficiency_order(const KnapsackItems& items) {
-  std::vector<int64_t> order(items.value.size());
-  for (size_t i = 0; i < order.size(); ++i) order[i] = static_cast<int64_t>(i);
   const auto& q = items.value;
   const auto& w = items.weight;
   const auto& r = items.rank;
+  const size_t n = q.size();
   const auto before = [&](int64_t a, int64_t b) {
     if (more_efficient(q[a], w[a], q[b], w[b])) return true;
     if (more_efficient(q[b], w[b], q[a], w[a])) return false;
     if (w[a] != w[b]) return w[a] < w[b];
     return r[a] != r[b] ? r[a] < r[b] : a < b;
   };
-  // The GNU parallel sort uses OpenMP threads; the order is total, so the result does not depend on them.
-  __gnu_parallel::sort(order.begin(), order.end(), before);
+  // A radix sort on the efficiency as a double, then an exact sort of each run of efficiencies too close
+  // for doubles to tell apart (within 2^-48 relative; a double ratio is off by at most 2^-52): the result
+  // is the exact order, at the cost of a radix sort.
+  struct Keyed {
+    uint64_t key;  // the efficiency's bits, complemented: ascending keys are descending efficiencies
+    int64_t index;
+  };
+  std::vector<Keyed> keyed(n), scratch(n);
+  at::parallel_for(0, static_cast<int64_t>(n), 1 << 14, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const double ratio = static_cast<double>(q[i]) / static_cast<double>(w[i]);
+      uint64_t bits;
+      std::memcpy(&bits, &ratio, sizeof(bits));  // non-negative doubles order as their bits
+      keyed[i] = {~bits, i};
+    }
+  });
+  constexpr int kDigit = 16;
+  std::vector<size_t> bucket((size_t{1} << kDigit) + 1);
+  for (int shift = 0; shift < 64; shift += kDigit) {
+    std::fill(bucket.begin(), bucket.end(), 0);
+    for (size_t i = 0; i < n; ++i) ++bucket[((keyed[i].key >> shift) & 0xffff) + 1];
+    for (size_t d = 1; d < bucket.size(); ++d) bucket[d] += bucket[d - 1];
+    for (size_t i = 0; i < n; ++i) scratch[bucket[(keyed[i].key >> shift) & 0xffff]++] = keyed[i];
+    keyed.swap(scratch);
+  }
+  std::vector<int64_t> order(n);
+  const auto ratio_of = [&](size_t i) {
+    const uint64_t bits = ~keyed[i].key;
+    double ratio;
+    std::memcpy(&ratio, &bits, sizeof(ratio));
+    return ratio;
+  };
+  for (size_t i = 0; i < n; ++i) order[i] = keyed[i].index;
+  const double close = 1.0 - std::ldexp(1.0, -48);
+  for (size_t start = 0; start < n;) {
+    size_t end = start + 1;
+    while (end < n && ratio_of(end) >= ratio_of(end - 1) * close) ++end;
+    if (end - start > 1) std::sort(order.begin() + start, order.begin() + end, before);
+    start = end;
+  }
   return order;
 }
 

@@ -4,11 +4,13 @@
 // Method: items in efficiency order; the greedy break solution gives the Dantzig upper bound and, filled
 // on by skipping, a lower bound LB; reduction tests fix every item whose opposite choice cannot reach LB
 // (strictly, so that no optimal set is lost, ties included); the remaining core is solved by dynamic
-// programming over Pareto states (weight, value), pruned by dominance and by an LP bound. All
-// arithmetic is on integers (values on the fixed-point grid of knapsack.h), so ties are exact.
+// programming over Pareto states (weight, value), expanding from the break item outward as in
+// Pisinger's minknap, pruned by dominance and by bounds. All arithmetic is on integers (values on the
+// fixed-point grid of knapsack.h), so ties are exact.
 #include <torch/library.h>
 
 #include <algorithm>
+#include <limits>
 
 #include "knapsack.h"
 
@@ -18,37 +20,16 @@ namespace {
 struct State {
   int64_t weight;
   int64_t value;
-  int64_t parent;  // index in the previous level's list
-  bool took;       // whether this level's item is in
-};
-
-// LP bound of items[from:] (efficiency order, prefix sums `cw`/`cv` relative to the core) at capacity c,
-// compared with a target: is base + LP(c) >= target?
-struct LpBound {
-  const std::vector<int64_t>& cw;  // cw[i] = weight of core items [0, i)
-  const std::vector<int64_t>& cv;
-  const std::vector<int64_t>& q;
-  const std::vector<int64_t>& w;
-
-  bool reaches(size_t from, int64_t capacity, int64_t base, int64_t target) const {
-    const size_t n = q.size();
-    // Largest k >= from with cw[k] - cw[from] <= capacity.
-    const int64_t limit = cw[from] + capacity;
-    const size_t k = static_cast<size_t>(std::upper_bound(cw.begin() + from, cw.end(), limit) - cw.begin()) - 1;
-    const int64_t value = base + cv[k] - cv[from];
-    if (value >= target) return true;
-    if (k >= n) return false;
-    const int64_t left = limit - cw[k];
-    return static_cast<__int128>(value) * w[k] + static_cast<__int128>(left) * q[k] >=
-           static_cast<__int128>(target) * w[k];
-  }
+  int32_t parent;  // index in the previous level's list
+  bool took;       // whether this level's item was flipped
 };
 
 std::tuple<at::Tensor, at::Tensor> knapsack_exact_cpu(const at::Tensor& values, const at::Tensor& counts,
                                                       const at::Tensor& rank, int64_t capacity, int64_t max_states) {
   const KnapsackItems items = knapsack_items(values, counts, rank, "adapeft.knapsack_exact");
   TORCH_CHECK(capacity >= 0, "adapeft.knapsack_exact: capacity must be >= 0, got ", capacity);
-  TORCH_CHECK(max_states > 0, "adapeft.knapsack_exact: max_states must be positive, got ", max_states);
+  TORCH_CHECK(max_states > 0 && max_states < (int64_t{1} << 31), "adapeft.knapsack_exact: max_states must be in "
+              "[1, 2^31), got ", max_states);
   const int64_t k = static_cast<int64_t>(items.value.size());
   auto mask = at::zeros({k}, at::TensorOptions().dtype(at::kBool));
   bool* chosen = mask.data_ptr<bool>();
@@ -79,13 +60,13 @@ std::tuple<at::Tensor, at::Tensor> knapsack_exact_cpu(const at::Tensor& values, 
   const int64_t residual = capacity - used;
   // Lower bound: the break solution filled on with every later item that still fits.
   std::vector<bool> greedy_in(n, false);
-  int64_t lower = break_value, room = residual;
+  int64_t lower = break_value, spare = residual;
   for (size_t i = 0; i < n; ++i) {
     if (i < b) {
       greedy_in[i] = true;
-    } else if (i > b && w[i] <= room) {
+    } else if (i > b && w[i] <= spare) {
       greedy_in[i] = true;
-      room -= w[i];
+      spare -= w[i];
       lower += q[i];
     }
   }
@@ -98,55 +79,77 @@ std::tuple<at::Tensor, at::Tensor> knapsack_exact_cpu(const at::Tensor& values, 
                                  : (static_cast<__int128>(break_value + q[j]) * wb + (residual - w[j]) * qb);
     if (bound < static_cast<__int128>(lower) * wb) fixed[j] = j < b ? 1 : 0;
   }
-  std::vector<size_t> core;
+  // The core, processed outward from the break item: states start from the break solution (every core
+  // item before b in), and each step either keeps or flips the next item on the right (adding it) or
+  // on the left (removing it). A state may overweigh the capacity until a later removal.
+  std::vector<size_t> left, right;  // left: nearest first, right: b first
   int64_t base_value = 0, base_weight = 0;
   for (size_t j = 0; j < n; ++j) {
-    if (fixed[j] == 1) {
+    if (fixed[j] == 1 || (fixed[j] == -1 && j < b)) {
       base_value += q[j];
       base_weight += w[j];
-    } else if (fixed[j] == -1) {
-      core.push_back(j);
     }
   }
-  core_size = static_cast<int64_t>(core.size());
-  const int64_t room_core = capacity - base_weight;
-  std::vector<int64_t> cq(core.size()), cwt(core.size()), cw(core.size() + 1, 0), cv(core.size() + 1, 0);
-  for (size_t i = 0; i < core.size(); ++i) {
-    cq[i] = q[core[i]];
-    cwt[i] = w[core[i]];
-    cw[i + 1] = cw[i] + cwt[i];
-    cv[i + 1] = cv[i] + cq[i];
+  for (size_t j = b; j-- > 0;) {
+    if (fixed[j] == -1) left.push_back(j);
   }
-  const LpBound bound{cw, cv, cq, cwt};
+  for (size_t j = b; j < n; ++j) {
+    if (fixed[j] == -1) right.push_back(j);
+  }
+  core_size = static_cast<int64_t>(left.size() + right.size());
+  const int64_t room = capacity - base_weight;  // >= 0: the break solution fits
+  std::vector<size_t> steps;                    // the item of each level, in processing order
+  for (size_t i = 0; i < std::max(left.size(), right.size()); ++i) {
+    if (i < right.size()) steps.push_back(right[i]);
+    if (i < left.size()) steps.push_back(left[i]);
+  }
+  // Pisinger's bounds on a state given the next unprocessed items: an underweight state can gain at most
+  // the next right item's efficiency per free parameter; an overweight one must shed weight at least at
+  // the next left item's efficiency.
+  const auto promising = [&](const State& st, size_t next_left, size_t next_right, int64_t target) {
+    if (st.weight <= room) {
+      if (next_right >= right.size()) return st.value >= target;
+      const size_t t = right[next_right];
+      return static_cast<__int128>(st.value) * w[t] + static_cast<__int128>(room - st.weight) * q[t] >=
+             static_cast<__int128>(target) * w[t];
+    }
+    if (next_left >= left.size()) return false;
+    const size_t s = left[next_left];
+    return static_cast<__int128>(st.value) * w[s] - static_cast<__int128>(st.weight - room) * q[s] >=
+           static_cast<__int128>(target) * w[s];
+  };
 
-  // Dynamic programming over Pareto states, one level per core item.
   std::vector<std::vector<State>> levels;
   std::vector<State> current{{0, 0, -1, false}};
-  for (size_t t = 0; t < core.size() && proven; ++t) {
+  int64_t target = lower - base_value;  // values below are relative to the break solution
+  size_t next_left = 0, next_right = 0;
+  for (size_t level = 0; level < steps.size(); ++level) {
+    const size_t item = steps[level];
+    const bool adding = item >= b;
+    (adding ? next_right : next_left) += 1;
+    const int64_t dw = adding ? w[item] : -w[item];
+    const int64_t dv = adding ? q[item] : -q[item];
     std::vector<State> next;
     next.reserve(current.size() * 2);
-    size_t a = 0, c = 0;
-    int64_t best = -1;
-    const auto offer = [&](const State& s) {
-      if (s.value <= best) return;  // dominated: no lighter-or-equal state is worse
-      if (!next.empty() && next.back().weight == s.weight) next.pop_back();
-      if (!bound.reaches(t + 1, room_core - s.weight, base_value + s.value, lower)) return;
-      next.push_back(s);
-      best = s.value;
-      lower = std::max(lower, base_value + s.value);
+    int64_t best = std::numeric_limits<int64_t>::min();
+    const auto offer = [&](const State& st) {
+      if (st.value <= best) return;  // dominated: a lighter-or-equal state is at least as good
+      if (!next.empty() && next.back().weight == st.weight) next.pop_back();
+      if (!promising(st, next_left, next_right, target)) return;
+      next.push_back(st);
+      best = st.value;
+      if (st.weight <= room) target = std::max(target, st.value);
     };
+    // Merge the unchanged list with the flipped one (shifted by dw), both sorted by weight.
+    size_t a = 0, c = 0;
     while (a < current.size() || c < current.size()) {
-      const bool take_from_with =
-          c < current.size() && current[c].weight + cwt[t] <= room_core &&
-          (a >= current.size() || current[c].weight + cwt[t] < current[a].weight);
-      if (take_from_with) {
-        offer({current[c].weight + cwt[t], current[c].value + cq[t], static_cast<int64_t>(c), true});
+      const bool flipped = c < current.size() && (a >= current.size() || current[c].weight + dw < current[a].weight);
+      if (flipped) {
+        offer({current[c].weight + dw, current[c].value + dv, static_cast<int32_t>(c), true});
         ++c;
-      } else if (a < current.size()) {
-        offer({current[a].weight, current[a].value, static_cast<int64_t>(a), false});
-        ++a;
       } else {
-        ++c;  // the rest of the "with" list does not fit
+        offer({current[a].weight, current[a].value, static_cast<int32_t>(a), false});
+        ++a;
       }
     }
     states_stored += static_cast<int64_t>(next.size());
@@ -162,14 +165,20 @@ std::tuple<at::Tensor, at::Tensor> knapsack_exact_cpu(const at::Tensor& values, 
     for (size_t i = 0; i < n; ++i) chosen[order[i]] = greedy_in[i];
     return {mask, at::tensor({proven, core_size, states_stored}, at::TensorOptions().dtype(at::kLong))};
   }
-  for (size_t j = 0; j < n; ++j) chosen[order[j]] = fixed[j] == 1;
-  // The last state has the highest value and, for it, the lowest weight.
-  int64_t index = static_cast<int64_t>(current.size()) - 1;
+  // The best feasible state: the highest value, and for it the lowest weight (the list is Pareto).
+  int64_t index = -1;
+  for (int64_t i = static_cast<int64_t>(current.size()) - 1; i >= 0; --i) {
+    if (current[i].weight <= room) {
+      index = i;
+      break;
+    }
+  }
+  for (size_t j = 0; j < n; ++j) chosen[order[j]] = fixed[j] == 1 || (fixed[j] == -1 && j < b);
   const State* state = &current[index];
-  for (size_t t = core.size(); t-- > 0;) {
-    if (state->took) chosen[order[core[t]]] = true;
+  for (size_t level = steps.size(); level-- > 0;) {
+    if (state->took) chosen[order[steps[level]]] = steps[level] >= b;
     index = state->parent;
-    state = &levels[t][index];
+    state = &levels[level][index];
   }
   return {mask, at::tensor({proven, core_size, states_stored}, at::TensorOptions().dtype(at::kLong))};
 }
