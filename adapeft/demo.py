@@ -9,7 +9,9 @@ model; target M: all 6. Both get LoRA (r=8) on query and value.
 2. select: the exact knapsack under the budget, and the whole Pareto frontier;
 3. train: M is trained with only the chosen groups for the horizon, and tested.
 With compare=True, the standard PEFT choices and the AdaPEFT nested sets are trained the same way over
-several seeds (the paper's Table 3), and the measured Pareto plot is drawn.
+several seeds (the paper's Table 3), and the measured Pareto plot is drawn. Learning rates (AdamW):
+5e-5 for full fine-tuning and for groups over 5% of the parameters (the embeddings, the bulk of the
+weights), 1e-3 for the small PEFT groups, as the paper uses one rate for each regime.
 """
 import importlib.util
 import json
@@ -36,6 +38,7 @@ BASELINES = {  # the PEFT methods of the paper's Table 1, as the groups they tra
     "LoRA": ("lora_A", "lora_B", "head"),
     "full fine-tuning": None,
 }
+LARGE_GROUP = 0.05  # groups above this share of the parameters train at the full fine-tuning rate
 SETTINGS = {
     "quick": {"horizon": 40, "probe_every": 2, "batch": 16, "max_length": 32, "lr_full": 1e-4, "lr_peft": 2e-3},
     "full": {"horizon": 300, "probe_every": 6, "batch": 16, "max_length": 48, "lr_full": 5e-5, "lr_peft": 1e-3},
@@ -148,10 +151,13 @@ def train_target(folder, trained, train, test, settings, seed, device, label):
     names = groups.names if trained is None else list(trained)
     selection = Selection(groups.names, [0.0] * len(groups), groups.numel,
                           np.array([n in names for n in groups.names]), "given")
-    lr = settings["lr_full"] if trained is None else settings["lr_peft"]
+    # The paper's two learning rates: the full fine-tuning one for the big groups (embeddings, the bulk of
+    # the weights), the PEFT one for the small ones.
+    rates = {name: settings["lr_full"] if count > LARGE_GROUP * groups.total else settings["lr_peft"]
+             for name, count in zip(groups.names, groups.numel)}
     progress = Progress(settings["horizon"], label)
     run = AdaPEFT.train_selected(model, selection, batches(train, settings["batch"], seed, device), loss_fn,
-                                 settings["horizon"], lr, on_step=progress)
+                                 settings["horizon"], settings["lr_peft"], learning_rates=rates, on_step=progress)
     progress.close()
     scores = evaluate(model, test, device)
     return {"label": label, "seed": seed, "trainable": run.trainable, "share": run.trainable / groups.total,
