@@ -28,7 +28,7 @@ from . import plot
 from .algorithm import AdaPEFT, equip_lora
 from .data import LABELS, stdlib_docstrings, train_test_split
 from .groups import group_parameters
-from .select import Selection
+from .select import Selection, all_subsets
 
 LORA_TARGETS = ("query", "value")
 BASELINES = {  # the PEFT methods of the paper's Table 1, as the groups they train
@@ -220,13 +220,8 @@ def run(out_dir="adapeft-demo", quick=False, compare=False, model=None, budget=0
         measured = [(row["share"], row["accuracy_mean"], row["method"]) for row in results["comparison"]]
     plot.ppi_heatmap(prober.history, prober.names, os.path.join(out_dir, "ppi_heatmap.png"))
     plot.appi_curves(prober.history, prober.names, os.path.join(out_dir, "appi.png"))
-    subsets = None
-    if len(prober.names) <= 24:  # every subset, for the picture's background (the paper's Figure 5)
-        values = torch.tensor(frontier.values, dtype=torch.float64)
-        counts = torch.tensor(frontier.counts)
-        subset_counts, _ = torch.ops.adapeft.knapsack_exhaustive(values, counts, torch.arange(len(counts)))
-        bits = (torch.arange(1 << len(counts))[:, None] >> torch.arange(len(counts))) & 1
-        subsets = (subset_counts.numpy(), (bits.double() @ values).numpy())
+    # Every subset, for the picture's background (the paper's Figure 5).
+    subsets = all_subsets(frontier.values, frontier.counts) if len(prober.names) <= 24 else None
     plot.pareto(frontier, os.path.join(out_dir, "pareto.png"), all_subsets=subsets, measured=measured,
                 title="AdaPEFT on all-MiniLM-L6-v2 (proxy's predicted loss reduction)")
     results["seconds"] = time.perf_counter() - started

@@ -227,6 +227,16 @@ def select(prober_or_values=None, counts=None, *, values=None, budget=None, meth
                      proven=not any(label.startswith("best@") for label in labels))
 
 
+def all_subsets(values, counts):
+    """(parameters, loss reduction) of every subset of at most 24 groups, subset s at index s (bit i: group
+    i): the cloud the paper's Figure 5 draws the frontier against."""
+    v = torch.as_tensor(values, dtype=torch.float64)
+    c = torch.as_tensor(counts).to(torch.int64)
+    subset_counts, _ = _backend.call("knapsack_exhaustive")(v, c, torch.arange(v.numel()))
+    bits = (torch.arange(1 << v.numel())[:, None] >> torch.arange(v.numel())) & 1
+    return subset_counts.numpy(), (bits.double() @ v).numpy()
+
+
 def _best_within(frontier, budget, total):
     """The frontier point with the most value within the budget, the fewest parameters among ties (no
     budget: the most value overall)."""

@@ -10,6 +10,7 @@ import torch
 
 import adapeft
 from adapeft import _backend, reference
+from adapeft.select import all_subsets
 
 pytestmark = pytest.mark.skipif(_backend._C is None, reason="the compiled extension is not built")
 ops = torch.ops.adapeft
@@ -84,6 +85,16 @@ def test_against_enumeration_on_many_instances():
         order = ops.knapsack_greedy(values, counts, rank).tolist()
         keys = [(-Fraction(quanta[i], weights[i]), weights[i], int(rank[i]), i) for i in order]
         assert keys == sorted(keys) and sorted(order) == list(range(k)), f"trial {trial}"
+
+
+def test_all_subsets_matches_enumeration():
+    rng = np.random.default_rng(7)
+    for k in (1, 5, 11):
+        values, counts = random_instance(rng, k)
+        subset_counts, subset_values = all_subsets(values, counts)
+        w, _, bits = enumerate_all(values, counts)
+        assert subset_counts.tolist() == list(w)
+        np.testing.assert_allclose(subset_values, bits @ values.double().numpy(), rtol=1e-12, atol=0)
 
 
 def test_exhaustive_op_and_twins_agree():
