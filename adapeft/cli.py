@@ -83,8 +83,8 @@ def _load_probe(path):
         raise SystemExit(f"adapeft: --probe {path}: no such file")
     with open(path) as handle:
         record = json.load(handle)
-    if record.get("format") != "adapeft.probe/1":
-        raise SystemExit(f"adapeft: --probe {path} is not a probe record from `adapeft probe`")
+    if record.get("format") not in ("adapeft.probe/1", "adapeft.demo/1"):
+        raise SystemExit(f"adapeft: --probe {path} is not a probe record from `adapeft probe` or `adapeft demo`")
     return record
 
 
@@ -101,19 +101,9 @@ def _select(args):
 
 
 def _plot(args):
-    import torch
-
     from . import plot
-    from .select import select
     record = _load_probe(args.probe)
-    os.makedirs(args.out, exist_ok=True)
-    history = [torch.tensor(h) for h in record["ppi_history"]]
-    written = [plot.ppi_heatmap(history, record["groups"], os.path.join(args.out, "ppi_heatmap.png")),
-               plot.appi_curves(history, record["groups"], os.path.join(args.out, "appi.png"))]
-    values = [a * n for a, n in zip(record["appi"], record["counts"])]
-    frontier = select(values=values, counts=record["counts"], names=record["groups"], method="pareto")
-    written.append(plot.pareto(frontier, os.path.join(args.out, "pareto.png")))
-    print("wrote " + ", ".join(written))
+    print("wrote " + ", ".join(plot.report(record, args.out, budget=record.get("budget"))))
 
 
 def parser():

@@ -28,7 +28,7 @@ from . import plot
 from .algorithm import AdaPEFT, equip_lora
 from .data import LABELS, stdlib_docstrings, train_test_split
 from .groups import group_parameters
-from .select import Selection, all_subsets
+from .select import Selection
 
 LORA_TARGETS = ("query", "value")
 BASELINES = {  # the PEFT methods of the paper's Table 1, as the groups they train
@@ -210,19 +210,13 @@ def run(out_dir="adapeft-demo", quick=False, compare=False, model=None, budget=0
     log(f"3/3 target (6 layers) trained on {target['share']:.3%} of its parameters: test accuracy "
         f"{target['test_accuracy']:.3f}, final train loss {target['final_train_loss']:.3f}")
 
-    results = {"device": str(torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"),
+    results = {"format": "adapeft.demo/1", "device": str(torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"),
                "settings": settings, "budget": budget, "groups": prober.names, "counts": prober.groups.numel,
                "appi": prober.appi.cpu().tolist(), "ppi_history": history,
                "selection": selection.as_dict(), "frontier": frontier.as_dict()["frontier"], "target": target}
-    measured = [(target["share"], target["test_accuracy"], "AdaPEFT")]
     if compare:
         results["comparison"] = compare_methods(folder, frontier, selection, train, test, settings, seeds, device, log)
-        measured = [(row["share"], row["accuracy_mean"], row["method"]) for row in results["comparison"]]
-    plot.ppi_heatmap(prober.history, prober.names, os.path.join(out_dir, "ppi_heatmap.png"))
-    plot.appi_curves(prober.history, prober.names, os.path.join(out_dir, "appi.png"))
-    # Every subset, for the picture's background (the paper's Figure 5).
-    subsets = all_subsets(frontier.values, frontier.counts) if len(prober.names) <= 24 else None
-    plot.pareto(frontier, os.path.join(out_dir, "pareto.png"), all_subsets=subsets, measured=measured,
+    plot.report(results, out_dir, budget=budget,
                 title="AdaPEFT on all-MiniLM-L6-v2 (proxy's predicted loss reduction)")
     results["seconds"] = time.perf_counter() - started
     with open(os.path.join(out_dir, "results.json"), "w") as handle:

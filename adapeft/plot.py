@@ -58,10 +58,7 @@ def ppi_heatmap(history, names, path, relative_to="others", title="PPI relative 
     ax.set_xlabel("probe step")
     ax.set_title(title)
     fig.colorbar(image, ax=ax, label="log10 PPI ratio")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def appi_curves(history, names, path, title="APPI: accumulated per-parameter influence"):
@@ -75,16 +72,14 @@ def appi_curves(history, names, path, title="APPI: accumulated per-parameter inf
     ax.set_ylabel("APPI")
     ax.set_title(title)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
-def pareto(selection, path, all_subsets=None, measured=None, title="Pareto frontier"):
+def pareto(selection, path, all_subsets=None, measured=None, measured_name="measured", title="Pareto frontier"):
     """Predicted loss reduction against % trainable parameters: the selection's frontier, every subset
     when `all_subsets` = (counts, values) is given, and a second panel of measured results `measured` =
-    [(share of parameters, metric, label)] when the sets were trained."""
+    [(share of parameters, metric, label[, spread])] when the sets were trained. Labels "<name> top-<k>"
+    are one nested family and are drawn as one line; the others are single methods."""
     plt = _pyplot()
     panels = 2 if measured else 1
     fig, axes = plt.subplots(1, panels, figsize=(6.0 * panels, 4.2), squeeze=False)
@@ -110,14 +105,54 @@ def pareto(selection, path, all_subsets=None, measured=None, title="Pareto front
     ax.set_title(title)
     ax.legend(fontsize=8)
     if measured:
-        ax = axes[0][1]
-        for share, metric, label in measured:
-            ax.scatter(100 * share, metric)
-            ax.annotate(label, (100 * share, metric), fontsize=7, xytext=(3, 3), textcoords="offset points")
-        ax.set_xscale("log")
-        ax.set_xlabel("% trainable parameters")
-        ax.set_ylabel("measured")
-        ax.set_title("measured after training")
+        _measured_panel(axes[0][1], measured, measured_name)
+    return _save(plt, fig, path)
+
+
+def report(record, out_dir, budget=None, title="Pareto frontier", measured_name="test accuracy"):
+    """All three pictures of a probe record (`adapeft probe`'s probe.json or `adapeft demo`'s results.json):
+    ppi_heatmap.png, appi.png and pareto.png in `out_dir`; the Pareto panel gets every subset as its
+    background when there are at most 24 groups, and the measured panel when the record has trained
+    results. Returns the paths written."""
+    import os
+
+    from .select import all_subsets, select
+    names, counts = record["groups"], record["counts"]
+    values = [a * n for a, n in zip(record["appi"], counts)]
+    frontier = select(values=values, counts=counts, names=names, budget=budget, method="pareto")
+    if record.get("comparison"):
+        measured = [(row["share"], row["accuracy_mean"], row["method"], row["accuracy_std"])
+                    for row in record["comparison"]]
+    elif record.get("target"):
+        measured = [(record["target"]["share"], record["target"]["test_accuracy"], "AdaPEFT")]
+    else:
+        measured = None
+    os.makedirs(out_dir, exist_ok=True)
+    return [ppi_heatmap(record["ppi_history"], names, os.path.join(out_dir, "ppi_heatmap.png")),
+            appi_curves(record["ppi_history"], names, os.path.join(out_dir, "appi.png")),
+            pareto(frontier, os.path.join(out_dir, "pareto.png"),
+                   all_subsets=all_subsets(values, counts) if len(names) <= 24 else None, measured=measured,
+                   measured_name=measured_name, title=title)]
+
+
+def _measured_panel(ax, measured, name):
+    families = {}
+    for share, metric, label, *spread in measured:
+        family = label.split(" top-")[0] + " nested sets" if " top-" in label else label
+        families.setdefault(family, []).append((100 * share, metric, spread[0] if spread else 0.0))
+    markers = "osD^v<>ph*"
+    for index, (family, rows) in enumerate(families.items()):
+        xs, ys, spreads = zip(*sorted(rows))
+        ax.errorbar(xs, ys, yerr=spreads, fmt=("o-" if len(rows) > 1 else markers[index % len(markers)]),
+                    ms=5, capsize=2, lw=1, label=family)
+    ax.set_xscale("log")
+    ax.set_xlabel("% trainable parameters")
+    ax.set_ylabel(name)
+    ax.set_title(f"{name} after training")
+    ax.legend(fontsize=7, loc="lower right")
+
+
+def _save(plt, fig, path):
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -191,3 +191,8 @@ def test_quick_demo_writes_a_report(tmp_path):
     selection = adapeft.Selection.load(out / "selection.json")
     assert selection.count <= 0.01 * selection.total
     assert "report written to" in done.stdout
+    redrawn = tmp_path / "redrawn"
+    done = run_cli("plot", "--probe", str(out / "results.json"), "--out", str(redrawn))
+    assert done.returncode == 0, done.stderr[-2000:]
+    for name in ("ppi_heatmap.png", "appi.png", "pareto.png"):
+        assert (redrawn / name).read_bytes()[:8] == PNG
