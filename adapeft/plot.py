@@ -75,9 +75,10 @@ def appi_curves(history, names, path, title="APPI: accumulated per-parameter inf
     return _save(plt, fig, path)
 
 
-def pareto(selection, path, all_subsets=None, measured=None, measured_name="measured", title="Pareto frontier"):
+def pareto(selection, path, all_subsets=None, nested=None, measured=None, measured_name="measured",
+           title="Pareto frontier"):
     """Predicted loss reduction against % trainable parameters: the selection's frontier, every subset
-    when `all_subsets` = (counts, values) is given, and a second panel of measured results `measured` =
+    when `all_subsets` = (counts, values) is given, the nested sets of a greedy selection `nested`, and a second panel of measured results `measured` =
     [(share of parameters, metric, label[, spread])] when the sets were trained. Labels "<name> top-<k>"
     are one nested family and are drawn as one line; the others are single methods."""
     plt = _pyplot()
@@ -97,6 +98,9 @@ def pareto(selection, path, all_subsets=None, measured=None, measured_name="meas
         if chosen:
             xs, ys = zip(*chosen)
             ax.plot(100 * np.asarray(xs) / total, ys, "o-" if how in ("greedy", "exact") else "s", label=how, ms=4)
+    if nested is not None:
+        xs, ys, _ = zip(*[point for point in nested.frontier if point[0] > 0])
+        ax.plot(100 * np.asarray(xs) / total, ys, "x--", ms=5, lw=0.8, label="greedy nested sets")
     if selection.count > 0:
         ax.axvline(100 * selection.count / total, color="k", lw=0.8, ls=":", label="chosen")
     ax.set_xscale("log")
@@ -120,6 +124,7 @@ def report(record, out_dir, budget=None, title="Pareto frontier", measured_name=
     names, counts = record["groups"], record["counts"]
     values = [a * n for a, n in zip(record["appi"], counts)]
     frontier = select(values=values, counts=counts, names=names, budget=budget, method="pareto")
+    nested = select(values=values, counts=counts, names=names, method="greedy")
     if record.get("comparison"):
         measured = [(row["share"], row["accuracy_mean"], row["method"], row["accuracy_std"])
                     for row in record["comparison"]]
@@ -131,7 +136,8 @@ def report(record, out_dir, budget=None, title="Pareto frontier", measured_name=
     return [ppi_heatmap(record["ppi_history"], names, os.path.join(out_dir, "ppi_heatmap.png")),
             appi_curves(record["ppi_history"], names, os.path.join(out_dir, "appi.png")),
             pareto(frontier, os.path.join(out_dir, "pareto.png"),
-                   all_subsets=all_subsets(values, counts) if len(names) <= 24 else None, measured=measured,
+                   all_subsets=all_subsets(values, counts) if len(names) <= 24 else None, nested=nested,
+                   measured=measured,
                    measured_name=measured_name, title=title)]
 
 
