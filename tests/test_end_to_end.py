@@ -6,6 +6,7 @@ import subprocess
 import sys
 import warnings
 
+import numpy as np
 import pytest
 import torch
 
@@ -196,3 +197,25 @@ def test_quick_demo_writes_a_report(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     for name in ("ppi_heatmap.png", "appi.png", "pareto.png"):
         assert (redrawn / name).read_bytes()[:8] == PNG
+
+
+def test_plot_clean_drops_iqr_outliers_and_smooths():
+    from adapeft import plot
+    rng = np.random.default_rng(3)
+    row = rng.uniform(1.0, 2.0, 40)
+    row[[5, 17]] = [1e6, 50.0]  # fit outliers far outside 3 IQR
+    row[9] = np.nan  # a rejected fit
+    got = plot.clean(row[None, :])[0]
+    kept = row.copy()
+    q1, q3 = np.nanpercentile(row, [25, 75])
+    kept[(row < q1 - 3 * (q3 - q1)) | (row > q3 + 3 * (q3 - q1))] = np.nan
+    assert np.isnan(kept[5]) and np.isnan(kept[17]) and np.isfinite(kept).sum() == 37
+    average, want = np.nan, []
+    for value in kept:
+        if np.isfinite(value):
+            average = value if np.isnan(average) else plot.EMA * average + (1 - plot.EMA) * value
+        want.append(average)
+    np.testing.assert_allclose(got, want, rtol=1e-15)
+    # the series the heatmap reads: rejected fits (PPI 0) are missing, not zero
+    series = plot._series([torch.tensor([0.0, 2.0]), torch.tensor([3.0, 0.0])])
+    assert np.isnan(series[0, 0]) and series[0, 1] == 3.0 and series[1, 0] == 2.0 and np.isnan(series[1, 1])
