@@ -110,10 +110,17 @@ class Prober:
     (group name, params) -> list of tensors or None. backend: "compiled" (the adapeft ops)
     or "torch" (a plain implementation: per-tensor loops, a saved copy per group, .item() per forward, a
     numpy fit; the baseline the ops are measured against). r2_threshold: the fit filter.
+    cuda_graph: on CUDA, capture the measurement (the 4K+1 forward passes with every move and restore) as
+    one CUDA graph and replay it at later steps; in-place moves keep every address fixed, which is what
+    makes this possible. The batch is copied into static buffers, so its tensors must be on the model's
+    device with the same shapes from step to step (a new shape, new directions or a ledger that had to
+    grow mean a new capture); loss_fn must be capturable (no host synchronisation, no Python-side
+    state that changes between steps). When capture fails the probe warns once and stays eager.
     """
 
     def __init__(self, model, groups=None, loss_fn=None, *, direction="grad", optimizer=None, backend="compiled",
-                 r2_threshold=0.99, apply_lr=False, lr_ema=0.9, lr_clip=(0.5, 2.0), schedule=None, history=True):
+                 r2_threshold=0.99, apply_lr=False, lr_ema=0.9, lr_clip=(0.5, 2.0), schedule=None, history=True,
+                 cuda_graph=False):
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"adapeft.Prober: model must be a torch.nn.Module, got {type(model).__name__}")
         if groups is None:
@@ -128,6 +135,8 @@ class Prober:
         if not (direction in ("grad", "optimizer") or isinstance(direction, dict) or callable(direction)):
             raise ValueError("adapeft.Prober: direction must be 'grad', 'optimizer', a dict {group: tensors} or a "
                              f"callable (group, params) -> tensors, got {direction!r}")
+        if cuda_graph and backend != "compiled":
+            raise ValueError("adapeft.Prober: cuda_graph=True needs backend='compiled'")
         if direction == "optimizer" and not isinstance(optimizer, torch.optim.Optimizer):
             raise ValueError("adapeft.Prober: direction='optimizer' needs the optimizer (optimizer=...)")
         own = {id(p) for p in model.parameters()}
@@ -164,6 +173,10 @@ class Prober:
         self._counts = None
         self._pending = None
         self._notes = set()
+        self._graph = _GraphedMeasurement(self) if cuda_graph and self.device.type == "cuda" else None
+        if cuda_graph and self._graph is None:
+            warnings.warn(f"adapeft.Prober: cuda_graph=True has no effect on {self.device}; probing eagerly",
+                          UserWarning, stacklevel=2)
 
     # Learning rates -------------------------------------------------------------------------------
     def _learning_rate_groups(self, optimizer, direction):
@@ -282,16 +295,20 @@ class Prober:
             raise RuntimeError("adapeft.Prober.step: no group has a direction; call loss.backward() before step() "
                                "or give directions")
         with torch.no_grad(), _model_untouched(self.model, self.device):
+            # Outside any captured graph: a replay reads the steps from this buffer.
             torch.mul(self._points, eta, out=self._steps)
-            self._losses.fill_(math.nan)
-            self._report.zero_()
-            base = self._loss(batch, None)
-            self._losses[:, 2] = base
-            if self.backend == "compiled":
-                self._probe_compiled(batch, plans)
+            if self.backend == "torch":
+                self._measure_torch(batch, plans)
             else:
-                self._probe_torch(batch, plans)
+                perturbations = self._perturbations_for(plans)
+                if self._graph is None or not self._graph.run(batch, perturbations):
+                    self._measure(batch, perturbations)
         return self._finish(plans, eta)
+
+    def _start_measurement(self, batch):
+        self._losses.fill_(math.nan)
+        self._report.zero_()
+        self._losses[:, 2] = self._loss(batch, None)
 
     def _loss(self, batch, group):
         where = "on the unperturbed model" if group is None else f"with group {group!r} perturbed"
@@ -307,27 +324,42 @@ class Prober:
                             f"{type(loss).__name__}{'' if not isinstance(loss, torch.Tensor) else tuple(loss.shape)}")
         return loss.reshape(())
 
-    def _probe_compiled(self, batch, plans):
+    def _perturbations_for(self, plans):
+        """{group name: GroupPerturbation} for the groups in `plans`, kept from step to step while their
+        tensors and the ledgers stay the same (so tables are built once and addresses stay fixed)."""
         self._ensure_ledgers(plans)
-        for k, name in enumerate(self.names):
+        perturbations = {}
+        for name in self.names:
             if name not in plans:
                 continue
             params, directions, states, layout, hyper = plans[name]
             fingerprint = ops.group_fingerprint(params, directions, states, layout)
             cached = self._perturbations.get(name)
-            if cached is None or cached.fingerprint != fingerprint or cached._ledgers is not self._ledgers:
+            if cached is None or cached.fingerprint != fingerprint or cached._ledgers is not self._ledgers or \
+                    (hyper is not None and cached.hyper.shape != hyper.shape):
                 cached = GroupPerturbation(params, directions, self._steps, states=states, layout=layout, hyper=hyper,
                                            ledgers=self._ledgers)
                 self._perturbations[name] = cached
             elif hyper is not None:
-                cached.hyper = hyper  # the bias corrections move with the optimizer's step count
-            with cached:
+                cached.hyper.copy_(hyper)  # the bias corrections move with the optimizer's step count
+            perturbations[name] = cached
+        return perturbations
+
+    def _measure(self, batch, perturbations):
+        """The losses of a probe step into self._losses, the moves' reports into self._report."""
+        self._start_measurement(batch)
+        for k, name in enumerate(self.names):
+            if name not in perturbations:
+                continue
+            group = perturbations[name]
+            with group:
                 for j, column in enumerate(COLUMNS):
-                    cached.move(j, self._report, 5 * k + column)
+                    group.move(j, self._report, 5 * k + column)
                     self._losses[k, column] = self._loss(batch, name)
 
-    def _probe_torch(self, batch, plans):
+    def _measure_torch(self, batch, plans):
         """The plain implementation: a saved copy per group, per-tensor loops, .item() per forward."""
+        self._start_measurement(batch)
         for k, name in enumerate(self.names):
             if name not in plans:
                 continue
@@ -415,6 +447,87 @@ class Prober:
         if self._pending is not None and self._pending[0] is not None:
             self._pending[0].synchronize()
         self._learn_from_last_step()
+
+
+class _GraphedMeasurement:
+    """A prober's measurement captured as one CUDA graph, replayed while nothing it depends on moved.
+
+    The first step with a new key runs eagerly on the capture stream (the warm-up PyTorch needs before a
+    capture, and that step's result), then captures. Capture runs no kernel, so a failed capture leaves
+    the model as it was; the groups' bookkeeping is put back either way.
+    """
+
+    def __init__(self, prober):
+        self.prober = prober
+        self.stream = torch.cuda.Stream(prober.device)
+        self.key = self.graph = self.static = None
+        self.disabled = None
+
+    def _key(self, batch, perturbations):
+        leaves, spec = torch.utils._pytree.tree_flatten(batch)
+        batch_key = []
+        for leaf in leaves:
+            if isinstance(leaf, torch.Tensor):
+                if leaf.device != self.prober.device:
+                    return None, f"the batch holds a tensor on {leaf.device}, not on {self.prober.device}"
+                batch_key.append((tuple(leaf.shape), leaf.stride(), leaf.dtype))
+            else:
+                try:
+                    hash(leaf)
+                except TypeError:
+                    return None, f"the batch holds an unhashable {type(leaf).__name__}"
+                batch_key.append(("value", leaf))
+        model = self.prober.model
+        tensors = tuple(t.data_ptr() for t in (*model.parameters(), *model.buffers()))
+        groups = tuple((name, group.fingerprint, group.hyper.data_ptr(), tuple(l.data_ptr() for l in group._ledgers))
+                       for name, group in perturbations.items())
+        return (str(spec), tuple(batch_key), tensors, groups), None
+
+    def run(self, batch, perturbations):
+        """Measure with the graph (capturing it first when needed); False: measure eagerly instead."""
+        if self.disabled:
+            return False
+        key, why = self._key(batch, perturbations)
+        if key is None:
+            self._disable(why)
+            return False
+        if key == self.key:
+            leaves = torch.utils._pytree.tree_leaves(batch)
+            for static, leaf in zip(self.static, leaves):
+                if isinstance(leaf, torch.Tensor):
+                    static.copy_(leaf)
+            self.graph.replay()
+            return True
+        self.key = self.graph = self.static = None  # free the old graph's memory before the new capture
+        static_batch = torch.utils._pytree.tree_map(
+            lambda leaf: leaf.clone() if isinstance(leaf, torch.Tensor) else leaf, batch)
+        current = torch.cuda.current_stream(self.prober.device)
+        self.stream.wait_stream(current)
+        try:
+            with torch.cuda.stream(self.stream):
+                self.prober._measure(static_batch, perturbations)
+        finally:
+            current.wait_stream(self.stream)  # also the restore that follows a failed loss_fn
+        positions = {name: group._state for name, group in perturbations.items()}
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph, stream=self.stream):
+                self.prober._measure(static_batch, perturbations)
+        except Exception as error:  # noqa: BLE001 - whatever stops the capture, the probe goes on eagerly
+            self._disable(f"capturing the forward passes failed ({type(error).__name__}: {error})")
+            return True  # this step was measured by the warm-up
+        finally:
+            for name, group in perturbations.items():
+                group._state = positions[name]
+        self.key, self.graph = key, graph
+        self.static = [leaf for leaf in torch.utils._pytree.tree_leaves(static_batch)]
+        return True
+
+    def _disable(self, why):
+        self.disabled = why
+        self.key = self.graph = self.static = None
+        warnings.warn(f"adapeft.Prober: cuda_graph=True: {why}; probing eagerly from now on", UserWarning,
+                      stacklevel=4)
 
 
 def _numpy_fit(losses, steps, counts, threshold):

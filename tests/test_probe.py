@@ -398,3 +398,119 @@ def test_cuda_and_cpu_probes_agree():
     # A is only determined to ~1e-4 of the slope where the curvature is tiny (see the autograd test).
     for k in range(len(on_cpu.names)):
         assert on_cuda.A[k].item() == pytest.approx(on_cpu.A[k].item(), rel=1e-4, abs=1e-4 * abs(on_cpu.b[k].item()))
+
+
+def test_cuda_graph_option_is_checked_and_harmless_on_cpu():
+    model, batch, loss_fn = mlp()
+    with_gradient(model, batch, loss_fn)
+    with pytest.raises(ValueError, match="cuda_graph=True needs backend='compiled'"):
+        adapeft.Prober(model, None, loss_fn, backend="torch", cuda_graph=True)
+    with pytest.warns(UserWarning, match="cuda_graph=True has no effect on cpu"):
+        graphed = adapeft.Prober(model, None, loss_fn, cuda_graph=True)
+    eager = adapeft.Prober(model, None, loss_fn)
+    assert torch.equal(graphed.step(batch, 1e-3).b, eager.step(batch, 1e-3).b)
+
+
+def weights(model):
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def assert_bits_equal(before, model):
+    for w0, p in zip(before, model.parameters()):
+        assert torch.equal(w0.view(torch.uint8), p.detach().view(torch.uint8))
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_graph_replays_match_eager(dtype):
+    model, batch, loss_fn = tiny_gpt2(dtype, "cuda")
+    with_gradient(model, batch, loss_fn)
+    other_batch = torch.randint(0, 61, batch.shape, device="cuda")
+    longer_batch = torch.randint(0, 61, (4, 24), device="cuda")
+    eager = adapeft.Prober(model, None, loss_fn)
+    graphed = adapeft.Prober(model, None, loss_fn, cuda_graph=True)
+    before = weights(model)
+    # capture (step 1), replays with new values at the same addresses (a new eta, a new batch), a new shape
+    for b, eta in ((batch, 1e-2), (batch, 2e-2), (other_batch, 1e-2), (longer_batch, 1e-2), (batch, 1e-2)):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            got = graphed.step(b, eta)
+        assert not [w for w in caught if "cuda_graph" in str(w.message)]  # captured or replayed, never eager
+        assert_bits_equal(before, model)
+        want = eager.step(b, eta)
+        assert_bits_equal(before, model)
+        for field in ("losses", "steps", "changed", "b", "A", "accepted"):
+            torch.testing.assert_close(getattr(got, field), getattr(want, field), rtol=0, atol=0, equal_nan=True)
+    assert graphed._graph.graph is not None
+    torch.testing.assert_close(graphed.appi, eager.appi, rtol=0, atol=0)
+
+
+@requires_cuda
+def test_cuda_graph_follows_new_gradients_and_has_no_host_sync():
+    model, batch, loss_fn = tiny_gpt2(torch.float32, "cuda")
+    graphed = adapeft.Prober(model, None, loss_fn, cuda_graph=True)
+    eager = adapeft.Prober(model, None, loss_fn)
+    for step in range(3):
+        with_gradient(model, batch, loss_fn)  # zero_grad(set_to_none=True): new gradient tensors each time
+        with torch.no_grad():
+            for p in model.parameters():
+                p.grad.mul_(1 + step)
+        if step == 2:
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            got = graphed.step(batch, 1e-2)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        want = eager.step(batch, 1e-2)
+        torch.testing.assert_close(got.b, want.b, rtol=0, atol=0, equal_nan=True)
+        torch.testing.assert_close(got.losses, want.losses, rtol=0, atol=0, equal_nan=True)
+
+
+@requires_cuda
+def test_cuda_graph_falls_back_to_eager_when_capture_fails():
+    model, batch, loss_fn = tiny_gpt2(torch.float32, "cuda")
+    with_gradient(model, batch, loss_fn)
+
+    def synchronising(model, batch):
+        loss = loss_fn(model, batch)
+        loss.item()  # a host synchronisation: not capturable
+        return loss
+
+    before = weights(model)
+    want = adapeft.Prober(model, None, loss_fn).step(batch, 1e-2)
+    graphed = adapeft.Prober(model, None, synchronising, cuda_graph=True)
+    with pytest.warns(UserWarning, match="capturing the forward passes failed"):
+        first = graphed.step(batch, 1e-2)
+    assert_bits_equal(before, model)
+    second = graphed.step(batch, 1e-2)
+    assert_bits_equal(before, model)
+    for got in (first, second):
+        torch.testing.assert_close(got.b, want.b, rtol=0, atol=0, equal_nan=True)
+    with pytest.warns(UserWarning, match="the batch holds a tensor on cpu"):
+        adapeft.Prober(model, None, lambda m, b: loss_fn(m, b.cuda()), cuda_graph=True).step(batch.cpu(), 1e-2)
+    assert_bits_equal(before, model)
+
+
+@requires_cuda
+def test_cuda_graph_restores_when_loss_fn_fails_after_capture():
+    model, batch, loss_fn = tiny_gpt2(torch.float32, "cuda")
+    with_gradient(model, batch, loss_fn)
+    failing = {"shape": None, "calls": 0}
+
+    def sometimes_failing(model, batch):
+        if batch.shape == failing["shape"]:
+            failing["calls"] += 1
+            if failing["calls"] == 7:  # mid-way, with the second group perturbed
+                raise ValueError("this batch cannot be scored")
+        return loss_fn(model, batch)
+
+    graphed = adapeft.Prober(model, None, sometimes_failing, cuda_graph=True)
+    graphed.step(batch, 1e-2)
+    before = weights(model)
+    failing["shape"] = (4, 24)
+    with pytest.raises(RuntimeError, match="this batch cannot be scored"):
+        graphed.step(torch.randint(0, 61, (4, 24), device="cuda"), 1e-2)  # a new shape: eager warm-up, fails
+    assert_bits_equal(before, model)
+    assert torch.isfinite(graphed.step(batch, 1e-2).losses).all()
+    assert_bits_equal(before, model)
