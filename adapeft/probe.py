@@ -268,7 +268,7 @@ class Prober:
         if event is not None and not event.query():
             return
         self._pending = None
-        saved, unmoved, reliable, probed = host
+        saved, unmoved, reliable, probed = host[0], host[1], host[2].bool(), host[3].bool()
         needed = max((int(s) * w for s, w in zip(saved.tolist(), words)), default=0)
         if needed > self._capacity_words or unmoved.any():
             self._capacity_words = max(needed, self._capacity_words) * 5 // 4
@@ -335,7 +335,8 @@ class Prober:
             params, directions, states, layout, hyper = plans[name]
             fingerprint = ops.group_fingerprint(params, directions, states, layout)
             cached = self._perturbations.get(name)
-            if cached is None or cached.fingerprint != fingerprint or cached._ledgers is not self._ledgers or \
+            if cached is None or cached.fingerprint != fingerprint or \
+                    any(mine is not ours for mine, ours in zip(cached._ledgers, self._ledgers)) or \
                     (hyper is not None and cached.hyper.shape != hyper.shape):
                 cached = GroupPerturbation(params, directions, self._steps, states=states, layout=layout, hyper=hyper,
                                            ledgers=self._ledgers)
@@ -437,8 +438,7 @@ class Prober:
             event.record()
         else:
             host, event = summary, None
-        saved, unmoved, reliable, probed = host[0], host[1], host[2], host[3]
-        self._pending = (event, (saved, unmoved, reliable.bool(), probed.bool()), list(self.names), words)
+        self._pending = (event, host, list(self.names), words)
         if event is None:
             self._learn_from_last_step()
 
@@ -479,7 +479,8 @@ class _GraphedMeasurement:
                 batch_key.append(("value", leaf))
         model = self.prober.model
         tensors = tuple(t.data_ptr() for t in (*model.parameters(), *model.buffers()))
-        groups = tuple((name, group.fingerprint, group.hyper.data_ptr(), tuple(l.data_ptr() for l in group._ledgers))
+        groups = tuple((name, group.fingerprint, group.table.data_ptr(), group.hyper.data_ptr(),
+                        tuple(ledger.data_ptr() for ledger in group._ledgers))
                        for name, group in perturbations.items())
         return (str(spec), tuple(batch_key), tensors, groups), None
 

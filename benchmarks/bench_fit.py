@@ -130,17 +130,28 @@ def check(got, want, what):
             assert torch.allclose(g, w, rtol=1e-9, atol=0, equal_nan=True), f"{what}: {name} differs"
 
 
-def check_op(losses, steps, counts):
-    """The op (on the inputs' device) against the reference on the CPU, appi accumulation included."""
+def check_op(losses, steps, counts, twin):
+    """The op on the inputs' device against `twin` run on CPU copies, the PPI accumulated into appi included."""
     cpu = [t.cpu() for t in (losses, steps, counts)]
-    want = adapeft.FitResult(*reference.quadratic_fit(*cpu, None, THRESHOLD))
+    want = adapeft.FitResult(*twin(*cpu, None, THRESHOLD))
     appi = torch.rand(len(counts), dtype=torch.float64, device=losses.device)
     appi_want = appi.cpu().clone()
-    reference.quadratic_fit(*cpu, appi_want, THRESHOLD)
+    twin(*cpu, appi_want, THRESHOLD)
     got = adapeft.quadratic_fit(losses, steps, counts, appi, THRESHOLD)
     check(got, want, f"adapeft.quadratic_fit on {losses.device.type}, K = {len(counts)}")
     assert torch.allclose(appi.cpu(), appi_want, rtol=1e-12, atol=0), "appi accumulation differs"
     return want
+
+
+def cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def main():
@@ -154,13 +165,13 @@ def main():
     data = {k: realistic(k, seed=k) for k in sizes}
 
     print(f"{time.strftime('%Y-%m-%d')}, torch {torch.__version__}, numpy {np.__version__}, scipy {scipy.__version__}; "
-          f"CPU: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads")
+          f"CPU: {cpu_name()}, {torch.get_num_threads()} torch threads")
     print(f"{'K':>8} {'acc':>5} {'adapeft':>9} {'reference':>10} {'numpy':>10} {'np loop':>10} {'scipy':>11} "
           f"{'ref/adapeft':>11} {'numpy/adapeft':>13}")
     numpy_times = {}
     for k in sizes:
         losses, steps, counts = data[k]
-        want = check_op(losses, steps, counts)
+        want = check_op(losses, steps, counts, reference.quadratic_fit)
         L, x, n = losses.numpy(), steps.numpy(), counts.numpy()
         check(numpy_fit(L, x, n, THRESHOLD), want, f"numpy vectorised, K = {k}")
         t_adapeft = cpu_us(lambda: adapeft.quadratic_fit(losses, steps, counts, None, THRESHOLD), budget, 1000)
@@ -184,15 +195,19 @@ def main():
     if not torch.cuda.is_available():
         print("(no CUDA device: the CUDA table is skipped)")
         return
+    if _backend.BACKENDS["quadratic_fit"]["cuda"] != "compiled":
+        raise SystemExit("this build of adapeft has no CUDA kernel for quadratic_fit: the CUDA table is skipped")
     bandwidth = copy_bandwidth()
     launch = empty_launch_us()
-    print(f"\nCUDA: {torch.cuda.get_device_name()}, copy bandwidth {bandwidth / 1e12:.2f} TB/s, "
-          f"empty launch {launch:.1f} us")
+    print(f"\nCUDA: {torch.cuda.get_device_name()} (CUDA {torch.version.cuda}), "
+          f"copy bandwidth {bandwidth / 1e12:.2f} TB/s, empty launch {launch:.1f} us")
     print(f"{'K':>8} {'adapeft':>9} {'eager':>9} {'reference':>10} {'floor':>8} {'ref/eager':>9} "
           f"{'numpy/eager':>11} {'floor/adapeft':>13}")
     for k in sizes:
         losses, steps, counts = (t.cuda() for t in data[k])
-        check_op(losses, steps, counts)
+        # Against the CPU kernel, checked against the reference above: the same float64 code (no FMA contraction
+        # in either build), whereas the reference's CUDA reductions may sum in another order.
+        check_op(losses, steps, counts, adapeft.quadratic_fit)
         t_graph = graph_us(lambda: adapeft.quadratic_fit(losses, steps, counts, None, THRESHOLD), 20)
         t_eager = median_us(lambda: adapeft.quadratic_fit(losses, steps, counts, None, THRESHOLD), 200)
         t_ref = median_us(lambda: reference.quadratic_fit(losses, steps, counts, None, THRESHOLD), 100)

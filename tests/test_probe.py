@@ -35,14 +35,16 @@ def mlp(dtype=torch.float64, device="cpu", seed=0):
     return model, batch, cross_entropy
 
 
-def tiny_gpt2(dtype=torch.float64, device="cpu", seed=0):
+def tiny_gpt2(dtype=torch.float64, device="cpu", seed=0, attention="eager"):
     torch.manual_seed(seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=61, n_positions=32,
                                          resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0,
                                          eos_token_id=0)
-        config._attn_implementation = "eager"  # double backward (the Hessian oracle) needs the eager attention
+        # Double backward (the Hessian oracle) needs the eager attention; CUDA graphs need sdpa (transformers'
+        # eager attention copies a host tensor to the device).
+        config._attn_implementation = attention
         model = transformers.GPT2LMHeadModel(config).to(dtype).to(device)
     batch = torch.randint(0, 61, (4, 16), device=device)
     return model, batch, lm_loss
@@ -423,7 +425,7 @@ def assert_bits_equal(before, model):
 @requires_cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_graph_replays_match_eager(dtype):
-    model, batch, loss_fn = tiny_gpt2(dtype, "cuda")
+    model, batch, loss_fn = tiny_gpt2(dtype, "cuda", attention="sdpa")
     with_gradient(model, batch, loss_fn)
     other_batch = torch.randint(0, 61, batch.shape, device="cuda")
     longer_batch = torch.randint(0, 61, (4, 24), device="cuda")
@@ -447,15 +449,19 @@ def test_cuda_graph_replays_match_eager(dtype):
 
 @requires_cuda
 def test_cuda_graph_follows_new_gradients_and_has_no_host_sync():
-    model, batch, loss_fn = tiny_gpt2(torch.float32, "cuda")
+    model, batch, loss_fn = tiny_gpt2(torch.float32, "cuda", attention="sdpa")
+    with_gradient(model, batch, loss_fn)
     graphed = adapeft.Prober(model, None, loss_fn, cuda_graph=True)
     eager = adapeft.Prober(model, None, loss_fn)
-    for step in range(3):
-        with_gradient(model, batch, loss_fn)  # zero_grad(set_to_none=True): new gradient tensors each time
+    first = next(model.parameters())
+    for step in range(4):
         with torch.no_grad():
             for p in model.parameters():
-                p.grad.mul_(1 + step)
-        if step == 2:
+                p.grad.mul_(1.5)  # new values at the same addresses: the graph replays them
+            if step == 1:
+                first.grad = first.grad.clone()  # a new address: a new table and a new capture
+        replay = step >= 2
+        if replay:
             torch.cuda.synchronize()
             torch.cuda.set_sync_debug_mode("error")
         try:
@@ -465,11 +471,12 @@ def test_cuda_graph_follows_new_gradients_and_has_no_host_sync():
         want = eager.step(batch, 1e-2)
         torch.testing.assert_close(got.b, want.b, rtol=0, atol=0, equal_nan=True)
         torch.testing.assert_close(got.losses, want.losses, rtol=0, atol=0, equal_nan=True)
+    assert graphed._graph.graph is not None and graphed._graph.disabled is None
 
 
 @requires_cuda
 def test_cuda_graph_falls_back_to_eager_when_capture_fails():
-    model, batch, loss_fn = tiny_gpt2(torch.float32, "cuda")
+    model, batch, loss_fn = tiny_gpt2(torch.float32, "cuda", attention="sdpa")
     with_gradient(model, batch, loss_fn)
 
     def synchronising(model, batch):
@@ -494,7 +501,7 @@ def test_cuda_graph_falls_back_to_eager_when_capture_fails():
 
 @requires_cuda
 def test_cuda_graph_restores_when_loss_fn_fails_after_capture():
-    model, batch, loss_fn = tiny_gpt2(torch.float32, "cuda")
+    model, batch, loss_fn = tiny_gpt2(torch.float32, "cuda", attention="sdpa")
     with_gradient(model, batch, loss_fn)
     failing = {"shape": None, "calls": 0}
 
@@ -514,3 +521,19 @@ def test_cuda_graph_restores_when_loss_fn_fails_after_capture():
     assert_bits_equal(before, model)
     assert torch.isfinite(graphed.step(batch, 1e-2).losses).all()
     assert_bits_equal(before, model)
+
+
+def test_tables_are_built_once_while_nothing_moves():
+    model, batch, loss_fn = mlp(torch.float32)
+    with_gradient(model, batch, loss_fn)
+    prober = adapeft.Prober(model, None, loss_fn)
+    prober.step(batch, 1e-3)
+    prober.flush()
+    kept = dict(prober._perturbations)
+    prober.step(batch, 1e-3)
+    assert all(prober._perturbations[name] is group for name, group in kept.items())
+    with torch.no_grad():  # a new direction at a new address: that group's table is rebuilt
+        model[0].weight.grad = model[0].weight.grad.clone()
+    prober.step(batch, 1e-3)
+    changed = [name for name, group in kept.items() if prober._perturbations[name] is not group]
+    assert changed == ["others"], changed  # 0.weight is the only tensor of "others"
