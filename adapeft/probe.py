@@ -515,6 +515,7 @@ class _GraphedMeasurement:
             with torch.cuda.graph(graph, stream=self.stream):
                 self.prober._measure(static_batch, perturbations)
         except Exception as error:  # noqa: BLE001 - whatever stops the capture, the probe goes on eagerly
+            self._repair_generator()
             self._disable(f"capturing the forward passes failed ({type(error).__name__}: {error})")
             return True  # this step was measured by the warm-up
         finally:
@@ -523,6 +524,16 @@ class _GraphedMeasurement:
         self.key, self.graph = key, graph
         self.static = [leaf for leaf in torch.utils._pytree.tree_leaves(static_batch)]
         return True
+
+    def _repair_generator(self):
+        """A capture that fails leaves the device's default generator marked as capturing (PyTorch ends that
+        mark only at a successful capture's end), and every later random op on the device would fail; one
+        small successful capture clears it."""
+        scratch = torch.zeros(1, device=self.prober.device)
+        repair = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(repair, stream=self.stream):
+            scratch.add_(1)
+        del repair
 
     def _disable(self, why):
         self.disabled = why

@@ -422,6 +422,18 @@ def assert_bits_equal(before, model):
         assert torch.equal(w0.view(torch.uint8), p.detach().view(torch.uint8))
 
 
+def assert_same_probe(got, want):
+    """The same losses, moved elements and verdicts; the realized steps to float64 rounding (the move
+    kernels sum them with float64 atomics, in whatever order the blocks finish), and so b and A of the
+    accepted groups (a rejected group's b can be pure rounding noise)."""
+    for field in ("losses", "changed", "accepted"):
+        torch.testing.assert_close(getattr(got, field), getattr(want, field), rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(got.steps, want.steps, rtol=1e-12, atol=0, equal_nan=True)
+    for field in ("b", "A"):
+        torch.testing.assert_close(getattr(got, field)[want.accepted], getattr(want, field)[want.accepted],
+                                   rtol=1e-9, atol=0)
+
+
 @requires_cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_graph_replays_match_eager(dtype):
@@ -441,10 +453,9 @@ def test_cuda_graph_replays_match_eager(dtype):
         assert_bits_equal(before, model)
         want = eager.step(b, eta)
         assert_bits_equal(before, model)
-        for field in ("losses", "steps", "changed", "b", "A", "accepted"):
-            torch.testing.assert_close(getattr(got, field), getattr(want, field), rtol=0, atol=0, equal_nan=True)
+        assert_same_probe(got, want)
     assert graphed._graph.graph is not None
-    torch.testing.assert_close(graphed.appi, eager.appi, rtol=0, atol=0)
+    torch.testing.assert_close(graphed.appi, eager.appi, rtol=1e-12, atol=0)
 
 
 @requires_cuda
@@ -468,9 +479,7 @@ def test_cuda_graph_follows_new_gradients_and_has_no_host_sync():
             got = graphed.step(batch, 1e-2)
         finally:
             torch.cuda.set_sync_debug_mode("default")
-        want = eager.step(batch, 1e-2)
-        torch.testing.assert_close(got.b, want.b, rtol=0, atol=0, equal_nan=True)
-        torch.testing.assert_close(got.losses, want.losses, rtol=0, atol=0, equal_nan=True)
+        assert_same_probe(got, eager.step(batch, 1e-2))
     assert graphed._graph.graph is not None and graphed._graph.disabled is None
 
 
@@ -493,7 +502,8 @@ def test_cuda_graph_falls_back_to_eager_when_capture_fails():
     second = graphed.step(batch, 1e-2)
     assert_bits_equal(before, model)
     for got in (first, second):
-        torch.testing.assert_close(got.b, want.b, rtol=0, atol=0, equal_nan=True)
+        assert_same_probe(got, want)
+    torch.randint(0, 2, (3,), device="cuda")  # the device's generator still works after the failed capture
     with pytest.warns(UserWarning, match="the batch holds a tensor on cpu"):
         adapeft.Prober(model, None, lambda m, b: loss_fn(m, b.cuda()), cuda_graph=True).step(batch.cpu(), 1e-2)
     assert_bits_equal(before, model)
