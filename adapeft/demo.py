@@ -149,8 +149,7 @@ def train_target(folder, trained, train, test, settings, seed, device, label):
     model = equip_lora(load_classifier(folder, 6, seed), LORA_TARGETS, train_all=False).to(device)
     groups = group_parameters(model)
     names = groups.names if trained is None else list(trained)
-    selection = Selection(groups.names, [0.0] * len(groups), groups.numel,
-                          np.array([n in names for n in groups.names]), "given")
+    selection = Selection.given(names, groups)
     # The paper's two learning rates: the full fine-tuning one for the big groups (embeddings, the bulk of
     # the weights), the PEFT one for the small ones.
     rates = {name: settings["lr_full"] if count > LARGE_GROUP * groups.total else settings["lr_peft"]

@@ -462,6 +462,7 @@ class _GraphedMeasurement:
         self.stream = torch.cuda.Stream(prober.device)
         self.key = self.graph = self.static = None
         self.disabled = None
+        self.captures = 0
 
     def _key(self, batch, perturbations):
         leaves, spec = torch.utils._pytree.tree_flatten(batch)
@@ -522,6 +523,7 @@ class _GraphedMeasurement:
             for name, group in perturbations.items():
                 group._state = positions[name]
         self.key, self.graph = key, graph
+        self.captures += 1
         self.static = [leaf for leaf in torch.utils._pytree.tree_leaves(static_batch)]
         return True
 

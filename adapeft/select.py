@@ -123,6 +123,16 @@ class Selection:
             json.dump(self.as_dict(), handle, indent=2)
 
     @classmethod
+    def given(cls, names, groups):
+        """A hand-made selection: the groups `names` of `groups` (a ParameterGroups), e.g. a standard PEFT
+        recipe to train with AdaPEFT.train_selected."""
+        unknown = [name for name in names if name not in groups.names]
+        if unknown:
+            raise ValueError(f"adapeft.Selection.given: no groups named {unknown}; groups are {groups.names}")
+        return cls(groups.names, [0.0] * len(groups), groups.numel, np.array([n in names for n in groups.names]),
+                   "given")
+
+    @classmethod
     def load(cls, path):
         with open(path) as handle:
             data = json.load(handle)

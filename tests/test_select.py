@@ -256,3 +256,13 @@ def test_select_from_a_prober():
     assert selection.names == prober.names and selection.counts == prober.groups.numel
     expected = (prober.appi * torch.tensor(prober.groups.numel, dtype=torch.float64)).tolist()
     assert selection.values == pytest.approx(expected)
+
+
+def test_given_selection_names_its_groups():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4), torch.nn.Linear(4, 2))
+    groups = adapeft.group_parameters(model)
+    selection = adapeft.Selection.given(["norm", "bias"], groups)
+    assert selection.chosen == [n for n in groups.names if n in ("norm", "bias")]
+    assert selection.count == sum(c for n, c in zip(groups.names, groups.numel) if n in ("norm", "bias"))
+    with pytest.raises(ValueError, match="no groups named \\['lora_A'\\]"):
+        adapeft.Selection.given(["lora_A"], groups)
