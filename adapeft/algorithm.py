@@ -84,7 +84,8 @@ class AdaPEFT:
         model.train()
         for step in range(steps):
             batch = next(batches)
-            optimizer.zero_grad(set_to_none=True)
+            # Gradients kept in place when probing from a CUDA graph: the graph reads them at fixed addresses.
+            optimizer.zero_grad(set_to_none=not self.cuda_graph)
             loss = loss_fn(model, batch)
             loss.backward()
             if prober.schedule(step) or step == steps - 1 and not prober.history:
