@@ -99,7 +99,8 @@ class AdaPEFTCallback(TrainerCallback):
         if self.prober is None:
             inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps the optimizer
             self.prober = Prober(model, self._groups, self.loss_fn, direction=self.direction,
-                                 optimizer=inner if self.direction == "optimizer" else None, schedule=self._schedule)
+                                 optimizer=inner if self.direction == "optimizer" else None, schedule=self._schedule,
+                                 process_group=_data_parallel_group(model))
         eta = self.eta or args.learning_rate
         self._capturing = False
         try:
@@ -130,16 +131,16 @@ class AdaPEFTCallback(TrainerCallback):
             else:
                 state.log_history.append({**metrics, "step": state.global_step})
         if state.global_step >= self._last_step and not self._done:
-            self._finish_probing()
+            self._finish_probing(state.is_world_process_zero)
 
     def on_train_end(self, args, state, control, **kwargs):
         if not self._done:
-            self._finish_probing()
+            self._finish_probing(state.is_world_process_zero)
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
 
-    def _finish_probing(self):
+    def _finish_probing(self, writes_reports=True):
         self._done = True
         if self.prober is None or not self.prober.history:
             why = "; ".join(dict.fromkeys(self._why_not)) or "no probe step was reached (is max_steps set?)"
@@ -150,7 +151,7 @@ class AdaPEFTCallback(TrainerCallback):
         from .select import select
         self.prober.flush()
         self.selection = select(self.prober, budget=self.budget, method=self.method)
-        if self._output_dir:
+        if self._output_dir and writes_reports:  # every rank holds the same selection; one writes it
             os.makedirs(self._output_dir, exist_ok=True)
             self.selection.save(os.path.join(self._output_dir, "adapeft_selection.json"))
             history = [h.cpu().tolist() for h in self.prober.history]
@@ -158,6 +159,18 @@ class AdaPEFTCallback(TrainerCallback):
                 json.dump({"format": "adapeft.probe/1", "groups": self.prober.names,
                            "counts": self.prober.groups.numel, "appi": self.prober.appi.cpu().tolist(),
                            "ppi_history": history}, handle, indent=2)
+
+
+def _data_parallel_group(model):
+    """The Trainer hands callbacks the unwrapped model, also under torchrun/accelerate data parallelism,
+    where every rank sees its own batch: probe with the whole world then (FSDP2's sharded parameters name
+    their own group)."""
+    import torch.distributed as dist
+    if any(type(p).__name__ == "DTensor" for p in model.parameters()):
+        return "auto"
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return dist.group.WORLD
+    return "auto"
 
 
 def freeze_to(selection, model, granularity="type", rules=None):

@@ -116,11 +116,17 @@ class Prober:
     device with the same shapes from step to step (a new shape, new directions or a ledger that had to
     grow mean a new capture); loss_fn must be capturable (no host synchronisation, no Python-side
     state that changes between steps). When capture fails the probe warns once and stays eager.
+    process_group: under torch.distributed each rank measures the losses on its own batch and one
+    all-reduce averages the K x 5 losses, so that every rank fits the global batch's numbers and ends with
+    the same b, A, APPI and selection. With FSDP2 (fully_shard: DTensor parameters) each rank moves only
+    its own shards, and the same collective sums what the moves measured (realized steps, changed
+    elements), so group sizes and fits are global. "auto": the model's group under
+    DistributedDataParallel or FSDP2; None: no collective; or a ProcessGroup.
     """
 
     def __init__(self, model, groups=None, loss_fn=None, *, direction="grad", optimizer=None, backend="compiled",
                  r2_threshold=0.99, apply_lr=False, lr_ema=0.9, lr_clip=(0.5, 2.0), schedule=None, history=True,
-                 cuda_graph=False):
+                 cuda_graph=False, process_group="auto"):
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"adapeft.Prober: model must be a torch.nn.Module, got {type(model).__name__}")
         if groups is None:
@@ -148,6 +154,10 @@ class Prober:
         if len(devices) != 1:
             raise ValueError(f"adapeft.Prober: the model's parameters are on several devices {sorted(map(str, devices))}"
                              "; the probe needs them on one")
+        self.process_group, self._sharded = _process_group(model, groups, process_group, direction)
+        if cuda_graph and self.process_group is not None:
+            raise ValueError("adapeft.Prober: cuda_graph=True is not supported with a process group yet (the "
+                             "model's own collectives would be captured)")
         self.model, self.groups, self.loss_fn = model, groups, loss_fn
         self.direction, self.optimizer, self.backend, self.r2_threshold = direction, optimizer, backend, r2_threshold
         self.device = devices.pop()
@@ -173,6 +183,8 @@ class Prober:
         self._counts = None
         self._pending = None
         self._notes = set()
+        self._global_numel = {}  # parameters a group moves, over all ranks
+        self._fsdp_modules = _fsdp_modules(model) if self._sharded else []
         self._graph = _GraphedMeasurement(self) if cuda_graph and self.device.type == "cuda" else None
         if cuda_graph and self._graph is None:
             warnings.warn(f"adapeft.Prober: cuda_graph=True has no effect on {self.device}; probing eagerly",
@@ -229,10 +241,11 @@ class Prober:
             if not pairs:
                 return None
             moving = [p for p, _ in pairs]
+            self._global_numel[name] = sum(p.numel() for p in moving)
             if self.direction == "optimizer":
                 found = optimizer_direction(self.optimizer, moving)
                 return moving, found.directions, found.states, found.layout, found.hyper
-            return moving, [d for _, d in pairs], [], [], None
+            return [_local(p) for p in moving], [_local(d) for _, d in pairs], [], [], None
         given = self.direction.get(name) if isinstance(self.direction, dict) else self.direction(name, params)
         if given is None:
             self._note(name, "no direction was given for it")
@@ -241,7 +254,8 @@ class Prober:
         if len(given) != len(params):
             raise ValueError(f"adapeft.Prober: direction for group {name!r} has {len(given)} tensors but the group "
                              f"has {len(params)}")
-        return params, given, [], [], None
+        self._global_numel[name] = sum(p.numel() for p in params)
+        return [_local(p) for p in params], [_local(d) for d in given], [], [], None
 
     def _note(self, name, why):
         if (name, why) not in self._notes:
@@ -297,21 +311,58 @@ class Prober:
         with torch.no_grad(), _model_untouched(self.model, self.device):
             # Outside any captured graph: a replay reads the steps from this buffer.
             torch.mul(self._points, eta, out=self._steps)
-            if self.backend == "torch":
-                self._measure_torch(batch, plans)
-            else:
-                perturbations = self._perturbations_for(plans)
-                if self._graph is None or not self._graph.run(batch, perturbations):
-                    self._measure(batch, perturbations)
+            try:
+                if self.backend == "torch":
+                    self._measure_torch(batch, plans)
+                else:
+                    perturbations = self._perturbations_for(plans)
+                    if self._graph is None or not self._graph.run(batch, perturbations):
+                        self._measure(batch, perturbations)
+            finally:
+                self._reshard()  # the next forward pass gathers the restored shards, also after a failure
+        if self.process_group is not None:
+            self._reduce_across_ranks(plans)
         return self._finish(plans, eta)
+
+    def _reduce_across_ranks(self, plans):
+        """One collective: the mean over the ranks of every loss (each rank measured its own batch; a nan on
+        any rank rejects that group on all), and with sharded parameters the moves' measurements summed:
+        the realized step is -sum(d.dw)/sum(d.d) over all shards, so each rank's step is weighted by its
+        shards' sum(d.d). On CUDA (NCCL) the wait is the stream's, not the host's."""
+        import torch.distributed as dist
+        k = len(self.names)
+        report = self._report.view(k, 5, len(L.REPORT_FIELDS))
+        parts = [self._losses]
+        if self._sharded:
+            norms = torch.zeros(k, dtype=torch.float64, device=self.device)
+            for index, name in enumerate(self.names):
+                if name in plans:
+                    norms[index] = sum(d.double().square().sum() for d in plans[name][1])
+            summed = report[:, :, [FIELD["changed"], FIELD["unmoved"]]]
+            parts += [report[:, :, FIELD["step"]] * norms[:, None], norms[:, None], summed]
+        packed = torch.cat([part.reshape(k, -1) for part in parts], dim=1)
+        dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=self.process_group)
+        self._losses.copy_(packed[:, :5] / dist.get_world_size(self.process_group))
+        if self._sharded:
+            norms = packed[:, 10:11]
+            report[:, :, FIELD["step"]] = torch.where(norms > 0, packed[:, 5:10] / norms, 0.0)
+            report[:, :, FIELD["changed"]] = packed[:, 11:21].reshape(k, 5, 2)[:, :, 0]
+            report[:, :, FIELD["unmoved"]] = packed[:, 11:21].reshape(k, 5, 2)[:, :, 1]
 
     def _start_measurement(self, batch):
         self._losses.fill_(math.nan)
         self._report.zero_()
         self._losses[:, 2] = self._loss(batch, None)
 
+    def _reshard(self):
+        """FSDP2 keeps some modules' gathered parameters after a forward pass (the root's, by default): drop
+        them, so that the next forward gathers the shards as they are now."""
+        for module in self._fsdp_modules:
+            module.reshard()
+
     def _loss(self, batch, group):
         where = "on the unperturbed model" if group is None else f"with group {group!r} perturbed"
+        self._reshard()
         try:
             loss = self.loss_fn(self.model, batch)
         except (KeyboardInterrupt, SystemExit):
@@ -392,7 +443,7 @@ class Prober:
 
     def _finish(self, plans, eta):
         k = len(self.names)
-        counts_key = tuple(sum(p.numel() for p in plans[n][0]) if n in plans else 0 for n in self.names)
+        counts_key = tuple(self._global_numel[n] if n in plans else 0 for n in self.names)
         if counts_key != self._counts_key:
             # Pinned and non-blocking: the counts reach the device without a host synchronisation.
             pinned = torch.tensor(counts_key, dtype=torch.float64)
@@ -447,6 +498,44 @@ class Prober:
         if self._pending is not None and self._pending[0] is not None:
             self._pending[0].synchronize()
         self._learn_from_last_step()
+
+
+def _is_sharded(tensor):
+    return type(tensor).__name__ == "DTensor"
+
+
+def _local(tensor):
+    """The part of a tensor this rank holds (a DTensor's local shard; any other tensor itself)."""
+    return tensor.to_local() if _is_sharded(tensor) else tensor
+
+
+def _fsdp_modules(model):
+    from torch.distributed.fsdp import FSDPModule
+    return [module for module in model.modules() if isinstance(module, FSDPModule)]
+
+
+def _process_group(model, groups, requested, direction):
+    """(process group whose ranks probe together, whether the parameters are sharded across it), checked."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+    params = [p for name in groups.names for p in groups.params(name)]
+    sharded = [p for p in params if _is_sharded(p)]
+    if sharded:
+        meshes = {id(p.device_mesh) for p in sharded}
+        mesh = sharded[0].device_mesh
+        if len(meshes) != 1 or mesh.ndim != 1 or len(sharded) != len(params):
+            raise NotImplementedError("adapeft.Prober: parameters sharded over one 1-D device mesh (FSDP2's "
+                                      "fully_shard) are supported; this model mixes meshes, dimensions or plain "
+                                      "tensors")
+        if direction == "optimizer":
+            raise NotImplementedError("adapeft.Prober: direction='optimizer' is not supported on sharded (FSDP2) "
+                                      "parameters yet; use direction='grad'")
+        return (mesh.get_group() if requested == "auto" else requested), True
+    if requested == "auto":
+        return (model.process_group if isinstance(model, DistributedDataParallel) else None), False
+    if requested is not None and not (dist.is_available() and dist.is_initialized()):
+        raise ValueError("adapeft.Prober: process_group was given but torch.distributed is not initialised")
+    return requested, False
 
 
 class _GraphedMeasurement:

@@ -1,0 +1,176 @@
+"""Probing under torch.distributed: DistributedDataParallel on 2 CPU processes (gloo) against one process
+on the global batch."""
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import adapeft
+from adapeft import _backend
+
+pytestmark = [
+    pytest.mark.skipif(_backend._C is None, reason="the compiled extension is not built"),
+    pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()), reason="needs torch.distributed gloo"),
+]
+WORLD = 2
+ETA = 1e-3
+
+
+def make_model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.LayerNorm(32), torch.nn.Tanh(),
+                               torch.nn.Dropout(0.1), torch.nn.Linear(32, 4)).double()
+
+
+def global_batch():
+    generator = torch.Generator().manual_seed(1)
+    return torch.randn(64, 8, dtype=torch.float64, generator=generator), torch.randint(0, 4, (64,), generator=generator)
+
+
+def cross_entropy(model, batch):
+    inputs, labels = batch
+    return torch.nn.functional.cross_entropy(model(inputs), labels)
+
+
+def probe_twice(model, batch):
+    model.eval()  # no dropout: the ranks' gradients are the global batch's
+    cross_entropy(model, batch).backward()
+    prober = adapeft.Prober(model, None, cross_entropy)
+    results = [prober.step(batch, ETA) for _ in range(2)]
+    return prober, results
+
+
+def summary(prober, results, model):
+    selection = adapeft.select(prober, budget=0.5, method="exact")
+    return {"names": prober.names, "counts": prober.groups.numel,
+            "b": torch.stack([r.b for r in results]), "A": torch.stack([r.A for r in results]),
+            "losses": torch.stack([r.losses for r in results]), "appi": prober.appi.clone(),
+            "chosen": selection.chosen,
+            "weights": [p.detach().clone() for p in model.parameters()]}
+
+
+def ddp_worker(rank, folder):
+    dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=WORLD)
+    try:
+        model = torch.nn.parallel.DistributedDataParallel(make_model())
+        inputs, labels = global_batch()
+        share = inputs.shape[0] // WORLD
+        local = (inputs[rank * share:(rank + 1) * share], labels[rank * share:(rank + 1) * share])
+        before = [p.detach().clone() for p in model.parameters()]
+        prober, results = probe_twice(model, local)
+        out = summary(prober, results, model)
+        out["restored"] = all(torch.equal(a.view(torch.int64), b.detach().view(torch.int64))
+                              for a, b in zip(before, model.parameters()))
+        torch.save(out, os.path.join(folder, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def fsdp2_worker(rank, folder):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=WORLD)
+    try:
+        model = make_model()
+        fully_shard(model, mesh=init_device_mesh("cpu", (WORLD,)))
+        inputs, labels = global_batch()
+        share = inputs.shape[0] // WORLD
+        local = (inputs[rank * share:(rank + 1) * share], labels[rank * share:(rank + 1) * share])
+        before = [p.detach().to_local().clone() for p in model.parameters()]
+        prober, results = probe_twice(model, local)
+        out = summary(prober, results, model)
+        # the prober leaves no gathered (possibly perturbed) parameters behind: they are DTensors again
+        out["restored"] = all(torch.equal(a.view(torch.int64), b.detach().to_local().view(torch.int64))
+                              for a, b in zip(before, model.parameters()))
+        out["weights"] = [p.detach().full_tensor() for p in model.parameters()]
+        calls = {"n": 0}
+
+        def failing(model, batch):
+            calls["n"] += 1
+            if calls["n"] == 6:  # mid-way, with the second group's shards moved
+                raise ValueError("interrupted")
+            return cross_entropy(model, batch)
+
+        try:
+            adapeft.Prober(model, None, failing).step(local, ETA)
+        except RuntimeError as error:
+            out["failure"] = "interrupted" in str(error)
+        out["restored"] &= all(torch.equal(a.view(torch.int64), b.detach().to_local().view(torch.int64))
+                               for a, b in zip(before, model.parameters()))
+        torch.save(out, os.path.join(folder, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("worker", [ddp_worker, fsdp2_worker], ids=["DDP", "FSDP2"])
+def test_ranks_agree_with_one_process_on_the_global_batch(tmp_path, worker):
+    mp.spawn(worker, args=(str(tmp_path),), nprocs=WORLD, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    model = make_model()
+    prober, results = probe_twice(model, global_batch())
+    single = summary(prober, results, model)
+    for out in ranks:
+        assert out["restored"] and out.get("failure", True)
+        assert out["names"] == single["names"] and out["counts"] == single["counts"]
+        # every rank fits the same numbers: bit-identical across ranks
+        for key in ("b", "A", "losses", "appi"):
+            assert torch.equal(out[key], ranks[0][key]), key
+        for mine, theirs in zip(out["weights"], ranks[0]["weights"]):
+            assert torch.equal(mine, theirs)
+        # and the global batch's numbers, up to float64 reduction order (the mean of two half-batch means,
+        # gradients averaged by DDP's buckets)
+        torch.testing.assert_close(out["losses"], single["losses"], rtol=1e-13, atol=0)
+        for key in ("b", "A", "appi"):
+            torch.testing.assert_close(out[key], single[key], rtol=1e-7, atol=1e-12)
+        assert out["chosen"] == single["chosen"]
+
+
+def test_process_group_checks():
+    model = make_model()
+    with pytest.raises(ValueError, match="torch.distributed is not initialised"):
+        adapeft.Prober(model, None, cross_entropy, process_group=object())
+    assert adapeft.Prober(model, None, cross_entropy).process_group is None
+
+
+def trainer_worker(rank, folder, port):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    import warnings
+
+    import transformers
+
+    from adapeft.algorithm import equip_lora
+    from adapeft.hf import AdaPEFTCallback
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = equip_lora(transformers.BertForSequenceClassification(transformers.BertConfig(
+            num_hidden_layers=2, hidden_size=32, num_attention_heads=2, intermediate_size=64, vocab_size=97,
+            num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)), ["query", "value"], r=4)
+    generator = torch.Generator().manual_seed(0)
+    inputs, labels = torch.randint(0, 97, (64, 12), generator=generator), torch.randint(0, 3, (64,), generator=generator)
+    data = [{"input_ids": x, "labels": y} for x, y in zip(inputs, labels)]
+    callback = AdaPEFTCallback(budget=0.05, probe_fraction=0.5, every=2)
+    args = transformers.TrainingArguments(output_dir=os.path.join(folder, "out"), max_steps=8,
+                                          per_device_train_batch_size=4, learning_rate=1e-3, report_to=[],
+                                          use_cpu=True, ddp_backend="gloo", save_strategy="no", disable_tqdm=True)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=data, callbacks=[callback])
+    callback.attach(trainer)
+    trainer.train()
+    torch.save({"world": dist.get_world_size(), "appi": callback.prober.appi.clone(),
+                "chosen": callback.selection.chosen, "probes": len(callback.prober.history)},
+               os.path.join(folder, f"rank{rank}.pt"))
+
+
+def test_trainer_callback_under_ddp_agrees_across_ranks(tmp_path):
+    import socket
+    with socket.socket() as probe_port:
+        probe_port.bind(("127.0.0.1", 0))
+        port = probe_port.getsockname()[1]
+    mp.spawn(trainer_worker, args=(str(tmp_path), port), nprocs=WORLD, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    assert all(out["world"] == WORLD and out["probes"] >= 2 for out in ranks)
+    assert torch.equal(ranks[0]["appi"], ranks[1]["appi"]) and ranks[0]["chosen"] == ranks[1]["chosen"]
+    assert (tmp_path / "out" / "adapeft_selection.json").exists()  # written once, by rank 0
