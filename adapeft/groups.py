@@ -216,15 +216,24 @@ def group_parameters(model, granularity="type", rules=None):
     named = list(model.named_parameters())
     if not named:
         raise ValueError("adapeft.group_parameters: the model has no parameters")
-    head_ids = _output_head_ids(model)
+    # A data-parallel wrapper groups as the model it wraps; the groups keep the wrapper's tensor names.
+    inner = model.module if isinstance(model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)) \
+        else model
+    wrapper = "module." if inner is not model else ""
+
+    def unwrapped(name):
+        return name[len(wrapper):]
+
+    head_ids = _output_head_ids(inner)
     fallback_head_ids = set()
-    named_heads = any(_clean_path(n)[:1] and _clean_path(n)[0] in HEAD_MODULE_NAMES for n, _ in named)
-    if not hasattr(model, "get_output_embeddings") and not named_heads:
+    named_heads = any(_clean_path(unwrapped(n))[:1] and _clean_path(unwrapped(n))[0] in HEAD_MODULE_NAMES
+                      for n, _ in named)
+    if not hasattr(inner, "get_output_embeddings") and not named_heads:
         # A plain PyTorch model: its last Linear layer is the head.
-        linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+        linears = [m for m in inner.modules() if isinstance(m, torch.nn.Linear)]
         if linears:
             fallback_head_ids = {id(p) for p in linears[-1].parameters()}
-    stacks = _stacks(n for n, _ in named)
+    stacks = _stacks(unwrapped(n) for n, _ in named)
 
     members = OrderedDict()
     by_rule = {rule_name: [] for rule_name in rule_names}
@@ -246,11 +255,11 @@ def group_parameters(model, granularity="type", rules=None):
 
     default = OrderedDict()
     for position, (name, param, owner) in enumerate(by_default):
-        kind = _default_type(name, param, owner, head_ids, fallback_head_ids)
+        kind = _default_type(unwrapped(name), param, owner, head_ids, fallback_head_ids)
         if granularity == "tensor":
             label, order = name, (position,)
         elif granularity == "layer":
-            block = _block_of(name, stacks)
+            block = _block_of(unwrapped(name), stacks)
             label = kind if block is None else f"{kind}@{block}"
             order = (TYPES.index(kind), _block_sort_key(block, stacks))
         else:

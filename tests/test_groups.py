@@ -188,3 +188,15 @@ def test_summary_and_json_are_stable():
     data = json.loads(first)
     assert data["format"] == "adapeft.groups/1" and [g["name"] for g in data["groups"]] == groups.names
     assert sum(g["numel"] for g in data["groups"]) == data["total"] == groups.total
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_data_parallel_wrapper_groups_as_the_model(name):
+    model = peft.get_peft_model(tiny(name), peft.LoraConfig(r=4, target_modules=LORA_TARGETS[name]))
+    wrapped = torch.nn.DataParallel(model)  # DistributedDataParallel wraps the same way (tests/test_distributed.py)
+    for granularity in ("type", "layer"):
+        plain = adapeft.group_parameters(model, granularity=granularity)
+        grouped = adapeft.group_parameters(wrapped, granularity=granularity)
+        assert grouped.names == plain.names and grouped.numel == plain.numel
+        for group in plain.names:
+            assert grouped.tensor_names(group) == ["module." + n for n in plain.tensor_names(group)]
