@@ -61,6 +61,7 @@ def ddp_worker(rank, folder):
         before = [p.detach().clone() for p in model.parameters()]
         prober, results = probe_twice(model, local)
         out = summary(prober, results, model)
+        out["plain_b"] = adapeft.Prober(model, None, cross_entropy, backend="torch").step(local, ETA).b
         out["restored"] = all(torch.equal(a.view(torch.int64), b.detach().view(torch.int64))
                               for a, b in zip(before, model.parameters()))
         torch.save(out, os.path.join(folder, f"rank{rank}.pt"))
@@ -125,6 +126,8 @@ def test_ranks_agree_with_one_process_on_the_global_batch(tmp_path, worker):
         for key in ("b", "A", "appi"):
             torch.testing.assert_close(out[key], single[key], rtol=1e-7, atol=1e-12)
         assert out["chosen"] == single["chosen"]
+        if "plain_b" in out:  # the plain PyTorch backend averages the same way
+            torch.testing.assert_close(out["plain_b"], single["b"][-1], rtol=1e-7, atol=1e-12)
 
 
 def test_process_group_checks():

@@ -128,6 +128,14 @@ def test_algorithm_phases_in_plain_pytorch():
     trained = algorithm.train_selected(target, selection, batches(), loss_fn, 4, lr=1e-3, learning_rates=rates)
     assert trained.trainable == sum(p.numel() for p in target.parameters() if p.requires_grad)
     assert len(trained.losses) == 4
+    # The CUDA-graph option keeps gradients in place between steps (so a graph is captured once); on the
+    # CPU it has no effect beyond a warning, and the probe's numbers are the same.
+    graphed = AdaPEFT(budget=0.1, probe_every=2, cuda_graph=True)
+    model = tiny_bert()
+    with pytest.warns(UserWarning, match="cuda_graph=True has no effect on cpu"):
+        again = graphed.probe_train(model, batches(), loss_fn, graphed.probe_steps(60), lr=1e-3)
+    assert all(p.grad is not None for p in model.parameters())
+    torch.testing.assert_close(again.prober.appi, run.prober.appi, rtol=1e-6, atol=0)
 
 
 def run_cli(*args, cwd=None):
