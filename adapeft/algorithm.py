@@ -80,23 +80,16 @@ class AdaPEFT:
                         schedule=ProbeSchedule(len(groups), interval=interval), cuda_graph=self.cuda_graph)
         run = ProbeRun(prober)
         eta = self.eta or lr
-        start = time.perf_counter()
-        model.train()
-        for step in range(steps):
-            batch = next(batches)
-            # Gradients kept in place when probing from a CUDA graph: the graph reads them at fixed addresses.
-            optimizer.zero_grad(set_to_none=not self.cuda_graph)
-            loss = loss_fn(model, batch)
-            loss.backward()
+
+        def probe(step, batch):
             if prober.schedule(step) or step == steps - 1 and not prober.history:
                 probe_start = time.perf_counter()
                 prober.step(batch, eta)
                 run.probe_seconds += time.perf_counter() - probe_start
-            optimizer.step()
-            run.losses.append(loss.item())
-            if on_step is not None:
-                on_step(step, loss.item())
-        run.seconds = time.perf_counter() - start
+
+        # Gradients kept in place when probing from a CUDA graph: the graph reads them at fixed addresses.
+        _train(model, optimizer, batches, loss_fn, steps, run, on_step, after_backward=probe,
+               keep_gradients=self.cuda_graph)
         return run
 
     def select(self, run_or_prober, budget=None, method=None, **options):
@@ -120,19 +113,27 @@ class AdaPEFT:
         rates = learning_rates or {}
         optimizer = optimizer_cls([{"params": groups.params(name), "lr": rates.get(name, lr)} for name in chosen])
         run = TrainRun(trainable=report["trainable_parameters"])
-        start = time.perf_counter()
-        model.train()
-        for step in range(steps):
-            batch = next(batches)
-            optimizer.zero_grad(set_to_none=True)
-            loss = loss_fn(model, batch)
-            loss.backward()
-            optimizer.step()
-            run.losses.append(loss.item())
-            if on_step is not None:
-                on_step(step, loss.item())
-        run.seconds = time.perf_counter() - start
+        _train(model, optimizer, batches, loss_fn, steps, run, on_step)
         return run
+
+
+def _train(model, optimizer, batches, loss_fn, steps, run, on_step, after_backward=None, keep_gradients=False):
+    """The training loop of both phases: run.losses and run.seconds filled in; after_backward(step, batch)
+    runs between the backward pass and the optimizer step."""
+    start = time.perf_counter()
+    model.train()
+    for step in range(steps):
+        batch = next(batches)
+        optimizer.zero_grad(set_to_none=not keep_gradients)
+        loss = loss_fn(model, batch)
+        loss.backward()
+        if after_backward is not None:
+            after_backward(step, batch)
+        optimizer.step()
+        run.losses.append(loss.item())
+        if on_step is not None:
+            on_step(step, run.losses[-1])
+    run.seconds = time.perf_counter() - start
 
 
 def hessian_informed_rates(prober, base_lr, clip=(0.5, 2.0)):

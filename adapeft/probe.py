@@ -334,10 +334,10 @@ class Prober:
         report = self._report.view(k, 5, len(L.REPORT_FIELDS))
         parts = [self._losses]
         if self._sharded:
-            norms = torch.zeros(k, dtype=torch.float64, device=self.device)
-            for index, name in enumerate(self.names):
-                if name in plans:
-                    norms[index] = sum(d.double().square().sum() for d in plans[name][1])
+            # sum(d.d) of each group's shards: one multi-tensor norm pass, no copy of the directions
+            norms = torch.stack([torch.stack(torch._foreach_norm(plans[name][1])).double().square().sum()
+                                 if name in plans else torch.zeros((), dtype=torch.float64, device=self.device)
+                                 for name in self.names])
             summed = report[:, :, [FIELD["changed"], FIELD["unmoved"]]]
             parts += [report[:, :, FIELD["step"]] * norms[:, None], norms[:, None], summed]
         packed = torch.cat([part.reshape(k, -1) for part in parts], dim=1)

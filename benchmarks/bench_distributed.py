@@ -5,7 +5,7 @@ Run with torchrun, one process per GPU (NCCL), or on CPU with gloo for a smoke r
     torchrun --nproc_per_node 2 benchmarks/bench_distributed.py                  # GPT-2-small on 2 GPUs
     torchrun --nproc_per_node 2 benchmarks/bench_distributed.py --device cpu --model tiny
 
-Every rank builds the same GPT-2 + LoRA (r=8 on c_attn, float32 or --dtype, every parameter trainable) and takes
+Every rank builds the same GPT-2 + LoRA (bench_probe.build; float32 or --dtype) and takes
 its share of one global batch; gradients come from one backward pass. Rank 0 also probes an unwrapped
 copy on the whole global batch (the single-device reference). For DDP and for FSDP2 (fully_shard on
 every block and the root) it prints: the largest relative difference of b and A (accepted groups) and
@@ -17,30 +17,12 @@ import argparse
 import os
 import statistics
 import time
-import warnings
 
 import torch
 import torch.distributed as dist
 
 import adapeft
-from adapeft.algorithm import equip_lora
-
-SIZES = {"tiny": dict(n_layer=2, n_embd=64, n_head=2, vocab_size=503),
-         "small": dict(n_layer=12, n_embd=768, n_head=12, vocab_size=50257)}
-
-
-def build(size, device, dtype):
-    from transformers import GPT2Config, GPT2LMHeadModel
-    torch.manual_seed(0)
-    config = GPT2Config(n_positions=256, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **SIZES[size])
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = equip_lora(GPT2LMHeadModel(config), ["c_attn"]).to(device=device, dtype=dtype)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.02)
-    return model
+from bench_probe import CONFIGS, build, vocab_of
 
 
 def lm_loss(model, batch):
@@ -100,7 +82,7 @@ def largest_difference(got, want, mask=None):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="small", choices=sorted(SIZES))
+    parser.add_argument("--model", default="small", choices=sorted(CONFIGS))
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--per-rank-batch", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=128)
@@ -117,13 +99,13 @@ def main():
         device = torch.device("cpu")
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     generator = torch.Generator().manual_seed(1)
-    vocab = SIZES[args.model]["vocab_size"]
-    global_batch = torch.randint(0, vocab, (world * args.per_rank_batch, args.tokens), generator=generator).to(device)
+    global_batch = torch.randint(0, vocab_of(args.model), (world * args.per_rank_batch, args.tokens),
+                                 generator=generator).to(device)
     local = global_batch[rank * args.per_rank_batch:(rank + 1) * args.per_rank_batch]
 
     reference = None
     if rank == 0:
-        results, prober, seconds, peak = probe(build(args.model, device, dtype), global_batch, device, args.repeats,
+        results, prober, seconds, peak = probe(build(args.model, dtype, device), global_batch, device, args.repeats,
                                              args.eta)
         reference = summary(results, prober)
         print(f"device {device.type} x {world}, torch {torch.__version__}, GPT-2-{args.model} + LoRA, {args.dtype}, eta {args.eta}, "
@@ -146,7 +128,7 @@ def main():
         return model
 
     for mode, wrap in (("DDP", wrap_ddp), ("FSDP2", wrap_fsdp2)):
-        model = wrap(build(args.model, device, dtype))
+        model = wrap(build(args.model, dtype, device))
         before = local_tensors(model)
         results, prober, seconds, peak = probe(model, local, device, args.repeats, args.eta)
         restored = all(torch.equal(a.view(torch.uint8), b.view(torch.uint8))

@@ -33,7 +33,8 @@ import torch
 import adapeft
 from adapeft.algorithm import equip_lora
 
-CONFIGS = {  # GPT-2's published shapes
+CONFIGS = {  # GPT-2's published shapes, and a tiny one for smoke runs on a CPU
+    "tiny": dict(n_layer=2, n_embd=64, n_head=2, vocab_size=503),
     "small": dict(n_layer=12, n_embd=768, n_head=12),
     "medium": dict(n_layer=24, n_embd=1024, n_head=16),
     "large": dict(n_layer=36, n_embd=1280, n_head=20),
@@ -42,12 +43,17 @@ BATCH, TOKENS, VOCAB = 8, 128, 50257
 ETA = 1e-4
 
 
-def build(size, dtype):
+def vocab_of(size):
+    return CONFIGS[size].get("vocab_size", VOCAB)
+
+
+def build(size, dtype, device="cuda"):
+    """GPT-2 of that size with random weights and LoRA (r=8) on c_attn, every parameter trainable."""
     from transformers import GPT2Config, GPT2LMHeadModel
     torch.manual_seed(0)
-    config = GPT2Config(vocab_size=VOCAB, n_positions=1024, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                        **CONFIGS[size])
-    with torch.device("cuda"), warnings.catch_warnings():
+    config = GPT2Config(n_positions=1024, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                        **{"vocab_size": VOCAB, **CONFIGS[size]})
+    with torch.device(device), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = equip_lora(GPT2LMHeadModel(config), ["c_attn"]).to(dtype)
     with torch.no_grad():

@@ -1,3 +1,4 @@
+import contextlib
 import os
 import random
 
@@ -28,3 +29,18 @@ def device(request):
 
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@contextlib.contextmanager
+def forbid_host_sync(active=True):
+    """Inside, any operation that makes the host wait for the device raises (work queued before waits
+    here first, so it is not counted)."""
+    if not active:
+        yield
+        return
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

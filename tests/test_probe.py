@@ -10,7 +10,7 @@ import torch
 import adapeft
 from adapeft import _backend
 
-from conftest import requires_cuda
+from conftest import forbid_host_sync, requires_cuda
 
 pytestmark = pytest.mark.skipif(_backend._C is None, reason="the compiled extension is not built")
 transformers = pytest.importorskip("transformers")
@@ -356,12 +356,8 @@ def test_cuda_step_has_no_host_sync(dtype):
 
     prober = adapeft.Prober(model, None, unchecked)
     prober.step(batch, 1e-2)  # warm-up: tables, ledgers and kernels are set up outside the check
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
+    with forbid_host_sync():
         result = prober.step(batch, 1e-2)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
     assert result.probed.all() and torch.isfinite(result.losses).all()
     if dtype == torch.float32:
         assert result.accepted.any()
@@ -471,14 +467,8 @@ def test_cuda_graph_follows_new_gradients_and_has_no_host_sync():
                 p.grad.mul_(1.5)  # new values at the same addresses: the graph replays them
             if step == 1:
                 first.grad = first.grad.clone()  # a new address: a new table and a new capture
-        replay = step >= 2
-        if replay:
-            torch.cuda.synchronize()
-            torch.cuda.set_sync_debug_mode("error")
-        try:
+        with forbid_host_sync(active=step >= 2):  # replays
             got = graphed.step(batch, 1e-2)
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
         assert_same_probe(got, eager.step(batch, 1e-2))
     assert graphed._graph.graph is not None and graphed._graph.disabled is None
 
