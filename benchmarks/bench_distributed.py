@@ -70,14 +70,17 @@ def local_tensors(model):
 
 def summary(results, prober):
     return {"b": results[-1].b.cpu(), "A": results[-1].A.cpu(), "accepted": results[-1].accepted.cpu(),
+            "loss": float(results[-1].losses.abs().max()),
             "appi": prober.appi.cpu(), "chosen": adapeft.select(prober, budget=0.05, method="exact").chosen}
 
 
-def largest_difference(got, want, mask=None):
+def largest_difference(got, want, mask=None, unit=None):
+    """Largest relative difference, or the largest absolute one in `unit`s."""
     got, want = (got[mask], want[mask]) if mask is not None else (got, want)
     if got.numel() == 0:
         return 0.0
-    return float(((got - want).abs() / want.abs().clamp(min=1e-300)).max())
+    scale = unit if unit is not None else want.abs().clamp(min=1e-300)
+    return float(((got - want).abs() / scale).max())
 
 
 def main():
@@ -139,11 +142,17 @@ def main():
         if rank == 0:
             same = all(torch.equal(g["summary"][key], mine[key]) for g in gathered for key in ("b", "A", "appi"))
             accepted = reference["accepted"] & mine["accepted"]
+            # The losses' own resolution: b and A are differences of losses over steps of eta, so a loss
+            # rounded to within delta leaves b uncertain by about delta / eta and A by delta / eta^2.
+            delta = reference["loss"] * torch.finfo(dtype).eps
             print(f"{mode:6} accepted {int(accepted.sum())}/{accepted.numel()} groups  chosen {mine['chosen']} "
                   f"(one device: {reference['chosen']})\n       b {largest_difference(mine['b'], reference['b'], accepted):.1e}  "
                   f"A {largest_difference(mine['A'], reference['A'], accepted):.1e}  "
                   f"APPI {largest_difference(mine['appi'], reference['appi'], reference['appi'] > 0):.1e} "
-                  f"(relative, vs one device)  accepted same {torch.equal(accepted, reference['accepted'])}  "
+                  f"(relative, vs one device); in units of the loss resolution (delta/eta, delta/eta^2): "
+                  f"b {largest_difference(mine['b'], reference['b'], None, delta / args.eta):.2f}  "
+                  f"A {largest_difference(mine['A'], reference['A'], None, delta / args.eta ** 2):.2f}\n       "
+                  f"accepted same {torch.equal(mine['accepted'], reference['accepted'])}  "
                   f"selection same {all(g['summary']['chosen'] == reference['chosen'] for g in gathered)}  "
                   f"ranks bit-identical {same}  restored {all(g['restored'] for g in gathered)}  "
                   + "  ".join(f"rank {r}: {1e3 * g['seconds']:.1f} ms, {g['peak'] / 2**20:.0f} MB extra"

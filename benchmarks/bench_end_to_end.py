@@ -8,8 +8,10 @@ batch, wall-clock with the device synchronised at both ends; model construction 
 reports about 110% for AdaPEFT against a heuristic PEFT; the target here is 105% or less.
 
     python benchmarks/bench_end_to_end.py [--horizon 200] [--dtype bfloat16] [--proxy-dtype float32] [--cuda-graph]
+                                          [--proxy-autocast] [--fused-adamw]
 """
 import argparse
+import functools
 import time
 
 import torch
@@ -46,13 +48,24 @@ def main():
     parser.add_argument("--budget", type=float, default=0.01)
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--cuda-graph", action="store_true", help="probe with Prober(cuda_graph=True)")
+    parser.add_argument("--proxy-autocast", action="store_true",
+                        help="run part I's forward passes in bfloat16 autocast over its float32 weights")
+    parser.add_argument("--fused-adamw", action="store_true", help="AdamW(fused=True) in every phase")
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
+    optimizer_cls = functools.partial(torch.optim.AdamW, fused=True) if args.fused_adamw else torch.optim.AdamW
+    proxy_loss = lm_loss
+    if args.proxy_autocast:
+        def proxy_loss(model, batch):
+            # no weight-cast cache: every forward pass must see the weights as the probe left them
+            with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
+                return lm_loss(model, batch)
     algorithm = AdaPEFT(budget=args.budget, method="exact", probe_every=PROBE_EVERY, cuda_graph=args.cuda_graph)
     steps = algorithm.probe_steps(args.horizon)
 
     proxy = build("small", getattr(torch, args.proxy_dtype))
-    probe_run, part_one = timed(lambda: algorithm.probe_train(proxy, random_batches(0), lm_loss, steps, args.lr))
+    probe_run, part_one = timed(lambda: algorithm.probe_train(proxy, random_batches(0), proxy_loss, steps, args.lr,
+                                                                        optimizer_cls))
     selection = algorithm.select(probe_run)
     if not selection.chosen:
         print("the probe accepted no fit on this random model: part II trains LoRA instead")
@@ -64,17 +77,19 @@ def main():
 
     target = build("large", dtype)
     part_two_run, part_two = timed(lambda: AdaPEFT.train_selected(target, selection, random_batches(1), lm_loss,
-                                                                  args.horizon, args.lr))
+                                                                  args.horizon, args.lr, optimizer_cls))
     del target
     torch.cuda.empty_cache()
 
     baseline = build("large", dtype)
     lora = Selection.given(["lora_A", "lora_B"], group_parameters(baseline))
     lora_run, plain = timed(lambda: AdaPEFT.train_selected(baseline, lora, random_batches(1), lm_loss, args.horizon,
-                                                           args.lr))
+                                                           args.lr, optimizer_cls))
 
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, {args.dtype}, horizon {args.horizon} "
           f"steps of {BATCH} x {TOKENS}, budget {args.budget:.0%}")
+    print(f"proxy {args.proxy_dtype}{' in bfloat16 autocast' if args.proxy_autocast else ''}, "
+          f"AdamW{' (fused)' if args.fused_adamw else ''}")
     print(f"part I   GPT-2-small full fine-tuning, {steps} steps, probed every {PROBE_EVERY} "
           f"({'CUDA graph' if args.cuda_graph else 'eager'}{captures}): {part_one:8.2f} s")
     print(f"part II  GPT-2-large, selected {', '.join(selection.chosen) or '(nothing)'} "

@@ -63,13 +63,7 @@ enum DtypeCode : int64_t { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2, kFloat64 =
 enum LedgerHeader : int64_t {
   kLedgerDemand = 0,       // entry words requested during the step (may exceed the capacity)
   kLedgerBlocksDone = 1,   // CUDA: blocks finished, so the last one can finalise the report
-  kLedgerDotDirStep = 2,   // double: sum d * (w_new - w0)
-  kLedgerDotDirDir = 3,    // double: sum d * d
-  kLedgerChanged = 4,      // elements whose bits changed
-  kLedgerUnmoved = 5,      // elements left at w0 because the ledger was full
-  kLedgerNonfinite = 6,    // non-finite direction elements
-  kLedgerSaved = 7,        // elements whose step is not invertible (entries requested)
-  kLedgerHeaderWords = 8,
+  kLedgerHeaderWords = 2,
 };
 // Directory word: entry offset << kDirectoryOffsetShift | entry count. A count of kChunkUnmoved
 // marks a chunk that could not reserve its entries and was therefore left exactly at w0.

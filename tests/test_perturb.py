@@ -356,7 +356,7 @@ def test_errors_name_the_argument(device):
     with pytest.raises(Exception, match="ledger_in and ledger_out must be different"):
         call(from_step=0, ledger_out=ledger)
     with pytest.raises(Exception, match="ledger_out must be int64"):
-        call(ledger_out=torch.zeros(3, dtype=torch.int64, device=device))
+        call(ledger_out=torch.zeros(1, dtype=torch.int64, device=device))
     with pytest.raises(Exception, match="report must be float64"):
         call(report=torch.zeros(4, dtype=torch.float64, device=device))
     with pytest.raises(Exception, match="steps must be float32"):
@@ -442,6 +442,39 @@ def test_cuda_equals_cpu_bitwise(generator, dtypes):
         assert_same_bits(a, b, f"CUDA vs CPU after move {row}")
     assert torch.equal(cuda_report[:, 1:], cpu_report[:, 1:])
     torch.testing.assert_close(cuda_report[:, 0], cpu_report[:, 0], rtol=1e-12, atol=0)
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtypes", [[torch.float32], [torch.bfloat16], DTYPES], ids=["f32", "bf16", "mixed"])
+def test_cuda_many_chunks_and_unaligned_views_equal_cpu_and_report_the_same_bits(generator, dtypes):
+    """More chunks than resident blocks (each block's pipeline of staged chunks wraps around), mixed
+    with views at odd offsets, which cannot be copied 16 bytes at a time and are read directly. Every
+    run reports the same bits: the blocks' sums are added in block order, not in arrival order."""
+    params, directions = random_group(generator, "cpu", [1_500_001, 40_000, 4096 * 3, 5, 700_000], dtypes)
+    for i in (1, 3):  # views 1 element past a 16-byte boundary, directions too
+        for group in (params, directions):
+            flat = torch.empty(group[i].numel() + 1, dtype=group[i].dtype)
+            flat[1:] = group[i]
+            group[i] = flat[1:]
+    steps = torch.tensor([-4e-3, -2e-3, 2e-3, 4e-3])
+    cuda_params, cuda_directions = [], []
+    for p, d in zip(params, directions):
+        cuda_params.append(p.cuda() if p.storage_offset() == 0 else torch.cat([p[:1], p]).cuda()[1:])
+        cuda_directions.append(d.cuda() if d.storage_offset() == 0 else torch.cat([d[:1], d]).cuda()[1:])
+    assert cuda_params[1].data_ptr() % 16 != 0
+    on_cpu, cpu_report = run_moves("compiled", params, directions, steps, PROBE_SEQUENCE)
+    originals = [p.clone() for p in cuda_params]
+    reports = []
+    for run in range(3):
+        on_cuda, cuda_report = run_moves("compiled", cuda_params, cuda_directions, steps.cuda(), PROBE_SEQUENCE)
+        for row, (a, b) in enumerate(zip(on_cuda, on_cpu)):
+            assert_same_bits(a, b, f"run {run}: CUDA vs CPU after move {row}")
+        reports.append(cuda_report)
+    assert all(torch.equal(p, o) for p, o in zip(cuda_params, originals))
+    assert torch.equal(reports[0][:, 1:], cpu_report[:, 1:])
+    torch.testing.assert_close(reports[0][:, 0], cpu_report[:, 0], rtol=1e-12, atol=0)
+    for report in reports[1:]:
+        assert torch.equal(report.view(torch.int64), reports[0].view(torch.int64))
 
 
 @requires_cuda

@@ -2,11 +2,16 @@
 // of tensors or mix of dtypes. A persistent grid walks the group's chunks (described by the table
 // built once by pack_group); step sizes are read from device memory and nothing waits for the host,
 // so a captured CUDA graph replays the same launches for new step values.
+//
+// Determinism: every block writes its totals to its own slot and the last block to finish adds the
+// slots in block order, so the report (the realized step above all) is the same bits on every run and
+// on every rank of a data-parallel job; floating-point atomics would add in arrival order.
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdint>
 
 #include "group_table.h"
 #include "step_math.h"
@@ -19,6 +24,8 @@ constexpr int kItems = static_cast<int>(kChunkElements) / kThreads;
 constexpr int kWords = static_cast<int>(kChunkElements) / 32;
 constexpr int kWarps = kThreads / 32;
 static_assert(kWords == 4 * 32, "the bitmap scan gives each lane of one warp four words");
+enum TotalWord { kTotalDotDirStep, kTotalDotDirDir, kTotalChanged, kTotalUnmoved, kTotalNonfinite, kTotalSaved,
+                 kTotalWords };
 
 struct MoveArgs {
   const int64_t* table;
@@ -32,16 +39,22 @@ struct MoveArgs {
   unsigned long long capacity;
   double* report_row;
   const double* hyper;
+  int64_t* block_totals;  // kTotalWords per block
 };
 
-struct Totals {
+// A thread's counts stay below the number of elements its block sees, so 32 bits hold them (and
+// keep registers free); a block's and the grid's are 64 bits.
+template <typename Count>
+struct TotalsOf {
   double dot_dir_step = 0.0;
   double dot_dir_dir = 0.0;
-  unsigned long long changed = 0;
-  unsigned long long unmoved = 0;
-  unsigned long long nonfinite = 0;
-  unsigned long long saved = 0;
+  Count changed = 0;
+  Count unmoved = 0;
+  Count nonfinite = 0;
+  Count saved = 0;
 };
+using ThreadTotals = TotalsOf<uint32_t>;
+using Totals = TotalsOf<unsigned long long>;
 
 struct MoveShared {
   // One bit per element of the chunk: in = has a ledger entry to read, out = needs one written.
@@ -57,6 +70,32 @@ struct MoveShared {
   unsigned long long counts[4][kWarps];
   int is_last;
 };
+
+// Where one chunk lives, decoded from the group table.
+struct ChunkView {
+  const int64_t* row;
+  char* param;
+  const char* direction;
+  int64_t start;
+  int len;
+  int64_t param_code;
+  int64_t direction_code;
+};
+
+__device__ ChunkView view_chunk(const MoveArgs& a, int64_t chunk) {
+  const int64_t* rows = a.table + kTableHeaderWords;
+  const int64_t word = rows[a.num_tensors * kTableTensorWords + chunk];
+  ChunkView v;
+  v.row = rows + (word >> kChunkTensorShift) * kTableTensorWords;
+  v.start = (word & kChunkIndexMask) << kChunkShift;
+  v.len = static_cast<int>(min(kChunkElements, v.row[kTensorNumel] - v.start));
+  const int64_t codes = v.row[kTensorDtypes];
+  v.param_code = param_dtype_code(codes);
+  v.direction_code = direction_dtype_code(codes);
+  v.param = reinterpret_cast<char*>(v.row[kTensorParamPtr]) + v.start * dtype_bytes(v.param_code);
+  v.direction = reinterpret_cast<const char*>(v.row[kTensorDirectionPtr]) + v.start * dtype_bytes(v.direction_code);
+  return v;
+}
 
 // Exclusive prefix of the set bits before each word (so an element's entry index is its rank among
 // the flagged positions of its chunk); run by warp 0. Returns the total in *total when non-null.
@@ -90,9 +129,9 @@ __device__ __forceinline__ uint32_t rank_of(const uint32_t* bits, const uint32_t
 }
 
 template <typename T, typename D>
-__device__ void move_chunk(T* param, const D* direction, int len, int64_t chunk, int64_t start,
-                           const DirectionRule<typename Storage<T>::Arith>& rule, const MoveArgs& a, float eta_from_f,
-                           float eta_to_f, MoveShared& sh, Totals& totals) {
+__device__ void move_chunk(T* param, const D* direction, int len, int64_t chunk,
+                           int64_t start, const DirectionRule<typename Storage<T>::Arith>& rule, const MoveArgs& a,
+                           float eta_from_f, float eta_to_f, MoveShared& sh, ThreadTotals& totals) {
   using S = Storage<T>;
   using A = typename S::Arith;
   constexpr int width = S::entry_words;
@@ -125,7 +164,7 @@ __device__ void move_chunk(T* param, const D* direction, int len, int64_t chunk,
   }
 
   // Registers hold only the direction and w0 of each element (the current value is read into w0 and
-  // rebuilt in place; the next value is recomputed when written), so that several blocks fit per SM.
+  // rebuilt in place; the next value is recomputed when written).
   A d[kItems];
   T w0[kItems];
 #pragma unroll
@@ -226,20 +265,20 @@ __device__ void move_chunk(T* param, const D* direction, int len, int64_t chunk,
 // kWithRules: the group has directions formed from an optimizer's state. A group of given directions
 // runs an instantiation where the rule is the constant identity and costs nothing.
 template <typename T, bool kWithRules>
-__device__ void move_chunk_direction(char* param, const char* direction, int64_t direction_code, int len,
-                                     int64_t chunk, int64_t start, const int64_t* row, const MoveArgs& a,
-                                     float eta_from, float eta_to, MoveShared& sh, Totals& totals) {
+__device__ void move_chunk_of(const ChunkView& v, int64_t chunk, const MoveArgs& a, float eta_from, float eta_to,
+                              MoveShared& sh, ThreadTotals& totals) {
   DirectionRule<typename Storage<T>::Arith> rule;
   if constexpr (kWithRules) {
-    const int64_t tensor = (row - (a.table + kTableHeaderWords)) / kTableTensorWords;
-    rule = DirectionRule<typename Storage<T>::Arith>::load(row, a.hyper + tensor * kHyperWords);
+    const int64_t tensor = (v.row - (a.table + kTableHeaderWords)) / kTableTensorWords;
+    rule = DirectionRule<typename Storage<T>::Arith>::load(v.row, a.hyper + tensor * kHyperWords);
   }
-  if (direction_code == kFloat32) {
-    move_chunk<T, float>(reinterpret_cast<T*>(param), reinterpret_cast<const float*>(direction), len, chunk, start,
-                         rule, a, eta_from, eta_to, sh, totals);
+  T* param = reinterpret_cast<T*>(v.param);
+  if (v.direction_code == kFloat32) {
+    move_chunk<T, float>(param, reinterpret_cast<const float*>(v.direction), v.len, chunk, v.start, rule, a, eta_from,
+                         eta_to, sh, totals);
   } else {
-    move_chunk<T, T>(reinterpret_cast<T*>(param), reinterpret_cast<const T*>(direction), len, chunk, start, rule, a,
-                     eta_from, eta_to, sh, totals);
+    move_chunk<T, T>(param, reinterpret_cast<const T*>(v.direction), v.len, chunk, v.start, rule, a, eta_from, eta_to,
+                     sh, totals);
   }
 }
 
@@ -250,25 +289,18 @@ __device__ V warp_sum(V v) {
   return v;
 }
 
-__device__ double read_double(int64_t* word) {
-  return __longlong_as_double(static_cast<long long>(atomicAdd(reinterpret_cast<unsigned long long*>(word), 0ull)));
-}
-
-__device__ unsigned long long read_count(int64_t* word) {
-  return atomicAdd(reinterpret_cast<unsigned long long*>(word), 0ull);
-}
-
-// Adds the block's totals into ledger_out's header; the last block to finish writes the report row
-// and zeroes the header, so the ledger is ready for its next use without a host round trip.
-__device__ void finish_step(const MoveArgs& a, Totals totals, MoveShared& sh) {
+// The block's totals, complete in thread 0, added in a fixed order.
+template <typename Count>
+__device__ Totals block_sum(TotalsOf<Count> thread, MoveShared& sh) {
   const int tid = threadIdx.x;
   const int warp = tid / 32, lane = tid % 32;
-  totals.dot_dir_step = warp_sum(totals.dot_dir_step);
-  totals.dot_dir_dir = warp_sum(totals.dot_dir_dir);
-  totals.changed = warp_sum(totals.changed);
-  totals.unmoved = warp_sum(totals.unmoved);
-  totals.nonfinite = warp_sum(totals.nonfinite);
-  totals.saved = warp_sum(totals.saved);
+  Totals totals;
+  totals.dot_dir_step = warp_sum(thread.dot_dir_step);
+  totals.dot_dir_dir = warp_sum(thread.dot_dir_dir);
+  totals.changed = warp_sum(static_cast<unsigned long long>(thread.changed));
+  totals.unmoved = warp_sum(static_cast<unsigned long long>(thread.unmoved));
+  totals.nonfinite = warp_sum(static_cast<unsigned long long>(thread.nonfinite));
+  totals.saved = warp_sum(static_cast<unsigned long long>(thread.saved));
   if (lane == 0) {
     sh.dot_dir_step[warp] = totals.dot_dir_step;
     sh.dot_dir_dir[warp] = totals.dot_dir_dir;
@@ -278,9 +310,8 @@ __device__ void finish_step(const MoveArgs& a, Totals totals, MoveShared& sh) {
     sh.counts[3][warp] = totals.saved;
   }
   __syncthreads();
-  int64_t* header = a.ledger_out;
+  Totals block;
   if (tid == 0) {
-    Totals block;
     for (int w = 0; w < kWarps; ++w) {
       block.dot_dir_step += sh.dot_dir_step[w];
       block.dot_dir_dir += sh.dot_dir_dir[w];
@@ -289,26 +320,52 @@ __device__ void finish_step(const MoveArgs& a, Totals totals, MoveShared& sh) {
       block.nonfinite += sh.counts[2][w];
       block.saved += sh.counts[3][w];
     }
-    atomicAdd(reinterpret_cast<double*>(header + kLedgerDotDirStep), block.dot_dir_step);
-    atomicAdd(reinterpret_cast<double*>(header + kLedgerDotDirDir), block.dot_dir_dir);
-    atomicAdd(reinterpret_cast<unsigned long long*>(header + kLedgerChanged), block.changed);
-    atomicAdd(reinterpret_cast<unsigned long long*>(header + kLedgerUnmoved), block.unmoved);
-    atomicAdd(reinterpret_cast<unsigned long long*>(header + kLedgerNonfinite), block.nonfinite);
-    atomicAdd(reinterpret_cast<unsigned long long*>(header + kLedgerSaved), block.saved);
+  }
+  __syncthreads();  // sh may be reused at once
+  return block;
+}
+
+// Writes the block's totals to its slot; the last block to finish adds the slots in block order,
+// writes the report row and zeroes the header, so the ledger is ready for its next use without a host
+// round trip.
+__device__ void finish_step(const MoveArgs& a, ThreadTotals totals, MoveShared& sh) {
+  const int tid = threadIdx.x;
+  int64_t* header = a.ledger_out;
+  const Totals block = block_sum(totals, sh);
+  if (tid == 0) {
+    int64_t* slot = a.block_totals + static_cast<int64_t>(blockIdx.x) * kTotalWords;
+    slot[kTotalDotDirStep] = __double_as_longlong(block.dot_dir_step);
+    slot[kTotalDotDirDir] = __double_as_longlong(block.dot_dir_dir);
+    slot[kTotalChanged] = static_cast<int64_t>(block.changed);
+    slot[kTotalUnmoved] = static_cast<int64_t>(block.unmoved);
+    slot[kTotalNonfinite] = static_cast<int64_t>(block.nonfinite);
+    slot[kTotalSaved] = static_cast<int64_t>(block.saved);
     __threadfence();
     const unsigned long long done =
         atomicAdd(reinterpret_cast<unsigned long long*>(header + kLedgerBlocksDone), 1ull);
     sh.is_last = done == gridDim.x - 1;
   }
   __syncthreads();
-  if (sh.is_last && tid == 0) {
-    __threadfence();
+  if (!sh.is_last) return;
+  __threadfence();
+  Totals all;
+  for (unsigned b = tid; b < gridDim.x; b += kThreads) {
+    const int64_t* slot = a.block_totals + static_cast<int64_t>(b) * kTotalWords;
+    all.dot_dir_step += __longlong_as_double(__ldcg(reinterpret_cast<const long long*>(slot) + kTotalDotDirStep));
+    all.dot_dir_dir += __longlong_as_double(__ldcg(reinterpret_cast<const long long*>(slot) + kTotalDotDirDir));
+    all.changed += static_cast<unsigned long long>(__ldcg(reinterpret_cast<const long long*>(slot) + kTotalChanged));
+    all.unmoved += static_cast<unsigned long long>(__ldcg(reinterpret_cast<const long long*>(slot) + kTotalUnmoved));
+    all.nonfinite += static_cast<unsigned long long>(__ldcg(reinterpret_cast<const long long*>(slot) + kTotalNonfinite));
+    all.saved += static_cast<unsigned long long>(__ldcg(reinterpret_cast<const long long*>(slot) + kTotalSaved));
+  }
+  all = block_sum(all, sh);
+  if (tid == 0) {
     if (a.report_row != nullptr) {
-      a.report_row[kReportStep] = -read_double(header + kLedgerDotDirStep) / read_double(header + kLedgerDotDirDir);
-      a.report_row[kReportChanged] = static_cast<double>(read_count(header + kLedgerChanged));
-      a.report_row[kReportUnmoved] = static_cast<double>(read_count(header + kLedgerUnmoved));
-      a.report_row[kReportSaved] = static_cast<double>(read_count(header + kLedgerSaved));
-      a.report_row[kReportNonfinite] = static_cast<double>(read_count(header + kLedgerNonfinite));
+      a.report_row[kReportStep] = -all.dot_dir_step / all.dot_dir_dir;
+      a.report_row[kReportChanged] = static_cast<double>(all.changed);
+      a.report_row[kReportUnmoved] = static_cast<double>(all.unmoved);
+      a.report_row[kReportSaved] = static_cast<double>(all.saved);
+      a.report_row[kReportNonfinite] = static_cast<double>(all.nonfinite);
     }
     for (int f = 0; f < kLedgerHeaderWords; ++f) header[f] = 0;
   }
@@ -319,38 +376,24 @@ __device__ void finish_step(const MoveArgs& a, Totals totals, MoveShared& sh) {
 template <bool kWithRules, bool kWithDouble>
 __global__ void __launch_bounds__(kThreads, 1) move_kernel(MoveArgs a) {
   __shared__ MoveShared sh;
-  Totals totals;
+  ThreadTotals totals;
   const float eta_from = a.from_step >= 0 ? a.steps[a.from_step] : 0.0f;
   const float eta_to = a.to_step >= 0 ? a.steps[a.to_step] : 0.0f;
-  const int64_t* rows = a.table + kTableHeaderWords;
-  const int64_t* chunk_words = rows + a.num_tensors * kTableTensorWords;
   for (int64_t chunk = blockIdx.x; chunk < a.num_chunks; chunk += gridDim.x) {
-    const int64_t word = chunk_words[chunk];
-    const int64_t* row = rows + (word >> kChunkTensorShift) * kTableTensorWords;
-    const int64_t start = (word & kChunkIndexMask) << kChunkShift;
-    const int len = static_cast<int>(min(kChunkElements, row[kTensorNumel] - start));
-    const int64_t codes = row[kTensorDtypes];
-    const int64_t direction_code = direction_dtype_code(codes);
-    const int64_t param_code = param_dtype_code(codes);
-    char* param = reinterpret_cast<char*>(row[kTensorParamPtr]) + start * dtype_bytes(param_code);
-    const char* direction = reinterpret_cast<const char*>(row[kTensorDirectionPtr]) + start * dtype_bytes(direction_code);
-    switch (param_code) {
+    const ChunkView v = view_chunk(a, chunk);
+    switch (v.param_code) {
       case kFloat32:
-        move_chunk_direction<float, kWithRules>(param, direction, direction_code, len, chunk, start, row, a, eta_from, eta_to, sh,
-                                    totals);
+        move_chunk_of<float, kWithRules>(v, chunk, a, eta_from, eta_to, sh, totals);
         break;
       case kBFloat16:
-        move_chunk_direction<c10::BFloat16, kWithRules>(param, direction, direction_code, len, chunk, start, row, a, eta_from,
-                                            eta_to, sh, totals);
+        move_chunk_of<c10::BFloat16, kWithRules>(v, chunk, a, eta_from, eta_to, sh, totals);
         break;
       case kFloat16:
-        move_chunk_direction<c10::Half, kWithRules>(param, direction, direction_code, len, chunk, start, row, a, eta_from, eta_to,
-                                        sh, totals);
+        move_chunk_of<c10::Half, kWithRules>(v, chunk, a, eta_from, eta_to, sh, totals);
         break;
       case kFloat64:
         if constexpr (kWithDouble) {
-          move_chunk_direction<double, kWithRules>(param, direction, direction_code, len, chunk, start, row, a,
-                                                   eta_from, eta_to, sh, totals);
+          move_chunk_of<double, kWithRules>(v, chunk, a, eta_from, eta_to, sh, totals);
         }
         break;
     }
@@ -358,14 +401,29 @@ __global__ void __launch_bounds__(kThreads, 1) move_kernel(MoveArgs a) {
   finish_step(a, totals, sh);
 }
 
-int resident_blocks(int device) {
-  static int cached[64] = {0};
+// How many blocks of an instantiation fit on `device` at once.
+template <bool kWithRules, bool kWithDouble>
+int64_t resident_blocks(int device) {
+  static int64_t cached[64] = {0};
   if (device < 64 && cached[device] > 0) return cached[device];
   int per_sm = 0;
-  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, move_kernel<true, true>, kThreads, 0));
-  const int blocks = std::max(1, per_sm) * at::cuda::getDeviceProperties(device)->multiProcessorCount;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, move_kernel<kWithRules, kWithDouble>, kThreads,
+                                                               0));
+  const int64_t blocks = static_cast<int64_t>(std::max(1, per_sm)) *
+                         at::cuda::getDeviceProperties(device)->multiProcessorCount;
   if (device < 64) cached[device] = blocks;
   return blocks;
+}
+
+template <bool kWithRules, bool kWithDouble>
+void launch_move(MoveArgs a, int device) {
+  const int64_t blocks = std::max<int64_t>(1, std::min(a.num_chunks, resident_blocks<kWithRules, kWithDouble>(device)));
+  const at::Tensor block_totals =
+      at::empty({blocks * kTotalWords}, at::TensorOptions().dtype(at::kLong).device(at::kCUDA, device));
+  a.block_totals = block_totals.data_ptr<int64_t>();
+  move_kernel<kWithRules, kWithDouble>
+      <<<static_cast<unsigned>(blocks), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(a);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 void perturb_cuda(at::TensorList params, at::TensorList directions, at::TensorList states, at::IntArrayRef layout,
@@ -387,17 +445,14 @@ void perturb_cuda(at::TensorList params, at::TensorList directions, at::TensorLi
   a.capacity = static_cast<unsigned long long>(call.capacity);
   a.report_row = call.report_row;
   a.hyper = call.hyper;
-  const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>(call.num_chunks, resident_blocks(table.get_device())));
-  const auto stream = at::cuda::getCurrentCUDAStream();
+  const int device = table.get_device();
   const bool with_double =
       std::any_of(params.begin(), params.end(), [](const at::Tensor& p) { return p.scalar_type() == at::kDouble; });
-  const auto launch = [&](auto kernel) { kernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(a); };
   if (call.hyper != nullptr) {
-    with_double ? launch(move_kernel<true, true>) : launch(move_kernel<true, false>);
+    with_double ? launch_move<true, true>(a, device) : launch_move<true, false>(a, device);
   } else {
-    with_double ? launch(move_kernel<false, true>) : launch(move_kernel<false, false>);
+    with_double ? launch_move<false, true>(a, device) : launch_move<false, false>(a, device);
   }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 }  // namespace
