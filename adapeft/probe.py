@@ -29,6 +29,11 @@ BACKENDS = ("compiled", "torch")
 CAPACITY_FRACTION = 1 / 64
 MIN_CAPACITY = 4096
 RELIABLE_CHANGED_SHARE = 0.5
+# The curvature term at the widest probe point must exceed this many roundings of the loss (the loss
+# dtype's eps times |L0|); below it A is noise, and APPI ~ b^2 / A with it, so ranks or devices that
+# round differently would accept different groups. 16 roundings is about 20x the spread of A seen between
+# DDP, FSDP2 and one GPU in float32 (benchmarks/RESULTS.md).
+RESOLVED_ROUNDINGS = 16
 FIELD = {name: i for i, name in enumerate(L.REPORT_FIELDS)}
 
 
@@ -37,7 +42,9 @@ class ProbeResult:
     """One probe step, per group in `names` order (device tensors; reading them is the caller's sync).
 
     b, A, r2, ppi, eta_star: float64; accepted: the fit passed b > 0, A > 0, R^2 > threshold and was
-    reliable; reliable: most elements really moved at every point and no chunk was left unmoved;
+    reliable and resolved; reliable: most elements really moved at every point and no chunk was left
+    unmoved; resolved: the curvature term A t^2 / 2 at the widest point t stands RESOLVED_ROUNDINGS
+    roundings of the loss clear of zero (in float32, a group that barely moves the loss is not resolved);
     probed: the group had a direction (frozen groups are skipped); losses and steps: K x 5 (column 2 the
     unperturbed loss, steps the realized ones); changed: K x 5 elements whose bits changed.
     """
@@ -50,6 +57,7 @@ class ProbeResult:
     ppi: torch.Tensor
     eta_star: torch.Tensor
     reliable: torch.Tensor
+    resolved: torch.Tensor
     probed: torch.Tensor
     losses: torch.Tensor
     steps: torch.Tensor
@@ -170,6 +178,7 @@ class Prober:
         # eta* of each group at the last probe that accepted it (nan until one does)
         self.last_eta_star = torch.full((k,), math.nan, dtype=torch.float64, device=self.device)
         self.history = [] if history else None
+        self._loss_eps = 0.0  # eps of the loss dtype, from the first loss measured
         self._points = torch.tensor(POINTS, dtype=torch.float32, device=self.device)
         # A device index (a Python list used as an index would be copied to the device and wait for it).
         self._point_columns = torch.tensor(COLUMNS, device=self.device)
@@ -373,6 +382,7 @@ class Prober:
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1 or not loss.is_floating_point():
             raise TypeError(f"adapeft.Prober.step: loss_fn must return a one-element floating tensor, got "
                             f"{type(loss).__name__}{'' if not isinstance(loss, torch.Tensor) else tuple(loss.shape)}")
+        self._loss_eps = torch.finfo(loss.dtype).eps
         return loss.reshape(())
 
     def _perturbations_for(self, plans):
@@ -464,7 +474,10 @@ class Prober:
         moved_share = at_points[:, :, FIELD["changed"]] / counts.clamp(min=1)[:, None]
         unmoved = at_points[:, :, FIELD["unmoved"]].sum(1)
         reliable = (moved_share >= RELIABLE_CHANGED_SHARE).all(1) & (unmoved == 0) & probed
-        accepted = fit.accepted & reliable
+        widest = at_points[:, :, FIELD["step"]].abs().amax(1)
+        rounding = self._loss_eps * self._losses[:, 2].abs()
+        resolved = fit.A * widest.square() / 2 >= RESOLVED_ROUNDINGS * rounding
+        accepted = fit.accepted & reliable & resolved
         ppi = torch.where(accepted, fit.ppi, torch.zeros_like(fit.ppi))
         eta_star = torch.where(accepted, fit.eta_star, torch.full_like(fit.eta_star, math.nan))
         self.appi += ppi
@@ -475,7 +488,7 @@ class Prober:
         words = [max(L.entry_words(p.dtype) for p in plans[n][0]) if n in plans else 1 for n in self.names]
         self._remember(torch.stack([saved, unmoved, reliable.double(), probed.double()]), words)
         result = ProbeResult(names=list(self.names), b=fit.b, A=fit.A, r2=fit.r2, accepted=accepted, ppi=ppi,
-                             eta_star=eta_star, reliable=reliable, probed=probed, losses=self._losses.clone(),
+                             eta_star=eta_star, reliable=reliable, resolved=resolved, probed=probed, losses=self._losses.clone(),
                              steps=steps.clone(), changed=changed.clone(), eta=eta)
         if self._lr_groups is not None:
             self._apply_learning_rates(result)
