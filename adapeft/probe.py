@@ -29,10 +29,9 @@ BACKENDS = ("compiled", "torch")
 CAPACITY_FRACTION = 1 / 64
 MIN_CAPACITY = 4096
 RELIABLE_CHANGED_SHARE = 0.5
-# The curvature term at the widest probe point must exceed this many roundings of the loss (the loss
-# dtype's eps times |L0|); below it A is noise, and APPI ~ b^2 / A with it, so ranks or devices that
-# round differently would accept different groups. 16 roundings is about 20x the spread of A seen between
-# DDP, FSDP2 and one GPU in float32 (benchmarks/RESULTS.md).
+# A fit is resolved when its curvature term at the widest probe point exceeds this many roundings of the
+# loss (the loss dtype's eps times |L0|); below it A is noise, and APPI ~ b^2 / A with it. 16 roundings is
+# about 20x the spread of A seen between DDP, FSDP2 and one GPU in float32 (benchmarks/RESULTS.md).
 RESOLVED_ROUNDINGS = 16
 FIELD = {name: i for i, name in enumerate(L.REPORT_FIELDS)}
 
@@ -42,9 +41,9 @@ class ProbeResult:
     """One probe step, per group in `names` order (device tensors; reading them is the caller's sync).
 
     b, A, r2, ppi, eta_star: float64; accepted: the fit passed b > 0, A > 0, R^2 > threshold and was
-    reliable and resolved; reliable: most elements really moved at every point and no chunk was left
-    unmoved; resolved: the curvature term A t^2 / 2 at the widest point t stands RESOLVED_ROUNDINGS
-    roundings of the loss clear of zero (in float32, a group that barely moves the loss is not resolved);
+    reliable (and resolved, with Prober(require_resolved=True)); reliable: most elements really moved at
+    every point and no chunk was left unmoved; resolved: the curvature term A t^2 / 2 at the widest point t
+    stands RESOLVED_ROUNDINGS roundings of the loss (its dtype's eps times |L0|) clear of zero;
     probed: the group had a direction (frozen groups are skipped); losses and steps: K x 5 (column 2 the
     unperturbed loss, steps the realized ones); changed: K x 5 elements whose bits changed.
     """
@@ -118,6 +117,10 @@ class Prober:
     (group name, params) -> list of tensors or None. backend: "compiled" (the adapeft ops)
     or "torch" (a plain implementation: per-tensor loops, a saved copy per group, .item() per forward, a
     numpy fit; the baseline the ops are measured against). r2_threshold: the fit filter.
+    require_resolved: accept a fit only where it is `resolved` (see ProbeResult): its curvature term stands
+    RESOLVED_ROUNDINGS roundings of the loss clear of zero. Off by default, the paper's filter; in float32
+    at learning-rate-sized steps small groups often are not resolved (b is, A is rounding noise, and so is
+    APPI ~ b^2 / A), and devices that round differently then accept different groups.
     cuda_graph: on CUDA, capture the measurement (the 4K+1 forward passes with every move and restore) as
     one CUDA graph and replay it at later steps; in-place moves keep every address fixed, which is what
     makes this possible. The batch is copied into static buffers, so its tensors must be on the model's
@@ -134,7 +137,7 @@ class Prober:
 
     def __init__(self, model, groups=None, loss_fn=None, *, direction="grad", optimizer=None, backend="compiled",
                  r2_threshold=0.99, apply_lr=False, lr_ema=0.9, lr_clip=(0.5, 2.0), schedule=None, history=True,
-                 cuda_graph=False, process_group="auto"):
+                 cuda_graph=False, process_group="auto", require_resolved=False):
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"adapeft.Prober: model must be a torch.nn.Module, got {type(model).__name__}")
         if groups is None:
@@ -178,6 +181,7 @@ class Prober:
         # eta* of each group at the last probe that accepted it (nan until one does)
         self.last_eta_star = torch.full((k,), math.nan, dtype=torch.float64, device=self.device)
         self.history = [] if history else None
+        self.require_resolved = bool(require_resolved)
         self._loss_eps = 0.0  # eps of the loss dtype, from the first loss measured
         self._points = torch.tensor(POINTS, dtype=torch.float32, device=self.device)
         # A device index (a Python list used as an index would be copied to the device and wait for it).
@@ -477,7 +481,7 @@ class Prober:
         widest = at_points[:, :, FIELD["step"]].abs().amax(1)
         rounding = self._loss_eps * self._losses[:, 2].abs()
         resolved = fit.A * widest.square() / 2 >= RESOLVED_ROUNDINGS * rounding
-        accepted = fit.accepted & reliable & resolved
+        accepted = fit.accepted & reliable & (resolved if self.require_resolved else True)
         ppi = torch.where(accepted, fit.ppi, torch.zeros_like(fit.ppi))
         eta_star = torch.where(accepted, fit.eta_star, torch.full_like(fit.eta_star, math.nan))
         self.appi += ppi

@@ -36,12 +36,12 @@ def synchronize(device):
         torch.cuda.synchronize(device)
 
 
-def probe(model, batch, device, repeats, eta):
+def probe(model, batch, device, repeats, eta, require_resolved):
     """(results of two steps, prober, median step seconds, peak bytes over a forward pass)."""
     model.eval()
     model.zero_grad(set_to_none=True)
     lm_loss(model, batch).backward()
-    prober = adapeft.Prober(model, None, lm_loss)
+    prober = adapeft.Prober(model, None, lm_loss, require_resolved=require_resolved)
     results = [prober.step(batch, eta) for _ in range(2)]
     times = []
     for _ in range(repeats):
@@ -92,6 +92,8 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--eta", type=float, default=1e-3)
     parser.add_argument("--dtype", default="float32", help="float64 separates the probe from float32 rounding")
+    parser.add_argument("--require-resolved", action="store_true",
+                        help="Prober(require_resolved=True): accept only fits resolved above the loss rounding")
     args = parser.parse_args()
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     dtype = getattr(torch, args.dtype)
@@ -109,9 +111,10 @@ def main():
     reference = None
     if rank == 0:
         results, prober, seconds, peak = probe(build(args.model, dtype, device), global_batch, device, args.repeats,
-                                             args.eta)
+                                             args.eta, args.require_resolved)
         reference = summary(results, prober)
         print(f"device {device.type} x {world}, torch {torch.__version__}, GPT-2-{args.model} + LoRA, {args.dtype}, eta {args.eta}, "
+              f"{'resolved fits only, ' if args.require_resolved else ''}"
               f"global batch {world * args.per_rank_batch} x {args.tokens}; one device on the global batch: "
               f"{1e3 * seconds:.1f} ms a probe step", flush=True)
     dist.barrier()
@@ -133,7 +136,7 @@ def main():
     for mode, wrap in (("DDP", wrap_ddp), ("FSDP2", wrap_fsdp2)):
         model = wrap(build(args.model, dtype, device))
         before = local_tensors(model)
-        results, prober, seconds, peak = probe(model, local, device, args.repeats, args.eta)
+        results, prober, seconds, peak = probe(model, local, device, args.repeats, args.eta, args.require_resolved)
         restored = all(torch.equal(a.view(torch.uint8), b.view(torch.uint8))
                        for a, b in zip(before, local_tensors(model)))
         mine = summary(results, prober)

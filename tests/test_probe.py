@@ -274,15 +274,19 @@ def test_bf16_steps_below_resolution_are_flagged():
     assert not any("'others'" in str(w.message) for w in caught)
 
 
-def test_curvature_below_the_loss_rounding_is_not_accepted():
+def test_curvature_below_the_loss_rounding_is_not_resolved():
     """At a step so small that A t^2 / 2 is within a few float32 roundings of the loss, A is noise and
-    APPI ~ b^2 / A with it: such fits are not resolved and never accepted. The same steps in float64 resolve."""
+    APPI ~ b^2 / A with it: such fits are not resolved, and require_resolved=True never accepts them (the
+    paper's filter, the default, does). The same steps in float64 resolve."""
     from adapeft.probe import RESOLVED_ROUNDINGS
     eta = 1e-5
+    model, batch, loss_fn = mlp(torch.float32)
+    with_gradient(model, batch, loss_fn)
+    assert adapeft.Prober(model, None, loss_fn).step(batch, eta).accepted.any()
     for dtype, expect_resolved in ((torch.float32, False), (torch.float64, True)):
         model, batch, loss_fn = mlp(dtype)
         with_gradient(model, batch, loss_fn)
-        result = adapeft.Prober(model, None, loss_fn).step(batch, eta)
+        result = adapeft.Prober(model, None, loss_fn, require_resolved=True).step(batch, eta)
         widest = result.steps[:, [0, 1, 3, 4]].abs().amax(1)
         rounding = torch.finfo(dtype).eps * result.losses[:, 2].abs()
         assert torch.equal(result.resolved, result.A * widest.square() / 2 >= RESOLVED_ROUNDINGS * rounding)
