@@ -478,7 +478,7 @@ class Prober:
         moved_share = at_points[:, :, FIELD["changed"]] / counts.clamp(min=1)[:, None]
         unmoved = at_points[:, :, FIELD["unmoved"]].sum(1)
         reliable = (moved_share >= RELIABLE_CHANGED_SHARE).all(1) & (unmoved == 0) & probed
-        widest = at_points[:, :, FIELD["step"]].abs().amax(1)
+        widest = steps.index_select(1, self._point_columns).abs().amax(1)
         rounding = self._loss_eps * self._losses[:, 2].abs()
         resolved = fit.A * widest.square() / 2 >= RESOLVED_ROUNDINGS * rounding
         accepted = fit.accepted & reliable & (resolved if self.require_resolved else True)
@@ -492,8 +492,8 @@ class Prober:
         words = [max(L.entry_words(p.dtype) for p in plans[n][0]) if n in plans else 1 for n in self.names]
         self._remember(torch.stack([saved, unmoved, reliable.double(), probed.double()]), words)
         result = ProbeResult(names=list(self.names), b=fit.b, A=fit.A, r2=fit.r2, accepted=accepted, ppi=ppi,
-                             eta_star=eta_star, reliable=reliable, resolved=resolved, probed=probed, losses=self._losses.clone(),
-                             steps=steps.clone(), changed=changed.clone(), eta=eta)
+                             eta_star=eta_star, reliable=reliable, resolved=resolved, probed=probed,
+                             losses=self._losses.clone(), steps=steps.clone(), changed=changed.clone(), eta=eta)
         if self._lr_groups is not None:
             self._apply_learning_rates(result)
         return result

@@ -447,9 +447,9 @@ def test_cuda_equals_cpu_bitwise(generator, dtypes):
 @requires_cuda
 @pytest.mark.parametrize("dtypes", [[torch.float32], [torch.bfloat16], DTYPES], ids=["f32", "bf16", "mixed"])
 def test_cuda_many_chunks_and_unaligned_views_equal_cpu_and_report_the_same_bits(generator, dtypes):
-    """More chunks than resident blocks (each block's pipeline of staged chunks wraps around), mixed
-    with views at odd offsets, which cannot be copied 16 bytes at a time and are read directly. Every
-    run reports the same bits: the blocks' sums are added in block order, not in arrival order."""
+    """More chunks than resident blocks (each block walks several), mixed with views at odd offsets
+    (not 16-byte aligned). Every run reports the same bits: the blocks' sums are added in block order,
+    not in arrival order."""
     params, directions = random_group(generator, "cpu", [1_500_001, 40_000, 4096 * 3, 5, 700_000], dtypes)
     for i in (1, 3):  # views 1 element past a 16-byte boundary, directions too
         for group in (params, directions):
