@@ -10,7 +10,7 @@ group), float32 and bfloat16 parameters with float32 directions. Columns (median
   saved       share of elements the step saved in the ledger
   eager       adapeft called from Python without a graph (host overhead included)
 
-    python benchmarks/bench_perturb.py [--quick]
+    python benchmarks/bench_perturb.py [--quick] [--groups large.others ...]
 """
 import argparse
 
@@ -73,6 +73,7 @@ def empty_launch_us():
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--groups", nargs="+", choices=sorted(SHAPES), help="only these groups (default: all)")
     parser.add_argument("--relative-step", type=float, default=1e-3, help="|eta d| / |w| (default 1e-3)")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -83,7 +84,7 @@ def main():
     print(f"{'group':14} {'dtype':9} {'tensors':>7} {'elements':>11} {'adapeft':>9} {'loop':>9} {'foreach':>9} "
           f"{'floor':>8} {'vs foreach':>10} {'floor/adapeft':>13} {'saved':>8} {'eager':>8}")
     for name, sizes in SHAPES.items():
-        if args.quick and "others" in name and "large" in name:
+        if args.quick and "others" in name and "large" in name or args.groups and name not in args.groups:
             continue
         for dtype in (torch.float32, torch.bfloat16):
             params = [torch.randn(n, device="cuda", dtype=dtype) * 0.02 for n in sizes]

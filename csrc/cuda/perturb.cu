@@ -12,6 +12,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 
 #include "group_table.h"
 #include "step_math.h"
@@ -69,9 +70,10 @@ struct MoveShared {
   double dot_dir_dir[kWarps];
   unsigned long long counts[4][kWarps];
   int is_last;
+  int64_t chunk_words[2][2];  // ChunkWords of this chunk and the next, alternating
 };
 
-// Where one chunk lives, decoded from the group table.
+// Where one chunk lives, decoded from the group table. `dir_in` is the chunk's ledger directory word.
 struct ChunkView {
   const int64_t* row;
   char* param;
@@ -80,26 +82,52 @@ struct ChunkView {
   int len;
   int64_t param_code;
   int64_t direction_code;
+  int64_t dir_in;
 };
 
-__device__ ChunkView view_chunk(const MoveArgs& a, int64_t chunk) {
+// The two words a chunk's view starts from: the chunk's table word and its ledger directory word.
+struct ChunkWords {
+  int64_t table_word = 0;
+  int64_t dir_in = 0;
+};
+
+__device__ __forceinline__ const int64_t* table_word_of(const MoveArgs& a, int64_t chunk) {
+  return a.table + kTableHeaderWords + a.num_tensors * kTableTensorWords + chunk;
+}
+
+// The next chunk's words are copied to shared memory while the current chunk is moved: asynchronous
+// copies hold no register (a register prefetch was spilled at once, stalling on its own load).
+__device__ __forceinline__ void copy_word_async(int64_t* shared_word, const int64_t* global_word) {
+  const auto to = static_cast<unsigned>(__cvta_generic_to_shared(shared_word));
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 8;\n" ::"r"(to), "l"(global_word) : "memory");
+}
+
+__device__ __forceinline__ void wait_async_copies() { asm volatile("cp.async.wait_all;\n" ::: "memory"); }
+
+__device__ void prefetch_chunk_words(const MoveArgs& a, int64_t chunk, int64_t* shared_words) {
+  if (chunk >= a.num_chunks) return;
+  copy_word_async(shared_words, table_word_of(a, chunk));
+  if (a.from_step >= 0) copy_word_async(shared_words + 1, a.ledger_in + kLedgerHeaderWords + chunk);
+}
+
+__device__ ChunkView view_chunk(const MoveArgs& a, const ChunkWords& words) {
   const int64_t* rows = a.table + kTableHeaderWords;
-  const int64_t word = rows[a.num_tensors * kTableTensorWords + chunk];
   ChunkView v;
-  v.row = rows + (word >> kChunkTensorShift) * kTableTensorWords;
-  v.start = (word & kChunkIndexMask) << kChunkShift;
+  v.row = rows + (words.table_word >> kChunkTensorShift) * kTableTensorWords;
+  v.start = (words.table_word & kChunkIndexMask) << kChunkShift;
   v.len = static_cast<int>(min(kChunkElements, v.row[kTensorNumel] - v.start));
   const int64_t codes = v.row[kTensorDtypes];
   v.param_code = param_dtype_code(codes);
   v.direction_code = direction_dtype_code(codes);
   v.param = reinterpret_cast<char*>(v.row[kTensorParamPtr]) + v.start * dtype_bytes(v.param_code);
   v.direction = reinterpret_cast<const char*>(v.row[kTensorDirectionPtr]) + v.start * dtype_bytes(v.direction_code);
+  v.dir_in = words.dir_in;
   return v;
 }
 
 // Exclusive prefix of the set bits before each word (so an element's entry index is its rank among
-// the flagged positions of its chunk); run by warp 0. Returns the total in *total when non-null.
-__device__ void scan_bitmap(const uint32_t* bits, uint32_t* prefix, uint32_t* total) {
+// the flagged positions of its chunk); run by warp 0. Returns the total to every lane.
+__device__ uint32_t scan_bitmap(const uint32_t* bits, uint32_t* prefix) {
   const int lane = threadIdx.x;
   uint32_t c[4];
   uint32_t sum = 0;
@@ -120,7 +148,7 @@ __device__ void scan_bitmap(const uint32_t* bits, uint32_t* prefix, uint32_t* to
     prefix[4 * lane + j] = running;
     running += c[j];
   }
-  if (total != nullptr && lane == 31) *total = inclusive;
+  return __shfl_sync(0xffffffffu, inclusive, 31);
 }
 
 __device__ __forceinline__ uint32_t rank_of(const uint32_t* bits, const uint32_t* prefix, int i) {
@@ -128,13 +156,53 @@ __device__ __forceinline__ uint32_t rank_of(const uint32_t* bits, const uint32_t
   return prefix[i >> 5] + __popc(word & ((1u << (i & 31)) - 1u));
 }
 
-template <typename T, typename D>
-__device__ void move_chunk(T* param, const D* direction, int len, int64_t chunk,
-                           int64_t start, const DirectionRule<typename Storage<T>::Arith>& rule, const MoveArgs& a,
+// Vec elements of X moved by one load or store instruction (two for 32-byte packs).
+template <typename X, int Vec>
+struct alignas(sizeof(X) * Vec) Pack {
+  X v[Vec];
+};
+
+// How a thread's kItems elements sit in its chunk: in packs of Vec consecutive elements, the packs
+// of a warp adjacent, so every load and store is coalesced. Vec = 1 is the element-strided layout
+// any chunk can use; wider packs need a whole chunk with aligned pointers.
+template <int Vec>
+__device__ __forceinline__ int pack_start(int pack, int tid) {
+  return pack * (kThreads * Vec) + tid * Vec;
+}
+
+// A pack read from global memory with 16- or 8-byte loads (a plain dereference of the reinterpreted
+// pointer compiles to generic loads).
+template <typename X, int Vec>
+__device__ __forceinline__ Pack<X, Vec> load_pack(const X* p) {
+  using Word = std::conditional_t<sizeof(Pack<X, Vec>) % sizeof(uint4) == 0, uint4, uint2>;
+  static_assert(sizeof(Pack<X, Vec>) % sizeof(Word) == 0, "packs are whole 8-byte words");
+  constexpr int kLoads = sizeof(Pack<X, Vec>) / sizeof(Word);
+  Word words[kLoads];
+#pragma unroll
+  for (int j = 0; j < kLoads; ++j) words[j] = __ldcg(reinterpret_cast<const Word*>(p) + j);
+  Pack<X, Vec> pack;
+  memcpy(&pack, words, sizeof(pack));
+  return pack;
+}
+
+template <typename X, int Vec>
+__device__ __forceinline__ bool pack_aligned(const void* p) {
+  return reinterpret_cast<uintptr_t>(p) % sizeof(Pack<X, Vec>) == 0;
+}
+
+// One step for one chunk: rebuild w0 (from the ledger where the previous step was not invertible),
+// write the next point and record the elements whose step is not invertible.
+template <typename T, typename D, int Vec>
+__device__ void move_chunk(T* param, const D* direction, const ChunkView& v, int64_t chunk,
+                           const DirectionRule<typename Storage<T>::Arith>& rule, const MoveArgs& a,
                            float eta_from_f, float eta_to_f, MoveShared& sh, ThreadTotals& totals) {
   using S = Storage<T>;
   using A = typename S::Arith;
   constexpr int width = S::entry_words;
+  constexpr bool kWhole = Vec > 1;  // the chunk has kChunkElements elements: no bounds checks
+  constexpr int kPacks = kItems / Vec;
+  static_assert(kItems % Vec == 0 && 32 % Vec == 0, "a pack lies within one bitmap word");
+  const int len = v.len;
   const A eta_from = static_cast<A>(eta_from_f);
   const A eta_to = static_cast<A>(eta_to_f);
   const A c_from = rule.scale(eta_from);
@@ -142,12 +210,33 @@ __device__ void move_chunk(T* param, const D* direction, int len, int64_t chunk,
   const int tid = threadIdx.x;
   const bool has_from = a.from_step >= 0;
   const bool has_to = a.to_step >= 0;
-  const int64_t dir_in = has_from ? a.ledger_in[kLedgerHeaderWords + chunk] : 0;
-  const int count_in = static_cast<int>(dir_in & kDirectoryCountMask);
+
+  // The loads go first: they are in flight while the ledger is read and the bitmaps are built.
+  // Registers hold only the direction and w0 of each element (the current value is read into w0 and
+  // rebuilt in place; the next value is recomputed where needed).
+  A d[kItems];
+  T w0[kItems];
+#pragma unroll
+  for (int p = 0; p < kPacks; ++p) {
+    const int base = pack_start<Vec>(p, tid);
+    if constexpr (kWhole) {
+      const auto w = load_pack<T, Vec>(param + base);
+      const auto g = load_pack<D, Vec>(direction + base);
+#pragma unroll
+      for (int u = 0; u < Vec; ++u) {
+        w0[p * Vec + u] = w.v[u];
+        d[p * Vec + u] = rule.term(static_cast<A>(g.v[u]), v.start + base + u);
+      }
+    } else if (base < len) {
+      w0[p] = param[base];
+      d[p] = rule.term(static_cast<A>(direction[base]), v.start + base);
+    }
+  }
+
+  const int count_in = static_cast<int>(v.dir_in & kDirectoryCountMask);
   const bool unmoved_in = has_from && count_in == kChunkUnmoved;
   const bool lookup = has_from && !unmoved_in && count_in > 0;
-  const int64_t* entries_in = a.ledger_in + kLedgerHeaderWords + a.num_chunks + (dir_in >> kDirectoryOffsetShift);
-
+  const int64_t* entries_in = a.ledger_in + kLedgerHeaderWords + a.num_chunks + (v.dir_in >> kDirectoryOffsetShift);
   for (int w = tid; w < kWords; w += kThreads) {
     sh.in_bits[w] = 0;
     sh.out_bits[w] = 0;
@@ -159,107 +248,118 @@ __device__ void move_chunk(T* param, const D* direction, int len, int64_t chunk,
       atomicOr(&sh.in_bits[pos >> 5], 1u << (pos & 31));
     }
     __syncthreads();
-    if (tid < 32) scan_bitmap(sh.in_bits, sh.in_prefix, nullptr);
+    if (tid < 32) scan_bitmap(sh.in_bits, sh.in_prefix);
     __syncthreads();
   }
 
-  // Registers hold only the direction and w0 of each element (the current value is read into w0 and
-  // rebuilt in place; the next value is recomputed when written).
-  A d[kItems];
-  T w0[kItems];
-#pragma unroll
-  for (int k = 0; k < kItems; ++k) {
-    const int i = k * kThreads + tid;
-    if (i < len) {
-      d[k] = rule.term(static_cast<A>(direction[i]), start + i);
-      w0[k] = param[i];
-    }
-  }
   uint32_t flagged = 0;    // the step of element k is not invertible
   uint32_t same_base = 0;  // w0 of element k equals its current value
   uint32_t same_next = 0;  // its next value equals its current value
 #pragma unroll
-  for (int k = 0; k < kItems; ++k) {
-    const int i = k * kThreads + tid;
-    if (i >= len) continue;
-    const T current = w0[k];
-    if (has_from && !unmoved_in) {
-      if (lookup && (sh.in_bits[i >> 5] >> (i & 31)) & 1u) {
-        const uint32_t rank = rank_of(sh.in_bits, sh.in_prefix, i);
-        w0[k] = S::from_bits(static_cast<typename S::Bits>(entries_in[rank * width + width - 1]));
-      } else {
-        w0[k] = step_back(current, mul_rn(eta_from, d[k]), c_from);
+  for (int p = 0; p < kPacks; ++p) {
+    const int base = pack_start<Vec>(p, tid);
+    if (!kWhole && base >= len) continue;
+    const uint32_t in_pack = lookup ? sh.in_bits[base >> 5] >> (base & 31) : 0u;
+    uint32_t out_pack = 0;
+#pragma unroll
+    for (int u = 0; u < Vec; ++u) {
+      const int k = p * Vec + u;
+      const T current = w0[k];
+      if (has_from && !unmoved_in) {
+        if ((in_pack >> u) & 1u) {
+          const uint32_t rank = rank_of(sh.in_bits, sh.in_prefix, base + u);
+          w0[k] = S::from_bits(static_cast<typename S::Bits>(entries_in[rank * width + width - 1]));
+        } else {
+          w0[k] = step_back(current, mul_rn(eta_from, d[k]), c_from);
+        }
+      }
+      same_base |= static_cast<uint32_t>(S::bits(w0[k]) == S::bits(current)) << k;
+      if (has_to) {
+        const A s = mul_rn(eta_to, d[k]);
+        const T next = step_away(w0[k], s, c_to);
+        same_next |= static_cast<uint32_t>(S::bits(next) == S::bits(current)) << k;
+        if (S::bits(step_back(next, s, c_to)) != S::bits(w0[k])) out_pack |= 1u << u;
       }
     }
-    same_base |= static_cast<uint32_t>(S::bits(w0[k]) == S::bits(current)) << k;
-    if (has_to) {
-      const A s = mul_rn(eta_to, d[k]);
-      const T next = step_away(w0[k], s, c_to);
-      same_next |= static_cast<uint32_t>(S::bits(next) == S::bits(current)) << k;
-      if (S::bits(step_back(next, s, c_to)) != S::bits(w0[k])) {
-        flagged |= 1u << k;
-        atomicOr(&sh.out_bits[i >> 5], 1u << (i & 31));
-      }
+    if (out_pack != 0) {
+      flagged |= out_pack << (p * Vec);
+      atomicOr(&sh.out_bits[base >> 5], out_pack << (base & 31));
     }
   }
 
-  // Chunks where every step inverts (all of a restore, most chunks at small steps) skip the
-  // ledger bookkeeping.
-  if (has_to && __syncthreads_or(flagged != 0)) {
-    if (tid < 32) scan_bitmap(sh.out_bits, sh.out_prefix, &sh.out_count);
-    __syncthreads();
+  // Chunks where every step inverts (all of a restore, many chunks at small steps) skip the ledger
+  // bookkeeping. Otherwise thread 0 reserves the chunk's entries; the reservation's round trip to
+  // memory overlaps the sums below, which do not depend on it.
+  const bool any_flagged = has_to && __syncthreads_or(flagged != 0);
+  uint32_t count_out = 0;
+  unsigned long long offset = 0;
+  if (any_flagged && tid < 32) {
+    count_out = scan_bitmap(sh.out_bits, sh.out_prefix);
     if (tid == 0) {
-      // A chunk whose entries do not fit stays exactly at w0: a full ledger costs coverage, never bits.
-      const uint32_t count = sh.out_count;
-      const unsigned long long offset =
-          atomicAdd(reinterpret_cast<unsigned long long*>(a.ledger_out + kLedgerDemand), count * width);
-      const int moved = offset + count * width <= a.capacity;
-      totals.saved += count;
-      a.ledger_out[kLedgerHeaderWords + chunk] =
-          moved ? static_cast<int64_t>(offset << kDirectoryOffsetShift) | count : kChunkUnmoved;
-      sh.moved = moved;
-      sh.out_offset = offset;
+      offset = atomicAdd(reinterpret_cast<unsigned long long*>(a.ledger_out + kLedgerDemand), count_out * width);
     }
-    __syncthreads();
-  } else if (has_to) {
-    if (tid == 0) {
-      a.ledger_out[kLedgerHeaderWords + chunk] = 0;
-      sh.moved = 1;
-      sh.out_offset = 0;
-    }
-    __syncthreads();
   }
-  const bool moved = has_to && sh.moved;
-  int64_t* entries_out = a.ledger_out + kLedgerHeaderWords + a.num_chunks + sh.out_offset;
+  double chunk_dot_dir_step = 0.0;  // added to the totals only if the chunk moves
+  uint32_t chunk_changed = 0;
 #pragma unroll
   for (int k = 0; k < kItems; ++k) {
-    const int i = k * kThreads + tid;
-    if (i >= len) continue;
-    const A s = mul_rn(eta_to, d[k]);
-    const T out = moved ? step_away(w0[k], s, c_to) : w0[k];
-    if (!(((moved ? same_next : same_base) >> k) & 1u)) param[i] = out;
-    if (moved && ((flagged >> k) & 1u)) {
-      const uint32_t rank = rank_of(sh.out_bits, sh.out_prefix, i);
-      const auto bits = static_cast<int64_t>(S::bits(w0[k]));
-      if (width == 1) {
-        entries_out[rank] = (static_cast<int64_t>(i) << kEntryPositionShift) | bits;
-      } else {
-        entries_out[rank * width] = static_cast<int64_t>(i) << kEntryPositionShift;
-        entries_out[rank * width + 1] = bits;
-      }
-    }
+    const int i = pack_start<Vec>(k / Vec, tid) + k % Vec;
+    if (!kWhole && i >= len) continue;
     const A full = rule.full(d[k], S::to_float(w0[k]));
     totals.dot_dir_dir += static_cast<double>(full) * static_cast<double>(full);
     totals.nonfinite += !is_finite(full);
-    if (moved) {
-      totals.changed += S::bits(out) != S::bits(w0[k]);
-      const double dw = static_cast<double>(S::to_float(out)) - static_cast<double>(S::to_float(w0[k]));
-      totals.dot_dir_step += static_cast<double>(full) * dw;
+    if (has_to) {
+      const T next = step_away(w0[k], mul_rn(eta_to, d[k]), c_to);
+      chunk_changed += S::bits(next) != S::bits(w0[k]);
+      const double dw = static_cast<double>(S::to_float(next)) - static_cast<double>(S::to_float(w0[k]));
+      chunk_dot_dir_step += static_cast<double>(full) * dw;
     }
   }
-  if (has_to && !moved && tid == 0) totals.unmoved += len;
-  // The next chunk reuses the shared bitmaps.
-  __syncthreads();
+  if (has_to && tid == 0) {
+    // A chunk whose entries do not fit stays exactly at w0: a full ledger costs coverage, never bits.
+    const int moved = offset + count_out * width <= a.capacity;
+    totals.saved += count_out;
+    a.ledger_out[kLedgerHeaderWords + chunk] =
+        moved ? static_cast<int64_t>(offset << kDirectoryOffsetShift) | count_out : kChunkUnmoved;
+    sh.moved = moved;
+    sh.out_offset = offset;
+  }
+  if (has_to) __syncthreads();
+  const bool moved = has_to && sh.moved;
+  if (moved) {
+    totals.dot_dir_step += chunk_dot_dir_step;
+    totals.changed += chunk_changed;
+  } else if (has_to && tid == 0) {
+    totals.unmoved += len;
+  }
+
+  const uint32_t same = moved ? same_next : same_base;
+  int64_t* entries_out = a.ledger_out + kLedgerHeaderWords + a.num_chunks + sh.out_offset;
+#pragma unroll
+  for (int p = 0; p < kPacks; ++p) {
+    const int base = pack_start<Vec>(p, tid);
+    if (!kWhole && base >= len) continue;
+    Pack<T, Vec> out;
+#pragma unroll
+    for (int u = 0; u < Vec; ++u) {
+      const int k = p * Vec + u;
+      out.v[u] = moved ? step_away(w0[k], mul_rn(eta_to, d[k]), c_to) : w0[k];
+      if (moved && ((flagged >> k) & 1u)) {
+        const uint32_t rank = rank_of(sh.out_bits, sh.out_prefix, base + u);
+        const auto bits = static_cast<int64_t>(S::bits(w0[k]));
+        if (width == 1) {
+          entries_out[rank] = (static_cast<int64_t>(base + u) << kEntryPositionShift) | bits;
+        } else {
+          entries_out[rank * width] = static_cast<int64_t>(base + u) << kEntryPositionShift;
+          entries_out[rank * width + 1] = bits;
+        }
+      }
+    }
+    // Unchanged elements are not written back (a restore writes only what the step changed); a pack
+    // with any change is written whole, its unchanged elements with their own bits.
+    constexpr uint32_t kPackMask = (1u << Vec) - 1u;
+    if (((same >> (p * Vec)) & kPackMask) != kPackMask) *reinterpret_cast<Pack<T, Vec>*>(param + base) = out;
+  }
 }
 
 // kWithRules: the group has directions formed from an optimizer's state. A group of given directions
@@ -272,13 +372,23 @@ __device__ void move_chunk_of(const ChunkView& v, int64_t chunk, const MoveArgs&
     const int64_t tensor = (v.row - (a.table + kTableHeaderWords)) / kTableTensorWords;
     rule = DirectionRule<typename Storage<T>::Arith>::load(v.row, a.hyper + tensor * kHyperWords);
   }
+  constexpr int kVec = 16 / sizeof(T);
   T* param = reinterpret_cast<T*>(v.param);
+  const bool whole = v.len == kChunkElements && pack_aligned<T, kVec>(param);
   if (v.direction_code == kFloat32) {
-    move_chunk<T, float>(param, reinterpret_cast<const float*>(v.direction), v.len, chunk, v.start, rule, a, eta_from,
-                         eta_to, sh, totals);
+    const float* direction = reinterpret_cast<const float*>(v.direction);
+    if (whole && pack_aligned<float, kVec>(direction)) {
+      move_chunk<T, float, kVec>(param, direction, v, chunk, rule, a, eta_from, eta_to, sh, totals);
+    } else {
+      move_chunk<T, float, 1>(param, direction, v, chunk, rule, a, eta_from, eta_to, sh, totals);
+    }
   } else {
-    move_chunk<T, T>(param, reinterpret_cast<const T*>(v.direction), v.len, chunk, v.start, rule, a, eta_from, eta_to,
-                     sh, totals);
+    const T* direction = reinterpret_cast<const T*>(v.direction);
+    if (whole && pack_aligned<T, kVec>(direction)) {
+      move_chunk<T, T, kVec>(param, direction, v, chunk, rule, a, eta_from, eta_to, sh, totals);
+    } else {
+      move_chunk<T, T, 1>(param, direction, v, chunk, rule, a, eta_from, eta_to, sh, totals);
+    }
   }
 }
 
@@ -379,8 +489,15 @@ __global__ void __launch_bounds__(kThreads, 1) move_kernel(MoveArgs a) {
   ThreadTotals totals;
   const float eta_from = a.from_step >= 0 ? a.steps[a.from_step] : 0.0f;
   const float eta_to = a.to_step >= 0 ? a.steps[a.to_step] : 0.0f;
-  for (int64_t chunk = blockIdx.x; chunk < a.num_chunks; chunk += gridDim.x) {
-    const ChunkView v = view_chunk(a, chunk);
+  if (threadIdx.x == 0) {
+    prefetch_chunk_words(a, blockIdx.x, sh.chunk_words[0]);
+    wait_async_copies();
+  }
+  __syncthreads();
+  for (int64_t chunk = blockIdx.x, slot = 0; chunk < a.num_chunks; chunk += gridDim.x, slot ^= 1) {
+    const ChunkWords words{sh.chunk_words[slot][0], a.from_step >= 0 ? sh.chunk_words[slot][1] : 0};
+    if (threadIdx.x == 0) prefetch_chunk_words(a, chunk + gridDim.x, sh.chunk_words[slot ^ 1]);
+    const ChunkView v = view_chunk(a, words);
     switch (v.param_code) {
       case kFloat32:
         move_chunk_of<float, kWithRules>(v, chunk, a, eta_from, eta_to, sh, totals);
@@ -397,6 +514,9 @@ __global__ void __launch_bounds__(kThreads, 1) move_kernel(MoveArgs a) {
         }
         break;
     }
+    // The next chunk reuses the shared bitmaps and reads the words copied for it.
+    if (threadIdx.x == 0) wait_async_copies();
+    __syncthreads();
   }
   finish_step(a, totals, sh);
 }
