@@ -63,7 +63,6 @@ struct MoveShared {
   uint32_t in_prefix[kWords];
   uint32_t out_bits[kWords];
   uint32_t out_prefix[kWords];
-  uint32_t out_count;
   int moved;
   unsigned long long out_offset;
   double dot_dir_step[kWarps];
