@@ -20,11 +20,25 @@
 namespace adapeft {
 namespace {
 
+// Pipeline. A block moves its chunks one after another with one block barrier between two chunks,
+// and each round trip to memory a chunk needs starts a chunk ahead or ends a chunk later:
+// - its table and ledger directory words arrive by cp.async two chunks ahead;
+// - its entries from the previous step are filed by position in shared memory while the chunk before
+//   it is moved;
+// - its new entries are reserved (one global atomic) when the chunk after it starts, and written
+//   when that one ends, by four warps. Its next values are stored at once; a chunk whose entries
+//   then do not fit is put back to w0, and each thread adds its share of a chunk's step to the
+//   report only once the chunk is known to keep it.
 constexpr int kThreads = 512;
 constexpr int kItems = static_cast<int>(kChunkElements) / kThreads;
 constexpr int kWords = static_cast<int>(kChunkElements) / 32;
 constexpr int kWarps = kThreads / 32;
-static_assert(kWords == 4 * 32, "the bitmap scan gives each lane of one warp four words");
+constexpr int kQuarters = 4;  // a chunk's entries are written by kQuarters warps, a bitmap word a lane
+constexpr int kWriters = kQuarters * 32;
+constexpr int kQuarterShift = kChunkShift - 2;
+constexpr int kWordRing = 4;  // words of the previous, current, next and next-but-one chunk
+static_assert(kWords == kWriters, "each writer owns one bitmap word");
+static_assert((kChunkElements >> kQuarterShift) == kQuarters, "a quarter is a quarter of a chunk");
 enum TotalWord { kTotalDotDirStep, kTotalDotDirDir, kTotalChanged, kTotalUnmoved, kTotalNonfinite, kTotalSaved,
                  kTotalWords };
 
@@ -57,19 +71,34 @@ struct TotalsOf {
 using ThreadTotals = TotalsOf<uint32_t>;
 using Totals = TotalsOf<unsigned long long>;
 
+// A thread's part of one chunk's step, added to its totals once the chunk is known to keep its move.
+struct ChunkShare {
+  double dot_dir_step = 0.0;
+  uint32_t changed = 0;
+};
+
+// Saved bits in shared memory: 32 of them for dtypes of 32 bits or fewer, 64 when float64 can occur.
+template <bool kWithDouble>
+using LedgerValue = std::conditional_t<kWithDouble, uint64_t, uint32_t>;
+
+// Each buffer comes twice: one for the chunk being moved, one for the chunk before or after it.
+template <typename Value>
 struct MoveShared {
-  // One bit per element of the chunk: in = has a ledger entry to read, out = needs one written.
-  uint32_t in_bits[kWords];
-  uint32_t in_prefix[kWords];
-  uint32_t out_bits[kWords];
-  uint32_t out_prefix[kWords];
-  int moved;
+  // A chunk's entries from the previous step, by position: a bit, and the saved bits.
+  Value in_value[2][kChunkElements];
+  uint32_t in_bits[2][kWords];
+  // A chunk's elements whose step is not invertible, by position, and how many per quarter.
+  Value out_value[2][kChunkElements];
+  uint32_t out_bits[2][kWords];
+  uint32_t out_quarter[2][kQuarters];
+  int64_t staged_entries[kThreads * 2];  // the next chunk's entries, one (of one or two words) a thread
+  int64_t chunk_words[kWordRing][2];     // a chunk's table word and ledger directory word
+  int moved[2];
   unsigned long long out_offset;
   double dot_dir_step[kWarps];
   double dot_dir_dir[kWarps];
   unsigned long long counts[4][kWarps];
   int is_last;
-  int64_t chunk_words[2][2];  // ChunkWords of this chunk and the next, alternating
 };
 
 // Where one chunk lives, decoded from the group table. `dir_in` is the chunk's ledger directory word.
@@ -84,18 +113,12 @@ struct ChunkView {
   int64_t dir_in;
 };
 
-// The two words a chunk's view starts from: the chunk's table word and its ledger directory word.
-struct ChunkWords {
-  int64_t table_word = 0;
-  int64_t dir_in = 0;
-};
-
 __device__ __forceinline__ const int64_t* table_word_of(const MoveArgs& a, int64_t chunk) {
   return a.table + kTableHeaderWords + a.num_tensors * kTableTensorWords + chunk;
 }
 
-// The next chunk's words are copied to shared memory while the current chunk is moved: asynchronous
-// copies hold no register (a register prefetch was spilled at once, stalling on its own load).
+// Asynchronous copies hold no register while in flight (a register prefetch was spilled at once,
+// stalling on its own load).
 __device__ __forceinline__ void copy_word_async(int64_t* shared_word, const int64_t* global_word) {
   const auto to = static_cast<unsigned>(__cvta_generic_to_shared(shared_word));
   asm volatile("cp.async.ca.shared.global [%0], [%1], 8;\n" ::"r"(to), "l"(global_word) : "memory");
@@ -103,56 +126,76 @@ __device__ __forceinline__ void copy_word_async(int64_t* shared_word, const int6
 
 __device__ __forceinline__ void wait_async_copies() { asm volatile("cp.async.wait_all;\n" ::: "memory"); }
 
+// A barrier of the kWriters threads alone (barrier 0 is __syncthreads).
+__device__ __forceinline__ void sync_writers() { asm volatile("bar.sync 1, %0;\n" ::"n"(kWriters) : "memory"); }
+
 __device__ void prefetch_chunk_words(const MoveArgs& a, int64_t chunk, int64_t* shared_words) {
   if (chunk >= a.num_chunks) return;
   copy_word_async(shared_words, table_word_of(a, chunk));
   if (a.from_step >= 0) copy_word_async(shared_words + 1, a.ledger_in + kLedgerHeaderWords + chunk);
 }
 
-__device__ ChunkView view_chunk(const MoveArgs& a, const ChunkWords& words) {
+__device__ ChunkView view_chunk(const MoveArgs& a, const int64_t* words) {
   const int64_t* rows = a.table + kTableHeaderWords;
   ChunkView v;
-  v.row = rows + (words.table_word >> kChunkTensorShift) * kTableTensorWords;
-  v.start = (words.table_word & kChunkIndexMask) << kChunkShift;
+  v.row = rows + (words[0] >> kChunkTensorShift) * kTableTensorWords;
+  v.start = (words[0] & kChunkIndexMask) << kChunkShift;
   v.len = static_cast<int>(min(kChunkElements, v.row[kTensorNumel] - v.start));
   const int64_t codes = v.row[kTensorDtypes];
   v.param_code = param_dtype_code(codes);
   v.direction_code = direction_dtype_code(codes);
   v.param = reinterpret_cast<char*>(v.row[kTensorParamPtr]) + v.start * dtype_bytes(v.param_code);
   v.direction = reinterpret_cast<const char*>(v.row[kTensorDirectionPtr]) + v.start * dtype_bytes(v.direction_code);
-  v.dir_in = words.dir_in;
+  v.dir_in = a.from_step >= 0 ? words[1] : 0;
   return v;
 }
 
-// Exclusive prefix of the set bits before each word (so an element's entry index is its rank among
-// the flagged positions of its chunk); run by warp 0. Returns the total to every lane.
-__device__ uint32_t scan_bitmap(const uint32_t* bits, uint32_t* prefix) {
-  const int lane = threadIdx.x;
-  uint32_t c[4];
-  uint32_t sum = 0;
-#pragma unroll
-  for (int j = 0; j < 4; ++j) {
-    c[j] = __popc(bits[4 * lane + j]);
-    sum += c[j];
-  }
-  uint32_t inclusive = sum;
-#pragma unroll
-  for (int delta = 1; delta < 32; delta <<= 1) {
-    const uint32_t other = __shfl_up_sync(0xffffffffu, inclusive, delta);
-    if (lane >= delta) inclusive += other;
-  }
-  uint32_t running = inclusive - sum;
-#pragma unroll
-  for (int j = 0; j < 4; ++j) {
-    prefix[4 * lane + j] = running;
-    running += c[j];
-  }
-  return __shfl_sync(0xffffffffu, inclusive, 31);
+// Ledger words an entry of a chunk takes.
+template <bool kWithDouble>
+__device__ __forceinline__ int entry_width(int64_t param_code) {
+  return kWithDouble && param_code == kFloat64 ? 2 : 1;
 }
 
-__device__ __forceinline__ uint32_t rank_of(const uint32_t* bits, const uint32_t* prefix, int i) {
-  const uint32_t word = bits[i >> 5];
-  return prefix[i >> 5] + __popc(word & ((1u << (i & 31)) - 1u));
+// The previous step's entries of a chunk (none where it saved none or was left unmoved).
+struct EntriesIn {
+  const int64_t* first = nullptr;
+  int count = 0;
+  int width = 1;
+};
+
+template <bool kWithDouble>
+__device__ EntriesIn entries_in_of(const MoveArgs& a, const int64_t* words) {
+  EntriesIn e;
+  const int count = static_cast<int>(words[1] & kDirectoryCountMask);
+  if (a.from_step < 0 || count == kChunkUnmoved || count == 0) return e;
+  e.first = a.ledger_in + kLedgerHeaderWords + a.num_chunks + (words[1] >> kDirectoryOffsetShift);
+  e.count = count;
+  if constexpr (kWithDouble) {
+    const int64_t* row = a.table + kTableHeaderWords + (words[0] >> kChunkTensorShift) * kTableTensorWords;
+    e.width = entry_width<kWithDouble>(param_dtype_code(row[kTensorDtypes]));
+  }
+  return e;
+}
+
+// Starts copying a chunk's first kThreads entries to shared memory, one a thread.
+template <typename Value>
+__device__ void stage_entries(const EntriesIn& e, MoveShared<Value>& sh) {
+  const int tid = threadIdx.x;
+  if (tid >= e.count) return;
+  for (int j = 0; j < e.width; ++j) copy_word_async(&sh.staged_entries[tid * 2 + j], e.first + tid * e.width + j);
+}
+
+// Files a chunk's entries by position in the buffer its move reads. Entries past the staged ones are
+// read from memory: only chunks with more than kThreads entries have them.
+template <typename Value>
+__device__ void file_entries(const EntriesIn& e, bool staged, MoveShared<Value>& sh, int buffer) {
+  for (int i = threadIdx.x; i < e.count; i += kThreads) {
+    const bool from_stage = staged && i < kThreads;
+    const int64_t* entry = from_stage ? &sh.staged_entries[i * 2] : e.first + i * e.width;
+    const int pos = static_cast<int>(entry[0] >> kEntryPositionShift);
+    sh.in_value[buffer][pos] = static_cast<Value>(entry[e.width - 1]);
+    atomicOr(&sh.in_bits[buffer][pos >> 5], 1u << (pos & 31));
+  }
 }
 
 // Vec elements of X moved by one load or store instruction (two for 32-byte packs).
@@ -189,205 +232,164 @@ __device__ __forceinline__ bool pack_aligned(const void* p) {
   return reinterpret_cast<uintptr_t>(p) % sizeof(Pack<X, Vec>) == 0;
 }
 
-// One step for one chunk: rebuild w0 (from the ledger where the previous step was not invertible),
-// write the next point and record the elements whose step is not invertible.
-template <typename T, typename D, int Vec>
-__device__ void move_chunk(T* param, const D* direction, const ChunkView& v, int64_t chunk,
-                           const DirectionRule<typename Storage<T>::Arith>& rule, const MoveArgs& a,
-                           float eta_from_f, float eta_to_f, MoveShared& sh, ThreadTotals& totals) {
+// A tensor's direction rule and step sizes in its arithmetic type.
+template <typename A>
+struct StepOf {
+  DirectionRule<A> rule;
+  A eta_from = 0, eta_to = 0, c_from = 1, c_to = 1;
+};
+
+// kWithRules: the group has directions formed from an optimizer's state. A group of given directions
+// runs an instantiation where the rule is the constant identity and costs nothing.
+template <typename A, bool kWithRules>
+__device__ StepOf<A> step_of(const MoveArgs& a, const ChunkView& v, float eta_from, float eta_to) {
+  StepOf<A> st;
+  if constexpr (kWithRules) {
+    const int64_t tensor = (v.row - (a.table + kTableHeaderWords)) / kTableTensorWords;
+    st.rule = DirectionRule<A>::load(v.row, a.hyper + tensor * kHyperWords);
+  }
+  st.eta_from = static_cast<A>(eta_from);
+  st.eta_to = static_cast<A>(eta_to);
+  st.c_from = st.rule.scale(st.eta_from);
+  st.c_to = st.rule.scale(st.eta_to);
+  return st;
+}
+
+// Calls fn(param, direction) with the chunk's pointers typed (a direction is float32 or of the
+// parameter's dtype). kWithDouble: instantiated per need, since the register budget is set by the
+// widest path a kernel contains.
+template <typename T, typename Fn>
+__device__ __forceinline__ void with_direction_type(const ChunkView& v, Fn& fn) {
+  T* param = reinterpret_cast<T*>(v.param);
+  if (v.direction_code == kFloat32 || std::is_same_v<T, float>) {
+    fn(param, reinterpret_cast<const float*>(v.direction));
+  } else {
+    fn(param, reinterpret_cast<const T*>(v.direction));
+  }
+}
+
+template <bool kWithDouble, typename Fn>
+__device__ __forceinline__ void with_chunk_types(const ChunkView& v, Fn&& fn) {
+  switch (v.param_code) {
+    case kFloat32:
+      with_direction_type<float>(v, fn);
+      break;
+    case kBFloat16:
+      with_direction_type<c10::BFloat16>(v, fn);
+      break;
+    case kFloat16:
+      with_direction_type<c10::Half>(v, fn);
+      break;
+    case kFloat64:
+      if constexpr (kWithDouble) with_direction_type<double>(v, fn);
+      break;
+  }
+}
+
+// One step for one chunk: rebuild w0 (from the filed entries where the previous step was not
+// invertible), store the next point, and file the elements whose step is not invertible.
+template <typename T, typename D, int Vec, typename Value>
+__device__ void move_chunk(T* param, const D* direction, const ChunkView& v, const StepOf<typename Storage<T>::Arith>& st,
+                           bool has_from, bool has_to, MoveShared<Value>& sh, int buffer, ThreadTotals& totals,
+                           ChunkShare& share) {
   using S = Storage<T>;
   using A = typename S::Arith;
-  constexpr int width = S::entry_words;
   constexpr bool kWhole = Vec > 1;  // the chunk has kChunkElements elements: no bounds checks
   constexpr int kPacks = kItems / Vec;
+  constexpr uint32_t kPackMask = (1u << Vec) - 1u;
   static_assert(kItems % Vec == 0 && 32 % Vec == 0, "a pack lies within one bitmap word");
   const int len = v.len;
-  const A eta_from = static_cast<A>(eta_from_f);
-  const A eta_to = static_cast<A>(eta_to_f);
-  const A c_from = rule.scale(eta_from);
-  const A c_to = rule.scale(eta_to);
   const int tid = threadIdx.x;
-  const bool has_from = a.from_step >= 0;
-  const bool has_to = a.to_step >= 0;
 
-  // The loads go first: they are in flight while the ledger is read and the bitmaps are built.
-  // Registers hold only the direction and w0 of each element (the current value is read into w0 and
-  // rebuilt in place; the next value is recomputed where needed).
+  // All loads go first, so they are in flight together.
   A d[kItems];
-  T w0[kItems];
+  T w[kItems];
 #pragma unroll
   for (int p = 0; p < kPacks; ++p) {
     const int base = pack_start<Vec>(p, tid);
     if constexpr (kWhole) {
-      const auto w = load_pack<T, Vec>(param + base);
-      const auto g = load_pack<D, Vec>(direction + base);
+      const auto wp = load_pack<T, Vec>(param + base);
+      const auto gp = load_pack<D, Vec>(direction + base);
 #pragma unroll
       for (int u = 0; u < Vec; ++u) {
-        w0[p * Vec + u] = w.v[u];
-        d[p * Vec + u] = rule.term(static_cast<A>(g.v[u]), v.start + base + u);
+        w[p * Vec + u] = wp.v[u];
+        d[p * Vec + u] = st.rule.term(static_cast<A>(gp.v[u]), v.start + base + u);
       }
     } else if (base < len) {
-      w0[p] = param[base];
-      d[p] = rule.term(static_cast<A>(direction[base]), v.start + base);
+      w[p] = param[base];
+      d[p] = st.rule.term(static_cast<A>(direction[base]), v.start + base);
     }
   }
 
+  // w0 is the current value stepped back, except where the previous step saved it or left the chunk.
   const int count_in = static_cast<int>(v.dir_in & kDirectoryCountMask);
-  const bool unmoved_in = has_from && count_in == kChunkUnmoved;
-  const bool lookup = has_from && !unmoved_in && count_in > 0;
-  const int64_t* entries_in = a.ledger_in + kLedgerHeaderWords + a.num_chunks + (v.dir_in >> kDirectoryOffsetShift);
-  for (int w = tid; w < kWords; w += kThreads) {
-    sh.in_bits[w] = 0;
-    sh.out_bits[w] = 0;
-  }
-  __syncthreads();
-  if (lookup) {
-    for (int e = tid; e < count_in; e += kThreads) {
-      const int pos = static_cast<int>(entries_in[e * width] >> kEntryPositionShift);
-      atomicOr(&sh.in_bits[pos >> 5], 1u << (pos & 31));
-    }
-    __syncthreads();
-    if (tid < 32) scan_bitmap(sh.in_bits, sh.in_prefix);
-    __syncthreads();
-  }
-
-  uint32_t flagged = 0;    // the step of element k is not invertible
-  uint32_t same_base = 0;  // w0 of element k equals its current value
-  uint32_t same_next = 0;  // its next value equals its current value
+  const bool rebuild = has_from && count_in != kChunkUnmoved;
+  const bool lookup = rebuild && count_in > 0;
 #pragma unroll
   for (int p = 0; p < kPacks; ++p) {
     const int base = pack_start<Vec>(p, tid);
     if (!kWhole && base >= len) continue;
-    const uint32_t in_pack = lookup ? sh.in_bits[base >> 5] >> (base & 31) : 0u;
+    const int word = base >> 5;
+    uint32_t in_pack = 0;
+    if (lookup) {
+      in_pack = (sh.in_bits[buffer][word] >> (base & 31)) & kPackMask;
+      // Cleared as read: the chunk after next files into this buffer.
+      if (in_pack != 0) atomicAnd(&sh.in_bits[buffer][word], ~(in_pack << (base & 31)));
+    }
     uint32_t out_pack = 0;
-#pragma unroll
-    for (int u = 0; u < Vec; ++u) {
-      const int k = p * Vec + u;
-      const T current = w0[k];
-      if (has_from && !unmoved_in) {
-        if ((in_pack >> u) & 1u) {
-          const uint32_t rank = rank_of(sh.in_bits, sh.in_prefix, base + u);
-          w0[k] = S::from_bits(static_cast<typename S::Bits>(entries_in[rank * width + width - 1]));
-        } else {
-          w0[k] = step_back(current, mul_rn(eta_from, d[k]), c_from);
-        }
-      }
-      same_base |= static_cast<uint32_t>(S::bits(w0[k]) == S::bits(current)) << k;
-      if (has_to) {
-        const A s = mul_rn(eta_to, d[k]);
-        const T next = step_away(w0[k], s, c_to);
-        same_next |= static_cast<uint32_t>(S::bits(next) == S::bits(current)) << k;
-        if (S::bits(step_back(next, s, c_to)) != S::bits(w0[k])) out_pack |= 1u << u;
-      }
-    }
-    if (out_pack != 0) {
-      flagged |= out_pack << (p * Vec);
-      atomicOr(&sh.out_bits[base >> 5], out_pack << (base & 31));
-    }
-  }
-
-  // Chunks where every step inverts (all of a restore, many chunks at small steps) skip the ledger
-  // bookkeeping. Otherwise thread 0 reserves the chunk's entries; the reservation's round trip to
-  // memory overlaps the sums below, which do not depend on it.
-  const bool any_flagged = has_to && __syncthreads_or(flagged != 0);
-  uint32_t count_out = 0;
-  unsigned long long offset = 0;
-  if (any_flagged && tid < 32) {
-    count_out = scan_bitmap(sh.out_bits, sh.out_prefix);
-    if (tid == 0) {
-      offset = atomicAdd(reinterpret_cast<unsigned long long*>(a.ledger_out + kLedgerDemand), count_out * width);
-    }
-  }
-  double chunk_dot_dir_step = 0.0;  // added to the totals only if the chunk moves
-  uint32_t chunk_changed = 0;
-#pragma unroll
-  for (int k = 0; k < kItems; ++k) {
-    const int i = pack_start<Vec>(k / Vec, tid) + k % Vec;
-    if (!kWhole && i >= len) continue;
-    const A full = rule.full(d[k], S::to_float(w0[k]));
-    totals.dot_dir_dir += static_cast<double>(full) * static_cast<double>(full);
-    totals.nonfinite += !is_finite(full);
-    if (has_to) {
-      const T next = step_away(w0[k], mul_rn(eta_to, d[k]), c_to);
-      chunk_changed += S::bits(next) != S::bits(w0[k]);
-      const double dw = static_cast<double>(S::to_float(next)) - static_cast<double>(S::to_float(w0[k]));
-      chunk_dot_dir_step += static_cast<double>(full) * dw;
-    }
-  }
-  if (has_to && tid == 0) {
-    // A chunk whose entries do not fit stays exactly at w0: a full ledger costs coverage, never bits.
-    const int moved = offset + count_out * width <= a.capacity;
-    totals.saved += count_out;
-    a.ledger_out[kLedgerHeaderWords + chunk] =
-        moved ? static_cast<int64_t>(offset << kDirectoryOffsetShift) | count_out : kChunkUnmoved;
-    sh.moved = moved;
-    sh.out_offset = offset;
-  }
-  if (has_to) __syncthreads();
-  const bool moved = has_to && sh.moved;
-  if (moved) {
-    totals.dot_dir_step += chunk_dot_dir_step;
-    totals.changed += chunk_changed;
-  } else if (has_to && tid == 0) {
-    totals.unmoved += len;
-  }
-
-  const uint32_t same = moved ? same_next : same_base;
-  int64_t* entries_out = a.ledger_out + kLedgerHeaderWords + a.num_chunks + sh.out_offset;
-#pragma unroll
-  for (int p = 0; p < kPacks; ++p) {
-    const int base = pack_start<Vec>(p, tid);
-    if (!kWhole && base >= len) continue;
+    bool pack_changed = false;
     Pack<T, Vec> out;
 #pragma unroll
     for (int u = 0; u < Vec; ++u) {
       const int k = p * Vec + u;
-      out.v[u] = moved ? step_away(w0[k], mul_rn(eta_to, d[k]), c_to) : w0[k];
-      if (moved && ((flagged >> k) & 1u)) {
-        const uint32_t rank = rank_of(sh.out_bits, sh.out_prefix, base + u);
-        const auto bits = static_cast<int64_t>(S::bits(w0[k]));
-        if (width == 1) {
-          entries_out[rank] = (static_cast<int64_t>(base + u) << kEntryPositionShift) | bits;
-        } else {
-          entries_out[rank * width] = static_cast<int64_t>(base + u) << kEntryPositionShift;
-          entries_out[rank * width + 1] = bits;
-        }
+      const T current = w[k];
+      T w0 = current;
+      if (rebuild) {
+        w0 = ((in_pack >> u) & 1u) ? S::from_bits(static_cast<typename S::Bits>(sh.in_value[buffer][base + u]))
+                                   : step_back(current, mul_rn(st.eta_from, d[k]), st.c_from);
       }
+      const A full = st.rule.full(d[k], S::to_float(w0));
+      totals.dot_dir_dir += static_cast<double>(full) * static_cast<double>(full);
+      totals.nonfinite += !is_finite(full);
+      T next = w0;
+      if (has_to) {
+        const A s = mul_rn(st.eta_to, d[k]);
+        next = step_away(w0, s, st.c_to);
+        if (S::bits(step_back(next, s, st.c_to)) != S::bits(w0)) {
+          out_pack |= 1u << u;
+          sh.out_value[buffer][base + u] = static_cast<Value>(S::bits(w0));
+        }
+        share.changed += S::bits(next) != S::bits(w0);
+        const double dw = static_cast<double>(S::to_float(next)) - static_cast<double>(S::to_float(w0));
+        share.dot_dir_step += static_cast<double>(full) * dw;
+      }
+      out.v[u] = next;
+      pack_changed |= S::bits(next) != S::bits(current);
     }
-    // Unchanged elements are not written back (a restore writes only what the step changed); a pack
+    if (out_pack != 0) {
+      atomicOr(&sh.out_bits[buffer][word], out_pack << (base & 31));
+      atomicAdd(&sh.out_quarter[buffer][base >> kQuarterShift], static_cast<uint32_t>(__popc(out_pack)));
+    }
+    // Unchanged packs are not written back (a restore writes only what the step changed); a pack
     // with any change is written whole, its unchanged elements with their own bits.
-    constexpr uint32_t kPackMask = (1u << Vec) - 1u;
-    if (((same >> (p * Vec)) & kPackMask) != kPackMask) *reinterpret_cast<Pack<T, Vec>*>(param + base) = out;
+    if (pack_changed) *reinterpret_cast<Pack<T, Vec>*>(param + base) = out;
   }
 }
 
-// kWithRules: the group has directions formed from an optimizer's state. A group of given directions
-// runs an instantiation where the rule is the constant identity and costs nothing.
-template <typename T, bool kWithRules>
-__device__ void move_chunk_of(const ChunkView& v, int64_t chunk, const MoveArgs& a, float eta_from, float eta_to,
-                              MoveShared& sh, ThreadTotals& totals) {
-  DirectionRule<typename Storage<T>::Arith> rule;
-  if constexpr (kWithRules) {
-    const int64_t tensor = (v.row - (a.table + kTableHeaderWords)) / kTableTensorWords;
-    rule = DirectionRule<typename Storage<T>::Arith>::load(v.row, a.hyper + tensor * kHyperWords);
-  }
-  constexpr int kVec = 16 / sizeof(T);
-  T* param = reinterpret_cast<T*>(v.param);
-  const bool whole = v.len == kChunkElements && pack_aligned<T, kVec>(param);
-  if (v.direction_code == kFloat32) {
-    const float* direction = reinterpret_cast<const float*>(v.direction);
-    if (whole && pack_aligned<float, kVec>(direction)) {
-      move_chunk<T, float, kVec>(param, direction, v, chunk, rule, a, eta_from, eta_to, sh, totals);
-    } else {
-      move_chunk<T, float, 1>(param, direction, v, chunk, rule, a, eta_from, eta_to, sh, totals);
-    }
-  } else {
-    const T* direction = reinterpret_cast<const T*>(v.direction);
-    if (whole && pack_aligned<T, kVec>(direction)) {
-      move_chunk<T, T, kVec>(param, direction, v, chunk, rule, a, eta_from, eta_to, sh, totals);
-    } else {
-      move_chunk<T, T, 1>(param, direction, v, chunk, rule, a, eta_from, eta_to, sh, totals);
-    }
+// Puts a chunk whose entries did not fit back to w0, from its stored next values and its filed
+// entries. Run by the writers; rare, as it takes a full ledger.
+template <typename T, typename D, typename Value>
+__device__ void put_back_chunk(T* param, const D* direction, const ChunkView& v,
+                               const StepOf<typename Storage<T>::Arith>& st, const MoveShared<Value>& sh, int buffer) {
+  using S = Storage<T>;
+  using A = typename S::Arith;
+  for (int i = threadIdx.x; i < v.len; i += kWriters) {
+    const T next = param[i];
+    const A d = st.rule.term(static_cast<A>(direction[i]), v.start + i);
+    const bool saved = (sh.out_bits[buffer][i >> 5] >> (i & 31)) & 1u;
+    const T w0 = saved ? S::from_bits(static_cast<typename S::Bits>(sh.out_value[buffer][i]))
+                       : step_back(next, mul_rn(st.eta_to, d), st.c_to);
+    if (S::bits(w0) != S::bits(next)) param[i] = w0;
   }
 }
 
@@ -398,9 +400,67 @@ __device__ V warp_sum(V v) {
   return v;
 }
 
+// Ends a chunk moved one barrier ago, on the kWriters threads: thread 0 has reserved `count` entries
+// at `offset`. Writes the chunk's directory word and entries (in increasing position), or puts the
+// chunk back to w0 where they do not fit, and clears the chunk's bitmap.
+template <bool kWithRules, bool kWithDouble, typename Value>
+__device__ void finish_chunk(const MoveArgs& a, int64_t chunk, const int64_t* words, float eta_to, uint32_t count,
+                             unsigned long long offset, MoveShared<Value>& sh, int buffer, ThreadTotals& totals) {
+  const int tid = threadIdx.x;
+  const int quarter = tid / 32, lane = tid % 32;
+  uint32_t before = 0;  // entries of the quarters before this thread's
+  for (int q = 0; q < quarter; ++q) before += sh.out_quarter[buffer][q];
+  const ChunkView v = view_chunk(a, words);
+  const int width = entry_width<kWithDouble>(v.param_code);
+  if (tid == 0) {
+    // A chunk whose entries do not fit stays exactly at w0: a full ledger costs coverage, never bits.
+    const bool moved = offset + static_cast<unsigned long long>(count) * width <= a.capacity;
+    totals.saved += count;
+    if (!moved) totals.unmoved += v.len;
+    a.ledger_out[kLedgerHeaderWords + chunk] =
+        moved ? static_cast<int64_t>(offset << kDirectoryOffsetShift) | count : kChunkUnmoved;
+    sh.moved[buffer] = moved;
+    sh.out_offset = offset;
+  }
+  sync_writers();
+  if (tid == 0) {
+    for (int q = 0; q < kQuarters; ++q) sh.out_quarter[buffer][q] = 0;
+  }
+  const uint32_t bits = sh.out_bits[buffer][tid];
+  if (sh.moved[buffer]) {
+    const uint32_t here = __popc(bits);
+    uint32_t inclusive = here;
+#pragma unroll
+    for (int delta = 1; delta < 32; delta <<= 1) {
+      const uint32_t other = __shfl_up_sync(0xffffffffu, inclusive, delta);
+      if (lane >= delta) inclusive += other;
+    }
+    uint32_t rank = before + inclusive - here;
+    int64_t* entries = a.ledger_out + kLedgerHeaderWords + a.num_chunks + sh.out_offset;
+    for (uint32_t left = bits; left != 0; left &= left - 1, ++rank) {
+      const int pos = tid * 32 + __ffs(left) - 1;
+      const auto saved = static_cast<int64_t>(sh.out_value[buffer][pos]);
+      if (width == 1) {
+        entries[rank] = (static_cast<int64_t>(pos) << kEntryPositionShift) | saved;
+      } else {
+        entries[2 * rank] = static_cast<int64_t>(pos) << kEntryPositionShift;
+        entries[2 * rank + 1] = saved;
+      }
+    }
+  } else {
+    with_chunk_types<kWithDouble>(v, [&](auto* param, const auto* direction) {
+      using T = std::remove_pointer_t<decltype(param)>;
+      const auto st = step_of<typename Storage<T>::Arith, kWithRules>(a, v, 0.0f, eta_to);
+      put_back_chunk(param, direction, v, st, sh, buffer);
+    });
+    sync_writers();  // every writer has read the bitmap before it is cleared
+  }
+  sh.out_bits[buffer][tid] = 0;
+}
+
 // The block's totals, complete in thread 0, added in a fixed order.
-template <typename Count>
-__device__ Totals block_sum(TotalsOf<Count> thread, MoveShared& sh) {
+template <typename Count, typename Value>
+__device__ Totals block_sum(TotalsOf<Count> thread, MoveShared<Value>& sh) {
   const int tid = threadIdx.x;
   const int warp = tid / 32, lane = tid % 32;
   Totals totals;
@@ -437,7 +497,8 @@ __device__ Totals block_sum(TotalsOf<Count> thread, MoveShared& sh) {
 // Writes the block's totals to its slot; the last block to finish adds the slots in block order,
 // writes the report row and zeroes the header, so the ledger is ready for its next use without a host
 // round trip.
-__device__ void finish_step(const MoveArgs& a, ThreadTotals totals, MoveShared& sh) {
+template <typename Value>
+__device__ void finish_step(const MoveArgs& a, ThreadTotals totals, MoveShared<Value>& sh) {
   const int tid = threadIdx.x;
   int64_t* header = a.ledger_out;
   const Totals block = block_sum(totals, sh);
@@ -480,54 +541,112 @@ __device__ void finish_step(const MoveArgs& a, ThreadTotals totals, MoveShared& 
   }
 }
 
-// Instantiated per need, since the register budget is set by the widest path a kernel contains:
-// kWithRules for optimizer directions, kWithDouble for float64 tensors.
 template <bool kWithRules, bool kWithDouble>
 __global__ void __launch_bounds__(kThreads, 1) move_kernel(MoveArgs a) {
-  __shared__ MoveShared sh;
-  ThreadTotals totals;
-  const float eta_from = a.from_step >= 0 ? a.steps[a.from_step] : 0.0f;
-  const float eta_to = a.to_step >= 0 ? a.steps[a.to_step] : 0.0f;
-  if (threadIdx.x == 0) {
-    prefetch_chunk_words(a, blockIdx.x, sh.chunk_words[0]);
+  using Value = LedgerValue<kWithDouble>;
+  extern __shared__ __align__(16) unsigned char shared_bytes[];
+  auto& sh = *reinterpret_cast<MoveShared<Value>*>(shared_bytes);
+  const int tid = threadIdx.x;
+  const bool has_from = a.from_step >= 0;
+  const bool has_to = a.to_step >= 0;
+  const float eta_from = has_from ? a.steps[a.from_step] : 0.0f;
+  const float eta_to = has_to ? a.steps[a.to_step] : 0.0f;
+  // This block moves chunks first, first + stride, ...: n of them.
+  const int64_t first = blockIdx.x;
+  const int64_t stride = gridDim.x;
+  const int64_t n = first < a.num_chunks ? (a.num_chunks - 1 - first) / stride + 1 : 0;
+
+  for (int i = tid; i < 2 * kWords; i += kThreads) {
+    sh.in_bits[i / kWords][i % kWords] = 0;
+    sh.out_bits[i / kWords][i % kWords] = 0;
+  }
+  if (tid < 2 * kQuarters) sh.out_quarter[tid / kQuarters][tid % kQuarters] = 0;
+  if (tid == 0) {
+    prefetch_chunk_words(a, first, sh.chunk_words[0]);
+    prefetch_chunk_words(a, first + stride, sh.chunk_words[1]);
     wait_async_copies();
   }
   __syncthreads();
-  for (int64_t chunk = blockIdx.x, slot = 0; chunk < a.num_chunks; chunk += gridDim.x, slot ^= 1) {
-    const ChunkWords words{sh.chunk_words[slot][0], a.from_step >= 0 ? sh.chunk_words[slot][1] : 0};
-    if (threadIdx.x == 0) prefetch_chunk_words(a, chunk + gridDim.x, sh.chunk_words[slot ^ 1]);
-    const ChunkView v = view_chunk(a, words);
-    switch (v.param_code) {
-      case kFloat32:
-        move_chunk_of<float, kWithRules>(v, chunk, a, eta_from, eta_to, sh, totals);
-        break;
-      case kBFloat16:
-        move_chunk_of<c10::BFloat16, kWithRules>(v, chunk, a, eta_from, eta_to, sh, totals);
-        break;
-      case kFloat16:
-        move_chunk_of<c10::Half, kWithRules>(v, chunk, a, eta_from, eta_to, sh, totals);
-        break;
-      case kFloat64:
-        if constexpr (kWithDouble) {
-          move_chunk_of<double, kWithRules>(v, chunk, a, eta_from, eta_to, sh, totals);
-        }
-        break;
+  if (n > 0) file_entries(entries_in_of<kWithDouble>(a, sh.chunk_words[0]), false, sh, 0);
+  __syncthreads();
+
+  ThreadTotals totals;
+  ChunkShare younger, older;  // this thread's part of the steps of the chunks one and two before
+  for (int64_t k = 0; k <= n; ++k) {
+    const int buffer = k & 1, other = buffer ^ 1;
+    // Chunk k - 2's fate was settled at the end of the last round.
+    if (has_to && k >= 2 && sh.moved[buffer]) {
+      totals.dot_dir_step += older.dot_dir_step;
+      totals.changed += older.changed;
     }
-    // The next chunk reuses the shared bitmaps and reads the words copied for it.
-    if (threadIdx.x == 0) wait_async_copies();
+    older = younger;
+    younger = ChunkShare{};
+    // Thread 0 reserves chunk k - 1's entries; the atomic's round trip overlaps chunk k's move.
+    uint32_t count = 0;
+    unsigned long long offset = 0;
+    if (has_to && k >= 1 && tid == 0) {
+      for (int q = 0; q < kQuarters; ++q) count += sh.out_quarter[other][q];
+      if (count > 0) {
+        const int width =
+            kWithDouble ? entry_width<kWithDouble>(view_chunk(a, sh.chunk_words[(k - 1) % kWordRing]).param_code) : 1;
+        offset = atomicAdd(reinterpret_cast<unsigned long long*>(a.ledger_out + kLedgerDemand),
+                           static_cast<unsigned long long>(count) * width);
+      }
+    }
+    if (tid == 0 && k + 2 < n) prefetch_chunk_words(a, first + (k + 2) * stride, sh.chunk_words[(k + 2) % kWordRing]);
+    EntriesIn next_entries;
+    if (k + 1 < n) {
+      next_entries = entries_in_of<kWithDouble>(a, sh.chunk_words[(k + 1) % kWordRing]);
+      stage_entries(next_entries, sh);
+    }
+    if (k < n) {
+      const ChunkView v = view_chunk(a, sh.chunk_words[k % kWordRing]);
+      with_chunk_types<kWithDouble>(v, [&](auto* param, const auto* direction) {
+        using T = std::remove_pointer_t<decltype(param)>;
+        using D = std::remove_cv_t<std::remove_pointer_t<decltype(direction)>>;
+        constexpr int kVec = 16 / sizeof(T);
+        const auto st = step_of<typename Storage<T>::Arith, kWithRules>(a, v, eta_from, eta_to);
+        if (v.len == kChunkElements && pack_aligned<T, kVec>(param) && pack_aligned<D, kVec>(direction)) {
+          move_chunk<T, D, kVec>(param, direction, v, st, has_from, has_to, sh, buffer, totals, younger);
+        } else {
+          move_chunk<T, D, 1>(param, direction, v, st, has_from, has_to, sh, buffer, totals, younger);
+        }
+      });
+    }
+    if (k + 1 < n) {
+      wait_async_copies();
+      file_entries(next_entries, true, sh, other);
+    }
+    if (has_to && k >= 1 && tid < kWriters) {
+      finish_chunk<kWithRules, kWithDouble>(a, first + (k - 1) * stride, sh.chunk_words[(k - 1) % kWordRing], eta_to,
+                                            count, offset, sh, other, totals);
+    }
+    if (tid == 0) wait_async_copies();
     __syncthreads();
+  }
+  if (has_to && n >= 1 && sh.moved[(n - 1) & 1]) {
+    totals.dot_dir_step += older.dot_dir_step;
+    totals.changed += older.changed;
   }
   finish_step(a, totals, sh);
 }
 
-// How many blocks of an instantiation fit on `device` at once.
+template <bool kWithDouble>
+constexpr size_t move_shared_bytes() {
+  return sizeof(MoveShared<LedgerValue<kWithDouble>>);
+}
+
+// How many blocks of an instantiation fit on `device` at once (and lets it use its shared memory).
 template <bool kWithRules, bool kWithDouble>
 int64_t resident_blocks(int device) {
   static int64_t cached[64] = {0};
   if (device < 64 && cached[device] > 0) return cached[device];
+  constexpr size_t bytes = move_shared_bytes<kWithDouble>();
+  C10_CUDA_CHECK(cudaFuncSetAttribute(move_kernel<kWithRules, kWithDouble>,
+                                      cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
   int per_sm = 0;
   C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, move_kernel<kWithRules, kWithDouble>, kThreads,
-                                                               0));
+                                                               bytes));
   const int64_t blocks = static_cast<int64_t>(std::max(1, per_sm)) *
                          at::cuda::getDeviceProperties(device)->multiProcessorCount;
   if (device < 64) cached[device] = blocks;
@@ -540,8 +659,9 @@ void launch_move(MoveArgs a, int device) {
   const at::Tensor block_totals =
       at::empty({blocks * kTotalWords}, at::TensorOptions().dtype(at::kLong).device(at::kCUDA, device));
   a.block_totals = block_totals.data_ptr<int64_t>();
-  move_kernel<kWithRules, kWithDouble>
-      <<<static_cast<unsigned>(blocks), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(a);
+  move_kernel<kWithRules, kWithDouble><<<static_cast<unsigned>(blocks), kThreads,
+                                         move_shared_bytes<kWithDouble>(),
+                                         at::cuda::getCurrentCUDAStream()>>>(a);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
