@@ -11,6 +11,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include "layout.h"
 
@@ -184,6 +185,17 @@ struct Storage<double> {
 #endif
   }
 };
+
+// Whether two values have the same bits. bfloat16 values are compared widened to float32, which is
+// a shift of their bits (so one to one), and spares extracting 16-bit halves on the GPU.
+template <typename T>
+C10_HOST_DEVICE inline bool same_bits(T a, T b) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    return Storage<float>::bits(Storage<T>::to_float(a)) == Storage<float>::bits(Storage<T>::to_float(b));
+  } else {
+    return Storage<T>::bits(a) == Storage<T>::bits(b);
+  }
+}
 
 // w0 moved by a step: round_T(w0 * c - s) with s = eta * a and c = 1 - eta * lambda (each rounded
 // once in the arithmetic type); c is exactly 1 when the direction has no weight-decay term.

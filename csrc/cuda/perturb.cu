@@ -227,6 +227,22 @@ __device__ __forceinline__ Pack<X, Vec> load_pack(const X* p) {
   return pack;
 }
 
+// A pack written with one 16-byte store where it is one (a plain assignment compiles to a generic store).
+template <typename X, int Vec>
+__device__ __forceinline__ void store_pack(X* p, const Pack<X, Vec>& pack) {
+  if constexpr (sizeof(Pack<X, Vec>) == sizeof(uint4)) {
+    uint4 word;
+    memcpy(&word, &pack, sizeof(word));
+    __stcg(reinterpret_cast<uint4*>(p), word);
+  } else {
+    *reinterpret_cast<Pack<X, Vec>*>(p) = pack;
+  }
+}
+
+// acc + a * b in one rounding: float64 sums are exempt from -fmad=false, which exists for the step
+// arithmetic, and the fused form halves their instructions.
+__device__ __forceinline__ double add_product(double acc, double a, double b) { return __fma_rn(a, b, acc); }
+
 template <typename X, int Vec>
 __device__ __forceinline__ bool pack_aligned(const void* p) {
   return reinterpret_cast<uintptr_t>(p) % sizeof(Pack<X, Vec>) == 0;
@@ -338,41 +354,51 @@ __device__ void move_chunk(T* param, const D* direction, const ChunkView& v, con
     }
     uint32_t out_pack = 0;
     bool pack_changed = false;
+    double pack_dot_dir_dir = 0.0;
     Pack<T, Vec> out;
+    const auto w0_of = [&](int u) {
+      const int k = p * Vec + u;
+      if (!rebuild) return w[k];
+      return ((in_pack >> u) & 1u) ? S::from_bits(static_cast<typename S::Bits>(sh.in_value[buffer][base + u]))
+                                   : step_back(w[k], mul_rn(st.eta_from, d[k]), st.c_from);
+    };
 #pragma unroll
     for (int u = 0; u < Vec; ++u) {
       const int k = p * Vec + u;
       const T current = w[k];
-      T w0 = current;
-      if (rebuild) {
-        w0 = ((in_pack >> u) & 1u) ? S::from_bits(static_cast<typename S::Bits>(sh.in_value[buffer][base + u]))
-                                   : step_back(current, mul_rn(st.eta_from, d[k]), st.c_from);
-      }
+      const T w0 = w0_of(u);
       const A full = st.rule.full(d[k], S::to_float(w0));
-      totals.dot_dir_dir += static_cast<double>(full) * static_cast<double>(full);
-      totals.nonfinite += !is_finite(full);
+      pack_dot_dir_dir = add_product(pack_dot_dir_dir, full, full);
       T next = w0;
       if (has_to) {
         const A s = mul_rn(st.eta_to, d[k]);
         next = step_away(w0, s, st.c_to);
-        if (S::bits(step_back(next, s, st.c_to)) != S::bits(w0)) {
+        if (!same_bits(step_back(next, s, st.c_to), w0)) {
           out_pack |= 1u << u;
           sh.out_value[buffer][base + u] = static_cast<Value>(S::bits(w0));
         }
-        share.changed += S::bits(next) != S::bits(w0);
+        share.changed += !same_bits(next, w0);
         const double dw = static_cast<double>(S::to_float(next)) - static_cast<double>(S::to_float(w0));
-        share.dot_dir_step += static_cast<double>(full) * dw;
+        share.dot_dir_step = add_product(share.dot_dir_step, full, dw);
       }
       out.v[u] = next;
-      pack_changed |= S::bits(next) != S::bits(current);
+      pack_changed |= !same_bits(next, current);
     }
+    // A non-finite factor makes the pack's sum of squares non-finite, so only such packs are counted.
+    if (!is_finite(pack_dot_dir_dir)) {
+#pragma unroll
+      for (int u = 0; u < Vec; ++u) {
+        totals.nonfinite += !is_finite(st.rule.full(d[p * Vec + u], S::to_float(w0_of(u))));
+      }
+    }
+    totals.dot_dir_dir += pack_dot_dir_dir;
     if (out_pack != 0) {
       atomicOr(&sh.out_bits[buffer][word], out_pack << (base & 31));
       atomicAdd(&sh.out_quarter[buffer][base >> kQuarterShift], static_cast<uint32_t>(__popc(out_pack)));
     }
     // Unchanged packs are not written back (a restore writes only what the step changed); a pack
     // with any change is written whole, its unchanged elements with their own bits.
-    if (pack_changed) *reinterpret_cast<Pack<T, Vec>*>(param + base) = out;
+    if (pack_changed) store_pack(param + base, out);
   }
 }
 
