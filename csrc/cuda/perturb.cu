@@ -272,8 +272,7 @@ __device__ StepOf<A> step_of(const MoveArgs& a, const ChunkView& v, float eta_fr
 }
 
 // Calls fn(param, direction) with the chunk's pointers typed (a direction is float32 or of the
-// parameter's dtype). kWithDouble: instantiated per need, since the register budget is set by the
-// widest path a kernel contains.
+// parameter's dtype).
 template <typename T, typename Fn>
 __device__ __forceinline__ void with_direction_type(const ChunkView& v, Fn& fn) {
   T* param = reinterpret_cast<T*>(v.param);
@@ -284,6 +283,8 @@ __device__ __forceinline__ void with_direction_type(const ChunkView& v, Fn& fn) 
   }
 }
 
+// kWithDouble: float64 chunks are compiled only into the kernels that need them, since a kernel's
+// register budget is set by the widest path it contains.
 template <bool kWithDouble, typename Fn>
 __device__ __forceinline__ void with_chunk_types(const ChunkView& v, Fn&& fn) {
   switch (v.param_code) {
