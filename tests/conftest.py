@@ -44,3 +44,14 @@ def forbid_host_sync(active=True):
         yield
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def train_then_backward(model, optimizer, loss_fn, batch, steps):
+    """`steps` optimizer steps, then one more backward pass: gradients and optimizer state as in the
+    middle of a training run, ready to probe."""
+    for _ in range(steps):
+        optimizer.zero_grad()
+        loss_fn(model, batch).backward()
+        optimizer.step()
+    optimizer.zero_grad()
+    loss_fn(model, batch).backward()

@@ -71,16 +71,21 @@ def test_missing_backend_runs_the_reference_and_says_why():
     assert A.item() == pytest.approx(2.0) and b.item() == pytest.approx(0.0, abs=1e-12)
 
 
-def test_import_without_the_extension_falls_back(tmp_path):
-    """If adapeft._C cannot load, import still works, warns once, and every op runs the reference."""
-    blocker = tmp_path / "sitecustomize.py"
-    blocker.write_text(
+def block_extension(folder):
+    """A sitecustomize.py in `folder` that makes `import adapeft._C` fail in a Python started with
+    `folder` on its PYTHONPATH."""
+    (folder / "sitecustomize.py").write_text(
         "import sys\n"
         "class Block:\n"
         "    def find_spec(self, name, path=None, target=None):\n"
         "        if name == 'adapeft._C':\n"
         "            raise ImportError('blocked by the test')\n"
         "sys.meta_path.insert(0, Block())\n")
+
+
+def test_import_without_the_extension_falls_back(tmp_path):
+    """If adapeft._C cannot load, import still works, warns once, and every op runs the reference."""
+    block_extension(tmp_path)
     program = (
         "import warnings, torch\n"
         "with warnings.catch_warnings(record=True) as caught:\n"
@@ -105,14 +110,7 @@ def test_import_without_the_extension_falls_back(tmp_path):
 
 
 def test_require_ext_refuses_a_missing_extension(tmp_path):
-    blocker = tmp_path / "sitecustomize.py"
-    blocker.write_text(
-        "import sys\n"
-        "class Block:\n"
-        "    def find_spec(self, name, path=None, target=None):\n"
-        "        if name == 'adapeft._C':\n"
-        "            raise ImportError('blocked by the test')\n"
-        "sys.meta_path.insert(0, Block())\n")
+    block_extension(tmp_path)
     env = dict(os.environ, PYTHONPATH=str(tmp_path), ADAPEFT_REQUIRE_EXT="1")
     done = subprocess.run([sys.executable, "-c", "import adapeft"], env=env, capture_output=True, text=True,
                           cwd=tmp_path)

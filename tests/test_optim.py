@@ -9,7 +9,7 @@ from adapeft import _backend
 from adapeft import _layout as L
 from adapeft import reference
 
-from conftest import forbid_host_sync, requires_cuda
+from conftest import forbid_host_sync, requires_cuda, train_then_backward
 from oracle import bits_of
 
 pytestmark = pytest.mark.skipif(_backend._C is None, reason="the compiled extension is not built")
@@ -213,12 +213,7 @@ def probe_setup(lr):
 def test_apply_lr_follows_eta_star_with_gens_safeguards():
     model, groups, loss_fn, batch = probe_setup(0.05)
     optimizer = torch.optim.SGD(adapeft.param_groups(groups, lr=0.05, momentum=0.9), lr=0.05)
-    for _ in range(3):
-        optimizer.zero_grad()
-        loss_fn(model, batch).backward()
-        optimizer.step()
-    optimizer.zero_grad()
-    loss_fn(model, batch).backward()
+    train_then_backward(model, optimizer, loss_fn, batch, 3)
     prober = adapeft.Prober(model, groups, loss_fn, direction="optimizer", optimizer=optimizer, apply_lr=True)
     before = [g["lr"] for g in optimizer.param_groups]
     result = prober.step(batch, 1e-3)
@@ -238,12 +233,7 @@ def test_apply_lr_updates_tensor_learning_rates_in_place():
     rates = [torch.tensor(1e-2, dtype=torch.float64) for _ in groups.names]
     optimizer = torch.optim.AdamW([{"params": groups.params(n), "adapeft_group": n, "lr": r}
                                    for n, r in zip(groups.names, rates)], foreach=False)
-    for _ in range(2):
-        optimizer.zero_grad()
-        loss_fn(model, batch).backward()
-        optimizer.step()
-    optimizer.zero_grad()
-    loss_fn(model, batch).backward()
+    train_then_backward(model, optimizer, loss_fn, batch, 2)
     result = adapeft.Prober(model, groups, loss_fn, direction="optimizer", optimizer=optimizer,
                             apply_lr=True).step(batch, 1e-4)
     for k, group in enumerate(optimizer.param_groups):

@@ -10,7 +10,7 @@ import torch
 import adapeft
 from adapeft import _backend
 
-from conftest import forbid_host_sync, requires_cuda
+from conftest import forbid_host_sync, requires_cuda, train_then_backward
 
 pytestmark = pytest.mark.skipif(_backend._C is None, reason="the compiled extension is not built")
 transformers = pytest.importorskip("transformers")
@@ -153,12 +153,7 @@ def trained_model():
     model, batch, loss_fn = mlp(torch.float32)
     model.add_module("5", torch.nn.BatchNorm1d(4))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    for _ in range(2):
-        optimizer.zero_grad()
-        loss_fn(model, batch).backward()
-        optimizer.step()
-    optimizer.zero_grad()
-    loss_fn(model, batch).backward()
+    train_then_backward(model, optimizer, loss_fn, batch, 2)
     model[1].eval()  # a submodule in its own mode must keep it
     return model, batch, loss_fn, optimizer
 
