@@ -96,7 +96,7 @@ def main():
         graph = run.prober._graph
         del proxy, run
         release(device)
-        return seconds, selection, graph.captures if graph is not None else 0
+        return seconds, graph.captures if graph is not None else 0, selection
 
     def train_large(selection_of, horizon):
         model = build(args.model, dtype, device)
@@ -112,7 +112,7 @@ def main():
     def lora(model):
         return Selection.given(["lora_A", "lora_B"], group_parameters(model))
 
-    _, selection, _ = part_one()
+    *_, selection = part_one()
     chosen = selection.chosen
     if not chosen:
         print("the probe accepted no fit on this random model: part II trains LoRA instead")
@@ -125,7 +125,7 @@ def main():
     train_large(lora, 2)
 
     phases = {
-        "part I": lambda: part_one()[0::2],
+        "part I": lambda: part_one()[:2],
         "part II": lambda: train_large(selected, args.horizon),
         "plain": lambda: train_large(lora, args.horizon),
     }
@@ -155,6 +155,7 @@ def main():
     print(f"AdaPEFT / plain LoRA: {(median['part I'] + median['part II']) / median['plain']:.1%} "
           f"(rounds {min(rounds):.1%} .. {max(rounds):.1%})   "
           f"AdaPEFT / its own part II: {(median['part I'] + median['part II']) / median['part II']:.1%}")
+
 
 if __name__ == "__main__":
     main()
