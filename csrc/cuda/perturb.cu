@@ -38,9 +38,6 @@ constexpr int kQuarters = 4;  // a chunk's entries are written by kQuarters warp
 constexpr int kWriters = kQuarters * 32;
 constexpr int kQuarterShift = kChunkShift - 2;
 constexpr int kWordRing = 4;  // words of the previous, current, next and next-but-one chunk
-// The threads that ask for the next chunk's data: lane 0 of warps with no other work at a round's start.
-constexpr int kParamPrefetcher = 32;
-constexpr int kDirectionPrefetcher = 64;
 static_assert(kWords == kWriters, "each writer owns one bitmap word");
 static_assert((kChunkElements >> kQuarterShift) == kQuarters, "a quarter is a quarter of a chunk");
 enum TotalWord { kTotalDotDirStep, kTotalDotDirDir, kTotalChanged, kTotalUnmoved, kTotalNonfinite, kTotalSaved,
@@ -160,6 +157,9 @@ __device__ ChunkView view_chunk(const MoveArgs& a, const int64_t* words) {
 // a chunk that is not one is simply loaded from memory.
 __device__ void prefetch_chunk_data(const MoveArgs& a, const int64_t* words) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  // Lane 0 of two warps with no other work at a round's start (thread 0 reserves and prefetches words).
+  constexpr int kParamPrefetcher = 32;
+  constexpr int kDirectionPrefetcher = 64;
   const int tid = threadIdx.x;
   if (tid != kParamPrefetcher && tid != kDirectionPrefetcher) return;
   const ChunkView v = view_chunk(a, words);
