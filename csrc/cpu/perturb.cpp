@@ -75,7 +75,7 @@ StepTotals move_chunk(T* param, const D* direction, int64_t len, int64_t chunk, 
     for (int64_t i = 0; i < len; ++i) {
       const A s = mul_rn(eta_to, a[i]);
       next[i] = step_away(w0[i], s, c_to);
-      flagged[i] = S::bits(step_back(next[i], s, c_to)) != S::bits(w0[i]);
+      flagged[i] = !same_bits(step_back(next[i], s, c_to), w0[i]);
       count_out += flagged[i];
     }
   }
@@ -113,7 +113,7 @@ StepTotals move_chunk(T* param, const D* direction, int64_t len, int64_t chunk, 
     totals.dot_dir_dir += static_cast<double>(d) * static_cast<double>(d);
     totals.nonfinite += !is_finite(d);
     if (moved) {
-      totals.changed += S::bits(out) != S::bits(w0[i]);
+      totals.changed += !same_bits(out, w0[i]);
       const double dw = static_cast<double>(S::to_float(out)) - static_cast<double>(S::to_float(w0[i]));
       totals.dot_dir_step += static_cast<double>(d) * dw;
     }

@@ -437,7 +437,7 @@ __device__ void put_back_chunk(T* param, const D* direction, const ChunkView& v,
     const bool saved = (sh.out_bits[buffer][i >> 5] >> (i & 31)) & 1u;
     const T w0 = saved ? S::from_bits(static_cast<typename S::Bits>(sh.out_value[buffer][i]))
                        : step_back(next, mul_rn(st.eta_to, d), st.c_to);
-    if (S::bits(w0) != S::bits(next)) param[i] = w0;
+    if (!same_bits(w0, next)) param[i] = w0;
   }
 }
 
@@ -642,9 +642,9 @@ __global__ void __launch_bounds__(kThreads, 1) move_kernel(MoveArgs a) {
       }
     }
     if (tid == 0 && k + 2 < n) prefetch_chunk_words(a, first + (k + 2) * stride, sh.chunk_words[(k + 2) % kWordRing]);
-    if (k + 1 < n) prefetch_chunk_data(a, sh.chunk_words[(k + 1) % kWordRing]);
     EntriesIn next_entries;
     if (k + 1 < n) {
+      prefetch_chunk_data(a, sh.chunk_words[(k + 1) % kWordRing]);
       next_entries = entries_in_of<kWithDouble>(a, sh.chunk_words[(k + 1) % kWordRing]);
       stage_entries(next_entries, sh);
     }
