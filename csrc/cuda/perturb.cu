@@ -23,7 +23,8 @@ namespace {
 // Pipeline. A block moves its chunks one after another with one block barrier between two chunks,
 // and each round trip to memory a chunk needs starts a chunk ahead or ends a chunk later:
 // - its table and ledger directory words arrive by cp.async two chunks ahead;
-// - its param and direction bytes are prefetched into L2 one chunk ahead (on Hopper and later);
+// - its param and direction bytes are copied into shared memory by the copy engine while the chunk
+//   before it is moved (on Hopper and later; chunks that cannot be staged are prefetched into L2);
 // - its entries from the previous step are filed by position in shared memory while the chunk before
 //   it is moved;
 // - its new entries are reserved (one global atomic) when the chunk after it starts, and written
@@ -38,6 +39,8 @@ constexpr int kQuarters = 4;  // a chunk's entries are written by kQuarters warp
 constexpr int kWriters = kQuarters * 32;
 constexpr int kQuarterShift = kChunkShift - 2;
 constexpr int kWordRing = 4;  // words of the previous, current, next and next-but-one chunk
+// A staged chunk's param and direction bytes: a whole chunk of 32-bit params and directions at most.
+constexpr int kStageBytes = 8 * static_cast<int>(kChunkElements);
 static_assert(kWords == kWriters, "each writer owns one bitmap word");
 static_assert((kChunkElements >> kQuarterShift) == kQuarters, "a quarter is a quarter of a chunk");
 enum TotalWord { kTotalDotDirStep, kTotalDotDirDir, kTotalChanged, kTotalUnmoved, kTotalNonfinite, kTotalSaved,
@@ -85,6 +88,9 @@ using LedgerValue = std::conditional_t<kWithDouble, uint64_t, uint32_t>;
 // Each buffer comes twice: one for the chunk being moved, one for the chunk before or after it.
 template <typename Value>
 struct MoveShared {
+  // The param bytes, then the direction bytes, of the chunk being moved and of the next one.
+  alignas(128) unsigned char stage[2][kStageBytes];
+  uint64_t stage_landed[2];  // mbarriers: a stage buffer's copies have landed
   // A chunk's entries from the previous step, by position: a bit, and the saved bits.
   Value in_value[2][kChunkElements];
   uint32_t in_bits[2][kWords];
@@ -118,11 +124,15 @@ __device__ __forceinline__ const int64_t* table_word_of(const MoveArgs& a, int64
   return a.table + kTableHeaderWords + a.num_tensors * kTableTensorWords + chunk;
 }
 
+__device__ __forceinline__ unsigned shared_address(const void* p) {
+  return static_cast<unsigned>(__cvta_generic_to_shared(p));
+}
+
 // Asynchronous copies hold no register while in flight (a register prefetch was spilled at once,
 // stalling on its own load).
 __device__ __forceinline__ void copy_word_async(int64_t* shared_word, const int64_t* global_word) {
-  const auto to = static_cast<unsigned>(__cvta_generic_to_shared(shared_word));
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 8;\n" ::"r"(to), "l"(global_word) : "memory");
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 8;\n" ::"r"(shared_address(shared_word)), "l"(global_word)
+               : "memory");
 }
 
 __device__ __forceinline__ void wait_async_copies() { asm volatile("cp.async.wait_all;\n" ::: "memory"); }
@@ -151,23 +161,94 @@ __device__ ChunkView view_chunk(const MoveArgs& a, const int64_t* words) {
   return v;
 }
 
-// Starts moving a chunk's param and direction bytes into L2 a round before its move loads them: each
-// round's loads otherwise wait a whole memory round trip, which bound the move at about 2.9 us a chunk.
-// One bulk prefetch per array; the copy engine takes 16-byte aligned runs of whole 16-byte units, and
-// a chunk that is not one is simply loaded from memory.
-__device__ void prefetch_chunk_data(const MoveArgs& a, const int64_t* words) {
+// A chunk whose packs are aligned: a whole chunk, its param 16-byte aligned and its direction aligned
+// to a pack of as many elements (the vectorized move's loads and stores need no bounds checks).
+__device__ bool packable(const ChunkView& v) {
+  const int64_t vec = 16 / dtype_bytes(v.param_code);
+  return v.len == kChunkElements && reinterpret_cast<uintptr_t>(v.param) % 16 == 0 &&
+         reinterpret_cast<uintptr_t>(v.direction) % (vec * dtype_bytes(v.direction_code)) == 0;
+}
+
+// A chunk whose bytes the copy engine puts in shared memory: packable (so also 16-byte aligned, as the
+// engine needs) and within a stage buffer. Decided by the thread that starts the copy and, one round
+// later, by every thread that reads it, from the same chunk words.
+__device__ bool staged_in_shared(const ChunkView& v) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  // Lane 0 of two warps with no other work at a round's start (thread 0 reserves and prefetches words).
-  constexpr int kParamPrefetcher = 32;
-  constexpr int kDirectionPrefetcher = 64;
-  const int tid = threadIdx.x;
-  if (tid != kParamPrefetcher && tid != kDirectionPrefetcher) return;
+  return packable(v) &&
+         (dtype_bytes(v.param_code) + dtype_bytes(v.direction_code)) * kChunkElements <= kStageBytes;
+#else
+  return false;
+#endif
+}
+
+// The thread that starts a chunk's data copies: lane 0 of a warp with no other work at a round's start
+// (thread 0 reserves entries and prefetches words then).
+constexpr int kFetcher = 32;
+
+template <typename Value>
+__device__ void init_stage_barriers(MoveShared<Value>& sh) {
+  if (threadIdx.x != kFetcher) return;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  for (int b = 0; b < 2; ++b) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;\n" ::"r"(shared_address(&sh.stage_landed[b])) : "memory");
+  }
+  asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+#endif
+}
+
+// Starts bringing a chunk's param and direction bytes closer a round before its move loads them:
+// loaded when needed, each round waited a whole memory round trip. A staged chunk is copied into
+// `buffer` and completes that buffer's barrier phase when it lands; any other chunk completes the
+// phase at once and is prefetched into L2 where its runs are whole 16-byte units, 16-byte aligned.
+template <typename Value>
+__device__ void fetch_chunk_data(const MoveArgs& a, const int64_t* words, MoveShared<Value>& sh, int buffer) {
+  if (threadIdx.x != kFetcher) return;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   const ChunkView v = view_chunk(a, words);
-  const bool param = tid == kParamPrefetcher;
-  const char* from = param ? v.param : v.direction;
-  const auto bytes = static_cast<uint32_t>(v.len * dtype_bytes(param ? v.param_code : v.direction_code));
-  if (reinterpret_cast<uintptr_t>(from) % 16 != 0 || bytes % 16 != 0) return;
-  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(from), "r"(bytes) : "memory");
+  const unsigned landed = shared_address(&sh.stage_landed[buffer]);
+  const auto param_bytes = static_cast<uint32_t>(v.len * dtype_bytes(v.param_code));
+  const auto direction_bytes = static_cast<uint32_t>(v.len * dtype_bytes(v.direction_code));
+  if (staged_in_shared(v)) {
+    const unsigned to = shared_address(sh.stage[buffer]);
+    // The buffer's last reads, a round ago, were the generic proxy's; the copy engine writes through the async one.
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(landed),
+                 "r"(param_bytes + direction_bytes)
+                 : "memory");
+    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(to),
+                 "l"(v.param), "r"(param_bytes), "r"(landed)
+                 : "memory");
+    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(
+                     to + param_bytes),
+                 "l"(v.direction), "r"(direction_bytes), "r"(landed)
+                 : "memory");
+    return;
+  }
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(landed) : "memory");
+  const auto prefetch = [](const char* from, uint32_t bytes) {
+    if (reinterpret_cast<uintptr_t>(from) % 16 != 0 || bytes % 16 != 0) return;
+    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(from), "r"(bytes) : "memory");
+  };
+  prefetch(v.param, param_bytes);
+  prefetch(v.direction, direction_bytes);
+#endif
+}
+
+// Waits until the `chunk`-th chunk's fetch has completed its stage buffer's barrier phase (a buffer
+// takes chunks of one parity, so its phases alternate with every second chunk).
+template <typename Value>
+__device__ void wait_chunk_data(MoveShared<Value>& sh, int64_t chunk) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  const unsigned landed = shared_address(&sh.stage_landed[chunk & 1]);
+  const auto parity = static_cast<uint32_t>((chunk >> 1) & 1);
+  uint32_t done = 0;
+  while (!done) {
+    asm volatile(
+        "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done)
+        : "r"(landed), "r"(parity)
+        : "memory");
+  }
 #endif
 }
 
@@ -248,6 +329,12 @@ __device__ __forceinline__ Pack<X, Vec> load_pack(const X* p) {
   return pack;
 }
 
+// The pack at element `at` of a staged array (the stage buffers are aligned for every pack).
+template <typename X, int Vec>
+__device__ __forceinline__ Pack<X, Vec> load_staged_pack(const unsigned char* bytes, int at) {
+  return *reinterpret_cast<const Pack<X, Vec>*>(reinterpret_cast<const X*>(bytes) + at);
+}
+
 // A pack written with one 16-byte store where it is one (a plain assignment compiles to a generic store).
 template <typename X, int Vec>
 __device__ __forceinline__ void store_pack(X* p, const Pack<X, Vec>& pack) {
@@ -263,11 +350,6 @@ __device__ __forceinline__ void store_pack(X* p, const Pack<X, Vec>& pack) {
 // acc + a * b in one rounding: float64 sums are exempt from -fmad=false, which exists for the step
 // arithmetic, and the fused form halves their instructions.
 __device__ __forceinline__ double add_product(double acc, double a, double b) { return __fma_rn(a, b, acc); }
-
-template <typename X, int Vec>
-__device__ __forceinline__ bool pack_aligned(const void* p) {
-  return reinterpret_cast<uintptr_t>(p) % sizeof(Pack<X, Vec>) == 0;
-}
 
 // A tensor's direction rule and step sizes in its arithmetic type.
 template <typename A>
@@ -325,8 +407,9 @@ __device__ __forceinline__ void with_chunk_types(const ChunkView& v, Fn&& fn) {
 }
 
 // One step for one chunk: rebuild w0 (from the filed entries where the previous step was not
-// invertible), store the next point, and file the elements whose step is not invertible.
-template <typename T, typename D, int Vec, typename Value>
+// invertible), store the next point, and file the elements whose step is not invertible. kStaged: the
+// current values and directions are read from stage buffer `buffer`; the next values still go to param.
+template <typename T, typename D, int Vec, bool kStaged, typename Value>
 __device__ void move_chunk(T* param, const D* direction, const ChunkView& v, const StepOf<typename Storage<T>::Arith>& st,
                            bool has_from, bool has_to, MoveShared<Value>& sh, int buffer, ThreadTotals& totals,
                            ChunkShare& share) {
@@ -346,8 +429,15 @@ __device__ void move_chunk(T* param, const D* direction, const ChunkView& v, con
   for (int p = 0; p < kPacks; ++p) {
     const int base = pack_start<Vec>(p, tid);
     if constexpr (kWhole) {
-      const auto wp = load_pack<T, Vec>(param + base);
-      const auto gp = load_pack<D, Vec>(direction + base);
+      Pack<T, Vec> wp;
+      Pack<D, Vec> gp;
+      if constexpr (kStaged) {
+        wp = load_staged_pack<T, Vec>(sh.stage[buffer], base);
+        gp = load_staged_pack<D, Vec>(sh.stage[buffer] + kChunkElements * sizeof(T), base);
+      } else {
+        wp = load_pack<T, Vec>(param + base);
+        gp = load_pack<D, Vec>(direction + base);
+      }
 #pragma unroll
       for (int u = 0; u < Vec; ++u) {
         w[p * Vec + u] = wp.v[u];
@@ -592,7 +682,7 @@ __device__ void finish_step(const MoveArgs& a, ThreadTotals totals, MoveShared<V
 template <bool kWithRules, bool kWithDouble>
 __global__ void __launch_bounds__(kThreads, 1) move_kernel(MoveArgs a) {
   using Value = LedgerValue<kWithDouble>;
-  extern __shared__ __align__(16) unsigned char shared_bytes[];
+  extern __shared__ __align__(128) unsigned char shared_bytes[];
   auto& sh = *reinterpret_cast<MoveShared<Value>*>(shared_bytes);
   const int tid = threadIdx.x;
   const bool has_from = a.from_step >= 0;
@@ -614,8 +704,12 @@ __global__ void __launch_bounds__(kThreads, 1) move_kernel(MoveArgs a) {
     prefetch_chunk_words(a, first + stride, sh.chunk_words[1]);
     wait_async_copies();
   }
+  init_stage_barriers(sh);
   __syncthreads();
-  if (n > 0) file_entries(entries_in_of<kWithDouble>(a, sh.chunk_words[0]), false, sh, 0);
+  if (n > 0) {
+    fetch_chunk_data(a, sh.chunk_words[0], sh, 0);
+    file_entries(entries_in_of<kWithDouble>(a, sh.chunk_words[0]), false, sh, 0);
+  }
   __syncthreads();
 
   ThreadTotals totals;
@@ -644,21 +738,27 @@ __global__ void __launch_bounds__(kThreads, 1) move_kernel(MoveArgs a) {
     if (tid == 0 && k + 2 < n) prefetch_chunk_words(a, first + (k + 2) * stride, sh.chunk_words[(k + 2) % kWordRing]);
     EntriesIn next_entries;
     if (k + 1 < n) {
-      prefetch_chunk_data(a, sh.chunk_words[(k + 1) % kWordRing]);
+      fetch_chunk_data(a, sh.chunk_words[(k + 1) % kWordRing], sh, other);
       next_entries = entries_in_of<kWithDouble>(a, sh.chunk_words[(k + 1) % kWordRing]);
       stage_entries(next_entries, sh);
     }
     if (k < n) {
       const ChunkView v = view_chunk(a, sh.chunk_words[k % kWordRing]);
+      wait_chunk_data(sh, k);
       with_chunk_types<kWithDouble>(v, [&](auto* param, const auto* direction) {
         using T = std::remove_pointer_t<decltype(param)>;
         using D = std::remove_cv_t<std::remove_pointer_t<decltype(direction)>>;
         constexpr int kVec = 16 / sizeof(T);
         const auto st = step_of<typename Storage<T>::Arith, kWithRules>(a, v, eta_from, eta_to);
-        if (v.len == kChunkElements && pack_aligned<T, kVec>(param) && pack_aligned<D, kVec>(direction)) {
-          move_chunk<T, D, kVec>(param, direction, v, st, has_from, has_to, sh, buffer, totals, younger);
+        constexpr bool kFitsStage = (sizeof(T) + sizeof(D)) * kChunkElements <= kStageBytes;
+        if (kFitsStage && staged_in_shared(v)) {
+          if constexpr (kFitsStage) {
+            move_chunk<T, D, kVec, true>(param, direction, v, st, has_from, has_to, sh, buffer, totals, younger);
+          }
+        } else if (packable(v)) {
+          move_chunk<T, D, kVec, false>(param, direction, v, st, has_from, has_to, sh, buffer, totals, younger);
         } else {
-          move_chunk<T, D, 1>(param, direction, v, st, has_from, has_to, sh, buffer, totals, younger);
+          move_chunk<T, D, 1, false>(param, direction, v, st, has_from, has_to, sh, buffer, totals, younger);
         }
       });
     }
