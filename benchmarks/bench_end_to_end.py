@@ -13,10 +13,13 @@ each large-model run) is followed by --repeats timed rounds. Each round runs the
 rotated order, so drifts of clocks, host and allocator spread over all three. The ratios are taken
 between the phases' median times, with the range of the per-round ratios beside them.
 
+--interleaved-steps N then compares one training step of part II's selection with one of plain LoRA: N
+steps of each, alternating between the two large models kept resident, so that host drift hits both alike.
+
     python benchmarks/bench_end_to_end.py [--horizon 200] [--repeats 3] [--dtype bfloat16] [--proxy-dtype float32]
-                                          [--cuda-graph] [--proxy-autocast] [--fused-adamw]
+                                          [--cuda-graph] [--proxy-autocast] [--fused-adamw] [--interleaved-steps 100]
     python benchmarks/bench_end_to_end.py --device cpu --proxy-model tiny --model tiny --dtype float32 \
-                                          --horizon 16 --repeats 2     # smoke run
+                                          --horizon 16 --repeats 2 --interleaved-steps 4    # smoke run
 """
 import argparse
 import functools
@@ -50,6 +53,20 @@ def timed(fn, device):
     return result, time.perf_counter() - start
 
 
+def interleaved_steps(arms, batches, pairs, device):
+    """Seconds of each arm's training steps, one step of every arm in turn, `pairs` times."""
+    times = {name: [] for name in arms}
+    for _ in range(pairs):
+        batch = next(batches)
+        for name, (model, optimizer) in arms.items():
+            def step():
+                optimizer.zero_grad(set_to_none=True)
+                lm_loss(model, batch).backward()
+                optimizer.step()
+            times[name].append(timed(step, device)[1])
+    return times
+
+
 def release(device):
     gc.collect()
     if device.type == "cuda":
@@ -72,9 +89,13 @@ def main():
     parser.add_argument("--proxy-autocast", action="store_true",
                         help="run part I's forward passes in bfloat16 autocast over its float32 weights")
     parser.add_argument("--fused-adamw", action="store_true", help="AdamW(fused=True) in every phase")
+    parser.add_argument("--interleaved-steps", type=int, default=0,
+                        help="then time this many training steps of part II's selection and of plain LoRA, alternating")
     args = parser.parse_args()
     if args.repeats < 1:
         parser.error("--repeats must be at least 1")
+    if args.interleaved_steps < 0:
+        parser.error("--interleaved-steps must be at least 0")
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
     optimizer_cls = functools.partial(torch.optim.AdamW, fused=True) if args.fused_adamw else torch.optim.AdamW
@@ -155,6 +176,22 @@ def main():
     print(f"AdaPEFT / plain LoRA: {(median['part I'] + median['part II']) / median['plain']:.1%} "
           f"(rounds {min(rounds):.1%} .. {max(rounds):.1%})   "
           f"AdaPEFT / its own part II: {(median['part I'] + median['part II']) / median['part II']:.1%}")
+    if args.interleaved_steps:
+        arms = {}
+        for name, selection_of in (("selected", selected), ("LoRA", lora)):
+            model = build(args.model, dtype, device).train()
+            groups = group_parameters(model)
+            selection = selection_of(model)
+            selection.apply(model, groups)
+            arms[name] = (model, optimizer_cls([p for g in selection.chosen for p in groups.params(g)], lr=args.lr))
+        batches = random_batches(2, vocab_of(args.model), device)
+        interleaved_steps(arms, batches, 2, device)  # warm-up
+        times = interleaved_steps(arms, batches, args.interleaved_steps, device)
+        ratios = sorted(one / other for one, other in zip(times["selected"], times["LoRA"]))
+        print(f"one training step of {args.model}, {args.interleaved_steps} of each arm interleaved: selected "
+              f"{statistics.median(times['selected']) * 1e3:.2f} ms, LoRA {statistics.median(times['LoRA']) * 1e3:.2f} ms "
+              f"(medians); selected / LoRA per pair: median {statistics.median(ratios):.3f}, "
+              f"p10 {ratios[len(ratios) // 10]:.3f}, p90 {ratios[(9 * len(ratios)) // 10]:.3f}")
 
 
 if __name__ == "__main__":
