@@ -791,13 +791,16 @@ int64_t resident_blocks(int device) {
   static int64_t cached[64] = {0};
   if (device < 64 && cached[device] > 0) return cached[device];
   constexpr size_t bytes = move_shared_bytes<kWithDouble>();
+  const cudaDeviceProp* props = at::cuda::getDeviceProperties(device);
+  TORCH_CHECK(bytes <= props->sharedMemPerBlockOptin, "adapeft.perturb_: the CUDA move kernel needs ", bytes,
+              " bytes of shared memory per block", kWithDouble ? " for a group with float64" : "", ", and ",
+              props->name, " allows ", props->sharedMemPerBlockOptin);
   C10_CUDA_CHECK(cudaFuncSetAttribute(move_kernel<kWithRules, kWithDouble>,
                                       cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
   int per_sm = 0;
   C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, move_kernel<kWithRules, kWithDouble>, kThreads,
                                                                bytes));
-  const int64_t blocks = static_cast<int64_t>(std::max(1, per_sm)) *
-                         at::cuda::getDeviceProperties(device)->multiProcessorCount;
+  const int64_t blocks = static_cast<int64_t>(std::max(1, per_sm)) * props->multiProcessorCount;
   if (device < 64) cached[device] = blocks;
   return blocks;
 }
