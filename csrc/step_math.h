@@ -198,19 +198,29 @@ C10_HOST_DEVICE inline bool same_bits(T a, T b) {
 }
 
 // w0 moved by a step: round_T(w0 * c - s) with s = eta * a and c = 1 - eta * lambda (each rounded
-// once in the arithmetic type); c is exactly 1 when the direction has no weight-decay term.
+// once in the arithmetic type); c is exactly 1 when the direction has no weight-decay term. The value
+// before the rounding to T is its own function, so that the GPU can round two 16-bit values at once.
+template <typename A>
+C10_HOST_DEVICE inline A away_value(A w0, A s, A c) {
+  return sub_rn(c == 1 ? w0 : mul_rn(w0, c), s);
+}
+
 template <typename T>
 C10_HOST_DEVICE inline T step_away(T w0, typename Storage<T>::Arith s, typename Storage<T>::Arith c) {
-  const auto w = Storage<T>::to_float(w0);
-  return Storage<T>::from_float(sub_rn(c == 1 ? w : mul_rn(w, c), s));
+  return Storage<T>::from_float(away_value(Storage<T>::to_float(w0), s, c));
 }
 
 // The inverse attempt: round_T((w + s) / c). Equal to w0 for most elements, but not where the step
 // landed on a coarser grid (it crossed a power of two), on ties, or where |w0| is small next to |s|.
+template <typename A>
+C10_HOST_DEVICE inline A back_value(A w, A s, A c) {
+  const A back = add_rn(w, s);
+  return c == 1 ? back : div_rn(back, c);
+}
+
 template <typename T>
 C10_HOST_DEVICE inline T step_back(T w, typename Storage<T>::Arith s, typename Storage<T>::Arith c) {
-  const auto back = add_rn(Storage<T>::to_float(w), s);
-  return Storage<T>::from_float(c == 1 ? back : div_rn(back, c));
+  return Storage<T>::from_float(back_value(Storage<T>::to_float(w), s, c));
 }
 
 // One element of a dtype known only at run time, in the arithmetic type A (optimizer states).

@@ -1,7 +1,11 @@
 """adapeft::perturb_ (op 1): in-place multi-tensor perturbation with bit-exact restore."""
+import json
 import math
 import os
+import re
 import signal
+import subprocess
+import sys
 import warnings
 
 import numpy as np
@@ -14,7 +18,7 @@ from adapeft import _layout as L
 from adapeft import reference
 from adapeft.perturb import _sigint_deferred
 
-from conftest import requires_cuda
+from conftest import SEED, requires_cuda
 
 pytestmark = pytest.mark.skipif(_backend._C is None, reason="the compiled extension is not built")
 from oracle import bits_of, direction_float32, step
@@ -475,6 +479,50 @@ def test_cuda_many_chunks_and_unaligned_views_equal_cpu_and_report_the_same_bits
     torch.testing.assert_close(reports[0][:, 0], cpu_report[:, 0], rtol=1e-12, atol=0)
     for report in reports[1:]:
         assert torch.equal(report.view(torch.int64), reports[0].view(torch.int64))
+
+
+def move_kernel_shared_memory(trace_path, dtype=torch.float32):
+    """Bytes of shared memory a block of the move kernel had, as the profiler recorded its launch."""
+    params = [torch.randn(3 * 4096, device="cuda", dtype=dtype)]
+    group = adapeft.GroupPerturbation(params, [torch.randn_like(params[0])], torch.tensor([-1e-3, 1e-3], device="cuda"))
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profile:
+        group.move(0)
+        group.move(-1)
+        torch.cuda.synchronize()
+    profile.export_chrome_trace(str(trace_path))
+    with open(trace_path) as f:
+        launches = [e for e in json.load(f)["traceEvents"] if e.get("cat") == "kernel" and "move_kernel" in e["name"]]
+    assert launches, "the profiler recorded no move kernel"
+    return launches[0]["args"]["shared memory"]
+
+
+@requires_cuda
+def test_cuda_stage_buffers_only_where_they_fit(tmp_path):
+    """The move kernel of a group without float64 has its stage buffers (64 KB) on Hopper and later GPUs
+    with room for them, unless ADAPEFT_CUDA_STAGE=0; without them it fits GPUs that allow about 100 KB a
+    block."""
+    properties = torch.cuda.get_device_properties(0)
+    staged = (os.environ.get("ADAPEFT_CUDA_STAGE") != "0" and properties.major >= 9
+              and properties.shared_memory_per_block_optin >= 200 * 1024)
+    shared = move_kernel_shared_memory(tmp_path / "trace.json")
+    if staged:
+        assert shared > 128 * 1024
+    else:
+        assert 0 < shared < 96 * 1024
+    # With float64 (64-bit ledger values) never staged: it fits an A100's 163 KB a block.
+    assert 96 * 1024 < move_kernel_shared_memory(tmp_path / "trace64.json", torch.float64) < 160 * 1024
+
+
+@requires_cuda
+def test_cuda_without_stage_buffers_equals_cpu():
+    """The launch that GPUs without room for the stage buffers get (every chunk prefetched into L2)
+    passes the bitwise CUDA tests, run in a process with ADAPEFT_CUDA_STAGE=0."""
+    env = dict(os.environ, ADAPEFT_CUDA_STAGE="0", ADAPEFT_TEST_SEED=str(SEED))
+    selected = "cuda_equals_cpu_bitwise or cuda_many_chunks or stage_buffers_only_where_they_fit"
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", selected],
+                          env=env, capture_output=True, text=True, cwd=os.path.dirname(__file__))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert re.search(r"\b7 passed", done.stdout), done.stdout[-3000:]
 
 
 @requires_cuda

@@ -12,6 +12,9 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <mutex>
 #include <type_traits>
 
 #include "group_table.h"
@@ -85,12 +88,22 @@ struct ChunkShare {
 template <bool kWithDouble>
 using LedgerValue = std::conditional_t<kWithDouble, uint64_t, uint32_t>;
 
-// Each buffer comes twice: one for the chunk being moved, one for the chunk before or after it.
-template <typename Value>
-struct MoveShared {
-  // The param bytes, then the direction bytes, of the chunk being moved and of the next one.
+// The param bytes, then the direction bytes, of the chunk being moved and of the next one: in the
+// launches for GPUs with room for them (Hopper and later), first in shared memory.
+template <bool kStage>
+struct StageBuffers {};
+
+template <>
+struct StageBuffers<true> {
   alignas(128) unsigned char stage[2][kStageBytes];
-  uint64_t stage_landed[2];  // mbarriers: a stage buffer's copies have landed
+};
+
+// Each buffer comes twice: one for the chunk being moved, one for the chunk before or after it.
+template <typename V, bool kStage>
+struct MoveShared : StageBuffers<kStage> {
+  using Value = V;
+  static constexpr bool kStaged = kStage;
+  uint64_t stage_landed[2];  // mbarriers: a stage buffer's fetch is complete
   // A chunk's entries from the previous step, by position: a bit, and the saved bits.
   Value in_value[2][kChunkElements];
   uint32_t in_bits[2][kWords];
@@ -172,9 +185,10 @@ __device__ bool packable(const ChunkView& v) {
 // A chunk whose bytes the copy engine puts in shared memory: packable (so also 16-byte aligned, as the
 // engine needs) and within a stage buffer. Decided by the thread that starts the copy and, one round
 // later, by every thread that reads it, from the same chunk words.
+template <typename Shared>
 __device__ bool staged_in_shared(const ChunkView& v) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  return packable(v) &&
+  return Shared::kStaged && packable(v) &&
          (dtype_bytes(v.param_code) + dtype_bytes(v.direction_code)) * kChunkElements <= kStageBytes;
 #else
   return false;
@@ -185,8 +199,8 @@ __device__ bool staged_in_shared(const ChunkView& v) {
 // (thread 0 reserves entries and prefetches words then).
 constexpr int kFetcher = 32;
 
-template <typename Value>
-__device__ void init_stage_barriers(MoveShared<Value>& sh) {
+template <typename Shared>
+__device__ void init_stage_barriers(Shared& sh) {
   if (threadIdx.x != kFetcher) return;
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   for (int b = 0; b < 2; ++b) {
@@ -200,29 +214,32 @@ __device__ void init_stage_barriers(MoveShared<Value>& sh) {
 // loaded when needed, each round waited a whole memory round trip. A staged chunk is copied into
 // `buffer` and completes that buffer's barrier phase when it lands; any other chunk completes the
 // phase at once and is prefetched into L2 where its runs are whole 16-byte units, 16-byte aligned.
-template <typename Value>
-__device__ void fetch_chunk_data(const MoveArgs& a, const int64_t* words, MoveShared<Value>& sh, int buffer) {
+template <typename Shared>
+__device__ void fetch_chunk_data(const MoveArgs& a, const int64_t* words, Shared& sh, int buffer) {
   if (threadIdx.x != kFetcher) return;
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   const ChunkView v = view_chunk(a, words);
   const unsigned landed = shared_address(&sh.stage_landed[buffer]);
   const auto param_bytes = static_cast<uint32_t>(v.len * dtype_bytes(v.param_code));
   const auto direction_bytes = static_cast<uint32_t>(v.len * dtype_bytes(v.direction_code));
-  if (staged_in_shared(v)) {
-    const unsigned to = shared_address(sh.stage[buffer]);
-    // The buffer's last reads, a round ago, were the generic proxy's; the copy engine writes through the async one.
-    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(landed),
-                 "r"(param_bytes + direction_bytes)
-                 : "memory");
-    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(to),
-                 "l"(v.param), "r"(param_bytes), "r"(landed)
-                 : "memory");
-    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(
-                     to + param_bytes),
-                 "l"(v.direction), "r"(direction_bytes), "r"(landed)
-                 : "memory");
-    return;
+  if constexpr (Shared::kStaged) {
+    if (staged_in_shared<Shared>(v)) {
+      const unsigned to = shared_address(sh.stage[buffer]);
+      // The buffer's last reads, a round ago, were the generic proxy's; the copy engine writes through the
+      // async one.
+      asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+      asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(landed),
+                   "r"(param_bytes + direction_bytes)
+                   : "memory");
+      asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::
+                       "r"(to), "l"(v.param), "r"(param_bytes), "r"(landed)
+                   : "memory");
+      asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(
+                       to + param_bytes),
+                   "l"(v.direction), "r"(direction_bytes), "r"(landed)
+                   : "memory");
+      return;
+    }
   }
   asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(landed) : "memory");
   const auto prefetch = [](const char* from, uint32_t bytes) {
@@ -236,8 +253,8 @@ __device__ void fetch_chunk_data(const MoveArgs& a, const int64_t* words, MoveSh
 
 // Waits until the `chunk`-th chunk's fetch has completed its stage buffer's barrier phase (a buffer
 // takes chunks of one parity, so its phases alternate with every second chunk).
-template <typename Value>
-__device__ void wait_chunk_data(MoveShared<Value>& sh, int64_t chunk) {
+template <typename Shared>
+__device__ void wait_chunk_data(Shared& sh, int64_t chunk) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   const unsigned landed = shared_address(&sh.stage_landed[chunk & 1]);
   const auto parity = static_cast<uint32_t>((chunk >> 1) & 1);
@@ -280,8 +297,8 @@ __device__ EntriesIn entries_in_of(const MoveArgs& a, const int64_t* words) {
 }
 
 // Starts copying a chunk's first kThreads entries to shared memory, one a thread.
-template <typename Value>
-__device__ void stage_entries(const EntriesIn& e, MoveShared<Value>& sh) {
+template <typename Shared>
+__device__ void stage_entries(const EntriesIn& e, Shared& sh) {
   const int tid = threadIdx.x;
   if (tid >= e.count) return;
   for (int j = 0; j < e.width; ++j) copy_word_async(&sh.staged_entries[tid * 2 + j], e.first + tid * e.width + j);
@@ -289,13 +306,13 @@ __device__ void stage_entries(const EntriesIn& e, MoveShared<Value>& sh) {
 
 // Files a chunk's entries by position in the buffer its move reads. Entries past the staged ones are
 // read from memory: only chunks with more than kThreads entries have them.
-template <typename Value>
-__device__ void file_entries(const EntriesIn& e, bool staged, MoveShared<Value>& sh, int buffer) {
+template <typename Shared>
+__device__ void file_entries(const EntriesIn& e, bool staged, Shared& sh, int buffer) {
   for (int i = threadIdx.x; i < e.count; i += kThreads) {
     const bool from_stage = staged && i < kThreads;
     const int64_t* entry = from_stage ? &sh.staged_entries[i * 2] : e.first + i * e.width;
     const int pos = static_cast<int>(entry[0] >> kEntryPositionShift);
-    sh.in_value[buffer][pos] = static_cast<Value>(entry[e.width - 1]);
+    sh.in_value[buffer][pos] = static_cast<typename Shared::Value>(entry[e.width - 1]);
     atomicOr(&sh.in_bits[buffer][pos >> 5], 1u << (pos & 31));
   }
 }
@@ -406,25 +423,69 @@ __device__ __forceinline__ void with_chunk_types(const ChunkView& v, Fn&& fn) {
   }
 }
 
+// A thread's values are handled a 32-bit word at a time (64 bits for float64): a word of two 16-bit
+// values is rounded by one paired conversion (cvt.rn.bf16x2.f32, cvt.rn.f16x2.f32) where one value
+// alone takes a conversion and a pack, and its lanes are compared, stored and widened as one word.
+template <typename T, int Vec>
+struct Lanes {
+  using S = Storage<T>;
+  using A = typename S::Arith;
+  using Word = std::conditional_t<sizeof(T) == 8, uint64_t, uint32_t>;
+  static constexpr int kCount = sizeof(T) == 2 && Vec % 2 == 0 ? 2 : 1;
+
+  __device__ static typename S::Bits bits(Word w, int lane) {
+    if constexpr (kCount == 1) return static_cast<typename S::Bits>(w);
+    return lane == 0 ? w & 0xffffu : w >> 16;
+  }
+  __device__ static A value(Word w, int lane) {
+    if constexpr (std::is_same_v<T, c10::BFloat16>) {
+      // A bfloat16 is the high half of its float32: a shift for the low lane, a mask for the high one.
+      return __uint_as_float(lane == 0 ? w << 16 : w & 0xffff0000u);
+    }
+    return S::to_float(S::from_bits(bits(w, lane)));
+  }
+  __device__ static Word with_lane(Word w, int lane, typename S::Bits b) {
+    if constexpr (kCount == 1) return b;
+    return lane == 0 ? (w & 0xffff0000u) | b : (w & 0xffffu) | (b << 16);
+  }
+  __device__ static Word round(const A (&v)[kCount]) {
+    if constexpr (kCount == 2 && std::is_same_v<T, c10::BFloat16>) {
+      const __nv_bfloat162 pair = __floats2bfloat162_rn(v[0], v[1]);
+      return *reinterpret_cast<const uint32_t*>(&pair);
+    } else if constexpr (kCount == 2) {
+      const __half2 pair = __floats2half2_rn(v[0], v[1]);
+      return *reinterpret_cast<const uint32_t*>(&pair);
+    } else {
+      return S::bits(S::from_float(v[0]));
+    }
+  }
+};
+
 // One step for one chunk: rebuild w0 (from the filed entries where the previous step was not
 // invertible), store the next point, and file the elements whose step is not invertible. kStaged: the
 // current values and directions are read from stage buffer `buffer`; the next values still go to param.
-template <typename T, typename D, int Vec, bool kStaged, typename Value>
+template <typename T, typename D, int Vec, bool kStaged, typename Shared>
 __device__ void move_chunk(T* param, const D* direction, const ChunkView& v, const StepOf<typename Storage<T>::Arith>& st,
-                           bool has_from, bool has_to, MoveShared<Value>& sh, int buffer, ThreadTotals& totals,
+                           bool has_from, bool has_to, Shared& sh, int buffer, ThreadTotals& totals,
                            ChunkShare& share) {
   using S = Storage<T>;
   using A = typename S::Arith;
+  using L = Lanes<T, Vec>;
+  using Word = typename L::Word;
   constexpr bool kWhole = Vec > 1;  // the chunk has kChunkElements elements: no bounds checks
   constexpr int kPacks = kItems / Vec;
+  constexpr int kLanes = L::kCount;
+  constexpr int kPackWords = Vec / kLanes;
   constexpr uint32_t kPackMask = (1u << Vec) - 1u;
+  constexpr uint32_t kLaneMask = (1u << kLanes) - 1u;
   static_assert(kItems % Vec == 0 && 32 % Vec == 0, "a pack lies within one bitmap word");
+  static_assert(!kWhole || sizeof(Pack<T, Vec>) == kPackWords * sizeof(Word), "a pack is whole words");
   const int len = v.len;
   const int tid = threadIdx.x;
 
   // All loads go first, so they are in flight together.
   A d[kItems];
-  T w[kItems];
+  Word current[kPacks * kPackWords];
 #pragma unroll
   for (int p = 0; p < kPacks; ++p) {
     const int base = pack_start<Vec>(p, tid);
@@ -438,13 +499,11 @@ __device__ void move_chunk(T* param, const D* direction, const ChunkView& v, con
         wp = load_pack<T, Vec>(param + base);
         gp = load_pack<D, Vec>(direction + base);
       }
+      memcpy(&current[p * kPackWords], &wp, sizeof(wp));
 #pragma unroll
-      for (int u = 0; u < Vec; ++u) {
-        w[p * Vec + u] = wp.v[u];
-        d[p * Vec + u] = st.rule.term(static_cast<A>(gp.v[u]), v.start + base + u);
-      }
+      for (int u = 0; u < Vec; ++u) d[p * Vec + u] = st.rule.term(static_cast<A>(gp.v[u]), v.start + base + u);
     } else if (base < len) {
-      w[p] = param[base];
+      current[p] = S::bits(param[base]);
       d[p] = st.rule.term(static_cast<A>(direction[base]), v.start + base);
     }
   }
@@ -467,40 +526,73 @@ __device__ void move_chunk(T* param, const D* direction, const ChunkView& v, con
     uint32_t out_pack = 0;
     bool pack_changed = false;
     double pack_dot_dir_dir = 0.0;
-    Pack<T, Vec> out;
-    const auto w0_of = [&](int u) {
-      const int k = p * Vec + u;
-      if (!rebuild) return w[k];
-      return ((in_pack >> u) & 1u) ? S::from_bits(static_cast<typename S::Bits>(sh.in_value[buffer][base + u]))
-                                   : step_back(w[k], mul_rn(st.eta_from, d[k]), st.c_from);
-    };
+    Word w0[kPackWords], out[kPackWords];
 #pragma unroll
-    for (int u = 0; u < Vec; ++u) {
-      const int k = p * Vec + u;
-      const T current = w[k];
-      const T w0 = w0_of(u);
-      const A full = st.rule.full(d[k], S::to_float(w0));
-      pack_dot_dir_dir = add_product(pack_dot_dir_dir, full, full);
-      T next = w0;
-      if (has_to) {
-        const A s = mul_rn(st.eta_to, d[k]);
-        next = step_away(w0, s, st.c_to);
-        if (!same_bits(step_back(next, s, st.c_to), w0)) {
-          out_pack |= 1u << u;
-          sh.out_value[buffer][base + u] = static_cast<Value>(S::bits(w0));
+    for (int j = 0; j < kPackWords; ++j) {
+      const int first = j * kLanes;  // the word's first lane, counted within the pack
+      const A* dj = &d[p * Vec + first];
+      const Word now = current[p * kPackWords + j];
+      w0[j] = now;
+      if (rebuild) {
+        A back[kLanes];
+#pragma unroll
+        for (int l = 0; l < kLanes; ++l) back[l] = back_value(L::value(now, l), mul_rn(st.eta_from, dj[l]), st.c_from);
+        w0[j] = L::round(back);
+        const uint32_t saved = (in_pack >> first) & kLaneMask;
+        if (saved != 0) {
+#pragma unroll
+          for (int l = 0; l < kLanes; ++l) {
+            if ((saved >> l) & 1u) {
+              w0[j] = L::with_lane(w0[j], l, static_cast<typename S::Bits>(sh.in_value[buffer][base + first + l]));
+            }
+          }
         }
-        share.changed += !same_bits(next, w0);
-        const double dw = static_cast<double>(S::to_float(next)) - static_cast<double>(S::to_float(w0));
-        share.dot_dir_step = add_product(share.dot_dir_step, full, dw);
       }
-      out.v[u] = next;
-      pack_changed |= !same_bits(next, current);
+      A w0_value[kLanes], full[kLanes];
+#pragma unroll
+      for (int l = 0; l < kLanes; ++l) {
+        w0_value[l] = L::value(w0[j], l);
+        full[l] = st.rule.full(dj[l], w0_value[l]);
+        pack_dot_dir_dir = add_product(pack_dot_dir_dir, full[l], full[l]);
+      }
+      out[j] = w0[j];
+      if (has_to) {
+        A s[kLanes], away[kLanes], back[kLanes], next_value[kLanes];
+#pragma unroll
+        for (int l = 0; l < kLanes; ++l) {
+          s[l] = mul_rn(st.eta_to, dj[l]);
+          away[l] = away_value(w0_value[l], s[l], st.c_to);
+        }
+        out[j] = L::round(away);
+#pragma unroll
+        for (int l = 0; l < kLanes; ++l) {
+          next_value[l] = L::value(out[j], l);
+          back[l] = back_value(next_value[l], s[l], st.c_to);
+        }
+        const Word returned = L::round(back);
+        if (returned != w0[j]) {
+#pragma unroll
+          for (int l = 0; l < kLanes; ++l) {
+            if (L::bits(returned, l) != L::bits(w0[j], l)) {
+              out_pack |= 1u << (first + l);
+              sh.out_value[buffer][base + first + l] = static_cast<typename Shared::Value>(L::bits(w0[j], l));
+            }
+          }
+        }
+#pragma unroll
+        for (int l = 0; l < kLanes; ++l) {
+          share.changed += L::bits(out[j], l) != L::bits(w0[j], l);
+          const double dw = static_cast<double>(next_value[l]) - static_cast<double>(w0_value[l]);
+          share.dot_dir_step = add_product(share.dot_dir_step, full[l], dw);
+        }
+      }
+      pack_changed |= out[j] != now;
     }
     // A non-finite factor makes the pack's sum of squares non-finite, so only such packs are counted.
     if (!is_finite(pack_dot_dir_dir)) {
 #pragma unroll
       for (int u = 0; u < Vec; ++u) {
-        totals.nonfinite += !is_finite(st.rule.full(d[p * Vec + u], S::to_float(w0_of(u))));
+        totals.nonfinite += !is_finite(st.rule.full(d[p * Vec + u], L::value(w0[u / kLanes], u % kLanes)));
       }
     }
     totals.dot_dir_dir += pack_dot_dir_dir;
@@ -510,15 +602,23 @@ __device__ void move_chunk(T* param, const D* direction, const ChunkView& v, con
     }
     // Unchanged packs are not written back (a restore writes only what the step changed); a pack
     // with any change is written whole, its unchanged elements with their own bits.
-    if (pack_changed) store_pack(param + base, out);
+    if (pack_changed) {
+      if constexpr (kWhole) {
+        Pack<T, Vec> pack;
+        memcpy(&pack, out, sizeof(pack));
+        store_pack(param + base, pack);
+      } else {
+        param[base] = S::from_bits(static_cast<typename S::Bits>(out[0]));
+      }
+    }
   }
 }
 
 // Puts a chunk whose entries did not fit back to w0, from its stored next values and its filed
 // entries. Run by the writers; rare, as it takes a full ledger.
-template <typename T, typename D, typename Value>
+template <typename T, typename D, typename Shared>
 __device__ void put_back_chunk(T* param, const D* direction, const ChunkView& v,
-                               const StepOf<typename Storage<T>::Arith>& st, const MoveShared<Value>& sh, int buffer) {
+                               const StepOf<typename Storage<T>::Arith>& st, const Shared& sh, int buffer) {
   using S = Storage<T>;
   using A = typename S::Arith;
   for (int i = threadIdx.x; i < v.len; i += kWriters) {
@@ -541,9 +641,9 @@ __device__ V warp_sum(V v) {
 // Ends a chunk moved one barrier ago, on the kWriters threads: thread 0 has reserved `count` entries
 // at `offset`. Writes the chunk's directory word and entries (in increasing position), or puts the
 // chunk back to w0 where they do not fit, and clears the chunk's bitmap.
-template <bool kWithRules, bool kWithDouble, typename Value>
+template <bool kWithRules, bool kWithDouble, typename Shared>
 __device__ void finish_chunk(const MoveArgs& a, int64_t chunk, const int64_t* words, float eta_to, uint32_t count,
-                             unsigned long long offset, MoveShared<Value>& sh, int buffer, ThreadTotals& totals) {
+                             unsigned long long offset, Shared& sh, int buffer, ThreadTotals& totals) {
   const int tid = threadIdx.x;
   const int quarter = tid / 32, lane = tid % 32;
   uint32_t before = 0;  // entries of the quarters before this thread's
@@ -597,8 +697,8 @@ __device__ void finish_chunk(const MoveArgs& a, int64_t chunk, const int64_t* wo
 }
 
 // The block's totals, complete in thread 0, added in a fixed order.
-template <typename Count, typename Value>
-__device__ Totals block_sum(TotalsOf<Count> thread, MoveShared<Value>& sh) {
+template <typename Count, typename Shared>
+__device__ Totals block_sum(TotalsOf<Count> thread, Shared& sh) {
   const int tid = threadIdx.x;
   const int warp = tid / 32, lane = tid % 32;
   Totals totals;
@@ -635,8 +735,8 @@ __device__ Totals block_sum(TotalsOf<Count> thread, MoveShared<Value>& sh) {
 // Writes the block's totals to its slot; the last block to finish adds the slots in block order,
 // writes the report row and zeroes the header, so the ledger is ready for its next use without a host
 // round trip.
-template <typename Value>
-__device__ void finish_step(const MoveArgs& a, ThreadTotals totals, MoveShared<Value>& sh) {
+template <typename Shared>
+__device__ void finish_step(const MoveArgs& a, ThreadTotals totals, Shared& sh) {
   const int tid = threadIdx.x;
   int64_t* header = a.ledger_out;
   const Totals block = block_sum(totals, sh);
@@ -679,11 +779,12 @@ __device__ void finish_step(const MoveArgs& a, ThreadTotals totals, MoveShared<V
   }
 }
 
-template <bool kWithRules, bool kWithDouble>
+// kStage: the launch has the stage buffers (Hopper and later GPUs with room for them).
+template <bool kWithRules, bool kWithDouble, bool kStage>
 __global__ void __launch_bounds__(kThreads, 1) move_kernel(MoveArgs a) {
-  using Value = LedgerValue<kWithDouble>;
+  using Shared = MoveShared<LedgerValue<kWithDouble>, kStage>;
   extern __shared__ __align__(128) unsigned char shared_bytes[];
-  auto& sh = *reinterpret_cast<MoveShared<Value>*>(shared_bytes);
+  auto& sh = *reinterpret_cast<Shared*>(shared_bytes);
   const int tid = threadIdx.x;
   const bool has_from = a.from_step >= 0;
   const bool has_to = a.to_step >= 0;
@@ -750,9 +851,9 @@ __global__ void __launch_bounds__(kThreads, 1) move_kernel(MoveArgs a) {
         using D = std::remove_cv_t<std::remove_pointer_t<decltype(direction)>>;
         constexpr int kVec = 16 / sizeof(T);
         const auto st = step_of<typename Storage<T>::Arith, kWithRules>(a, v, eta_from, eta_to);
-        constexpr bool kFitsStage = (sizeof(T) + sizeof(D)) * kChunkElements <= kStageBytes;
-        if (kFitsStage && staged_in_shared(v)) {
-          if constexpr (kFitsStage) {
+        constexpr bool kCanStage = kStage && (sizeof(T) + sizeof(D)) * kChunkElements <= kStageBytes;
+        if (kCanStage && staged_in_shared<Shared>(v)) {
+          if constexpr (kCanStage) {
             move_chunk<T, D, kVec, true>(param, direction, v, st, has_from, has_to, sh, buffer, totals, younger);
           }
         } else if (packable(v)) {
@@ -780,41 +881,62 @@ __global__ void __launch_bounds__(kThreads, 1) move_kernel(MoveArgs a) {
   finish_step(a, totals, sh);
 }
 
-template <bool kWithDouble>
-constexpr size_t move_shared_bytes() {
-  return sizeof(MoveShared<LedgerValue<kWithDouble>>);
-}
-
 // How many blocks of an instantiation fit on `device` at once (and lets it use its shared memory).
-template <bool kWithRules, bool kWithDouble>
+template <bool kWithRules, bool kWithDouble, bool kStage>
 int64_t resident_blocks(int device) {
   static int64_t cached[64] = {0};
+  static std::mutex mutex;
+  const std::lock_guard<std::mutex> lock(mutex);
   if (device < 64 && cached[device] > 0) return cached[device];
-  constexpr size_t bytes = move_shared_bytes<kWithDouble>();
+  constexpr size_t bytes = sizeof(MoveShared<LedgerValue<kWithDouble>, kStage>);
   const cudaDeviceProp* props = at::cuda::getDeviceProperties(device);
   TORCH_CHECK(bytes <= props->sharedMemPerBlockOptin, "adapeft.perturb_: the CUDA move kernel needs ", bytes,
               " bytes of shared memory per block", kWithDouble ? " for a group with float64" : "", ", and ",
               props->name, " allows ", props->sharedMemPerBlockOptin);
-  C10_CUDA_CHECK(cudaFuncSetAttribute(move_kernel<kWithRules, kWithDouble>,
-                                      cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
+  const auto kernel = move_kernel<kWithRules, kWithDouble, kStage>;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
   int per_sm = 0;
-  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, move_kernel<kWithRules, kWithDouble>, kThreads,
-                                                               bytes));
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, bytes));
   const int64_t blocks = static_cast<int64_t>(std::max(1, per_sm)) * props->multiProcessorCount;
   if (device < 64) cached[device] = blocks;
   return blocks;
 }
 
-template <bool kWithRules, bool kWithDouble>
+// Whether moves on `device` stage chunks in shared memory: on Hopper and later GPUs with room for the
+// stage buffers, and not under ADAPEFT_CUDA_STAGE=0 (which launches as other GPUs do, for tests and
+// benchmarks). Groups with float64 are not staged: with their 64-bit ledger values the buffers would
+// take 206 KB a block.
+bool stages_chunks(int device) {
+  static const bool allowed = [] {
+    const char* setting = std::getenv("ADAPEFT_CUDA_STAGE");
+    return setting == nullptr || std::strcmp(setting, "0") != 0;
+  }();
+  const cudaDeviceProp* props = at::cuda::getDeviceProperties(device);
+  return allowed && props->major >= 9 && sizeof(MoveShared<uint32_t, true>) <= props->sharedMemPerBlockOptin;
+}
+
+template <bool kWithRules, bool kWithDouble, bool kStage>
 void launch_move(MoveArgs a, int device) {
-  const int64_t blocks = std::max<int64_t>(1, std::min(a.num_chunks, resident_blocks<kWithRules, kWithDouble>(device)));
+  const int64_t blocks =
+      std::max<int64_t>(1, std::min(a.num_chunks, resident_blocks<kWithRules, kWithDouble, kStage>(device)));
   const at::Tensor block_totals =
       at::empty({blocks * kTotalWords}, at::TensorOptions().dtype(at::kLong).device(at::kCUDA, device));
   a.block_totals = block_totals.data_ptr<int64_t>();
-  move_kernel<kWithRules, kWithDouble><<<static_cast<unsigned>(blocks), kThreads,
-                                         move_shared_bytes<kWithDouble>(),
-                                         at::cuda::getCurrentCUDAStream()>>>(a);
+  move_kernel<kWithRules, kWithDouble, kStage><<<static_cast<unsigned>(blocks), kThreads,
+                                                 sizeof(MoveShared<LedgerValue<kWithDouble>, kStage>),
+                                                 at::cuda::getCurrentCUDAStream()>>>(a);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <bool kWithRules>
+void launch_move(MoveArgs a, int device, bool with_double) {
+  if (with_double) {
+    launch_move<kWithRules, true, false>(a, device);
+  } else if (stages_chunks(device)) {
+    launch_move<kWithRules, false, true>(a, device);
+  } else {
+    launch_move<kWithRules, false, false>(a, device);
+  }
 }
 
 void perturb_cuda(at::TensorList params, at::TensorList directions, at::TensorList states, at::IntArrayRef layout,
@@ -839,11 +961,7 @@ void perturb_cuda(at::TensorList params, at::TensorList directions, at::TensorLi
   const int device = table.get_device();
   const bool with_double =
       std::any_of(params.begin(), params.end(), [](const at::Tensor& p) { return p.scalar_type() == at::kDouble; });
-  if (call.hyper != nullptr) {
-    with_double ? launch_move<true, true>(a, device) : launch_move<true, false>(a, device);
-  } else {
-    with_double ? launch_move<false, true>(a, device) : launch_move<false, false>(a, device);
-  }
+  call.hyper != nullptr ? launch_move<true>(a, device, with_double) : launch_move<false>(a, device, with_double);
 }
 
 }  // namespace
