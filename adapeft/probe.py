@@ -99,11 +99,15 @@ def _model_untouched(model, device):
         if device.type == "cuda" else []
     try:
         with torch.random.fork_rng(devices=devices):
-            model.eval()
+            # Each flag set costs a Module.__setattr__; on a model already in eval mode (and on the way
+            # back, for flags that did not change) none is needed: a graphed probe waits for this.
+            if any(training for _, training in modes):
+                model.eval()
             yield
     finally:
         for module, training in modes:
-            module.training = training
+            if module.training != training:
+                module.training = training
 
 
 class Prober:
