@@ -91,10 +91,10 @@ def _check_eta(eta):
 
 
 @contextlib.contextmanager
-def _model_untouched(model, device):
+def _model_untouched(model, modules, device):
     """Eval mode and a forked RNG for the probe; every module's own training flag and the RNG state seen by
-    the next training step come back exactly, whatever happens inside."""
-    modes = [(module, module.training) for module in model.modules()]
+    the next training step come back exactly, whatever happens inside. `modules`: list(model.modules())."""
+    modes = [(module, module.training) for module in modules]
     devices = [device.index if device.index is not None else torch.cuda.current_device()] \
         if device.type == "cuda" else []
     try:
@@ -325,7 +325,9 @@ class Prober:
         if not plans:
             raise RuntimeError("adapeft.Prober.step: no group has a direction; call loss.backward() before step() "
                                "or give directions")
-        with torch.no_grad(), _model_untouched(self.model, self.device):
+        # One walk over the modules a step: a graphed probe's replay waits for this host work.
+        modules = list(self.model.modules())
+        with torch.no_grad(), _model_untouched(self.model, modules, self.device):
             # Outside any captured graph: a replay reads the steps from this buffer.
             torch.mul(self._points, eta, out=self._steps)
             try:
@@ -333,7 +335,7 @@ class Prober:
                     self._measure_torch(batch, plans)
                 else:
                     perturbations = self._perturbations_for(plans)
-                    if self._graph is None or not self._graph.run(batch, perturbations):
+                    if self._graph is None or not self._graph.run(batch, perturbations, modules):
                         self._measure(batch, perturbations)
             finally:
                 self._reshard()  # the next forward pass gathers the restored shards, also after a failure
@@ -574,7 +576,7 @@ class _GraphedMeasurement:
         self.disabled = None
         self.captures = 0
 
-    def _key(self, batch, perturbations):
+    def _key(self, batch, perturbations, modules):
         leaves, spec = torch.utils._pytree.tree_flatten(batch)
         batch_key = []
         for leaf in leaves:
@@ -588,18 +590,20 @@ class _GraphedMeasurement:
                 except TypeError:
                     return None, f"the batch holds an unhashable {type(leaf).__name__}"
                 batch_key.append(("value", leaf))
-        model = self.prober.model
-        tensors = tuple(t.data_ptr() for t in (*model.parameters(), *model.buffers()))
+        # Where every parameter and buffer lives, read from each module's own tables (model.parameters()
+        # would walk the modules again).
+        tensors = tuple(t.data_ptr() for module in modules for table in (module._parameters, module._buffers)
+                        for t in table.values() if t is not None)
         groups = tuple((name, group.fingerprint, group.table.data_ptr(), group.hyper.data_ptr(),
                         tuple(ledger.data_ptr() for ledger in group._ledgers))
                        for name, group in perturbations.items())
         return (str(spec), tuple(batch_key), tensors, groups), None
 
-    def run(self, batch, perturbations):
+    def run(self, batch, perturbations, modules):
         """Measure with the graph (capturing it first when needed); False: measure eagerly instead."""
         if self.disabled:
             return False
-        key, why = self._key(batch, perturbations)
+        key, why = self._key(batch, perturbations, modules)
         if key is None:
             self._disable(why)
             return False

@@ -489,6 +489,27 @@ def test_cuda_graph_follows_new_gradients_and_has_no_host_sync():
 
 
 @requires_cuda
+def test_cuda_graph_recaptures_when_a_tensor_outside_the_groups_moves():
+    """A parameter that no group probes (it has no gradient) but the forward pass reads, given new storage
+    between steps: a replay would read its old address, so the prober captures again."""
+    model, batch, loss_fn = tiny_gpt2(torch.float32, "cuda", attention="sdpa")
+    with_gradient(model, batch, loss_fn)
+    still = model.transformer.ln_f.weight
+    still.grad = None
+    graphed = adapeft.Prober(model, None, loss_fn, cuda_graph=True)
+    eager = adapeft.Prober(model, None, loss_fn)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the group of the parameter without a gradient says so
+        for step in range(3):
+            if step == 2:
+                with torch.no_grad():
+                    still.data = still.data * 2  # new values at a new address
+            got = graphed.step(batch, 1e-2)
+            assert_same_probe(got, eager.step(batch, 1e-2))
+            assert graphed._graph.captures == (1 if step < 2 else 2)
+
+
+@requires_cuda
 def test_cuda_graph_falls_back_to_eager_when_capture_fails():
     model, batch, loss_fn = tiny_gpt2(torch.float32, "cuda", attention="sdpa")
     with_gradient(model, batch, loss_fn)
