@@ -119,9 +119,12 @@ class AdaPEFT:
 
 def _train(model, optimizer, batches, loss_fn, steps, run, on_step, after_backward=None, keep_gradients=False):
     """The training loop of both phases: run.losses and run.seconds filled in; after_backward(step, batch)
-    runs between the backward pass and the optimizer step."""
+    runs between the backward pass and the optimizer step. The losses stay on the device until the loop
+    ends, so that the host can queue the next step while the device runs this one: the loop itself waits
+    for the device only at its end, and at every step only when on_step asks for the loss as a number."""
     start = time.perf_counter()
     model.train()
+    losses = []
     for step in range(steps):
         batch = next(batches)
         optimizer.zero_grad(set_to_none=not keep_gradients)
@@ -130,9 +133,10 @@ def _train(model, optimizer, batches, loss_fn, steps, run, on_step, after_backwa
         if after_backward is not None:
             after_backward(step, batch)
         optimizer.step()
-        run.losses.append(loss.item())
+        losses.append(loss.detach())
         if on_step is not None:
-            on_step(step, run.losses[-1])
+            on_step(step, losses[-1].item())
+    run.losses = torch.stack(losses).tolist() if losses else []
     run.seconds = time.perf_counter() - start
 
 

