@@ -4,11 +4,12 @@ GPT-2 small / medium / large configs with random weights, peft LoRA (r=8) on c_a
 trainable (the probing phase is full fine-tuning), gradients from one backward pass, batch 8 x 128
 tokens, float32 and bfloat16. K = the groups with a gradient (lora_A, lora_B, norm, bias, embed, others:
 GPT-2's head is tied to the embedding). Columns (median milliseconds per probe step unless noted):
-  fwd        one eager forward pass with the loss, no_grad, eval mode
+  fwd        one eager forward pass with the loss, no_grad, eval mode (eager fl. / (4K+1))
   graph fwd  the same forward replayed from a CUDA graph
-  eager fl.  (4K+1) x fwd: the floor of an eager probe
+  eager fl.  4K+1 eager forward passes back to back: the floor of an eager probe
   graph fl.  (4K+1) x graph fwd: the floor of a graphed probe
-  adapeft    Prober.step, eager
+  adapeft    Prober.step, eager, timed alternately with the eager floor; adapeft/eager fl. is the median of
+             the pairs' ratios (the host-bound forward pass drifts by tens of percent between calls)
   graphed    Prober(cuda_graph=True).step (captured at the first step, replayed after)
   torch      Prober(backend="torch").step: per-tensor loops, a saved copy per group, .item() per forward,
              a numpy fit (the same algorithm in plain PyTorch)
@@ -76,6 +77,14 @@ def seconds(fn, repeats):
         torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def alternating_seconds(first, second, pairs):
+    """first() and second() timed alternately, `pairs` times: their median seconds, and the median of the
+    per-pair ratios first / second, which host drift moves far less than either time."""
+    times = [(seconds(first, 1), seconds(second, 1)) for _ in range(pairs)]
+    return (statistics.median(one for one, _ in times), statistics.median(two for _, two in times),
+            statistics.median(one / two for one, two in times))
 
 
 def graph_forward_seconds(model, batch, repeats=20):
@@ -147,8 +156,11 @@ def measure(size, dtype, repeats, with_gen):
         with torch.no_grad():
             lm_loss(model, batch)
 
+    def eager_floor():
+        for _ in range(points):
+            forward()
+
     forward()
-    row["fwd"] = seconds(forward, repeats * 4)
     forward_syncs = syncs(forward)
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
@@ -156,12 +168,17 @@ def measure(size, dtype, repeats, with_gen):
     forward()
     forward_peak = torch.cuda.max_memory_allocated() - base
     row["graph fwd"] = graph_forward_seconds(model, batch)
-    row["eager floor"], row["graph floor"] = points * row["fwd"], points * row["graph fwd"]
+    row["graph floor"] = points * row["graph fwd"]
 
     for label, options in (("adapeft", {}), ("torch", {"backend": "torch"})):
         prober = adapeft.Prober(model, groups, lm_loss, **options)
         prober.step(batch, ETA)  # tables, ledgers, kernels set up
-        row[label] = seconds(lambda: prober.step(batch, ETA), repeats)
+        if label == "adapeft":
+            row[label], row["eager floor"], row["adapeft/eager floor"] = alternating_seconds(
+                lambda: prober.step(batch, ETA), eager_floor, 3 * repeats)
+            row["fwd"] = row["eager floor"] / points
+        else:
+            row[label] = seconds(lambda: prober.step(batch, ETA), repeats)
         row[f"{label} syncs"] = syncs(lambda: prober.step(batch, ETA)) - points * forward_syncs
         row[f"{label} MB"] = extra_peak_mb(lambda: prober.step(batch, ETA), forward_peak)
         prober.flush()
@@ -228,7 +245,7 @@ def main():
             print(f"{size:7} {r['dtype']:9} {r['K']:2d} {ms['fwd']:7.2f} {ms['graph fwd']:9.2f} "
                   f"{ms['eager floor']:9.1f} {ms['graph floor']:9.1f} {ms['adapeft']:8.1f} {ms['graphed']:8.1f} "
                   f"{ms['torch']:8.1f} {gen} {r['torch'] / r['graphed']:13.2f} "
-                  f"{r['adapeft'] / r['eager floor']:17.3f} {r['graphed'] / r['graph floor']:17.3f} "
+                  f"{r['adapeft/eager floor']:17.3f} {r['graphed'] / r['graph floor']:17.3f} "
                   f"{r['adapeft syncs']:>2}/{r['graphed syncs']}/{r['torch syncs']}/{gen_syncs:<3} "
                   f"{r['adapeft MB']:5.0f}/{r['graphed MB']:.0f}/{r['torch MB']:.0f}/{gen_mb:<6} "
                   f"{r['graphed held MB']:8.0f}", flush=True)
