@@ -81,9 +81,15 @@ def seconds(fn, repeats):
 
 
 def alternating_seconds(first, second, pairs):
-    """first() and second() timed alternately, `pairs` times: their median seconds, and the median of the
-    per-pair ratios first / second, which host drift moves far less than either time."""
-    times = [(seconds(first, 1), seconds(second, 1)) for _ in range(pairs)]
+    """first() and second() timed alternately, `pairs` times, which of them leads swapped from pair to pair:
+    their median seconds, and the median of the per-pair ratios first / second, which host drift moves far
+    less than either time."""
+    times = []
+    for pair in range(pairs):
+        spent = [0.0, 0.0]
+        for which in ((0, 1), (1, 0))[pair % 2]:
+            spent[which] = seconds((first, second)[which], 1)
+        times.append(spent)
     return (statistics.median(one for one, _ in times), statistics.median(two for _, two in times),
             statistics.median(one / two for one, two in times))
 
