@@ -119,12 +119,13 @@ class AdaPEFT:
 
 def _train(model, optimizer, batches, loss_fn, steps, run, on_step, after_backward=None, keep_gradients=False):
     """The training loop of both phases: run.losses and run.seconds filled in; after_backward(step, batch)
-    runs between the backward pass and the optimizer step. The losses stay on the device until the loop
-    ends, so that the host can queue the next step while the device runs this one: the loop itself waits
-    for the device only at its end, and at every step only when on_step asks for the loss as a number."""
+    runs between the backward pass and the optimizer step. The losses stay on the device (one float64 a
+    step) until the loop ends, so that the host can queue the next step while the device runs this one:
+    the loop itself waits for the device only at its end, and at every step only when on_step asks for the
+    loss as a number."""
     start = time.perf_counter()
     model.train()
-    losses = []
+    losses = None  # float64 holds every loss dtype's values exactly, as .item() would give them
     for step in range(steps):
         batch = next(batches)
         optimizer.zero_grad(set_to_none=not keep_gradients)
@@ -133,10 +134,12 @@ def _train(model, optimizer, batches, loss_fn, steps, run, on_step, after_backwa
         if after_backward is not None:
             after_backward(step, batch)
         optimizer.step()
-        losses.append(loss.detach())
+        if losses is None:
+            losses = torch.empty(steps, dtype=torch.float64, device=loss.device)
+        losses[step] = loss.detach()
         if on_step is not None:
-            on_step(step, losses[-1].item())
-    run.losses = torch.stack(losses).tolist() if losses else []
+            on_step(step, losses[step].item())
+    run.losses = losses.tolist() if losses is not None else []
     run.seconds = time.perf_counter() - start
 
 

@@ -155,8 +155,8 @@ def test_training_loop_reports_each_steps_loss():
 
     seen = []
     selection = adapeft.Selection.given(["lora_A", "lora_B", "norm"], adapeft.group_parameters(tiny_gpt2()))
-    watched = AdaPEFT.train_selected(tiny_gpt2(), selection, batches(), loss_fn, 5, lr=1e-2,
-                                     on_step=lambda step, loss: seen.append((step, loss)))
+    AdaPEFT.train_selected(tiny_gpt2(), selection, batches(), loss_fn, 5, lr=1e-2,
+                           on_step=lambda step, loss: seen.append((step, loss)))
     quiet = AdaPEFT.train_selected(tiny_gpt2(), selection, batches(), loss_fn, 5, lr=1e-2)
     assert [step for step, _ in seen] == list(range(5))
     assert all(type(loss) is float for loss in quiet.losses)
