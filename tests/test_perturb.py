@@ -433,7 +433,8 @@ def test_opcheck(device, generator):
 
 
 @requires_cuda
-@pytest.mark.parametrize("dtypes", [[torch.float32], [torch.bfloat16], DTYPES], ids=["f32", "bf16", "mixed"])
+@pytest.mark.parametrize("dtypes", [[torch.float32], [torch.bfloat16], [torch.float16], DTYPES],
+                         ids=["f32", "bf16", "f16", "mixed"])
 def test_cuda_equals_cpu_bitwise(generator, dtypes):
     sizes = [4097, 1, 0, 33, 9000] + [5] * 300
     params, directions = random_group(generator, "cpu", sizes, dtypes)
@@ -449,7 +450,8 @@ def test_cuda_equals_cpu_bitwise(generator, dtypes):
 
 
 @requires_cuda
-@pytest.mark.parametrize("dtypes", [[torch.float32], [torch.bfloat16], DTYPES], ids=["f32", "bf16", "mixed"])
+@pytest.mark.parametrize("dtypes", [[torch.float32], [torch.bfloat16], [torch.float16], DTYPES],
+                         ids=["f32", "bf16", "f16", "mixed"])
 def test_cuda_many_chunks_and_unaligned_views_equal_cpu_and_report_the_same_bits(generator, dtypes):
     """More chunks than resident blocks (each block walks several), mixed with views at odd offsets
     (not 16-byte aligned). Every run reports the same bits: the blocks' sums are added in block order,
@@ -481,9 +483,10 @@ def test_cuda_many_chunks_and_unaligned_views_equal_cpu_and_report_the_same_bits
         assert torch.equal(report.view(torch.int64), reports[0].view(torch.int64))
 
 
-def move_kernel_shared_memory(trace_path, dtype=torch.float32):
-    """Bytes of shared memory a block of the move kernel had, as the profiler recorded its launch."""
-    params = [torch.randn(3 * 4096, device="cuda", dtype=dtype)]
+def move_kernel_launch(trace_path, dtype, chunks):
+    """The profiler's record of the move kernel's launch for a group of `chunks` chunks of `dtype`: its
+    shared memory a block, grid, registers."""
+    params = [torch.randn(chunks * 4096, device="cuda", dtype=dtype)]
     group = adapeft.GroupPerturbation(params, [torch.randn_like(params[0])], torch.tensor([-1e-3, 1e-3], device="cuda"))
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profile:
         group.move(0)
@@ -493,24 +496,30 @@ def move_kernel_shared_memory(trace_path, dtype=torch.float32):
     with open(trace_path) as f:
         launches = [e for e in json.load(f)["traceEvents"] if e.get("cat") == "kernel" and "move_kernel" in e["name"]]
     assert launches, "the profiler recorded no move kernel"
-    return launches[0]["args"]["shared memory"]
+    return launches[0]["args"]
 
 
 @requires_cuda
 def test_cuda_stage_buffers_only_where_they_fit(tmp_path):
-    """The move kernel of a group without float64 has its stage buffers (64 KB) on Hopper and later GPUs
-    with room for them, unless ADAPEFT_CUDA_STAGE=0; without them it fits GPUs that allow about 100 KB a
-    block."""
+    """The move kernel of a group without float64 has its stage buffers on Hopper and later GPUs with
+    room for them, unless ADAPEFT_CUDA_STAGE=0; without them it fits GPUs that allow about 100 KB a
+    block. Staged, a group of float32 has one block an SM (142 KB), and a group of 16-bit params two
+    (91 KB: its ledger values and stage buffers are narrower)."""
     properties = torch.cuda.get_device_properties(0)
     staged = (os.environ.get("ADAPEFT_CUDA_STAGE") != "0" and properties.major >= 9
               and properties.shared_memory_per_block_optin >= 200 * 1024)
-    shared = move_kernel_shared_memory(tmp_path / "trace.json")
+    sms = properties.multi_processor_count
+    wide = move_kernel_launch(tmp_path / "trace32.json", torch.float32, 2 * sms + 1)
+    narrow = move_kernel_launch(tmp_path / "trace16.json", torch.bfloat16, 2 * sms + 1)
     if staged:
-        assert shared > 128 * 1024
+        assert wide["shared memory"] > 128 * 1024 and wide["grid"][0] == sms
+        assert 80 * 1024 < narrow["shared memory"] < 96 * 1024
+        assert narrow["grid"][0] == 2 * sms and narrow["registers per thread"] <= 64
     else:
-        assert 0 < shared < 96 * 1024
+        for launch in (wide, narrow):
+            assert 0 < launch["shared memory"] < 96 * 1024 and launch["grid"][0] == sms
     # With float64 (64-bit ledger values) never staged: it fits an A100's 163 KB a block.
-    assert 96 * 1024 < move_kernel_shared_memory(tmp_path / "trace64.json", torch.float64) < 160 * 1024
+    assert 96 * 1024 < move_kernel_launch(tmp_path / "trace64.json", torch.float64, 3)["shared memory"] < 160 * 1024
 
 
 @requires_cuda
@@ -522,7 +531,7 @@ def test_cuda_without_stage_buffers_equals_cpu():
     done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", selected],
                           env=env, capture_output=True, text=True, cwd=os.path.dirname(__file__))
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert re.search(r"\b7 passed", done.stdout), done.stdout[-3000:]
+    assert re.search(r"\b9 passed", done.stdout), done.stdout[-3000:]
 
 
 @requires_cuda

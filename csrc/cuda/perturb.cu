@@ -42,8 +42,6 @@ constexpr int kQuarters = 4;  // a chunk's entries are written by kQuarters warp
 constexpr int kWriters = kQuarters * 32;
 constexpr int kQuarterShift = kChunkShift - 2;
 constexpr int kWordRing = 4;  // words of the previous, current, next and next-but-one chunk
-// A staged chunk's param and direction bytes: a whole chunk of 32-bit params and directions at most.
-constexpr int kStageBytes = 8 * static_cast<int>(kChunkElements);
 static_assert(kWords == kWriters, "each writer owns one bitmap word");
 static_assert((kChunkElements >> kQuarterShift) == kQuarters, "a quarter is a quarter of a chunk");
 enum TotalWord { kTotalDotDirStep, kTotalDotDirDir, kTotalChanged, kTotalUnmoved, kTotalNonfinite, kTotalSaved,
@@ -84,25 +82,39 @@ struct ChunkShare {
   uint32_t changed = 0;
 };
 
-// Saved bits in shared memory: 32 of them for dtypes of 32 bits or fewer, 64 when float64 can occur.
-template <bool kWithDouble>
-using LedgerValue = std::conditional_t<kWithDouble, uint64_t, uint32_t>;
+// A launch is compiled for the widest param dtype of its group, kParamBits (16, 32 or 64): its saved
+// bits in shared memory are that wide, and its stage buffers hold a whole chunk of such params and of
+// float32 directions (a direction is float32 or of its param's dtype). A group of 16-bit params thus
+// needs 91 KB a block where one with float32 needs 142 KB, and two of its blocks fit on an SM.
+template <int kParamBits>
+using LedgerValue =
+    std::conditional_t<kParamBits == 64, uint64_t, std::conditional_t<kParamBits == 32, uint32_t, uint16_t>>;
+
+template <int kParamBits>
+constexpr int kStageBytesOf = (kParamBits / 8 + 4) * static_cast<int>(kChunkElements);
 
 // The param bytes, then the direction bytes, of the chunk being moved and of the next one: in the
 // launches for GPUs with room for them (Hopper and later), first in shared memory.
-template <bool kStage>
-struct StageBuffers {};
-
-template <>
-struct StageBuffers<true> {
-  alignas(128) unsigned char stage[2][kStageBytes];
+template <int kBytes>
+struct StageBuffers {
+  alignas(128) unsigned char stage[2][kBytes];
 };
 
+template <>
+struct StageBuffers<0> {};
+
+// Blocks an SM a launch is compiled for. A staged block of 16-bit params leaves room in shared memory
+// for a second one, which hides the wait at the barrier that ends each round; the registers a thread
+// may use then halve to 64 (see move_chunk's kPasses and launch_move).
+template <int kParamBits, bool kStage>
+constexpr int kBlocksPerSm = kParamBits == 16 && kStage ? 2 : 1;
+
 // Each buffer comes twice: one for the chunk being moved, one for the chunk before or after it.
-template <typename V, bool kStage>
-struct MoveShared : StageBuffers<kStage> {
-  using Value = V;
+template <int kParamBits, bool kStage>
+struct MoveShared : StageBuffers<kStage ? kStageBytesOf<kParamBits> : 0> {
+  using Value = LedgerValue<kParamBits>;
   static constexpr bool kStaged = kStage;
+  static constexpr int kStageBytes = kStage ? kStageBytesOf<kParamBits> : 0;
   uint64_t stage_landed[2];  // mbarriers: a stage buffer's fetch is complete
   // A chunk's entries from the previous step, by position: a bit, and the saved bits.
   Value in_value[2][kChunkElements];
@@ -189,7 +201,7 @@ template <typename Shared>
 __device__ bool staged_in_shared(const ChunkView& v) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   return Shared::kStaged && packable(v) &&
-         (dtype_bytes(v.param_code) + dtype_bytes(v.direction_code)) * kChunkElements <= kStageBytes;
+         (dtype_bytes(v.param_code) + dtype_bytes(v.direction_code)) * kChunkElements <= Shared::kStageBytes;
 #else
   return false;
 #endif
@@ -403,13 +415,13 @@ __device__ __forceinline__ void with_direction_type(const ChunkView& v, Fn& fn) 
   }
 }
 
-// kWithDouble: float64 chunks are compiled only into the kernels that need them, since a kernel's
+// Chunks wider than kParamBits are compiled only into the kernels that need them, since a kernel's
 // register budget is set by the widest path it contains.
-template <bool kWithDouble, typename Fn>
+template <int kParamBits, typename Fn>
 __device__ __forceinline__ void with_chunk_types(const ChunkView& v, Fn&& fn) {
   switch (v.param_code) {
     case kFloat32:
-      with_direction_type<float>(v, fn);
+      if constexpr (kParamBits >= 32) with_direction_type<float>(v, fn);
       break;
     case kBFloat16:
       with_direction_type<c10::BFloat16>(v, fn);
@@ -418,7 +430,7 @@ __device__ __forceinline__ void with_chunk_types(const ChunkView& v, Fn&& fn) {
       with_direction_type<c10::Half>(v, fn);
       break;
     case kFloat64:
-      if constexpr (kWithDouble) with_direction_type<double>(v, fn);
+      if constexpr (kParamBits == 64) with_direction_type<double>(v, fn);
       break;
   }
 }
@@ -464,7 +476,10 @@ struct Lanes {
 // One step for one chunk: rebuild w0 (from the filed entries where the previous step was not
 // invertible), store the next point, and file the elements whose step is not invertible. kStaged: the
 // current values and directions are read from stage buffer `buffer`; the next values still go to param.
-template <typename T, typename D, int Vec, bool kStaged, typename Shared>
+// kPasses: the thread's packs are loaded and moved in that many passes (a loop not unrolled), each
+// pass's loads in flight together. One pass keeps the most loads in flight; in kernels of 64 registers
+// element-strided chunks go an element a pass, as their unrolled code would spill.
+template <typename T, typename D, int Vec, bool kStaged, int kPasses = 1, typename Shared>
 __device__ void move_chunk(T* param, const D* direction, const ChunkView& v, const StepOf<typename Storage<T>::Arith>& st,
                            bool has_from, bool has_to, Shared& sh, int buffer, ThreadTotals& totals,
                            ChunkShare& share) {
@@ -474,144 +489,151 @@ __device__ void move_chunk(T* param, const D* direction, const ChunkView& v, con
   using Word = typename L::Word;
   constexpr bool kWhole = Vec > 1;  // the chunk has kChunkElements elements: no bounds checks
   constexpr int kPacks = kItems / Vec;
+  constexpr int kPassPacks = kPacks / kPasses;
   constexpr int kLanes = L::kCount;
   constexpr int kPackWords = Vec / kLanes;
   constexpr uint32_t kPackMask = (1u << Vec) - 1u;
   constexpr uint32_t kLaneMask = (1u << kLanes) - 1u;
   static_assert(kItems % Vec == 0 && 32 % Vec == 0, "a pack lies within one bitmap word");
+  static_assert(kPacks % kPasses == 0, "passes of whole packs");
   static_assert(!kWhole || sizeof(Pack<T, Vec>) == kPackWords * sizeof(Word), "a pack is whole words");
   const int len = v.len;
   const int tid = threadIdx.x;
 
-  // All loads go first, so they are in flight together.
-  A d[kItems];
-  Word current[kPacks * kPackWords];
+#pragma unroll 1
+  for (int pass = 0; pass < kPasses; ++pass) {
+    A d[kPassPacks * Vec];
+    Word current[kPassPacks * kPackWords];
 #pragma unroll
-  for (int p = 0; p < kPacks; ++p) {
-    const int base = pack_start<Vec>(p, tid);
-    if constexpr (kWhole) {
-      Pack<T, Vec> wp;
-      Pack<D, Vec> gp;
-      if constexpr (kStaged) {
-        wp = load_staged_pack<T, Vec>(sh.stage[buffer], base);
-        gp = load_staged_pack<D, Vec>(sh.stage[buffer] + kChunkElements * sizeof(T), base);
-      } else {
-        wp = load_pack<T, Vec>(param + base);
-        gp = load_pack<D, Vec>(direction + base);
-      }
-      memcpy(&current[p * kPackWords], &wp, sizeof(wp));
-#pragma unroll
-      for (int u = 0; u < Vec; ++u) d[p * Vec + u] = st.rule.term(static_cast<A>(gp.v[u]), v.start + base + u);
-    } else if (base < len) {
-      current[p] = S::bits(param[base]);
-      d[p] = st.rule.term(static_cast<A>(direction[base]), v.start + base);
-    }
-  }
-
-  // w0 is the current value stepped back, except where the previous step saved it or left the chunk.
-  const int count_in = static_cast<int>(v.dir_in & kDirectoryCountMask);
-  const bool rebuild = has_from && count_in != kChunkUnmoved;
-  const bool lookup = rebuild && count_in > 0;
-#pragma unroll
-  for (int p = 0; p < kPacks; ++p) {
-    const int base = pack_start<Vec>(p, tid);
-    if (!kWhole && base >= len) continue;
-    const int word = base >> 5;
-    uint32_t in_pack = 0;
-    if (lookup) {
-      in_pack = (sh.in_bits[buffer][word] >> (base & 31)) & kPackMask;
-      // Cleared as read: the chunk after next files into this buffer.
-      if (in_pack != 0) atomicAnd(&sh.in_bits[buffer][word], ~(in_pack << (base & 31)));
-    }
-    uint32_t out_pack = 0;
-    bool pack_changed = false;
-    double pack_dot_dir_dir = 0.0;
-    Word w0[kPackWords], out[kPackWords];
-#pragma unroll
-    for (int j = 0; j < kPackWords; ++j) {
-      const int first = j * kLanes;  // the word's first lane, counted within the pack
-      const A* dj = &d[p * Vec + first];
-      const Word now = current[p * kPackWords + j];
-      w0[j] = now;
-      if (rebuild) {
-        A back[kLanes];
-#pragma unroll
-        for (int l = 0; l < kLanes; ++l) back[l] = back_value(L::value(now, l), mul_rn(st.eta_from, dj[l]), st.c_from);
-        w0[j] = L::round(back);
-        const uint32_t saved = (in_pack >> first) & kLaneMask;
-        if (saved != 0) {
-#pragma unroll
-          for (int l = 0; l < kLanes; ++l) {
-            if ((saved >> l) & 1u) {
-              w0[j] = L::with_lane(w0[j], l, static_cast<typename S::Bits>(sh.in_value[buffer][base + first + l]));
-            }
-          }
-        }
-      }
-      A w0_value[kLanes], full[kLanes];
-#pragma unroll
-      for (int l = 0; l < kLanes; ++l) {
-        w0_value[l] = L::value(w0[j], l);
-        full[l] = st.rule.full(dj[l], w0_value[l]);
-        pack_dot_dir_dir = add_product(pack_dot_dir_dir, full[l], full[l]);
-      }
-      out[j] = w0[j];
-      if (has_to) {
-        A s[kLanes], away[kLanes], back[kLanes], next_value[kLanes];
-#pragma unroll
-        for (int l = 0; l < kLanes; ++l) {
-          s[l] = mul_rn(st.eta_to, dj[l]);
-          away[l] = away_value(w0_value[l], s[l], st.c_to);
-        }
-        out[j] = L::round(away);
-#pragma unroll
-        for (int l = 0; l < kLanes; ++l) {
-          next_value[l] = L::value(out[j], l);
-          back[l] = back_value(next_value[l], s[l], st.c_to);
-        }
-        const Word returned = L::round(back);
-        if (returned != w0[j]) {
-#pragma unroll
-          for (int l = 0; l < kLanes; ++l) {
-            if (L::bits(returned, l) != L::bits(w0[j], l)) {
-              out_pack |= 1u << (first + l);
-              sh.out_value[buffer][base + first + l] = static_cast<typename Shared::Value>(L::bits(w0[j], l));
-            }
-          }
-        }
-#pragma unroll
-        for (int l = 0; l < kLanes; ++l) {
-          share.changed += L::bits(out[j], l) != L::bits(w0[j], l);
-          const double dw = static_cast<double>(next_value[l]) - static_cast<double>(w0_value[l]);
-          share.dot_dir_step = add_product(share.dot_dir_step, full[l], dw);
-        }
-      }
-      pack_changed |= out[j] != now;
-    }
-    // A non-finite factor makes the pack's sum of squares non-finite, so only such packs are counted.
-    if (!is_finite(pack_dot_dir_dir)) {
-#pragma unroll
-      for (int u = 0; u < Vec; ++u) {
-        totals.nonfinite += !is_finite(st.rule.full(d[p * Vec + u], L::value(w0[u / kLanes], u % kLanes)));
-      }
-    }
-    totals.dot_dir_dir += pack_dot_dir_dir;
-    if (out_pack != 0) {
-      atomicOr(&sh.out_bits[buffer][word], out_pack << (base & 31));
-      atomicAdd(&sh.out_quarter[buffer][base >> kQuarterShift], static_cast<uint32_t>(__popc(out_pack)));
-    }
-    // Unchanged packs are not written back (a restore writes only what the step changed); a pack
-    // with any change is written whole, its unchanged elements with their own bits.
-    if (pack_changed) {
+    for (int q = 0; q < kPassPacks; ++q) {
+      const int p = pass * kPassPacks + q;
+      const int base = pack_start<Vec>(p, tid);
       if constexpr (kWhole) {
-        Pack<T, Vec> pack;
-        memcpy(&pack, out, sizeof(pack));
-        store_pack(param + base, pack);
-      } else {
-        param[base] = S::from_bits(static_cast<typename S::Bits>(out[0]));
+        Pack<T, Vec> wp;
+        Pack<D, Vec> gp;
+        if constexpr (kStaged) {
+          wp = load_staged_pack<T, Vec>(sh.stage[buffer], base);
+          gp = load_staged_pack<D, Vec>(sh.stage[buffer] + kChunkElements * sizeof(T), base);
+        } else {
+          wp = load_pack<T, Vec>(param + base);
+          gp = load_pack<D, Vec>(direction + base);
+        }
+        memcpy(&current[q * kPackWords], &wp, sizeof(wp));
+#pragma unroll
+        for (int u = 0; u < Vec; ++u) d[q * Vec + u] = st.rule.term(static_cast<A>(gp.v[u]), v.start + base + u);
+      } else if (base < len) {
+        current[q] = S::bits(param[base]);
+        d[q] = st.rule.term(static_cast<A>(direction[base]), v.start + base);
       }
     }
-  }
+
+    // w0 is the current value stepped back, except where the previous step saved it or left the chunk.
+    const int count_in = static_cast<int>(v.dir_in & kDirectoryCountMask);
+    const bool rebuild = has_from && count_in != kChunkUnmoved;
+    const bool lookup = rebuild && count_in > 0;
+#pragma unroll
+    for (int q = 0; q < kPassPacks; ++q) {
+      const int base = pack_start<Vec>(pass * kPassPacks + q, tid);
+      if (!kWhole && base >= len) continue;
+      const int word = base >> 5;
+      uint32_t in_pack = 0;
+      if (lookup) {
+        in_pack = (sh.in_bits[buffer][word] >> (base & 31)) & kPackMask;
+        // Cleared as read: the chunk after next files into this buffer.
+        if (in_pack != 0) atomicAnd(&sh.in_bits[buffer][word], ~(in_pack << (base & 31)));
+      }
+      uint32_t out_pack = 0;
+      bool pack_changed = false;
+      double pack_dot_dir_dir = 0.0;
+      Word w0[kPackWords], out[kPackWords];
+#pragma unroll
+      for (int j = 0; j < kPackWords; ++j) {
+        const int first = j * kLanes;  // the word's first lane, counted within the pack
+        const A* dj = &d[q * Vec + first];
+        const Word now = current[q * kPackWords + j];
+        w0[j] = now;
+        if (rebuild) {
+          A back[kLanes];
+#pragma unroll
+          for (int l = 0; l < kLanes; ++l) {
+            back[l] = back_value(L::value(now, l), mul_rn(st.eta_from, dj[l]), st.c_from);
+          }
+          w0[j] = L::round(back);
+          const uint32_t saved = (in_pack >> first) & kLaneMask;
+          if (saved != 0) {
+#pragma unroll
+            for (int l = 0; l < kLanes; ++l) {
+              if ((saved >> l) & 1u) {
+                w0[j] = L::with_lane(w0[j], l, static_cast<typename S::Bits>(sh.in_value[buffer][base + first + l]));
+              }
+            }
+          }
+        }
+        A w0_value[kLanes], full[kLanes];
+#pragma unroll
+        for (int l = 0; l < kLanes; ++l) {
+          w0_value[l] = L::value(w0[j], l);
+          full[l] = st.rule.full(dj[l], w0_value[l]);
+          pack_dot_dir_dir = add_product(pack_dot_dir_dir, full[l], full[l]);
+        }
+        out[j] = w0[j];
+        if (has_to) {
+          A s[kLanes], away[kLanes], back[kLanes], next_value[kLanes];
+#pragma unroll
+          for (int l = 0; l < kLanes; ++l) {
+            s[l] = mul_rn(st.eta_to, dj[l]);
+            away[l] = away_value(w0_value[l], s[l], st.c_to);
+          }
+          out[j] = L::round(away);
+#pragma unroll
+          for (int l = 0; l < kLanes; ++l) {
+            next_value[l] = L::value(out[j], l);
+            back[l] = back_value(next_value[l], s[l], st.c_to);
+          }
+          const Word returned = L::round(back);
+          if (returned != w0[j]) {
+#pragma unroll
+            for (int l = 0; l < kLanes; ++l) {
+              if (L::bits(returned, l) != L::bits(w0[j], l)) {
+                out_pack |= 1u << (first + l);
+                sh.out_value[buffer][base + first + l] = static_cast<typename Shared::Value>(L::bits(w0[j], l));
+              }
+            }
+          }
+#pragma unroll
+          for (int l = 0; l < kLanes; ++l) {
+            share.changed += L::bits(out[j], l) != L::bits(w0[j], l);
+            const double dw = static_cast<double>(next_value[l]) - static_cast<double>(w0_value[l]);
+            share.dot_dir_step = add_product(share.dot_dir_step, full[l], dw);
+          }
+        }
+        pack_changed |= out[j] != now;
+      }
+      // A non-finite factor makes the pack's sum of squares non-finite, so only such packs are counted.
+      if (!is_finite(pack_dot_dir_dir)) {
+#pragma unroll
+        for (int u = 0; u < Vec; ++u) {
+          totals.nonfinite += !is_finite(st.rule.full(d[q * Vec + u], L::value(w0[u / kLanes], u % kLanes)));
+        }
+      }
+      totals.dot_dir_dir += pack_dot_dir_dir;
+      if (out_pack != 0) {
+        atomicOr(&sh.out_bits[buffer][word], out_pack << (base & 31));
+        atomicAdd(&sh.out_quarter[buffer][base >> kQuarterShift], static_cast<uint32_t>(__popc(out_pack)));
+      }
+      // Unchanged packs are not written back (a restore writes only what the step changed); a pack
+      // with any change is written whole, its unchanged elements with their own bits.
+      if (pack_changed) {
+        if constexpr (kWhole) {
+          Pack<T, Vec> pack;
+          memcpy(&pack, out, sizeof(pack));
+          store_pack(param + base, pack);
+        } else {
+          param[base] = S::from_bits(static_cast<typename S::Bits>(out[0]));
+        }
+      }
+    }
+}
 }
 
 // Puts a chunk whose entries did not fit back to w0, from its stored next values and its filed
@@ -641,7 +663,7 @@ __device__ V warp_sum(V v) {
 // Ends a chunk moved one barrier ago, on the kWriters threads: thread 0 has reserved `count` entries
 // at `offset`. Writes the chunk's directory word and entries (in increasing position), or puts the
 // chunk back to w0 where they do not fit, and clears the chunk's bitmap.
-template <bool kWithRules, bool kWithDouble, typename Shared>
+template <bool kWithRules, int kParamBits, typename Shared>
 __device__ void finish_chunk(const MoveArgs& a, int64_t chunk, const int64_t* words, float eta_to, uint32_t count,
                              unsigned long long offset, Shared& sh, int buffer, ThreadTotals& totals) {
   const int tid = threadIdx.x;
@@ -649,7 +671,7 @@ __device__ void finish_chunk(const MoveArgs& a, int64_t chunk, const int64_t* wo
   uint32_t before = 0;  // entries of the quarters before this thread's
   for (int q = 0; q < quarter; ++q) before += sh.out_quarter[buffer][q];
   const ChunkView v = view_chunk(a, words);
-  const int width = entry_width<kWithDouble>(v.param_code);
+  const int width = entry_width<kParamBits == 64>(v.param_code);
   if (tid == 0) {
     // A chunk whose entries do not fit stays exactly at w0: a full ledger costs coverage, never bits.
     const bool moved = offset + static_cast<unsigned long long>(count) * width <= a.capacity;
@@ -686,7 +708,7 @@ __device__ void finish_chunk(const MoveArgs& a, int64_t chunk, const int64_t* wo
       }
     }
   } else {
-    with_chunk_types<kWithDouble>(v, [&](auto* param, const auto* direction) {
+    with_chunk_types<kParamBits>(v, [&](auto* param, const auto* direction) {
       using T = std::remove_pointer_t<decltype(param)>;
       const auto st = step_of<typename Storage<T>::Arith, kWithRules>(a, v, 0.0f, eta_to);
       put_back_chunk(param, direction, v, st, sh, buffer);
@@ -780,9 +802,10 @@ __device__ void finish_step(const MoveArgs& a, ThreadTotals totals, Shared& sh) 
 }
 
 // kStage: the launch has the stage buffers (Hopper and later GPUs with room for them).
-template <bool kWithRules, bool kWithDouble, bool kStage>
-__global__ void __launch_bounds__(kThreads, 1) move_kernel(MoveArgs a) {
-  using Shared = MoveShared<LedgerValue<kWithDouble>, kStage>;
+template <bool kWithRules, int kParamBits, bool kStage>
+__global__ void __launch_bounds__(kThreads, kBlocksPerSm<kParamBits, kStage>) move_kernel(MoveArgs a) {
+  using Shared = MoveShared<kParamBits, kStage>;
+  constexpr bool kWithDouble = kParamBits == 64;
   extern __shared__ __align__(128) unsigned char shared_bytes[];
   auto& sh = *reinterpret_cast<Shared*>(shared_bytes);
   const int tid = threadIdx.x;
@@ -846,12 +869,12 @@ __global__ void __launch_bounds__(kThreads, 1) move_kernel(MoveArgs a) {
     if (k < n) {
       const ChunkView v = view_chunk(a, sh.chunk_words[k % kWordRing]);
       wait_chunk_data(sh, k);
-      with_chunk_types<kWithDouble>(v, [&](auto* param, const auto* direction) {
+      with_chunk_types<kParamBits>(v, [&](auto* param, const auto* direction) {
         using T = std::remove_pointer_t<decltype(param)>;
         using D = std::remove_cv_t<std::remove_pointer_t<decltype(direction)>>;
         constexpr int kVec = 16 / sizeof(T);
         const auto st = step_of<typename Storage<T>::Arith, kWithRules>(a, v, eta_from, eta_to);
-        constexpr bool kCanStage = kStage && (sizeof(T) + sizeof(D)) * kChunkElements <= kStageBytes;
+        constexpr bool kCanStage = kStage && (sizeof(T) + sizeof(D)) * kChunkElements <= Shared::kStageBytes;
         if (kCanStage && staged_in_shared<Shared>(v)) {
           if constexpr (kCanStage) {
             move_chunk<T, D, kVec, true>(param, direction, v, st, has_from, has_to, sh, buffer, totals, younger);
@@ -859,7 +882,8 @@ __global__ void __launch_bounds__(kThreads, 1) move_kernel(MoveArgs a) {
         } else if (packable(v)) {
           move_chunk<T, D, kVec, false>(param, direction, v, st, has_from, has_to, sh, buffer, totals, younger);
         } else {
-          move_chunk<T, D, 1, false>(param, direction, v, st, has_from, has_to, sh, buffer, totals, younger);
+          constexpr int kPasses = kBlocksPerSm<kParamBits, kStage> > 1 ? kItems : 1;
+          move_chunk<T, D, 1, false, kPasses>(param, direction, v, st, has_from, has_to, sh, buffer, totals, younger);
         }
       });
     }
@@ -868,7 +892,7 @@ __global__ void __launch_bounds__(kThreads, 1) move_kernel(MoveArgs a) {
       file_entries(next_entries, true, sh, other);
     }
     if (has_to && k >= 1 && tid < kWriters) {
-      finish_chunk<kWithRules, kWithDouble>(a, first + (k - 1) * stride, sh.chunk_words[(k - 1) % kWordRing], eta_to,
+      finish_chunk<kWithRules, kParamBits>(a, first + (k - 1) * stride, sh.chunk_words[(k - 1) % kWordRing], eta_to,
                                             count, offset, sh, other, totals);
     }
     if (tid == 0) wait_async_copies();
@@ -881,19 +905,23 @@ __global__ void __launch_bounds__(kThreads, 1) move_kernel(MoveArgs a) {
   finish_step(a, totals, sh);
 }
 
+// The dynamic shared memory a block of an instantiation is launched with.
+template <int kParamBits, bool kStage>
+constexpr size_t kSharedBytes = sizeof(MoveShared<kParamBits, kStage>);
+
 // How many blocks of an instantiation fit on `device` at once (and lets it use its shared memory).
-template <bool kWithRules, bool kWithDouble, bool kStage>
+template <bool kWithRules, int kParamBits, bool kStage>
 int64_t resident_blocks(int device) {
   static int64_t cached[64] = {0};
   static std::mutex mutex;
   const std::lock_guard<std::mutex> lock(mutex);
   if (device < 64 && cached[device] > 0) return cached[device];
-  constexpr size_t bytes = sizeof(MoveShared<LedgerValue<kWithDouble>, kStage>);
+  constexpr size_t bytes = kSharedBytes<kParamBits, kStage>;
   const cudaDeviceProp* props = at::cuda::getDeviceProperties(device);
   TORCH_CHECK(bytes <= props->sharedMemPerBlockOptin, "adapeft.perturb_: the CUDA move kernel needs ", bytes,
-              " bytes of shared memory per block", kWithDouble ? " for a group with float64" : "", ", and ",
+              " bytes of shared memory per block", kParamBits == 64 ? " for a group with float64" : "", ", and ",
               props->name, " allows ", props->sharedMemPerBlockOptin);
-  const auto kernel = move_kernel<kWithRules, kWithDouble, kStage>;
+  const auto kernel = move_kernel<kWithRules, kParamBits, kStage>;
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
   int per_sm = 0;
   C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, bytes));
@@ -912,30 +940,34 @@ bool stages_chunks(int device) {
     return setting == nullptr || std::strcmp(setting, "0") != 0;
   }();
   const cudaDeviceProp* props = at::cuda::getDeviceProperties(device);
-  return allowed && props->major >= 9 && sizeof(MoveShared<uint32_t, true>) <= props->sharedMemPerBlockOptin;
+  return allowed && props->major >= 9 && kSharedBytes<32, true> <= props->sharedMemPerBlockOptin;
 }
 
-template <bool kWithRules, bool kWithDouble, bool kStage>
+template <bool kWithRules, int kParamBits, bool kStage>
 void launch_move(MoveArgs a, int device) {
   const int64_t blocks =
-      std::max<int64_t>(1, std::min(a.num_chunks, resident_blocks<kWithRules, kWithDouble, kStage>(device)));
+      std::max<int64_t>(1, std::min(a.num_chunks, resident_blocks<kWithRules, kParamBits, kStage>(device)));
   const at::Tensor block_totals =
       at::empty({blocks * kTotalWords}, at::TensorOptions().dtype(at::kLong).device(at::kCUDA, device));
   a.block_totals = block_totals.data_ptr<int64_t>();
-  move_kernel<kWithRules, kWithDouble, kStage><<<static_cast<unsigned>(blocks), kThreads,
-                                                 sizeof(MoveShared<LedgerValue<kWithDouble>, kStage>),
-                                                 at::cuda::getCurrentCUDAStream()>>>(a);
+  move_kernel<kWithRules, kParamBits, kStage><<<static_cast<unsigned>(blocks), kThreads, kSharedBytes<kParamBits, kStage>,
+                                                at::cuda::getCurrentCUDAStream()>>>(a);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// param_bits: the widest param of the group. Groups of 16-bit params have a kernel of their own where
+// it is staged and has no optimizer rules: with the rules' state in 64 registers it would spill. Their
+// other launches share the 32-bit kernel.
 template <bool kWithRules>
-void launch_move(MoveArgs a, int device, bool with_double) {
-  if (with_double) {
-    launch_move<kWithRules, true, false>(a, device);
-  } else if (stages_chunks(device)) {
-    launch_move<kWithRules, false, true>(a, device);
-  } else {
-    launch_move<kWithRules, false, false>(a, device);
+void launch_move(MoveArgs a, int device, int64_t param_bits) {
+  if (param_bits == 64) {
+    launch_move<kWithRules, 64, false>(a, device);
+  } else if (!stages_chunks(device)) {
+    launch_move<kWithRules, 32, false>(a, device);
+  } else if (kWithRules || param_bits == 32) {
+    launch_move<kWithRules, 32, true>(a, device);
+  } else if constexpr (!kWithRules) {
+    launch_move<kWithRules, 16, true>(a, device);
   }
 }
 
@@ -959,9 +991,9 @@ void perturb_cuda(at::TensorList params, at::TensorList directions, at::TensorLi
   a.report_row = call.report_row;
   a.hyper = call.hyper;
   const int device = table.get_device();
-  const bool with_double =
-      std::any_of(params.begin(), params.end(), [](const at::Tensor& p) { return p.scalar_type() == at::kDouble; });
-  call.hyper != nullptr ? launch_move<true>(a, device, with_double) : launch_move<false>(a, device, with_double);
+  int64_t param_bits = 16;
+  for (const at::Tensor& p : params) param_bits = std::max<int64_t>(param_bits, 8 * p.element_size());
+  call.hyper != nullptr ? launch_move<true>(a, device, param_bits) : launch_move<false>(a, device, param_bits);
 }
 
 }  // namespace
