@@ -503,8 +503,8 @@ def move_kernel_launch(trace_path, dtype, chunks):
 def test_cuda_stage_buffers_only_where_they_fit(tmp_path):
     """The move kernel of a group without float64 has its stage buffers on Hopper and later GPUs with
     room for them, unless ADAPEFT_CUDA_STAGE=0; without them it fits GPUs that allow about 100 KB a
-    block. Staged, a group of float32 has one block an SM (142 KB), and a group of 16-bit params two
-    (91 KB: its ledger values and stage buffers are narrower)."""
+    block. A group of float32 has one block an SM (142 KB staged), and a group of 16-bit params two
+    (91 KB staged: its ledger values and stage buffers are narrower), staged or not."""
     properties = torch.cuda.get_device_properties(0)
     staged = (os.environ.get("ADAPEFT_CUDA_STAGE") != "0" and properties.major >= 9
               and properties.shared_memory_per_block_optin >= 200 * 1024)
@@ -512,12 +512,12 @@ def test_cuda_stage_buffers_only_where_they_fit(tmp_path):
     wide = move_kernel_launch(tmp_path / "trace32.json", torch.float32, 2 * sms + 1)
     narrow = move_kernel_launch(tmp_path / "trace16.json", torch.bfloat16, 2 * sms + 1)
     if staged:
-        assert wide["shared memory"] > 128 * 1024 and wide["grid"][0] == sms
+        assert wide["shared memory"] > 128 * 1024
         assert 80 * 1024 < narrow["shared memory"] < 96 * 1024
-        assert narrow["grid"][0] == 2 * sms and narrow["registers per thread"] <= 64
     else:
-        for launch in (wide, narrow):
-            assert 0 < launch["shared memory"] < 96 * 1024 and launch["grid"][0] == sms
+        assert 0 < wide["shared memory"] < 96 * 1024 and 0 < narrow["shared memory"] < 48 * 1024
+    assert wide["grid"][0] == sms
+    assert narrow["grid"][0] == 2 * sms and narrow["registers per thread"] <= 64
     # With float64 (64-bit ledger values) never staged: it fits an A100's 163 KB a block.
     assert 96 * 1024 < move_kernel_launch(tmp_path / "trace64.json", torch.float64, 3)["shared memory"] < 160 * 1024
 
