@@ -107,7 +107,7 @@ struct StageBuffers<0> {};
 // memory for a second one, which hides the wait at the barrier that ends each round; the registers a
 // thread may use then halve to 64 (see move_chunk's kPasses and launch_move). float32 gains nothing from
 // a second unstaged block (0.84 of the floor against 0.85, H100), and its staged block takes 142 KB.
-template <int kParamBits, bool kStage>
+template <int kParamBits>
 constexpr int kBlocksPerSm = kParamBits == 16 ? 2 : 1;
 
 // Each buffer comes twice: one for the chunk being moved, one for the chunk before or after it.
@@ -804,7 +804,7 @@ __device__ void finish_step(const MoveArgs& a, ThreadTotals totals, Shared& sh) 
 
 // kStage: the launch has the stage buffers (Hopper and later GPUs with room for them).
 template <bool kWithRules, int kParamBits, bool kStage>
-__global__ void __launch_bounds__(kThreads, kBlocksPerSm<kParamBits, kStage>) move_kernel(MoveArgs a) {
+__global__ void __launch_bounds__(kThreads, kBlocksPerSm<kParamBits>) move_kernel(MoveArgs a) {
   using Shared = MoveShared<kParamBits, kStage>;
   constexpr bool kWithDouble = kParamBits == 64;
   extern __shared__ __align__(128) unsigned char shared_bytes[];
@@ -883,7 +883,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm<kParamBits, kStage>) mo
         } else if (packable(v)) {
           move_chunk<T, D, kVec, false>(param, direction, v, st, has_from, has_to, sh, buffer, totals, younger);
         } else {
-          constexpr int kPasses = kBlocksPerSm<kParamBits, kStage> > 1 ? kItems : 1;
+          constexpr int kPasses = kBlocksPerSm<kParamBits> > 1 ? kItems : 1;
           move_chunk<T, D, 1, false, kPasses>(param, direction, v, st, has_from, has_to, sh, buffer, totals, younger);
         }
       });
