@@ -17,11 +17,12 @@ between the phases' median times, with the range of the per-round ratios beside 
 steps of each, alternating between the two large models kept resident, so that host drift hits both alike.
 
     python benchmarks/bench_end_to_end.py [--horizon 200] [--batch 8] [--repeats 3] [--dtype bfloat16] [--proxy-dtype float32]
-                                          [--cuda-graph] [--proxy-autocast] [--fused-adamw] [--interleaved-steps 100]
+                                          [--cuda-graph] [--proxy-autocast] [--proxy-tf32] [--fused-adamw] [--interleaved-steps 100]
     python benchmarks/bench_end_to_end.py --device cpu --proxy-model tiny --model tiny --dtype float32 \
                                           --horizon 16 --repeats 2 --interleaved-steps 4    # smoke run
 """
 import argparse
+import contextlib
 import functools
 import gc
 import statistics
@@ -67,6 +68,16 @@ def interleaved_steps(arms, batches, pairs, device):
     return times
 
 
+@contextlib.contextmanager
+def float32_matmul_precision(precision):
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
 def release(device):
     gc.collect()
     if device.type == "cuda":
@@ -89,6 +100,9 @@ def main():
     parser.add_argument("--cuda-graph", action="store_true", help="probe with Prober(cuda_graph=True)")
     parser.add_argument("--proxy-autocast", action="store_true",
                         help="run part I's forward passes in bfloat16 autocast over its float32 weights")
+    parser.add_argument("--proxy-tf32", action="store_true",
+                        help="run part I's float32 matrix products on TF32 tensor cores "
+                             "(torch.set_float32_matmul_precision('high') while part I runs)")
     parser.add_argument("--fused-adamw", action="store_true", help="AdamW(fused=True) in every phase")
     parser.add_argument("--interleaved-steps", type=int, default=0,
                         help="then time this many training steps of part II's selection and of plain LoRA, alternating")
@@ -114,8 +128,9 @@ def main():
     def part_one():
         proxy = build(args.proxy_model, getattr(torch, args.proxy_dtype), device)
         batches = random_batches(0, vocab_of(args.proxy_model), args.batch, device)
-        run, seconds = timed(lambda: algorithm.probe_train(proxy, batches, proxy_loss, steps, args.lr, optimizer_cls),
-                             device)
+        with float32_matmul_precision("high" if args.proxy_tf32 else torch.get_float32_matmul_precision()):
+            run, seconds = timed(
+                lambda: algorithm.probe_train(proxy, batches, proxy_loss, steps, args.lr, optimizer_cls), device)
         selection = algorithm.select(run)
         graph = run.prober._graph
         del proxy, run
@@ -158,7 +173,7 @@ def main():
     details = {}
     print(f"device: {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}, torch {torch.__version__}, "
           f"{args.model} in {args.dtype}, proxy {args.proxy_model} in {args.proxy_dtype}"
-          f"{' (bfloat16 autocast)' if args.proxy_autocast else ''}, horizon {args.horizon} steps of "
+          f"{' (bfloat16 autocast)' if args.proxy_autocast else ''}{' (TF32 matmuls)' if args.proxy_tf32 else ''}, horizon {args.horizon} steps of "
           f"{args.batch} x {TOKENS}, budget {args.budget:.0%}, AdamW{' (fused)' if args.fused_adamw else ''}, "
           f"{'CUDA-graph' if args.cuda_graph else 'eager'} probe, {args.repeats} round(s) after a warm-up")
     for round_index in range(args.repeats):

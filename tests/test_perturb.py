@@ -435,8 +435,10 @@ def test_opcheck(device, generator):
 @requires_cuda
 @pytest.mark.parametrize("dtypes", [[torch.float32], [torch.bfloat16], [torch.float16], DTYPES],
                          ids=["f32", "bf16", "f16", "mixed"])
-def test_cuda_equals_cpu_bitwise(generator, dtypes):
-    sizes = [4097, 1, 0, 33, 9000] + [5] * 300
+@pytest.mark.parametrize("sizes", [[4097, 1, 0, 33, 9000] + [5] * 300, [4097, 1, 0, 33, 700] + [5] * 60],
+                         ids=["more_chunks_than_blocks", "a_chunk_a_block"])
+def test_cuda_equals_cpu_bitwise(generator, dtypes, sizes):
+    """Both launches on GPUs with stage buffers: staged (more chunks than resident blocks) and not."""
     params, directions = random_group(generator, "cpu", sizes, dtypes)
     steps = torch.tensor([-4e-3, -2e-3, 2e-3, 4e-3])
     cuda_params = [p.cuda() for p in params]
@@ -484,10 +486,11 @@ def test_cuda_many_chunks_and_unaligned_views_equal_cpu_and_report_the_same_bits
 
 
 def move_kernel_launch(trace_path, dtype, chunks):
-    """The profiler's record of the move kernel's launch for a group of `chunks` chunks of `dtype`: its
-    shared memory a block, grid, registers."""
-    params = [torch.randn(chunks * 4096, device="cuda", dtype=dtype)]
-    group = adapeft.GroupPerturbation(params, [torch.randn_like(params[0])], torch.tensor([-1e-3, 1e-3], device="cuda"))
+    """The profiler's record of the move kernel's launch for a group of `chunks` chunks of `dtype` (one
+    tensor of whole chunks, but for a last one of 10 elements): its shared memory a block, grid, registers."""
+    params = [torch.randn((chunks - 1) * 4096, device="cuda", dtype=dtype), torch.randn(10, device="cuda", dtype=dtype)]
+    group = adapeft.GroupPerturbation(params, [torch.randn_like(p) for p in params],
+                                      torch.tensor([-1e-3, 1e-3], device="cuda"))
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profile:
         group.move(0)
         group.move(-1)
@@ -502,9 +505,10 @@ def move_kernel_launch(trace_path, dtype, chunks):
 @requires_cuda
 def test_cuda_stage_buffers_only_where_they_fit(tmp_path):
     """The move kernel of a group without float64 has its stage buffers on Hopper and later GPUs with
-    room for them, unless ADAPEFT_CUDA_STAGE=0; without them it fits GPUs that allow about 100 KB a
-    block. A group of float32 has one block an SM (142 KB staged), and a group of 16-bit params two
-    (91 KB staged: its ledger values and stage buffers are narrower), staged or not."""
+    room for them, unless ADAPEFT_CUDA_STAGE=0 or the group has no more chunks than resident blocks;
+    without them it fits GPUs that allow about 100 KB a block. A group of float32 has one block an SM
+    (142 KB staged), and a group of 16-bit params two (91 KB staged: its ledger values and stage buffers
+    are narrower), staged or not."""
     properties = torch.cuda.get_device_properties(0)
     staged = (os.environ.get("ADAPEFT_CUDA_STAGE") != "0" and properties.major >= 9
               and properties.shared_memory_per_block_optin >= 200 * 1024)
@@ -518,6 +522,11 @@ def test_cuda_stage_buffers_only_where_they_fit(tmp_path):
         assert 0 < wide["shared memory"] < 96 * 1024 and 0 < narrow["shared memory"] < 48 * 1024
     assert wide["grid"][0] == sms
     assert narrow["grid"][0] == 2 * sms and narrow["registers per thread"] <= 64
+    # A chunk a block: nothing for stage buffers to overlap.
+    one_each = [move_kernel_launch(tmp_path / "one_each32.json", torch.float32, sms),
+                move_kernel_launch(tmp_path / "one_each16.json", torch.bfloat16, 2 * sms)]
+    assert 0 < one_each[0]["shared memory"] < 96 * 1024 and 0 < one_each[1]["shared memory"] < 48 * 1024
+    assert one_each[0]["grid"][0] == sms and one_each[1]["grid"][0] == 2 * sms
     # With float64 (64-bit ledger values) never staged: it fits an A100's 163 KB a block.
     assert 96 * 1024 < move_kernel_launch(tmp_path / "trace64.json", torch.float64, 3)["shared memory"] < 160 * 1024
 
@@ -531,7 +540,7 @@ def test_cuda_without_stage_buffers_equals_cpu():
     done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", selected],
                           env=env, capture_output=True, text=True, cwd=os.path.dirname(__file__))
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert re.search(r"\b9 passed", done.stdout), done.stdout[-3000:]
+    assert re.search(r"\b13 passed", done.stdout), done.stdout[-3000:]
 
 
 @requires_cuda
