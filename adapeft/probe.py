@@ -110,6 +110,43 @@ def _model_untouched(model, modules, device):
                 module.training = training
 
 
+# The per-backend float32 precision settings of torch >= 2.9; older versions have only the global ones.
+_FP32_PRECISION_SETTINGS = [("cuda", "matmul"), ("cudnn", "conv"), ("cudnn", "rnn"), ("mkldnn", "matmul"),
+                            ("mkldnn", "conv"), ("mkldnn", "rnn")]
+
+
+@contextlib.contextmanager
+def _full_float32_precision():
+    """float32 matrix products and convolutions at full precision (no TF32, no bfloat16 emulation) while the
+    probe measures, whatever the process set for training: TF32 rounds every product's inputs to 10
+    mantissa bits, below which a step of one learning rate vanishes (GPT-2-small with LoRA on an H100: the
+    LoRA groups' APPI came out 10^4 times smaller, the norms' 100 times). Every setting comes back exactly.
+    torch >= 2.9 has per-backend settings besides the global ones, and refuses reads of the global ones
+    once the per-backend ones were set: where the process uses the global ones they are set (so that both
+    kinds of read work inside), and the per-backend ones only where it uses those."""
+    backends = [getattr(getattr(torch.backends, backend), op) for backend, op in _FP32_PRECISION_SETTINGS
+                if hasattr(getattr(torch.backends, backend, None), op)]
+    per_backend = [backend.fp32_precision for backend in backends]
+    try:
+        legacy = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
+    except RuntimeError:  # refused: the per-backend settings are in use
+        legacy = None
+    if legacy is not None:
+        torch.set_float32_matmul_precision("highest")
+        torch.backends.cudnn.allow_tf32 = False
+    else:
+        for backend in backends:
+            backend.fp32_precision = "ieee"
+    try:
+        yield
+    finally:
+        if legacy is not None:
+            torch.set_float32_matmul_precision(legacy[0])
+            torch.backends.cudnn.allow_tf32 = legacy[1]
+        for backend, precision in zip(backends, per_backend):
+            backend.fp32_precision = precision
+
+
 class Prober:
     """Per-group probe of a model: `step(batch, eta)` measures every group's loss reduction and learning rate.
 
@@ -327,7 +364,7 @@ class Prober:
                                "or give directions")
         # One walk over the modules a step: a graphed probe's replay waits for this host work.
         modules = list(self.model.modules())
-        with torch.no_grad(), _model_untouched(self.model, modules, self.device):
+        with torch.no_grad(), _model_untouched(self.model, modules, self.device), _full_float32_precision():
             # Outside any captured graph: a replay reads the steps from this buffer.
             torch.mul(self._points, eta, out=self._steps)
             try:

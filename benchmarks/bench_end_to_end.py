@@ -101,8 +101,8 @@ def main():
     parser.add_argument("--proxy-autocast", action="store_true",
                         help="run part I's forward passes in bfloat16 autocast over its float32 weights")
     parser.add_argument("--proxy-tf32", action="store_true",
-                        help="run part I's float32 matrix products on TF32 tensor cores "
-                             "(torch.set_float32_matmul_precision('high') while part I runs)")
+                        help="train part I's float32 proxy with TF32 matrix products "
+                             "(torch.set_float32_matmul_precision('high')); the probes stay in full float32")
     parser.add_argument("--fused-adamw", action="store_true", help="AdamW(fused=True) in every phase")
     parser.add_argument("--interleaved-steps", type=int, default=0,
                         help="then time this many training steps of part II's selection and of plain LoRA, alternating")

@@ -2,6 +2,9 @@
 import ctypes
 import ctypes.util
 import math
+import os
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -192,6 +195,90 @@ def test_nothing_changes_when_loss_fn_fails_midway(failure):
     with pytest.raises(expected[0], match=expected[1]):
         adapeft.Prober(model, None, failing).step(batch, 1e-3)
     assert_same(before, snapshot(model, optimizer))
+
+
+# Run in a fresh process: the float32 precision settings are the process's, and once the per-backend
+# ones are set torch refuses reads of the global ones for the rest of the process.
+PRECISION_SCRIPT = r"""
+import sys, torch, adapeft
+from test_probe import mlp, with_gradient
+how = sys.argv[1]
+if how == "global":
+    torch.set_float32_matmul_precision("high")
+    torch.backends.cudnn.allow_tf32 = True
+elif how == "per_backend":
+    torch.backends.cuda.matmul.fp32_precision = "tf32"
+    torch.backends.mkldnn.matmul.fp32_precision = "bf16"
+
+def settings():
+    per_backend = [getattr(getattr(torch.backends, b), op).fp32_precision
+                   for b, op in (("cuda", "matmul"), ("cudnn", "conv"), ("cudnn", "rnn"), ("mkldnn", "matmul"),
+                                 ("mkldnn", "conv"), ("mkldnn", "rnn"))]
+    if how == "per_backend":
+        return per_backend
+    return per_backend + [torch.get_float32_matmul_precision(), torch.backends.cuda.matmul.allow_tf32,
+                          torch.backends.cudnn.allow_tf32]
+
+def full_precision():
+    if how == "per_backend":
+        return all(p == "ieee" for p in settings())
+    return torch.get_float32_matmul_precision() == "highest" and not torch.backends.cuda.matmul.allow_tf32 \
+        and not torch.backends.cudnn.allow_tf32
+
+model, batch, loss_fn = mlp(torch.float32)
+with_gradient(model, batch, loss_fn)
+before = settings()
+seen, fail_at = [], []
+
+def watched(model, batch):
+    seen.append(full_precision())
+    if len(seen) in fail_at:
+        raise ValueError("fails midway")
+    return loss_fn(model, batch)
+
+adapeft.Prober(model, None, watched).step(batch, 1e-3)
+assert settings() == before, (settings(), before)
+fail_at.append(len(seen) + 3)
+try:
+    adapeft.Prober(model, None, watched).step(batch, 1e-3)
+    raise AssertionError("the second probe did not fail")
+except RuntimeError:
+    pass
+assert settings() == before, (settings(), before)
+assert len(seen) == fail_at[0] and all(seen), seen
+assert not full_precision() or how == "untouched"
+print("precision checked", how)
+"""
+
+
+@pytest.mark.skipif(not hasattr(torch.backends.cuda.matmul, "fp32_precision"),
+                    reason="torch before 2.9 has no per-backend precision settings")
+@pytest.mark.parametrize("how", ["untouched", "global", "per_backend"])
+def test_probe_measures_at_full_float32_precision_and_restores_the_settings(how):
+    """A process that trains in TF32 (or bfloat16-emulated float32 on CPUs) still probes at full float32
+    precision, set through whichever API the process uses; the settings come back exactly, also after
+    a failed probe."""
+    done = subprocess.run([sys.executable, "-c", PRECISION_SCRIPT, how], capture_output=True, text=True,
+                          cwd=os.path.dirname(__file__))
+    assert done.returncode == 0 and f"precision checked {how}" in done.stdout, done.stdout + done.stderr[-3000:]
+
+
+@requires_cuda
+def test_cuda_probe_under_tf32_equals_the_float32_probe():
+    """With TF32 on for training, the probe's losses are those of full float32 matrix products, which TF32
+    ones are not (checked, so that the test can fail)."""
+    model, batch, loss_fn = tiny_gpt2(torch.float32, "cuda", attention="sdpa")
+    with_gradient(model, batch, loss_fn)
+    previous = torch.get_float32_matmul_precision()
+    try:
+        want = adapeft.Prober(model, None, loss_fn).step(batch, 1e-4)
+        full = loss_fn(model, batch)
+        torch.set_float32_matmul_precision("high")
+        assert not torch.equal(loss_fn(model, batch), full)
+        got = adapeft.Prober(model, None, loss_fn).step(batch, 1e-4)
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    assert_same_probe(got, want)
 
 
 def test_nan_loss_rejects_only_that_group():
