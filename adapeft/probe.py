@@ -151,7 +151,8 @@ class Prober:
     """Per-group probe of a model: `step(batch, eta)` measures every group's loss reduction and learning rate.
 
     model: the torch.nn.Module; groups: a ParameterGroups (default `group_parameters(model)`);
-    loss_fn(model, batch) -> 0-dim tensor, run under torch.no_grad() in eval mode.
+    loss_fn(model, batch) -> 0-dim tensor, run under torch.no_grad() in eval mode, with float32 matrix products
+    and convolutions at full precision (no TF32) whatever the process set for training.
     direction: "grad" (the gradients in p.grad, the paper's choice), "optimizer" (the update `optimizer`
     would apply next, per unit of learning rate, read from its state without stepping it: eta* is then a
     learning rate for that optimizer), a dict {group name: list of tensors} or a callable
