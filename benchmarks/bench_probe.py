@@ -2,7 +2,8 @@
 
 GPT-2 small / medium / large configs with random weights, peft LoRA (r=8) on c_attn, every parameter
 trainable (the probing phase is full fine-tuning), gradients from one backward pass, batch 8 x 128
-tokens, float32 and bfloat16. K = the groups with a gradient (lora_A, lora_B, norm, bias, embed, others:
+tokens (--batch: the paper's appendix D fine-tunes GPT-2-small at a physical batch of 64 and GPT-2-large
+at 8, both of 128 tokens), float32 and bfloat16. K = the groups with a gradient (lora_A, lora_B, norm, bias, embed, others:
 GPT-2's head is tied to the embedding). Columns (median milliseconds per probe step unless noted):
   fwd        one eager forward pass with the loss, no_grad, eval mode (eager fl. / (4K+1))
   graph fwd  the same forward replayed from a CUDA graph
@@ -22,7 +23,8 @@ GPT-2's head is tied to the embedding). Columns (median milliseconds per probe s
              keeps reserved between steps (the graph's memory pool and the ledgers, column "held") less
              a forward pass's peak
 
-    python benchmarks/bench_probe.py [--quick] [--models small,large] [--dtypes bfloat16]
+    python benchmarks/bench_probe.py [--quick] [--models small,large] [--dtypes bfloat16] [--batch 8]
+    python benchmarks/bench_probe.py --models small --batch 64     # the paper's appendix D shape for GPT-2-small
 """
 import argparse
 import gc
@@ -159,9 +161,9 @@ def gen_step(model, optimizer, batch):
     lr_parabola(model, optimizer, tr_iter=iter(lambda: encoding, None), task="NLU", lr_factor=[-1, 0, 1])
 
 
-def measure(size, dtype, repeats, with_gen):
+def measure(size, dtype, repeats, with_gen, batch_size):
     model = build(size, dtype)
-    ids = torch.randint(0, VOCAB, (BATCH, TOKENS), device="cuda")
+    ids = torch.randint(0, VOCAB, (batch_size, TOKENS), device="cuda")
     batch = {"input_ids": ids, "labels": ids}
     model.train()
     lm_loss(model, batch).backward()
@@ -243,7 +245,10 @@ def main():
     parser.add_argument("--quick", action="store_true", help="GPT-2 small only, fewer repeats")
     parser.add_argument("--models", default="small,medium,large")
     parser.add_argument("--dtypes", default="float32,bfloat16")
+    parser.add_argument("--batch", type=int, default=BATCH, help=f"sequences of {TOKENS} tokens")
     args = parser.parse_args()
+    if args.batch < 1:
+        parser.error("--batch must be at least 1")
     try:
         import GeN  # noqa: F401
         with_gen = True
@@ -253,14 +258,14 @@ def main():
     models = ["small"] if args.quick else args.models.split(",")
     dtypes = [getattr(torch, name) for name in args.dtypes.split(",")]
     repeats = 3 if args.quick else 7
-    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, batch {BATCH} x {TOKENS} tokens, "
+    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, batch {args.batch} x {TOKENS} tokens, "
           f"LoRA r=8 on c_attn, eta {ETA}")
     print(f"{'model':7} {'dtype':9} {'K':>2} {'fwd':>7} {'graph fwd':>9} {'eager fl.':>9} {'graph fl.':>9} "
           f"{'adapeft':>8} {'graphed':>8} {'torch':>8} {'GeN fwd-eq':>10} {'torch/graphed':>13} "
           f"{'adapeft/eager fl.':>17} {'graphed/graph fl.':>17} {'syncs':>12} {'extra MB':>22} {'held MB':>8}")
     for size in models:
         for dtype in dtypes:
-            r = measure(size, dtype, repeats, with_gen)
+            r = measure(size, dtype, repeats, with_gen, args.batch)
             ms = {key: 1e3 * value for key, value in r.items() if isinstance(value, float)}
             gen = f"{r['GeN'] / r['fwd']:10.2f}" if with_gen else f"{'-':>10}"
             gen_syncs = r.get("GeN syncs", "-")
