@@ -636,7 +636,7 @@ __device__ void move_chunk(T* param, const D* direction, const ChunkView& v, con
         }
       }
     }
-}
+  }
 }
 
 // Puts a chunk whose entries did not fit back to w0, from its stored next values and its filed
