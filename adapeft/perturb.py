@@ -1,6 +1,5 @@
 """GroupPerturbation: a parameter group moved in place along a direction and restored bit for bit."""
-import contextlib
-import signal
+import _signal
 import threading
 import warnings
 
@@ -17,21 +16,31 @@ DEFAULT_CAPACITY_FRACTION = 1 / 16
 MIN_CAPACITY = 1024
 
 
-@contextlib.contextmanager
-def _sigint_deferred():
-    """Keep Ctrl-C from landing between a move and the bookkeeping that records it."""
-    if threading.current_thread() is not threading.main_thread() or \
-            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
-        yield
-        return
-    received = []
-    signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        if received:
-            raise KeyboardInterrupt
+class _SigintDeferred:
+    """Keeps Ctrl-C from landing between a move and the bookkeeping that records it: an interrupt that
+    arrives inside is raised on the way out. Does nothing off the main thread, under a SIGINT handler of
+    the user's, or inside another one. It calls the C functions of `_signal` because `signal.signal`'s
+    enum conversions took 7 of the 8 us that each move spent here."""
+
+    __slots__ = ("active", "received")
+
+    def __enter__(self):
+        self.received = False
+        self.active = threading.current_thread() is threading.main_thread() and \
+            _signal.getsignal(_signal.SIGINT) is _signal.default_int_handler
+        if self.active:
+            _signal.signal(_signal.SIGINT, self._record)
+        return self
+
+    def _record(self, signum, frame):
+        self.received = True
+
+    def __exit__(self, *exc):
+        if self.active:
+            _signal.signal(_signal.SIGINT, _signal.default_int_handler)
+            if self.received:
+                raise KeyboardInterrupt
+        return False
 
 
 class GroupPerturbation:
@@ -116,7 +125,7 @@ class GroupPerturbation:
         position, current = self._state
         if report is None:
             report, report_row = self._ledgers[current].new_empty((0,), dtype=torch.float64), -1
-        with _sigint_deferred():
+        with _SigintDeferred():
             ops.perturb_(self.params, self.directions, self.states, self.layout, self.table, self.fingerprint,
                          self.hyper, self.steps, position, step, self._ledgers[current], self._ledgers[1 - current],
                          report, report_row)

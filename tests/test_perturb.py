@@ -16,7 +16,7 @@ import adapeft
 from adapeft import _backend
 from adapeft import _layout as L
 from adapeft import reference
-from adapeft.perturb import _sigint_deferred
+from adapeft.perturb import _SigintDeferred
 
 from conftest import SEED, requires_cuda
 
@@ -285,7 +285,7 @@ def test_ctrl_c_during_moves_leaves_weights_intact(generator):
     with pytest.raises(KeyboardInterrupt):
         with adapeft.GroupPerturbation(params, directions, steps) as group:
             group.move(0)
-            with _sigint_deferred():
+            with _SigintDeferred():
                 os.kill(os.getpid(), signal.SIGINT)
                 group.move(1)  # the interrupt waits until this move is recorded
             group.move(2)

@@ -177,6 +177,25 @@ def test_nothing_changes(backend):
     assert torch.equal(torch.rand(3), expected_next_random)
 
 
+class TracedDropout(torch.nn.Dropout):
+    """A module class with its own __setattr__, which records every training flag set on it."""
+
+    def __setattr__(self, name, value):
+        if name == "training":
+            self.__dict__.setdefault("flags_set", []).append(value)
+        super().__setattr__(name, value)
+
+
+def test_training_flags_come_back_through_a_class_own_setattr():
+    model, batch, loss_fn = mlp(torch.float32)
+    model[3] = TracedDropout(0.1)
+    with_gradient(model, batch, loss_fn)
+    model[3].flags_set.clear()
+    adapeft.Prober(model, None, loss_fn).step(batch, 1e-3)
+    assert model[3].flags_set == [False, True]  # set by model.eval(), then put back through its own __setattr__
+    assert all(module.training for module in model.modules())
+
+
 @pytest.mark.parametrize("failure", ["raise", "interrupt"])
 def test_nothing_changes_when_loss_fn_fails_midway(failure):
     model, batch, loss_fn, optimizer = trained_model()
