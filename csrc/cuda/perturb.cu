@@ -34,10 +34,7 @@ namespace {
 //   when that one ends, by four warps. Its next values are stored at once; a chunk whose entries
 //   then do not fit is put back to w0, and each thread adds its share of a chunk's step to the
 //   report only once the chunk is known to keep it.
-constexpr int kThreads = 512;
-constexpr int kItems = static_cast<int>(kChunkElements) / kThreads;
 constexpr int kWords = static_cast<int>(kChunkElements) / 32;
-constexpr int kWarps = kThreads / 32;
 constexpr int kQuarters = 4;  // a chunk's entries are written by kQuarters warps, a bitmap word a lane
 constexpr int kWriters = kQuarters * 32;
 constexpr int kQuarterShift = kChunkShift - 2;
@@ -85,7 +82,7 @@ struct ChunkShare {
 // A launch is compiled for the widest param dtype of its group, kParamBits (16, 32 or 64): its saved
 // bits in shared memory are that wide, and its stage buffers hold a whole chunk of such params and of
 // float32 directions (a direction is float32 or of its param's dtype). A group of 16-bit params thus
-// needs 91 KB a block where one with float32 needs 142 KB, and two of its blocks fit on an SM.
+// needs 87 KB a block where one with float32 needs 142 KB, and two of its blocks fit on an SM.
 template <int kParamBits>
 using LedgerValue =
     std::conditional_t<kParamBits == 64, uint64_t, std::conditional_t<kParamBits == 32, uint32_t, uint16_t>>;
@@ -104,16 +101,27 @@ template <>
 struct StageBuffers<0> {};
 
 // Blocks an SM a launch is compiled for. A block of 16-bit params, staged or not, leaves room in shared
-// memory for a second one, which hides the wait at the barrier that ends each round; the registers a
-// thread may use then halve to 64 (see move_chunk's kPasses and launch_move). float32 gains nothing from
-// a second unstaged block (0.84 of the floor against 0.85, H100), and its staged block takes 142 KB.
+// memory for a second one, which hides the wait at the barrier that ends each round. float32 gains
+// nothing from a second unstaged block (0.84 of the floor against 0.85, H100), and its staged block
+// takes 142 KB.
 template <int kParamBits>
 constexpr int kBlocksPerSm = kParamBits == 16 ? 2 : 1;
+
+// Threads a block runs. Every thread repeats a round's bookkeeping (decoding the chunk, waiting for its
+// data, the loop), so a block of 16-bit params runs 256 threads of 16 elements a chunk: half the
+// bookkeeping an element, with 128 registers a thread at two blocks an SM (bfloat16 large groups 1.6%
+// faster, small.others 3%, H100). float32 with its one block an SM keeps 512 threads: 256 left it 20%
+// slower.
+template <int kParamBits>
+constexpr int kThreadsOf = kParamBits == 16 ? 256 : 512;
 
 // Each buffer comes twice: one for the chunk being moved, one for the chunk before or after it.
 template <int kParamBits, bool kStage>
 struct MoveShared : StageBuffers<kStage ? kStageBytesOf<kParamBits> : 0> {
   using Value = LedgerValue<kParamBits>;
+  static constexpr int kThreads = kThreadsOf<kParamBits>;
+  static constexpr int kItems = static_cast<int>(kChunkElements) / kThreads;  // a thread's elements of a chunk
+  static constexpr int kWarps = kThreads / 32;
   static constexpr bool kStaged = kStage;
   static constexpr int kStageBytes = kStage ? kStageBytesOf<kParamBits> : 0;
   uint64_t stage_landed[2];  // mbarriers: a stage buffer's fetch is complete
@@ -309,7 +317,7 @@ __device__ EntriesIn entries_in_of(const MoveArgs& a, const int64_t* words) {
   return e;
 }
 
-// Starts copying a chunk's first kThreads entries to shared memory, one a thread.
+// Starts copying a chunk's first Shared::kThreads entries to shared memory, one a thread.
 template <typename Shared>
 __device__ void stage_entries(const EntriesIn& e, Shared& sh) {
   const int tid = threadIdx.x;
@@ -318,11 +326,11 @@ __device__ void stage_entries(const EntriesIn& e, Shared& sh) {
 }
 
 // Files a chunk's entries by position in the buffer its move reads. Entries past the staged ones are
-// read from memory: only chunks with more than kThreads entries have them.
+// read from memory: only chunks with more than Shared::kThreads entries have them.
 template <typename Shared>
 __device__ void file_entries(const EntriesIn& e, bool staged, Shared& sh, int buffer) {
-  for (int i = threadIdx.x; i < e.count; i += kThreads) {
-    const bool from_stage = staged && i < kThreads;
+  for (int i = threadIdx.x; i < e.count; i += Shared::kThreads) {
+    const bool from_stage = staged && i < Shared::kThreads;
     const int64_t* entry = from_stage ? &sh.staged_entries[i * 2] : e.first + i * e.width;
     const int pos = static_cast<int>(entry[0] >> kEntryPositionShift);
     sh.in_value[buffer][pos] = static_cast<typename Shared::Value>(entry[e.width - 1]);
@@ -339,7 +347,7 @@ struct alignas(sizeof(X) * Vec) Pack {
 // How a thread's kItems elements sit in its chunk: in packs of Vec consecutive elements, the packs
 // of a warp adjacent, so every load and store is coalesced. Vec = 1 is the element-strided layout
 // any chunk can use; wider packs need a whole chunk with aligned pointers.
-template <int Vec>
+template <int kThreads, int Vec>
 __device__ __forceinline__ int pack_start(int pack, int tid) {
   return pack * (kThreads * Vec) + tid * Vec;
 }
@@ -478,10 +486,11 @@ struct Lanes {
 // invertible), store the next point, and file the elements whose step is not invertible. kStaged: the
 // current values and directions are read from stage buffer `buffer`; the next values still go to param.
 // kPasses: the thread's packs are loaded and moved in that many passes (a loop not unrolled), each
-// pass's loads in flight together. One pass keeps the most loads in flight; in kernels of 64 registers
-// element-strided chunks take more passes, as their unrolled code would spill: two of four elements
-// unstaged (where groups of small tensors go, see launch_move_staged_if_it_pays), and one element a pass
-// staged, where two passes cost large groups 2.7% (H100, not profiled) and such chunks are few.
+// pass's loads in flight together. One pass keeps the most loads in flight; in the 16-bit kernels (two
+// blocks an SM) element-strided chunks take more passes, as their unrolled code spilled at 512 threads and
+// 64 registers: two passes unstaged (where groups of small tensors go, see
+// launch_move_staged_if_it_pays), and one element a pass staged, where two passes cost large groups 2.7%
+// (H100, not profiled) and such chunks are few.
 template <typename T, typename D, int Vec, bool kStaged, int kPasses = 1, typename Shared>
 __device__ void move_chunk(T* param, const D* direction, const ChunkView& v, const StepOf<typename Storage<T>::Arith>& st,
                            bool has_from, bool has_to, Shared& sh, int buffer, ThreadTotals& totals,
@@ -491,13 +500,13 @@ __device__ void move_chunk(T* param, const D* direction, const ChunkView& v, con
   using L = Lanes<T, Vec>;
   using Word = typename L::Word;
   constexpr bool kWhole = Vec > 1;  // the chunk has kChunkElements elements: no bounds checks
-  constexpr int kPacks = kItems / Vec;
+  constexpr int kPacks = Shared::kItems / Vec;
   constexpr int kPassPacks = kPacks / kPasses;
   constexpr int kLanes = L::kCount;
   constexpr int kPackWords = Vec / kLanes;
   constexpr uint32_t kPackMask = (1u << Vec) - 1u;
   constexpr uint32_t kLaneMask = (1u << kLanes) - 1u;
-  static_assert(kItems % Vec == 0 && 32 % Vec == 0, "a pack lies within one bitmap word");
+  static_assert(Shared::kItems % Vec == 0 && 32 % Vec == 0, "a pack lies within one bitmap word");
   static_assert(kPacks % kPasses == 0, "passes of whole packs");
   static_assert(!kWhole || sizeof(Pack<T, Vec>) == kPackWords * sizeof(Word), "a pack is whole words");
   const int len = v.len;
@@ -510,7 +519,7 @@ __device__ void move_chunk(T* param, const D* direction, const ChunkView& v, con
 #pragma unroll
     for (int q = 0; q < kPassPacks; ++q) {
       const int p = pass * kPassPacks + q;
-      const int base = pack_start<Vec>(p, tid);
+      const int base = pack_start<Shared::kThreads, Vec>(p, tid);
       if constexpr (kWhole) {
         Pack<T, Vec> wp;
         Pack<D, Vec> gp;
@@ -536,7 +545,7 @@ __device__ void move_chunk(T* param, const D* direction, const ChunkView& v, con
     const bool lookup = rebuild && count_in > 0;
 #pragma unroll
     for (int q = 0; q < kPassPacks; ++q) {
-      const int base = pack_start<Vec>(pass * kPassPacks + q, tid);
+      const int base = pack_start<Shared::kThreads, Vec>(pass * kPassPacks + q, tid);
       if (!kWhole && base >= len) continue;
       const int word = base >> 5;
       uint32_t in_pack = 0;
@@ -744,7 +753,7 @@ __device__ Totals block_sum(TotalsOf<Count> thread, Shared& sh) {
   __syncthreads();
   Totals block;
   if (tid == 0) {
-    for (int w = 0; w < kWarps; ++w) {
+    for (int w = 0; w < Shared::kWarps; ++w) {
       block.dot_dir_step += sh.dot_dir_step[w];
       block.dot_dir_dir += sh.dot_dir_dir[w];
       block.changed += sh.counts[0][w];
@@ -782,7 +791,7 @@ __device__ void finish_step(const MoveArgs& a, ThreadTotals totals, Shared& sh) 
   if (!sh.is_last) return;
   __threadfence();
   Totals all;
-  for (unsigned b = tid; b < gridDim.x; b += kThreads) {
+  for (unsigned b = tid; b < gridDim.x; b += Shared::kThreads) {
     const int64_t* slot = a.block_totals + static_cast<int64_t>(b) * kTotalWords;
     all.dot_dir_step += __longlong_as_double(__ldcg(reinterpret_cast<const long long*>(slot) + kTotalDotDirStep));
     all.dot_dir_dir += __longlong_as_double(__ldcg(reinterpret_cast<const long long*>(slot) + kTotalDotDirDir));
@@ -806,7 +815,7 @@ __device__ void finish_step(const MoveArgs& a, ThreadTotals totals, Shared& sh) 
 
 // kStage: the launch has the stage buffers (Hopper and later GPUs with room for them).
 template <bool kWithRules, int kParamBits, bool kStage>
-__global__ void __launch_bounds__(kThreads, kBlocksPerSm<kParamBits>) move_kernel(MoveArgs a) {
+__global__ void __launch_bounds__(kThreadsOf<kParamBits>, kBlocksPerSm<kParamBits>) move_kernel(MoveArgs a) {
   using Shared = MoveShared<kParamBits, kStage>;
   constexpr bool kWithDouble = kParamBits == 64;
   extern __shared__ __align__(128) unsigned char shared_bytes[];
@@ -821,7 +830,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm<kParamBits>) move_kerne
   const int64_t stride = gridDim.x;
   const int64_t n = first < a.num_chunks ? (a.num_chunks - 1 - first) / stride + 1 : 0;
 
-  for (int i = tid; i < 2 * kWords; i += kThreads) {
+  for (int i = tid; i < 2 * kWords; i += Shared::kThreads) {
     sh.in_bits[i / kWords][i % kWords] = 0;
     sh.out_bits[i / kWords][i % kWords] = 0;
   }
@@ -885,7 +894,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm<kParamBits>) move_kerne
         } else if (packable(v)) {
           move_chunk<T, D, kVec, false>(param, direction, v, st, has_from, has_to, sh, buffer, totals, younger);
         } else {
-          constexpr int kPasses = kBlocksPerSm<kParamBits> == 1 ? 1 : kStage ? kItems : 2;
+          constexpr int kPasses = kBlocksPerSm<kParamBits> == 1 ? 1 : kStage ? Shared::kItems : 2;
           move_chunk<T, D, 1, false, kPasses>(param, direction, v, st, has_from, has_to, sh, buffer, totals, younger);
         }
       });
@@ -927,7 +936,7 @@ int64_t resident_blocks(int device) {
   const auto kernel = move_kernel<kWithRules, kParamBits, kStage>;
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
   int per_sm = 0;
-  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, bytes));
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreadsOf<kParamBits>, bytes));
   const int64_t blocks = static_cast<int64_t>(std::max(1, per_sm)) * props->multiProcessorCount;
   if (device < 64) cached[device] = blocks;
   return blocks;
@@ -953,7 +962,7 @@ void launch_move(MoveArgs a, int device) {
   const at::Tensor block_totals =
       at::empty({blocks * kTotalWords}, at::TensorOptions().dtype(at::kLong).device(at::kCUDA, device));
   a.block_totals = block_totals.data_ptr<int64_t>();
-  move_kernel<kWithRules, kParamBits, kStage><<<static_cast<unsigned>(blocks), kThreads, kSharedBytes<kParamBits, kStage>,
+  move_kernel<kWithRules, kParamBits, kStage><<<static_cast<unsigned>(blocks), kThreadsOf<kParamBits>, kSharedBytes<kParamBits, kStage>,
                                                 at::cuda::getCurrentCUDAStream()>>>(a);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
