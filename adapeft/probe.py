@@ -335,8 +335,8 @@ class Prober:
     def _ensure_ledgers(self, plans):
         self._entry_words = {name: max(L.entry_words(p.dtype) for p in plan[0]) for name, plan in plans.items()}
         chunks = max(L.count_chunks(plan[0]) for plan in plans.values())
-        words = max(max(MIN_CAPACITY, int(sum(p.numel() for p in plan[0]) * CAPACITY_FRACTION)) * self._entry_words[name]
-                    for name, plan in plans.items())
+        words = max(max(MIN_CAPACITY, int(sum(p.numel() for p in plan[0]) * CAPACITY_FRACTION))
+                    * self._entry_words[name] for name, plan in plans.items())
         self._capacity_words = max(self._capacity_words, words)
         size = L.LEDGER_HEADER_WORDS + chunks + self._capacity_words
         if self._ledgers is None or self._ledgers[0].numel() < size:

@@ -962,8 +962,8 @@ void launch_move(MoveArgs a, int device) {
   const at::Tensor block_totals =
       at::empty({blocks * kTotalWords}, at::TensorOptions().dtype(at::kLong).device(at::kCUDA, device));
   a.block_totals = block_totals.data_ptr<int64_t>();
-  move_kernel<kWithRules, kParamBits, kStage><<<static_cast<unsigned>(blocks), kThreadsOf<kParamBits>, kSharedBytes<kParamBits, kStage>,
-                                                at::cuda::getCurrentCUDAStream()>>>(a);
+  move_kernel<kWithRules, kParamBits, kStage><<<static_cast<unsigned>(blocks), kThreadsOf<kParamBits>,
+                                                kSharedBytes<kParamBits, kStage>, at::cuda::getCurrentCUDAStream()>>>(a);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
