@@ -28,7 +28,7 @@ def _quadratic_fit(losses, steps, counts, appi=None, r2_threshold=0.99):
 
 @torch.library.register_fake("adapeft::knapsack_greedy")
 def _knapsack_greedy(values, counts, rank):
-    return values.new_empty(values.shape, dtype=torch.int64)
+    return values.new_empty(values.shape, dtype=torch.int64), values.new_empty(values.shape, dtype=torch.float64)
 
 
 @torch.library.register_fake("adapeft::knapsack_exact")
@@ -39,10 +39,11 @@ def _knapsack_exact(values, counts, rank, capacity, max_states):
 @torch.library.register_fake("adapeft::knapsack_pareto")
 def _knapsack_pareto(values, counts, rank, max_points):
     size = torch.library.get_ctx().new_dynamic_size()
-    return tuple(values.new_empty((size,), dtype=torch.int64) for _ in range(3))
+    return (values.new_empty((size,), dtype=torch.int64), values.new_empty((size,), dtype=torch.float64),
+            values.new_empty((size,), dtype=torch.int64))
 
 
 @torch.library.register_fake("adapeft::knapsack_exhaustive")
 def _knapsack_exhaustive(values, counts, rank):
     subsets = 1 << values.shape[0]
-    return values.new_empty((subsets,), dtype=torch.int64), values.new_empty((subsets,), dtype=torch.int64)
+    return values.new_empty((subsets,), dtype=torch.int64), values.new_empty((subsets,), dtype=torch.float64)

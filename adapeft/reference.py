@@ -6,6 +6,7 @@ time with ordinary torch operations. They are the ground truth of the tests, the
 compiled kernel is missing, and the "pure PyTorch" baseline of the benchmarks.
 """
 import math
+from fractions import Fraction
 
 import numpy as np
 import torch
@@ -364,8 +365,9 @@ def quadratic_fit(losses, steps, counts, appi=None, r2_threshold=0.99):
 
 # Knapsack -------------------------------------------------------------------------------------------
 def _knapsack_items(values, counts, rank, op):
-    """(quantised values, counts, ranks) as Python ints, with the extension's checks and grid."""
-    values = [float(v) for v in torch.as_tensor(values).reshape(-1).tolist()]
+    """(values as exact Fractions, counts, ranks), with the extension's checks."""
+    values_tensor = torch.as_tensor(values)
+    values = [float(v) for v in values_tensor.reshape(-1).tolist()]
     counts_list = torch.as_tensor(counts).reshape(-1).tolist()
     rank = [int(r) for r in torch.as_tensor(rank).reshape(-1).tolist()]
     k = len(values)
@@ -375,6 +377,9 @@ def _knapsack_items(values, counts, rank, op):
         raise ValueError(f"{op}: values has {k} groups but counts has {len(counts_list)}")
     if len(rank) != k:
         raise ValueError(f"{op}: rank must have one entry per group ({k}), got {len(rank)}")
+    if not values_tensor.is_floating_point() and any(int(v) != x for v, x in
+                                                     zip(values, values_tensor.reshape(-1).tolist())):
+        raise ValueError(f"{op}: integer values beyond 2^53 are not exact as doubles; pass them as floats")
     weights = []
     for i, (v, w) in enumerate(zip(values, counts_list)):
         if not math.isfinite(v) or v < 0:
@@ -382,30 +387,38 @@ def _knapsack_items(values, counts, rank, op):
         if w != int(w) or int(w) <= 0:
             raise ValueError(f"{op}: counts[{i}] = {w}; every group must have at least one parameter")
         weights.append(int(w))
-    largest = max(values)
-    shift = 62 - math.ceil(math.log2(max(k, 2)))
-    grid = math.ldexp(1.0, shift)  # a power of two: the product is exact, as in the extension
-    quanta = [round(v / largest * grid) if largest > 0 else 0 for v in values]
-    return quanta, weights, rank
+    return [Fraction(v) for v in values], weights, rank
 
 
-def _efficiency_order(quanta, weights, rank):
-    from fractions import Fraction
-    return sorted(range(len(quanta)), key=lambda i: (-Fraction(quanta[i], weights[i]), weights[i], rank[i], i))
+def _efficiency_order(values, weights, rank):
+    return sorted(range(len(values)), key=lambda i: (-values[i] / weights[i], weights[i], rank[i], i))
+
+
+def _rounded(value):
+    """An exact Fraction rounded once to a double (inf past the largest double, as the extension)."""
+    try:
+        return float(value)
+    except OverflowError:
+        return math.inf
 
 
 def knapsack_greedy(values, counts, rank):
-    quanta, weights, rank = _knapsack_items(values, counts, rank, "adapeft.knapsack_greedy")
-    return torch.tensor(_efficiency_order(quanta, weights, rank), dtype=torch.int64)
-
-
-def _pareto_states(quanta, weights, order, capacity=None):
-    """Nemhauser-Ullmann over `order`: non-dominated (weight, value, mask) with weight <= capacity."""
-    frontier = [(0, 0, 0)]
+    values, weights, rank = _knapsack_items(values, counts, rank, "adapeft.knapsack_greedy")
+    order = _efficiency_order(values, weights, rank)
+    nested, running = [], Fraction(0)
     for i in order:
-        if quanta[i] == 0:
+        running += values[i]
+        nested.append(_rounded(running))
+    return torch.tensor(order, dtype=torch.int64), torch.tensor(nested, dtype=torch.float64)
+
+
+def _pareto_states(values, weights, order, capacity=None):
+    """Nemhauser-Ullmann over `order`: non-dominated (weight, value, mask) with weight <= capacity."""
+    frontier = [(0, Fraction(0), 0)]
+    for i in order:
+        if values[i] == 0:
             continue
-        shifted = [(w + weights[i], v + quanta[i], m | (1 << i)) for w, v, m in frontier
+        shifted = [(w + weights[i], v + values[i], m | (1 << i)) for w, v, m in frontier
                    if capacity is None or w + weights[i] <= capacity]
         merged, a, c = [], 0, 0
         while a < len(frontier) or c < len(shifted):
@@ -424,36 +437,36 @@ def _pareto_states(quanta, weights, order, capacity=None):
 
 def knapsack_exact(values, counts, rank, capacity, max_states=10**8):
     """The refined optimum by dynamic programming over all non-dominated states (no reduction)."""
-    quanta, weights, rank = _knapsack_items(values, counts, rank, "adapeft.knapsack_exact")
+    values, weights, rank = _knapsack_items(values, counts, rank, "adapeft.knapsack_exact")
     if capacity < 0:
         raise ValueError(f"adapeft.knapsack_exact: capacity must be >= 0, got {capacity}")
-    states = _pareto_states(quanta, weights, _efficiency_order(quanta, weights, rank), capacity)
+    states = _pareto_states(values, weights, _efficiency_order(values, weights, rank), capacity)
     best = states[-1][2]
-    mask = torch.tensor([bool(best >> i & 1) for i in range(len(quanta))])
-    return mask, torch.tensor([1, len(quanta), len(states)], dtype=torch.int64)
+    mask = torch.tensor([bool(best >> i & 1) for i in range(len(values))])
+    return mask, torch.tensor([1, len(values), len(states)], dtype=torch.int64)
 
 
 def knapsack_pareto(values, counts, rank, max_points=10**7):
-    quanta, weights, rank = _knapsack_items(values, counts, rank, "adapeft.knapsack_pareto")
-    if len(quanta) > 64:
-        raise ValueError(f"adapeft.knapsack_pareto: the exact frontier takes at most 64 groups (got {len(quanta)})")
-    frontier = _pareto_states(quanta, weights, _efficiency_order(quanta, weights, rank))
+    values, weights, rank = _knapsack_items(values, counts, rank, "adapeft.knapsack_pareto")
+    if len(values) > 64:
+        raise ValueError(f"adapeft.knapsack_pareto: the exact frontier takes at most 64 groups (got {len(values)})")
+    frontier = _pareto_states(values, weights, _efficiency_order(values, weights, rank))
     if len(frontier) > max_points:
         frontier = []
     as_signed = [m - (1 << 64) if m >= (1 << 63) else m for _, _, m in frontier]
     return (torch.tensor([w for w, _, _ in frontier], dtype=torch.int64),
-            torch.tensor([v for _, v, _ in frontier], dtype=torch.int64),
+            torch.tensor([_rounded(v) for _, v, _ in frontier], dtype=torch.float64),
             torch.tensor(as_signed, dtype=torch.int64))
 
 
 def knapsack_exhaustive(values, counts, rank):
-    quanta, weights, _ = _knapsack_items(values, counts, rank, "adapeft.knapsack_exhaustive")
-    if len(quanta) > 24:
+    values, weights, _ = _knapsack_items(values, counts, rank, "adapeft.knapsack_exhaustive")
+    if len(values) > 24:
         raise ValueError(f"adapeft.knapsack_exhaustive: enumerates 2^K subsets, so K must be at most 24 "
-                         f"(got {len(quanta)})")
-    w = np.zeros(1, dtype=np.int64)
-    v = np.zeros(1, dtype=np.int64)
-    for q_i, w_i in zip(quanta, weights):  # subset s has bit i set for the second half after item i
-        w = np.concatenate([w, w + w_i])
-        v = np.concatenate([v, v + q_i])
-    return torch.from_numpy(w), torch.from_numpy(v)
+                         f"(got {len(values)})")
+    subset_weights, subset_values = [0], [Fraction(0)]
+    for v_i, w_i in zip(values, weights):  # subset s has bit i set for the second half after item i
+        subset_weights += [w + w_i for w in subset_weights]
+        subset_values += [v + v_i for v in subset_values]
+    return (torch.tensor(subset_weights, dtype=torch.int64),
+            torch.tensor([_rounded(v) for v in subset_values], dtype=torch.float64))

@@ -2,19 +2,34 @@
 
 `select(values=..., counts=..., budget=..., method=...)`, or `select(prober, budget=...)` straight from a
 probe (values = APPI x parameters), returns a `Selection`:
-- "greedy" (the paper's 3.2): groups by value per parameter (APPI), the K nested sets; with a budget, the
-  nested set of most value that fits (the largest, unless the last groups add nothing).
+- "greedy" (the paper's 3.2): groups by value per parameter (APPI), the K + 1 nested sets; with a budget,
+  the nested set of most value that fits, and among those the one with the fewest parameters.
 - "exact": the refined optimum of Theorem 2.2 for the budget: the most loss reduction, and among all sets
-  that reach it, the one with the fewest parameters (proven optimal; see `Selection.proven`).
-- "pareto": every non-dominated (parameters, value) set, exactly for up to `max_exact_groups` groups;
-  beyond that the greedy frontier plus exact optima at `budgets`, each point labelled.
+  that reach it, the one with the fewest parameters.
+- "pareto": every non-dominated (parameters, value) set, each once, exactly for up to `max_exact_groups`
+  groups; beyond that the nested greedy sets plus exact optima at `budgets` (and at `budget`), each point
+  labelled. With a budget, the chosen set is the frontier's refined optimum within it.
 
-Values are compared on a fixed-point grid below double precision (csrc/knapsack.h), so ties are exact;
-among equally efficient groups the greedy order takes fewer parameters first, then the name. Values
-that are all zero select nothing (the empty set is the refined optimum at every budget).
+How values compare: exactly, as the real numbers the given doubles stand for (csrc/knapsack.h). 1 + 2
+equals 3 and 1/1 is as efficient as 3/3, so ties of values, of sums and of ratios are real ties; and the
+doubles 0.1 + 0.2 sum to more than the double 0.3, as they do in exact arithmetic. Reported values are the
+exact sums rounded once to a double (what `math.fsum` gives), so two frontier points whose values differ
+below double precision can print alike. Among equally efficient groups the greedy order takes fewer
+parameters first, then the name. Values that are all zero select nothing.
+
+The budget is a share of all parameters: the capacity is floor(budget x total) computed exactly, with a
+float budget read as the decimal it prints as (0.3 is 3/10, so 0.3 of 10 equal groups is 3 of them).
+
+`Selection.proven` is true only when the chosen set is certified the refined optimum for the budget and,
+for method="pareto", the frontier holds every non-dominated point; `notes` say why when it is not.
 """
+import bisect
+import decimal
+import itertools
 import json
 import math
+import numbers
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
 
@@ -54,7 +69,8 @@ class Selection:
 
     @property
     def value(self):
-        return float(sum(v for v, m in zip(self.values, self.mask) if m))
+        """The chosen values' exact sum, rounded once."""
+        return math.fsum(v for v, m in zip(self.values, self.mask) if m)
 
     @property
     def count(self):
@@ -73,10 +89,12 @@ class Selection:
         return [n for n, m in zip(self.names, self.mask) if m]
 
     def table(self):
-        lines = [f"method {self.method}" + (f", budget {self.budget:.3%}" if self.budget is not None else "") +
+        lines = [f"method {self.method}" + (f", budget {float(self.budget):.3%}" if self.budget is not None else
+                                             ", no budget: the set of most value overall") +
                  ("" if self.proven else " (not proven optimal)"),
                  f"chosen: {', '.join(self.chosen) or '(none)'}; {self.count:,} of {self.total:,} parameters "
                  f"({self.share:.3%}), predicted loss reduction {self.value:.4g}"]
+        lines += [f"note: {note}" for note in self.notes]
         if self.frontier is not None:
             lines.append(f"{'parameters':>14} {'share':>8} {'loss reduction':>15}  {'how':14} groups")
             for (count, value, mask), label in zip(self.frontier, self.labels):
@@ -87,7 +105,8 @@ class Selection:
     __str__ = table
 
     def apply(self, model, groups):
-        """Make exactly the chosen groups trainable (requires_grad), freezing the others; returns a report."""
+        """Make exactly the chosen groups trainable (requires_grad), freezing every other parameter of the model;
+        returns a report."""
         if not isinstance(groups, ParameterGroups):
             raise TypeError("adapeft.Selection.apply: groups must come from adapeft.group_parameters(model)")
         missing = [n for n in self.names if n not in groups]
@@ -100,9 +119,10 @@ class Selection:
         if any(id(p) not in own for n in groups.names for p in groups.params(n)):
             raise ValueError("adapeft.Selection.apply: groups were made for another model")
         chosen = set(self.chosen)
-        for name in groups.names:
-            for p in groups.params(name):
-                p.requires_grad_(name in chosen)
+        trainable = {id(p) for name in chosen for p in groups.params(name)}
+        # Parameters in no group (peft's originals behind modules_to_save, inactive adapters) are frozen too.
+        for p in model.parameters():
+            p.requires_grad_(id(p) in trainable)
         trained = sum(n for name, n in zip(groups.names, groups.numel) if name in chosen)
         return {"trained": [n for n in groups.names if n in chosen],
                 "frozen": [n for n in groups.names if n not in chosen],
@@ -110,7 +130,8 @@ class Selection:
                 "share": trained / groups.total if groups.total else 0.0}
 
     def as_dict(self):
-        return {"format": "adapeft.selection/1", "method": self.method, "budget": self.budget, "proven": self.proven,
+        budget = None if self.budget is None else float(self.budget)
+        return {"format": "adapeft.selection/1", "method": self.method, "budget": budget, "proven": self.proven,
                 "names": list(self.names), "values": [float(v) for v in self.values],
                 "counts": [int(c) for c in self.counts], "chosen": self.chosen, "value": self.value,
                 "count": self.count, "notes": list(self.notes),
@@ -148,6 +169,76 @@ class Selection:
                    proven=data["proven"], frontier=frontier, labels=labels, notes=data.get("notes", []))
 
 
+class Frontier(Sequence):
+    """Points (count, value, mask) sorted by count. A mask may be stored as a size j, the first j groups of
+    a greedy order, and is then built when read: the K + 1 nested sets of K groups take O(K) memory."""
+
+    def __init__(self, points, nested=None):
+        self._points = points
+        self._nested = nested
+
+    def __len__(self):
+        return len(self._points)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        count, value, mask = self._points[index]
+        return count, value, self._nested.mask(mask) if isinstance(mask, (int, np.integer)) else mask
+
+
+class _NestedSets:
+    """The greedy order and its nested sets: size j holds the first j groups of the order (j = 0..K)."""
+
+    def __init__(self, problem):
+        order, nested_values = _backend.call("knapsack_greedy")(problem.v, problem.c, problem.rank)
+        self.order = order.numpy()
+        self.counts = np.concatenate([[0], np.cumsum(problem.c.numpy()[self.order])]).tolist()
+        self.values = [0.0] + nested_values.tolist()
+        # Groups of zero value sort last (they are the least efficient): the first `positive` have value.
+        self.positive = int(np.count_nonzero(problem.v.numpy()))
+        self.k = len(self.order)
+
+    def mask(self, size):
+        mask = np.zeros(self.k, dtype=bool)
+        mask[self.order[:size]] = True
+        return mask
+
+    def best_within(self, capacity):
+        """The size of the nested set of most value within `capacity`, the fewest parameters among ties."""
+        fitting = bisect.bisect_right(self.counts, capacity) - 1
+        return min(fitting, self.positive)
+
+    def certified(self, size, capacity):
+        """Whether nested set `size` is the refined optimum at `capacity`. It is when it leaves nothing of
+        value out, or when it fills the capacity exactly: it is then the linear relaxation's optimum, and
+        with every efficiency positive any lighter set is worth strictly less."""
+        return size == self.positive or self.counts[size] == capacity
+
+
+@dataclass
+class _Problem:
+    names: list
+    values: list
+    counts: list
+    v: torch.Tensor
+    c: torch.Tensor
+    rank: torch.Tensor
+
+    @property
+    def total(self):
+        return int(self.c.sum())
+
+    def selection(self, mask, method, budget, **fields):
+        return Selection(self.names, self.values, self.counts, mask, method, budget, **fields)
+
+    def exact_values(self):
+        """Every value as an integer on one power-of-two scale, so that sums compare exactly."""
+        ratios = [float(v).as_integer_ratio() for v in self.values]
+        scale = max(d.bit_length() for _, d in ratios) - 1
+        return [n << (scale - d.bit_length() + 1) for n, d in ratios]
+
+
 def _as_list(x, what):
     if isinstance(x, torch.Tensor):
         return x.detach().cpu().reshape(-1).tolist()
@@ -157,9 +248,27 @@ def _as_list(x, what):
         raise TypeError(f"adapeft.select: {what} must be a sequence of numbers") from error
 
 
+def budget_share(budget, argument="budget"):
+    """A budget as an exact fraction of the parameters, checked to lie in [0, 1]. A float is read as the
+    decimal it prints as (0.3 is 3/10, not the double just below it); ints, Fractions and Decimals as they are."""
+    share = None
+    if isinstance(budget, bool):
+        pass
+    elif isinstance(budget, (numbers.Rational, decimal.Decimal)):
+        share = Fraction(budget) if not isinstance(budget, decimal.Decimal) or budget.is_finite() else None
+    elif isinstance(budget, numbers.Real) and math.isfinite(budget):
+        text = (np.format_float_positional(budget, unique=True, trim="-") if isinstance(budget, np.floating)
+                else repr(float(budget)))
+        share = Fraction(text)
+    if share is None or not 0 <= share <= 1:
+        raise ValueError(f"adapeft.select: {argument} must be a share of the parameters in [0, 1], got {budget!r}")
+    return share
+
+
 def capacity_of(budget, total):
-    """floor(budget * total), exactly."""
-    return int(math.floor(Fraction(budget) * total))
+    """The parameters `budget` allows out of `total`: floor(budget x total), exactly (see budget_share)."""
+    share = budget_share(budget)
+    return share.numerator * int(total) // share.denominator
 
 
 def select(prober_or_values=None, counts=None, *, values=None, budget=None, method="greedy", names=None,
@@ -188,95 +297,115 @@ def select(prober_or_values=None, counts=None, *, values=None, budget=None, meth
         raise ValueError(f"adapeft.select: names must be {k} distinct strings")
     if method not in METHODS:
         raise ValueError(f"adapeft.select: method must be one of {METHODS}, got {method!r}")
-    if budget is not None and (not isinstance(budget, (int, float)) or not 0 <= budget <= 1 or math.isnan(budget)):
-        raise ValueError(f"adapeft.select: budget must be a share of the parameters in [0, 1], got {budget!r}")
+    if budget is not None:
+        budget_share(budget)
     if method == "exact" and budget is None:
         raise ValueError("adapeft.select: method='exact' needs a budget")
-    v = torch.tensor(values, dtype=torch.float64)
+    for share in budgets:
+        budget_share(share, "every entry of budgets")
     c = torch.tensor(counts)
     if c.is_floating_point() and torch.isfinite(c).all() and torch.equal(c, c.round()):
         c = c.to(torch.int64)
     rank = torch.tensor(np.argsort(np.argsort(names, kind="stable"), kind="stable"), dtype=torch.int64)
-    ops = _backend.call
-    total = int(c.sum())
-
+    problem = _Problem(names, values, counts, torch.tensor(values, dtype=torch.float64), c, rank)
     if method == "greedy":
-        order = ops("knapsack_greedy")(v, c, rank).tolist()
-        frontier = _nested(order, values, counts, k)
-        labels = ["greedy"] * len(frontier)
-        return Selection(names, values, counts, _best_within(frontier, budget, total), method, budget,
-                         frontier=frontier, labels=labels)
-
+        return _greedy(problem, budget)
     if method == "exact":
-        return _exact(ops, v, c, rank, capacity_of(budget, total), names, values, counts, budget)
+        return _exact(problem, budget)
+    return _pareto(problem, budget, budgets, max_exact_groups)
 
+
+def _greedy(problem, budget):
+    nested = _NestedSets(problem)
+    capacity = problem.total if budget is None else capacity_of(budget, problem.total)
+    size = nested.best_within(capacity)
+    proven = nested.certified(size, capacity)
+    notes = [] if proven else ["the greedy set is the best nested set in value-per-parameter order, not proven "
+                               "optimal for the budget; method='exact' finds the optimum"]
+    frontier = Frontier([(nested.counts[j], nested.values[j], j) for j in range(nested.k + 1)], nested)
+    return problem.selection(nested.mask(size), "greedy", budget, proven=proven, frontier=frontier,
+                             labels=["greedy"] * len(frontier), notes=notes)
+
+
+def _exact(problem, budget):
+    mask, info = _backend.call("knapsack_exact")(problem.v, problem.c, problem.rank,
+                                                  capacity_of(budget, problem.total), MAX_EXACT_STATES)
+    proven = bool(info[0])
+    notes = [] if proven else [f"the exact search stopped at its limit of {MAX_EXACT_STATES:,} states: this is the "
+                               "greedy solution, not proven optimal"]
+    return problem.selection(mask.numpy().astype(bool), "exact", budget, proven=proven, notes=notes)
+
+
+def _pareto(problem, budget, budgets, max_exact_groups):
+    k, total = len(problem.values), problem.total
+    capacity = total if budget is None else capacity_of(budget, total)
     notes = []
-    frontier = None
     if k <= min(max_exact_groups, 64):
-        weights, _, masks = ops("knapsack_pareto")(v, c, rank, MAX_FRONTIER_POINTS)
+        weights, sums, masks = _backend.call("knapsack_pareto")(problem.v, problem.c, problem.rank,
+                                                                 MAX_FRONTIER_POINTS)
         if weights.numel():
-            frontier = [(int(w), _value_of(m, values), _bits_to_mask(int(m), k))
-                        for w, m in zip(weights.tolist(), masks.tolist())]
-            labels = ["exact"] * len(frontier)
-        else:
-            notes.append(f"the exact frontier has more than {MAX_FRONTIER_POINTS:,} points")
+            points = [(w, v, _bits_to_mask(m, k)) for w, v, m in zip(weights.tolist(), sums.tolist(), masks.tolist())]
+            # Values rise strictly along an exact frontier: the last point that fits is the refined optimum.
+            chosen = points[bisect.bisect_right(weights.tolist(), capacity) - 1][2]
+            return problem.selection(chosen, "pareto", budget, frontier=Frontier(points),
+                                     labels=["exact"] * len(points))
+        notes.append(f"the exact frontier grew past its limit of {MAX_FRONTIER_POINTS:,} points")
     else:
         notes.append(f"{k} groups is more than the {max_exact_groups} the exact frontier is computed for")
-    if frontier is None:
-        order = ops("knapsack_greedy")(v, c, rank).tolist()
-        points = [(p, "greedy") for p in _nested(order, values, counts, k)]
-        for share in budgets:
-            found = _exact(ops, v, c, rank, capacity_of(share, total), names, values, counts, share)
-            points.append(((found.count, found.value, found.mask),
-                           f"exact@{share:g}" if found.proven else f"best@{share:g}"))
-        points.sort(key=lambda item: (item[0][0], -item[0][1]))
-        frontier, labels = [p for p, _ in points], [label for _, label in points]
-        notes.append("frontier = the greedy nested sets (convex-hull guarantee) plus exact optima at the budgets")
-    return Selection(names, values, counts, _best_within(frontier, budget, total), method, budget,
-                     frontier=frontier, labels=labels, notes=notes,
-                     proven=not any(label.startswith("best@") for label in labels))
+    nested = _NestedSets(problem)
+    # Nested sets of groups of value are refined optima for their own size, so all lie on the frontier.
+    found = [(nested.counts[j], nested.values[j], j, "greedy") for j in range(nested.positive + 1)]
+    shares = list(budgets) + ([budget] if budget is not None else [])
+    unproven = []
+    for share in shares:
+        optimum = _exact(problem, share)
+        found.append((optimum.count, optimum.value, optimum.mask,
+                      f"{'exact' if optimum.proven else 'best'}@{float(share):g}"))
+        if not optimum.proven:
+            unproven.append(share)
+    points, labels = _non_dominated(problem, nested, found)
+    frontier = Frontier(points, nested)
+    fitting = bisect.bisect_right([p[0] for p in points], capacity) - 1
+    notes.append("frontier: the nested greedy sets and exact optima at the budgets; other non-dominated sets may "
+                 "lie between them")
+    if unproven:
+        notes.append(f"the exact search stopped at its state limit for budgets {[float(u) for u in unproven]}: "
+                     "those points are greedy solutions")
+    return problem.selection(frontier[fitting][2], "pareto", budget, proven=False, frontier=frontier,
+                             labels=labels, notes=notes)
+
+
+def _non_dominated(problem, nested, found):
+    """The points of `found` (count, value, mask or nested size, label) that no other one dominates, each
+    (count, value) once, sorted by count: compared on exact values."""
+    exact = problem.exact_values()
+    prefix = [0] + list(itertools.accumulate(exact[i] for i in nested.order))
+    preference = {"exact": 0, "greedy": 1, "best": 2}
+
+    def exact_value(mask):
+        return prefix[mask] if isinstance(mask, int) else sum(q for q, m in zip(exact, mask) if m)
+
+    keyed = sorted(((count, -exact_value(mask), preference[label.split("@")[0]], i)
+                    for i, (count, _, mask, label) in enumerate(found)))
+    points, labels, best = [], [], None
+    for _, negative_value, _, i in keyed:
+        if best is None or -negative_value > best:
+            count, value, mask, label = found[i]
+            points.append((count, value, mask))
+            labels.append(label)
+            best = -negative_value
+    return points, labels
 
 
 def all_subsets(values, counts):
     """(parameters, loss reduction) of every subset of at most 24 groups, subset s at index s (bit i: group
-    i): the cloud the paper's Figure 5 draws the frontier against."""
+    i), each value the exact sum rounded once: the cloud the paper's Figure 5 draws the frontier against."""
     v = torch.as_tensor(values, dtype=torch.float64)
     c = torch.as_tensor(counts).to(torch.int64)
-    subset_counts, _ = _backend.call("knapsack_exhaustive")(v, c, torch.arange(v.numel()))
-    bits = (torch.arange(1 << v.numel())[:, None] >> torch.arange(v.numel())) & 1
-    return subset_counts.numpy(), (bits.double() @ v).numpy()
-
-
-def _best_within(frontier, budget, total):
-    """The frontier point with the most value within the budget, the fewest parameters among ties (no
-    budget: the most value overall)."""
-    capacity = total if budget is None else capacity_of(budget, total)
-    return max((p for p in frontier if p[0] <= capacity), key=lambda p: (p[1], -p[0]))[2]
-
-
-def _exact(ops, v, c, rank, capacity, names, values, counts, budget):
-    mask, info = ops("knapsack_exact")(v, c, rank, capacity, MAX_EXACT_STATES)
-    proven = bool(info[0])
-    notes = [] if proven else ["the exact search stopped at its state limit; this is the greedy solution"]
-    return Selection(names, values, counts, mask.numpy().astype(bool), "exact", budget, proven=proven, notes=notes)
-
-
-def _nested(order, values, counts, k):
-    """The K + 1 nested greedy sets, (count, value, mask), from the empty one."""
-    mask = np.zeros(k, dtype=bool)
-    points, count, value = [(0, 0.0, mask.copy())], 0, 0.0
-    for i in order:
-        mask[i] = True
-        count += int(counts[i])
-        value += float(values[i])
-        points.append((count, value, mask.copy()))
-    return points
+    subset_counts, subset_values = _backend.call("knapsack_exhaustive")(v, c, torch.arange(v.numel()))
+    return subset_counts.numpy(), subset_values.numpy()
 
 
 def _bits_to_mask(bits, k):
     bits &= (1 << 64) - 1
     return np.array([bool(bits >> i & 1) for i in range(k)])
-
-
-def _value_of(bits, values):
-    return float(sum(v for i, v in enumerate(values) if (bits & ((1 << 64) - 1)) >> i & 1))

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 import adapeft  # noqa: F401  (loads the ops)
+from adapeft.select import capacity_of
 
 ops = torch.ops.adapeft
 
@@ -85,14 +86,14 @@ def main():
     for k in sizes:
         values, counts = realistic(k, seed=k)
         rank = torch.arange(k)
-        capacity = int(0.3 * int(counts.sum()))
+        capacity = capacity_of(0.3, int(counts.sum()))
         repeats = 3 if k >= 10**6 else 7
-        t_greedy, order = timed(lambda: ops.knapsack_greedy(values, counts, rank), repeats)
+        t_greedy, (order, nested_values) = timed(lambda: ops.knapsack_greedy(values, counts, rank), repeats)
         t_numpy, _ = timed(lambda: np.argsort(-(values / counts).numpy(), kind="stable"), repeats)
         t_exact, (mask, info) = timed(lambda: ops.knapsack_exact(values, counts, rank, capacity, 10**8), repeats)
-        prefix = torch.cumsum(counts[order], 0) <= capacity
-        greedy_value = values[order][prefix].sum().item()
-        exact_value = values[mask].sum().item()
+        fitting = int((torch.cumsum(counts[order], 0) <= capacity).sum())
+        greedy_value = nested_values[fitting - 1].item() if fitting else 0.0
+        exact_value = math.fsum(values[mask].tolist())
         gap = (exact_value - greedy_value) / exact_value
         t_or = ortools_seconds(values, counts, capacity) if k <= 10**5 else None
         print(f"{k:9,d} {t_greedy:9.4f} {t_numpy:13.4f} {t_exact:9.4f} {int(info[1]):6d} {int(info[2]):8d} "

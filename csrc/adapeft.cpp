@@ -38,23 +38,24 @@ TORCH_LIBRARY(adapeft, m) {
       "quadratic_fit(Tensor losses, Tensor steps, Tensor counts, Tensor(a!)? appi, float r2_threshold=0.99) "
       "-> (Tensor b, Tensor A, Tensor r2, Tensor accepted, Tensor ppi, Tensor eta_star)");
   // Knapsack over groups (CPU): values are loss reductions (>= 0), counts parameters (> 0), rank breaks
-  // ties among equally efficient groups of equal size. Values are compared on a fixed-point grid (see
-  // csrc/knapsack.h) so that every sum and tie is exact.
-  // The paper's greedy order: groups by value per parameter, descending.
-  m.def("knapsack_greedy(Tensor values, Tensor counts, Tensor rank) -> Tensor order");
+  // ties among equally efficient groups of equal size. Values are compared exactly, as the real numbers
+  // their doubles stand for (csrc/knapsack.h), so that every sum and tie is exact.
+  // The paper's greedy order: groups by value per parameter, descending (then fewer parameters, then
+  // rank), and the value of the first i + 1 groups of it at i (the exact sum rounded once to a double).
+  m.def("knapsack_greedy(Tensor values, Tensor counts, Tensor rank) -> (Tensor order, Tensor nested_values)");
   // The refined optimum for one capacity: the most value, and among those sets the fewest parameters;
-  // info = (proven optimal, core size, states stored). Past max_states it returns the greedy solution
-  // with proven = 0.
+  // info = (proven optimal, core size, states stored). Past max_states (fewer for values spanning more
+  // than about 2^60, so that memory stays bounded) it returns the greedy solution with proven = 0.
   m.def(
       "knapsack_exact(Tensor values, Tensor counts, Tensor rank, int capacity, int max_states) "
       "-> (Tensor mask, Tensor info)");
-  // Every non-dominated (parameters, value) subset for K <= 64, in increasing parameters, as bit masks;
-  // empty if the frontier grows past max_points.
+  // Every non-dominated (parameters, value) subset for K <= 64, in increasing parameters, with its value
+  // (the exact sum rounded once to a double) and bit mask; empty if the frontier grows past max_points.
   m.def(
       "knapsack_pareto(Tensor values, Tensor counts, Tensor rank, int max_points) "
-      "-> (Tensor counts, Tensor quanta, Tensor masks)");
-  // (parameters, fixed-point value) of all 2^K subsets for K <= 24, subset s at index s.
-  m.def("knapsack_exhaustive(Tensor values, Tensor counts, Tensor rank) -> (Tensor counts, Tensor quanta)");
+      "-> (Tensor counts, Tensor values, Tensor masks)");
+  // (parameters, value rounded once from the exact sum) of all 2^K subsets for K <= 24, subset s at index s.
+  m.def("knapsack_exhaustive(Tensor values, Tensor counts, Tensor rank) -> (Tensor counts, Tensor values)");
 }
 
 namespace {

@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <limits>
 
 namespace adapeft {
 
@@ -25,54 +26,50 @@ KnapsackItems knapsack_items(const at::Tensor& values, const at::Tensor& counts,
               ": values must be numbers, got ", values.scalar_type());
   TORCH_CHECK(!at::isFloatingType(counts.scalar_type()) || at::equal(counts.to(at::kDouble), w.to(at::kDouble)), op,
               ": counts must be whole numbers of parameters");
+  TORCH_CHECK(at::isFloatingType(values.scalar_type()) || at::equal(v.to(values.scalar_type()), values), op,
+              ": integer values beyond 2^53 are not exact as doubles; pass them as floats");
   const double* vp = v.data_ptr<double>();
   const int64_t* wp = w.data_ptr<int64_t>();
   KnapsackItems items;
-  items.value.resize(k);
+  items.value.assign(vp, vp + k);
   items.weight.assign(wp, wp + k);
   items.rank.assign(r.data_ptr<int64_t>(), r.data_ptr<int64_t>() + k);
-  double largest = 0.0;
+  int64_t lowest = std::numeric_limits<int64_t>::max(), highest = std::numeric_limits<int64_t>::min();
   for (int64_t i = 0; i < k; ++i) {
     TORCH_CHECK(std::isfinite(vp[i]) && vp[i] >= 0.0, op, ": values[", i, "] = ", vp[i],
                 "; loss reductions must be finite and >= 0");
     TORCH_CHECK(wp[i] > 0, op, ": counts[", i, "] = ", wp[i], "; every group must have at least one parameter");
     TORCH_CHECK(wp[i] <= (int64_t{1} << 42), op, ": counts[", i, "] = ", wp[i], " is larger than 2^42");
-    largest = std::max(largest, vp[i]);
     TORCH_CHECK(!__builtin_add_overflow(items.total_weight, wp[i], &items.total_weight) &&
                     items.total_weight < (int64_t{1} << 62),
                 op, ": the counts add up to more than 2^62 parameters");
+    if (vp[i] > 0.0) {
+      int binary_exponent;
+      const auto mantissa = static_cast<uint64_t>(std::ldexp(std::frexp(vp[i], &binary_exponent), 53));
+      lowest = std::min<int64_t>(lowest, binary_exponent - 53 + __builtin_ctzll(mantissa));
+      highest = std::max<int64_t>(highest, binary_exponent);  // the value is below 2^binary_exponent
+    }
   }
-  const int shift = 62 - static_cast<int>(std::ceil(std::log2(static_cast<double>(std::max<int64_t>(k, 2)))));
-  const double grid = std::ldexp(1.0, shift);  // a power of two: the product below is exact
-  at::parallel_for(0, k, 1 << 14, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) items.value[i] = largest > 0 ? std::llrint(vp[i] / largest * grid) : 0;
-  });
-  items.unit = largest > 0 ? std::ldexp(largest, -shift) : 0.0;
+  if (lowest <= highest) {
+    items.exponent = lowest;
+    // Scales are below 2^(highest - lowest); a sum of K of them needs ceil(log2 K) bits more, and a sign.
+    const int64_t sum_bits = highest - lowest + 64 - __builtin_clzll(static_cast<uint64_t>(k)) + 1;
+    items.words = static_cast<int>((sum_bits + 63) / 64);
+  }
   return items;
 }
 
-std::vector<int64_t> efficiency_order(const KnapsackItems& items) {
-  const auto& q = items.value;
-  const auto& w = items.weight;
-  const auto& r = items.rank;
-  const size_t n = q.size();
-  const auto before = [&](int64_t a, int64_t b) {
-    if (more_efficient(q[a], w[a], q[b], w[b])) return true;
-    if (more_efficient(q[b], w[b], q[a], w[a])) return false;
-    if (w[a] != w[b]) return w[a] < w[b];
-    return r[a] != r[b] ? r[a] < r[b] : a < b;
-  };
-  // A radix sort on the efficiency as a double, then an exact sort of each run of efficiencies too close
-  // for doubles to tell apart (within 2^-48 relative; a double ratio is off by at most 2^-52): the result
-  // is the exact order, at the cost of a radix sort.
+void sort_by_double_ratio(const KnapsackItems& items, std::vector<int64_t>& order,
+                          std::vector<std::pair<size_t, size_t>>& ties) {
+  const size_t n = items.value.size();
   struct Keyed {
-    uint64_t key;  // the efficiency's bits, complemented: ascending keys are descending efficiencies
+    uint64_t key;  // the ratio's bits, complemented: ascending keys are descending ratios
     int64_t index;
   };
   std::vector<Keyed> keyed(n), scratch(n);
   at::parallel_for(0, static_cast<int64_t>(n), 1 << 14, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
-      const double ratio = static_cast<double>(q[i]) / static_cast<double>(w[i]);
+      const double ratio = items.value[i] / static_cast<double>(items.weight[i]);
       uint64_t bits;
       std::memcpy(&bits, &ratio, sizeof(bits));  // non-negative doubles order as their bits
       keyed[i] = {~bits, i};
@@ -87,22 +84,14 @@ std::vector<int64_t> efficiency_order(const KnapsackItems& items) {
     for (size_t i = 0; i < n; ++i) scratch[bucket[(keyed[i].key >> shift) & 0xffff]++] = keyed[i];
     keyed.swap(scratch);
   }
-  std::vector<int64_t> order(n);
-  const auto ratio_of = [&](size_t i) {
-    const uint64_t bits = ~keyed[i].key;
-    double ratio;
-    std::memcpy(&ratio, &bits, sizeof(ratio));
-    return ratio;
-  };
+  order.resize(n);
   for (size_t i = 0; i < n; ++i) order[i] = keyed[i].index;
-  const double close = 1.0 - std::ldexp(1.0, -48);
   for (size_t start = 0; start < n;) {
     size_t end = start + 1;
-    while (end < n && ratio_of(end) >= ratio_of(end - 1) * close) ++end;
-    if (end - start > 1) std::sort(order.begin() + start, order.begin() + end, before);
+    while (end < n && keyed[end].key == keyed[start].key) ++end;
+    if (end - start > 1) ties.emplace_back(start, end);
     start = end;
   }
-  return order;
 }
 
 }  // namespace adapeft

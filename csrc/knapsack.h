@@ -1,23 +1,27 @@
-// Shared by the knapsack ops: input checks, the fixed-point values every solver works on, and the
-// efficiency order. adapeft/reference.py mirrors the quantisation and the order exactly.
+// Shared by the knapsack ops: input checks, the exact values every solver works on, and the efficiency
+// order. adapeft/reference.py computes the same answers with Python fractions.
 #pragma once
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <vector>
 
+#include "fixed_point.h"
+
 namespace adapeft {
 
-// Values (loss reductions, float) become integers on a fixed-point grid: q = round(v / v_max * 2^S)
-// with S = 62 - ceil(log2 K), so that every sum is exact in int64. Equal values stay equal, ties are
-// real ties, and the grid (2^-S of the largest value, at most 2^-42 of it for K = 10^6) lies below
-// anything a loss reduction can resolve.
+// Values (loss reductions) are compared exactly as the real numbers their doubles stand for: value i is
+// scale_i * 2^exponent with scale_i an integer of `words` 64-bit words (Fixed<N>, N >= words), the
+// exponent that of the lowest set bit among all values. So 1 + 2 equals 3, 1/1 equals 3/3, and 0.1 + 0.2
+// (doubles) is more than 0.3 (double), as it is in exact arithmetic on those doubles.
 struct KnapsackItems {
-  std::vector<int64_t> value;   // quantised
+  std::vector<double> value;    // as given
   std::vector<int64_t> weight;  // parameter counts
   std::vector<int64_t> rank;    // tie-break among equal efficiency and weight (e.g. the name order)
-  double unit = 0.0;            // value of one quantum: v ~ q * unit
+  int64_t exponent = 0;         // value = scale * 2^exponent
+  int words = 1;                // 64-bit words that hold any sum of scales and its sign
   int64_t total_weight = 0;
 };
 
@@ -25,12 +29,58 @@ struct KnapsackItems {
 KnapsackItems knapsack_items(const at::Tensor& values, const at::Tensor& counts, const at::Tensor& rank,
                              const char* op);
 
-// Item indices by efficiency q/w descending, then fewer parameters, then rank: compared exactly.
-std::vector<int64_t> efficiency_order(const KnapsackItems& items);
+// A limit on stored states, given for values of one word: wider values get proportionally fewer, so that
+// the limit bounds memory (a state of N words takes N + 2 words).
+template <int N>
+int64_t state_limit(int64_t one_word_states) {
+  return std::max<int64_t>(1, one_word_states / (N + 2) * 3);
+}
 
-// True when item a is strictly more efficient than item b (q_a / w_a > q_b / w_b, exactly).
-inline bool more_efficient(int64_t qa, int64_t wa, int64_t qb, int64_t wb) {
-  return static_cast<__int128>(qa) * wb > static_cast<__int128>(qb) * wa;
+// The exact integer scale of every value (see KnapsackItems).
+template <int N>
+std::vector<Fixed<N>> exact_scales(const KnapsackItems& items) {
+  std::vector<Fixed<N>> scale(items.value.size());
+  for (size_t i = 0; i < scale.size(); ++i) {
+    const double v = items.value[i];
+    if (v == 0.0) continue;
+    int binary_exponent;
+    uint64_t mantissa = static_cast<uint64_t>(std::ldexp(std::frexp(v, &binary_exponent), 53));
+    const int trailing = __builtin_ctzll(mantissa);
+    mantissa >>= trailing;
+    const int64_t shift = binary_exponent - 53 + trailing - items.exponent;  // >= 0: exponent is the least
+    scale[i].word[shift / 64] = mantissa << (shift % 64);
+    if (shift % 64 > 11 && shift / 64 + 1 < N) scale[i].word[shift / 64 + 1] = mantissa >> (64 - shift % 64);
+  }
+  return scale;
+}
+
+// True when a is strictly more efficient than b: scale_a / w_a > scale_b / w_b, exactly.
+template <int N>
+bool more_efficient(const Fixed<N>& scale_a, int64_t weight_a, const Fixed<N>& scale_b, int64_t weight_b) {
+  return times(scale_a, weight_b) > times(scale_b, weight_a);
+}
+
+// Sorts item indices by efficiency descending, then fewer parameters, then rank, compared exactly: a radix
+// sort on value / count as a double, which is correctly rounded and so never reverses two exact ratios,
+// then an exact sort of each run of equal doubles.
+void sort_by_double_ratio(const KnapsackItems& items, std::vector<int64_t>& order,
+                          std::vector<std::pair<size_t, size_t>>& ties);
+
+template <int N>
+std::vector<int64_t> efficiency_order(const KnapsackItems& items, const std::vector<Fixed<N>>& scale) {
+  std::vector<int64_t> order;
+  std::vector<std::pair<size_t, size_t>> ties;
+  sort_by_double_ratio(items, order, ties);
+  const auto& w = items.weight;
+  const auto& r = items.rank;
+  const auto before = [&](int64_t a, int64_t b) {
+    if (more_efficient(scale[a], w[a], scale[b], w[b])) return true;
+    if (more_efficient(scale[b], w[b], scale[a], w[a])) return false;
+    if (w[a] != w[b]) return w[a] < w[b];
+    return r[a] != r[b] ? r[a] < r[b] : a < b;
+  };
+  for (const auto& [start, end] : ties) std::sort(order.begin() + start, order.begin() + end, before);
+  return order;
 }
 
 }  // namespace adapeft
