@@ -4,10 +4,28 @@ The default types follow the PEFT methods they stand for: `lora_A`, `lora_B` (Lo
 probing), `norm` (LayerNorm tuning: the weights of normalisation layers, found by module type), `bias`
 (BitFit), `embed` (embedding tuning) and `others`. Every parameter lands in exactly one group; a tensor
 shared by two modules (tied embeddings) is one parameter and lands once.
+
+The groups hold the parameters that training the model would update, and nothing else. Under peft that
+leaves out what the forward pass never uses: the `original_module` that a `modules_to_save` copy stands in
+for, and the weights of inactive adapters (LoRA's `lora_A.<adapter>`, the copies `modules_to_save.<adapter>`).
+The active adapters' weights are grouped, and so are the base model's weights, which peft freezes but which
+a group such as `others` may choose to train. peft's `disable_adapter()` is a switch for inference and
+changes no group.
+
+Wrappers that only add to the parameters' names are seen through: DistributedDataParallel and DataParallel
+(`module.`), torch.compile (`_orig_mod.`), peft's model and tuner (`base_model.model.`) and its layers'
+`base_layer`, at any depth and nested. A wrapped model gets the groups, group names and counts of the model
+it wraps, so a selection moves between them by group name; the same holds between a peft model and its
+`merge_and_unload()` for the groups both have. Group names and rules see each parameter's name in the
+unwrapped model, where a layer's adapter name is left out while that layer has one active adapter (as in
+peft's saved adapter files); `tensor_names` keep the names in the model given, so that
+`model.get_parameter(name)` finds them.
 """
 import json
 import re
+import sys
 from collections import OrderedDict
+from dataclasses import dataclass
 
 import torch
 
@@ -23,8 +41,6 @@ NORM_TYPES = tuple(t for t in (torch.nn.LayerNorm, torch.nn.GroupNorm, getattr(t
                    if t is not None)
 # Normalisation layers of other libraries (LlamaRMSNorm, T5LayerNorm, ...) are recognised by class name.
 NORM_CLASS_NAME = re.compile(r"(Layer|RMS|Group|Batch|Instance|Scale)Norm", re.IGNORECASE)
-# peft wraps the base model and keeps trainable copies of some modules; these path parts are plumbing.
-PEFT_PLUMBING = {"base_model", "model", "base_layer", "modules_to_save", "original_module", "default"}
 
 
 class ParameterGroups:
@@ -95,9 +111,114 @@ class ParameterGroups:
         return json.dumps(self.as_dict(), indent=indent)
 
 
-def _clean_path(name):
-    """A parameter's path without peft's wrapper components."""
-    return [part for part in name.split(".") if part not in PEFT_PLUMBING]
+class _Peft:
+    """The peft classes that decide where a parameter sits (see the module docstring)."""
+
+    def __init__(self, peft):
+        from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+        from peft.utils import other
+        self.models = (peft.PeftModel, peft.PeftMixedModel)
+        self.tuner, self.layer = BaseTuner, BaseTunerLayer
+        # peft < 0.15 has ModulesToSaveWrapper alone; later ones derive it and TrainableTokensWrapper from this
+        self.saved = getattr(other, "AuxiliaryTrainingWrapper", other.ModulesToSaveWrapper)
+
+
+def _name_only_wrappers(peft):
+    """(class, attribute holding the wrapped module) for the wrappers that add to the parameters' names and
+    change nothing else. A model can only hold instances of imported classes, so torch.compile's and peft's
+    are looked up only once their modules are imported (importing them costs seconds)."""
+    wrappers = [((torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel), "module")]
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")
+    if eval_frame is not None:
+        wrappers.append((eval_frame.OptimizedModule, "_orig_mod"))
+    if peft is not None:
+        wrappers += [(peft.models, "base_model"), (peft.tuner, "model"), (peft.layer, "base_layer")]
+    return wrappers
+
+
+def _wrapped_attribute(module, wrappers):
+    return next((attribute for classes, attribute in wrappers if isinstance(module, classes)), None)
+
+
+def _active_adapters(module):
+    active = module.active_adapter  # a name or a list of names, in every peft version
+    return frozenset([active] if isinstance(active, str) else active)
+
+
+@dataclass(frozen=True)
+class _Place:
+    """Where a module sits in the unwrapped model: its path; for a container keyed by adapter name, the active
+    adapters and whether their names stay in the path; whether it holds an adapter's weights."""
+
+    path: tuple
+    adapters: frozenset = None
+    keeps_adapter_name: bool = False
+    in_adapter: bool = False
+
+    def child(self, parent, key, peft, wrappers):
+        """The place of `parent`'s module or parameter `key`, or None when training would not update it."""
+        if self.adapters is not None:
+            if key not in self.adapters:
+                return None
+            return _Place(self.path + (key,) if self.keeps_adapter_name else self.path, in_adapter=self.in_adapter)
+        if peft is not None and isinstance(parent, peft.saved):
+            # The copy of the active adapter takes the wrapped module's place and the original is not used;
+            # TrainableTokensWrapper's token_adapter (a tuner layer) takes its place too.
+            if key == "original_module":
+                return None
+            return _Place(self.path, _active_adapters(parent) if key == "modules_to_save" else None,
+                          in_adapter=self.in_adapter)
+        if peft is not None and isinstance(parent, peft.layer) and key in parent.adapter_layer_names:
+            active = _active_adapters(parent)
+            return _Place(self.path + (key,), active, keeps_adapter_name=len(active) > 1, in_adapter=True)
+        if key == _wrapped_attribute(parent, wrappers):
+            return _Place(self.path, in_adapter=self.in_adapter)
+        return _Place(self.path + (key,), in_adapter=self.in_adapter)
+
+
+@dataclass(frozen=True)
+class _Tensor:
+    """A parameter to group: its name in the model given, its path in the unwrapped model, its module."""
+
+    name: str
+    path: tuple
+    param: torch.nn.Parameter
+    owner: torch.nn.Module
+    in_adapter: bool
+
+    @property
+    def unwrapped_name(self):
+        return ".".join(self.path)
+
+
+def _trainable_tensors(model):
+    """The parameters that training `model` would update, each once, in the order of `model.named_parameters()`,
+    and the model without its name-only wrappers."""
+    peft = _Peft(sys.modules["peft"]) if "peft" in sys.modules else None
+    wrappers = _name_only_wrappers(peft)
+    places, modules, found, seen = {"": _Place(())}, {"": model}, [], set()
+    # A shared module or tensor is visited under each of its names and grouped under the first one that is not
+    # left out, which need not be the first one (the one named_parameters() keeps).
+    for name, module in model.named_modules(remove_duplicate=False):
+        if name:
+            parent_name, _, key = name.rpartition(".")
+            parent_place = places[parent_name]
+            places[name] = None if parent_place is None else parent_place.child(modules[parent_name], key, peft,
+                                                                                 wrappers)
+            modules[name] = module
+        place = places[name]
+        if place is None:
+            continue
+        for key, param in module.named_parameters(recurse=False, remove_duplicate=False):
+            param_place = place.child(module, key, peft, wrappers)
+            if param_place is not None and id(param) not in seen:
+                seen.add(id(param))
+                found.append(_Tensor(f"{name}.{key}" if name else key, param_place.path, param, module,
+                                     param_place.in_adapter))
+    unwrapped = model
+    while _wrapped_attribute(unwrapped, wrappers) is not None:
+        unwrapped = getattr(unwrapped, _wrapped_attribute(unwrapped, wrappers))
+    return found, unwrapped
 
 
 def _is_norm(module):
@@ -124,35 +245,39 @@ def _output_head_ids(model):
     return ids
 
 
-def _default_type(name, param, owner, head_ids, fallback_head_ids):
-    path = _clean_path(name)
+def _default_type(tensor, head_ids, fallback_head_ids):
+    path = tensor.path
     if any(part.startswith(("lora_A", "lora_embedding_A")) for part in path):
         return "lora_A"
     if any(part.startswith(("lora_B", "lora_embedding_B")) for part in path):
         return "lora_B"
-    if id(param) in head_ids or id(param) in fallback_head_ids or (path and path[0] in HEAD_MODULE_NAMES):
+    if id(tensor.param) in head_ids or id(tensor.param) in fallback_head_ids or path[0] in HEAD_MODULE_NAMES:
         return "head"
-    leaf = path[-1] if path else name
-    if _is_norm(owner) and leaf != "bias":
+    if _is_norm(tensor.owner) and path[-1] != "bias":
         return "norm"
-    if leaf == "bias" or leaf.endswith("_bias"):
+    if path[-1] == "bias" or path[-1].endswith("_bias"):
         return "bias"
-    if _is_embedding(owner):
+    if _is_embedding(tensor.owner):
         return "embed"
     return "others"
 
 
-def _block_of(name, stacks):
-    """The transformer block a parameter belongs to: the index after a ModuleList, qualified by the
-    list's path when the model has several (an encoder and a decoder)."""
-    path = _clean_path(name)
+def _stack_and_index(path):
+    """(path of the ModuleList, index in it) of the first list a parameter is in, or None."""
     for i, part in enumerate(path):
         if part.isdigit():
-            stack = ".".join(path[:i])
-            if len(stacks) > 1:
-                return f"{_short_stack(stack, stacks)}.{part}"
-            return part
+            return ".".join(path[:i]), part
     return None
+
+
+def _block_of(path, stacks):
+    """The transformer block a parameter belongs to: the index after a ModuleList, qualified by the
+    list's path when the model has several (an encoder and a decoder)."""
+    found = _stack_and_index(path)
+    if found is None:
+        return None
+    stack, index = found
+    return f"{_short_stack(stack, stacks)}.{index}" if len(stacks) > 1 else index
 
 
 def _short_stack(stack, stacks):
@@ -164,17 +289,10 @@ def _short_stack(stack, stacks):
     return stack
 
 
-def _stacks(names):
-    found = []
-    for name in names:
-        path = _clean_path(name)
-        for i, part in enumerate(path):
-            if part.isdigit():
-                stack = ".".join(path[:i])
-                if stack not in found:
-                    found.append(stack)
-                break
-    return found
+def _stacks(paths):
+    """The ModuleLists that hold blocks, in model order."""
+    found = [_stack_and_index(path) for path in paths]
+    return list(OrderedDict.fromkeys(stack for stack, _ in filter(None, found)))
 
 
 def _rule_matcher(rule_name, pattern):
@@ -192,10 +310,11 @@ def group_parameters(model, granularity="type", rules=None):
 
     granularity: "type" (the paper's lora_A, lora_B, head, norm, bias, embed, others), "layer" (type x
     transformer block, e.g. "norm@3"; parameters outside the blocks keep their type name) or "tensor"
-    (one group per parameter, named by its path).
+    (one group per parameter, named by its path in the unwrapped model).
     rules: an ordered list of (group name, pattern) pairs taken before the defaults, pattern a regex
-    searched in the parameter's qualified name or a callable (name, param, module) -> bool. A parameter
-    matching two rules, or a rule matching nothing, is an error.
+    searched in the parameter's qualified name in the unwrapped model or a callable (name, param, module)
+    -> bool. A parameter matching two rules, or a rule matching nothing, is an error.
+    Which parameters are grouped, and under which names: see the module docstring.
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"adapeft.group_parameters: model must be a torch.nn.Module, got {type(model).__name__}")
@@ -209,62 +328,47 @@ def group_parameters(model, granularity="type", rules=None):
         raise ValueError(f"adapeft.group_parameters: rule names must be unique, got {rule_names}")
     matchers = [(rule_name, _rule_matcher(rule_name, pattern)) for rule_name, pattern in rules]
 
-    owners = {}
-    for module in model.modules():
-        for _, param in module.named_parameters(recurse=False):
-            owners.setdefault(id(param), module)
-    named = list(model.named_parameters())
-    if not named:
-        raise ValueError("adapeft.group_parameters: the model has no parameters")
-    # A data-parallel wrapper groups as the model it wraps; the groups keep the wrapper's tensor names.
-    inner = model.module if isinstance(model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)) \
-        else model
-    wrapper = "module." if inner is not model else ""
-
-    def unwrapped(name):
-        return name[len(wrapper):]
-
-    head_ids = _output_head_ids(inner)
+    tensors, unwrapped = _trainable_tensors(model)
+    if not tensors:
+        raise ValueError("adapeft.group_parameters: the model has no parameters that training would update")
+    head_ids = _output_head_ids(unwrapped)
     fallback_head_ids = set()
-    named_heads = any(_clean_path(unwrapped(n))[:1] and _clean_path(unwrapped(n))[0] in HEAD_MODULE_NAMES
-                      for n, _ in named)
-    if not hasattr(inner, "get_output_embeddings") and not named_heads:
-        # A plain PyTorch model: its last Linear layer is the head.
-        linears = [m for m in inner.modules() if isinstance(m, torch.nn.Linear)]
+    if not hasattr(unwrapped, "get_output_embeddings") and not any(t.path[0] in HEAD_MODULE_NAMES for t in tensors):
+        # A plain PyTorch model: its last Linear layer is the head (not a Linear of a LoRA adapter).
+        linears = [t.owner for t in tensors if isinstance(t.owner, torch.nn.Linear) and not t.in_adapter]
         if linears:
             fallback_head_ids = {id(p) for p in linears[-1].parameters()}
-    stacks = _stacks(unwrapped(n) for n, _ in named)
+    stacks = _stacks(t.path for t in tensors)
 
     members = OrderedDict()
     by_rule = {rule_name: [] for rule_name in rule_names}
     by_default = []
-    for name, param in named:
-        owner = owners[id(param)]
-        hits = [rule_name for rule_name, match in matchers if match(name, param, owner)]
+    for tensor in tensors:
+        hits = [rule_name for rule_name, match in matchers if match(tensor.unwrapped_name, tensor.param, tensor.owner)]
         if len(hits) > 1:
-            raise ValueError(f"adapeft.group_parameters: parameter {name!r} matches rules {hits}; rules must not "
-                             "overlap")
+            raise ValueError(f"adapeft.group_parameters: parameter {tensor.unwrapped_name!r} matches rules {hits}; "
+                             "rules must not overlap")
         if hits:
-            by_rule[hits[0]].append((name, param))
+            by_rule[hits[0]].append((tensor.name, tensor.param))
         else:
-            by_default.append((name, param, owner))
+            by_default.append(tensor)
     empty = [rule_name for rule_name, found in by_rule.items() if not found]
     if empty:
         raise ValueError(f"adapeft.group_parameters: rules {empty} match no parameter of the model")
     members.update(by_rule)
 
     default = OrderedDict()
-    for position, (name, param, owner) in enumerate(by_default):
-        kind = _default_type(unwrapped(name), param, owner, head_ids, fallback_head_ids)
+    for position, tensor in enumerate(by_default):
+        kind = _default_type(tensor, head_ids, fallback_head_ids)
         if granularity == "tensor":
-            label, order = name, (position,)
+            label, order = tensor.unwrapped_name, (position,)
         elif granularity == "layer":
-            block = _block_of(unwrapped(name), stacks)
+            block = _block_of(tensor.path, stacks)
             label = kind if block is None else f"{kind}@{block}"
             order = (TYPES.index(kind), _block_sort_key(block, stacks))
         else:
             label, order = kind, (TYPES.index(kind),)
-        default.setdefault(label, (order, []))[1].append((name, param))
+        default.setdefault(label, (order, []))[1].append((tensor.name, tensor.param))
     for label, (_, found) in sorted(default.items(), key=lambda item: item[1][0]):
         if label in members:
             raise ValueError(f"adapeft.group_parameters: rule name {label!r} collides with a default group; "

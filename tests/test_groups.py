@@ -66,6 +66,7 @@ def assert_partition(groups, model):
     for name in groups.names:
         for tensor_name, param in zip(groups.tensor_names(name), groups.params(name)):
             assert id(param) not in seen, f"{tensor_name} is in {seen[id(param)]} and {name}"
+            assert model.get_parameter(tensor_name) is param, tensor_name
             seen[id(param)] = name
     assert set(seen) == {id(p) for p in model.parameters()}
     assert groups.total == sum(p.numel() for p in model.parameters())
@@ -190,13 +191,24 @@ def test_summary_and_json_are_stable():
     assert sum(g["numel"] for g in data["groups"]) == data["total"] == groups.total
 
 
+WRAPPERS = {  # wrapper -> the prefix it gives the parameters' names
+    "DataParallel": (torch.nn.DataParallel, "module."),  # DistributedDataParallel wraps the same way
+    "compile": (torch.compile, "_orig_mod."),
+    "compile(DataParallel)": (lambda model: torch.compile(torch.nn.DataParallel(model)), "_orig_mod.module."),
+    "DataParallel(compile)": (lambda model: torch.nn.DataParallel(torch.compile(model)), "module._orig_mod."),
+}
+
+
+@pytest.mark.parametrize("wrapper", WRAPPERS)
 @pytest.mark.parametrize("name", MODELS)
-def test_data_parallel_wrapper_groups_as_the_model(name):
+def test_wrapped_model_groups_as_the_model(name, wrapper):
     model = peft.get_peft_model(tiny(name), peft.LoraConfig(r=4, target_modules=LORA_TARGETS[name]))
-    wrapped = torch.nn.DataParallel(model)  # DistributedDataParallel wraps the same way (tests/test_distributed.py)
-    for granularity in ("type", "layer"):
+    wrap, prefix = WRAPPERS[wrapper]
+    wrapped = wrap(model)
+    for granularity in ("type", "layer", "tensor"):
         plain = adapeft.group_parameters(model, granularity=granularity)
         grouped = adapeft.group_parameters(wrapped, granularity=granularity)
         assert grouped.names == plain.names and grouped.numel == plain.numel
+        assert_partition(grouped, wrapped)
         for group in plain.names:
-            assert grouped.tensor_names(group) == ["module." + n for n in plain.tensor_names(group)]
+            assert grouped.tensor_names(group) == [prefix + n for n in plain.tensor_names(group)]
