@@ -6,7 +6,8 @@
 4. `train_selected`: train the target model with only the chosen groups, matched by group name, with
    optional per-group Hessian-informed learning rates from the probe.
 
-The loops are plain PyTorch over an iterator of batches; the Hugging Face Trainer route is
+The loops are plain PyTorch over batches: a list or DataLoader is gone through again as often as the
+steps need (epochs), an iterator or generator is read once; the Hugging Face Trainer route is
 `adapeft.hf.AdaPEFTCallback`.
 """
 import math
@@ -88,7 +89,7 @@ class AdaPEFT:
                 run.probe_seconds += time.perf_counter() - probe_start
 
         # Gradients kept in place when probing from a CUDA graph: the graph reads them at fixed addresses.
-        _train(model, optimizer, batches, loss_fn, steps, run, on_step, after_backward=probe,
+        _train(model, optimizer, batches, loss_fn, steps, run, on_step, "probe_train", after_backward=probe,
                keep_gradients=self.cuda_graph)
         return run
 
@@ -113,11 +114,33 @@ class AdaPEFT:
         rates = learning_rates or {}
         optimizer = optimizer_cls([{"params": groups.params(name), "lr": rates.get(name, lr)} for name in chosen])
         run = TrainRun(trainable=report["trainable_parameters"])
-        _train(model, optimizer, batches, loss_fn, steps, run, on_step)
+        _train(model, optimizer, batches, loss_fn, steps, run, on_step, "train_selected")
         return run
 
 
-def _train(model, optimizer, batches, loss_fn, steps, run, on_step, after_backward=None, keep_gradients=False):
+def _batch_stream(batches, steps, caller):
+    """`batches` for `steps` steps: a re-iterable (list, DataLoader) epoch after epoch, an iterator once;
+    running out is an error that says so, rather than a bare StopIteration."""
+    try:
+        one_shot = iter(batches) is batches
+    except TypeError:
+        raise TypeError(f"adapeft.AdaPEFT.{caller}: batches must be an iterable of batches (a list, a DataLoader "
+                        f"or an iterator), got {type(batches).__name__}") from None
+    served = 0
+    while True:
+        before = served
+        for batch in batches:
+            yield batch
+            served += 1
+        if one_shot or served == before:
+            what = "an iterator" if one_shot else "an empty iterable"
+            raise ValueError(f"adapeft.AdaPEFT.{caller}: batches ran out after {served} of {steps} steps ({what}); "
+                             "pass a list or DataLoader, which is gone through again as often as needed, or an "
+                             f"iterator of at least {steps} batches")
+
+
+def _train(model, optimizer, batches, loss_fn, steps, run, on_step, caller, after_backward=None,
+           keep_gradients=False):
     """The training loop of both phases: run.losses and run.seconds filled in; after_backward(step, batch)
     runs between the backward pass and the optimizer step. The losses stay on the device (one float64 a
     step) until the loop ends, so that the host can queue the next step while the device runs this one:
@@ -126,8 +149,7 @@ def _train(model, optimizer, batches, loss_fn, steps, run, on_step, after_backwa
     start = time.perf_counter()
     model.train()
     losses = None  # float64 holds every loss dtype's values exactly, as .item() would give them
-    for step in range(steps):
-        batch = next(batches)
+    for step, batch in zip(range(steps), _batch_stream(batches, steps, caller)):
         optimizer.zero_grad(set_to_none=not keep_gradients)
         loss = loss_fn(model, batch)
         loss.backward()

@@ -164,6 +164,26 @@ def test_training_loop_reports_each_steps_loss():
     assert quiet.losses[-1] < quiet.losses[0] and quiet.seconds > 0
 
 
+def test_training_loops_take_lists_dataloaders_and_iterators():
+    x = torch.randint(0, 61, (4, 10), generator=torch.Generator().manual_seed(3))
+    three = [{"input_ids": x, "labels": x}] * 3
+
+    def loss_fn(model, batch):
+        return model(**batch).loss
+
+    selection = adapeft.Selection.given(["lora_B"], adapeft.group_parameters(tiny_gpt2()))
+    loader = torch.utils.data.DataLoader([{"input_ids": row, "labels": row} for row in x], batch_size=2)
+    for batches in (three, loader):  # gone through again as often as the steps need
+        assert len(AdaPEFT.train_selected(tiny_gpt2(), selection, batches, loss_fn, 7, lr=1e-3).losses) == 7
+    assert len(AdaPEFT.train_selected(tiny_gpt2(), selection, iter(three), loss_fn, 3, lr=1e-3).losses) == 3
+    with pytest.raises(ValueError, match=r"train_selected: batches ran out after 3 of 5 steps \(an iterator\)"):
+        AdaPEFT.train_selected(tiny_gpt2(), selection, iter(three), loss_fn, 5, lr=1e-3)
+    with pytest.raises(ValueError, match="ran out after 0 of 2 steps \\(an empty iterable\\)"):
+        AdaPEFT().probe_train(tiny_gpt2(), [], loss_fn, 2, lr=1e-3)
+    with pytest.raises(TypeError, match="probe_train: batches must be an iterable of batches"):
+        AdaPEFT().probe_train(tiny_gpt2(), 5, loss_fn, 2, lr=1e-3)
+
+
 @requires_cuda
 def test_cuda_training_loop_waits_for_the_device_once():
     """Without on_step, the loop's only host synchronisation is the one that reads the losses at its end,

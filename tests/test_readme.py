@@ -1,0 +1,84 @@
+"""Every Python block of README.md runs as written, in order, in one namespace, on a tiny BERT classifier.
+
+The test brings only what the README leaves to the reader (`model`, `loader`, `optimizer`, ...), each
+block's own needs listed below next to a phrase the block must contain, so that a block added, removed or
+reordered in the README fails here until its needs are stated.
+"""
+import os
+import re
+import warnings
+
+import pytest
+import torch
+
+README = os.path.join(os.path.dirname(__file__), os.pardir, "README.md")
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("peft")
+
+
+def python_blocks():
+    """Each block's code, led by blank lines so that a traceback names its line in README.md."""
+    with open(README) as handle:
+        text = handle.read()
+    return ["\n" * text.count("\n", 0, found.start(1)) + found.group(1)
+            for found in re.finditer(r"^```python\n(.*?)^```", text, flags=re.MULTILINE | re.DOTALL)]
+
+
+def tiny_bert(layers):
+    torch.manual_seed(layers)
+    config = transformers.BertConfig(vocab_size=60, hidden_size=16, num_hidden_layers=layers, num_attention_heads=2,
+                                     intermediate_size=32, max_position_embeddings=16, num_labels=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return transformers.BertForSequenceClassification(config).eval()
+
+
+def batches(count, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return [{"input_ids": torch.randint(1, 60, (4, 8), generator=generator),
+             "attention_mask": torch.ones(4, 8, dtype=torch.int64),
+             "labels": torch.randint(0, 3, (4,), generator=generator)} for _ in range(count)]
+
+
+def probing(namespace):
+    model = tiny_bert(2)
+    namespace.update(model=model, loader=batches(3), optimizer=torch.optim.AdamW(model.parameters(), lr=1e-3))
+
+
+def choosing(namespace):
+    namespace.update(large_model=tiny_bert(3))
+
+
+def algorithm(namespace):
+    namespace.update(small_model=tiny_bert(2), large_model=tiny_bert(3), batches=batches(4, seed=1), horizon=20)
+
+
+def perturbation(namespace):
+    model, batch = namespace["model"], namespace["loader"][0]
+    params = [p for p in model.parameters() if p.requires_grad][:5]
+    model.zero_grad()
+    namespace["loss_fn"](model, batch).backward()
+    namespace.update(params=params, batch=batch, eta=1e-3, device="cpu", losses=torch.empty(4))
+
+
+# (a phrase the block contains, what the reader brings to it), in the README's order
+NEEDS = [("adapeft.Prober(model, groups, loss_fn", probing),
+         ("adapeft.select(prober", choosing),
+         ("AdaPEFT(budget=", algorithm),
+         ("adapeft.GroupPerturbation(", perturbation)]
+
+
+def test_readme_python_blocks_run_as_written(tmp_path, monkeypatch):
+    blocks = python_blocks()
+    assert [phrase for phrase, _ in NEEDS] == [next((p for p, _ in NEEDS if p in block), block[:60])
+                                               for block in blocks], "README blocks changed: update NEEDS"
+    monkeypatch.chdir(tmp_path)  # the blocks save files
+    namespace = {}
+    for block, (_, bring) in zip(blocks, NEEDS):
+        bring(namespace)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            exec(compile(block, README, "exec"), namespace)
+    assert namespace["prober"].history, "the probing block never probed"
+    assert (tmp_path / "selection.json").exists()
+    assert all(torch.isfinite(namespace["losses"]))
