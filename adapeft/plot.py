@@ -101,8 +101,9 @@ def pareto(selection, path, all_subsets=None, nested=None, measured=None, measur
     if nested is not None:
         xs, ys, _ = zip(*[point for point in nested.frontier if point[0] > 0])
         ax.plot(100 * np.asarray(xs) / total, ys, "x--", ms=5, lw=0.8, label="greedy nested sets")
-    if selection.count > 0:
-        ax.axvline(100 * selection.count / total, color="k", lw=0.8, ls=":", label="chosen")
+    if selection.budget is not None and selection.count > 0:  # without a budget nothing was chosen
+        ax.axvline(100 * selection.count / total, color="k", lw=0.8, ls=":",
+                   label=f"chosen within {selection.budget:.2%}")
     ax.set_xscale("log")
     ax.set_xlabel("% trainable parameters")
     ax.set_ylabel("predicted loss reduction")

@@ -249,7 +249,11 @@ class Prober:
         self._counts_key = None
         self._counts = self._probed = None
         self._pending = None
+        # Said once per prober, gathered into one warning per cause: a peft model freezes most groups at once.
         self._notes = set()
+        self._unsaid = {}  # cause: [what it is for each group] not warned about yet
+        self._said_unreliable = set()
+        self._said_coarse_loss = False
         self._global_numel = {}  # parameters a group moves, over all ranks
         self._fsdp_modules = _fsdp_modules(model) if self._sharded else []
         self._graph = _GraphedMeasurement(self) if cuda_graph and self.device.type == "cuda" else None
@@ -303,8 +307,8 @@ class Prober:
         if self.direction in ("grad", "optimizer"):
             pairs = [(p, p.grad) for p in params if p.requires_grad and p.grad is not None]
             if len(pairs) < len(params):
-                self._note(name, f"{len(params) - len(pairs)} of its {len(params)} tensors have no gradient "
-                                 "(frozen or unused) and are not probed")
+                self._note("tensors without a gradient (frozen or unused) are not probed", name,
+                           f"{len(params) - len(pairs)} of its {len(params)} tensors have no gradient")
             if not pairs:
                 return None
             moving = [p for p, _ in pairs]
@@ -317,7 +321,7 @@ class Prober:
             return [_local(p) for p in moving], [_local(d) for _, d in pairs], [], [], None
         given = self.direction.get(name) if isinstance(self.direction, dict) else self.direction(name, params)
         if given is None:
-            self._note(name, "no direction was given for it")
+            self._note("groups without a direction are not probed", name, "no direction was given for it")
             return None
         given = list(given)
         if len(given) != len(params):
@@ -326,10 +330,15 @@ class Prober:
         self._global_numel[name] = sum(p.numel() for p in params)
         return [_local(p) for p in params], [_local(d) for d in given], [], [], None
 
-    def _note(self, name, why):
-        if (name, why) not in self._notes:
-            self._notes.add((name, why))
-            warnings.warn(f"adapeft.Prober: group {name!r}: {why}", UserWarning, stacklevel=4)
+    def _note(self, cause, name, detail):
+        if (name, detail) not in self._notes:
+            self._notes.add((name, detail))
+            self._unsaid.setdefault(cause, []).append(f"group {name!r}: {detail}")
+
+    def _say_notes(self):
+        for cause, details in self._unsaid.items():
+            warnings.warn(f"adapeft.Prober: {cause}: {'; '.join(details)}", UserWarning, stacklevel=3)
+        self._unsaid.clear()
 
     # Ledgers --------------------------------------------------------------------------------------
     def _ensure_ledgers(self, plans):
@@ -357,13 +366,15 @@ class Prober:
         if needed > self._capacity_words or unmoved.any():
             self._capacity_words = max(needed, self._capacity_words) * 5 // 4
             self._ledgers = None
-        for k, name in enumerate(names):
-            if probed[k] and not reliable[k]:
-                warnings.warn(
-                    f"adapeft.Prober: group {name!r}: most of its elements did not change at some probe point (the "
-                    "step is below the resolution of its dtype), or its ledger was full; its fit is marked "
-                    "unreliable and not used. Use a larger eta, or keep float32 master weights.",
-                    UserWarning, stacklevel=3)
+        unreliable = [name for k, name in enumerate(names)
+                      if probed[k] and not reliable[k] and name not in self._said_unreliable]
+        if unreliable:
+            self._said_unreliable.update(unreliable)
+            details = "; ".join(f"group {name!r}: most of its elements did not change at some probe point"
+                                for name in unreliable)
+            warnings.warn(f"adapeft.Prober: {details} (the step is below the resolution of the dtype), or the ledger "
+                          "was full; such fits are marked unreliable and not used. Use a larger eta, or keep float32 "
+                          "master weights.", UserWarning, stacklevel=3)
 
     # The probe ------------------------------------------------------------------------------------
     def step(self, batch, eta):
@@ -375,6 +386,7 @@ class Prober:
             found = self._directions(name, self.groups.params(name))
             if found is not None:
                 plans[name] = found
+        self._say_notes()
         if not plans:
             raise RuntimeError("adapeft.Prober.step: no group has a direction; call loss.backward() before step() "
                                "or give directions")
@@ -446,6 +458,13 @@ class Prober:
             raise TypeError(f"adapeft.Prober.step: loss_fn must return a one-element floating tensor, got "
                             f"{type(loss).__name__}{'' if not isinstance(loss, torch.Tensor) else tuple(loss.shape)}")
         self._loss_eps = torch.finfo(loss.dtype).eps
+        if loss.dtype.itemsize < 4 and not self._said_coarse_loss:
+            # The fit runs in float64, but differences the loss's own rounding erased are not there to fit.
+            self._said_coarse_loss = True
+            warnings.warn(f"adapeft.Prober: loss_fn returns a {loss.dtype} loss, which rounds away changes below "
+                          f"{self._loss_eps:.1g} of its value: a probe step's changes are mostly smaller, so b and "
+                          "PPI come out 0. Return the loss in float32 (cross_entropy(logits.float(), labels)); the "
+                          "model can stay in 16 bits.", UserWarning, stacklevel=3)
         return loss.reshape(())
 
     def _perturbations_for(self, plans):

@@ -1,0 +1,440 @@
+"""The `adapeft` command on small and odd input: it checks every flag before loading anything, refuses what it
+cannot use with a message that names it (exit status 2, no traceback), never hangs, and is quiet by default.
+
+Each error path runs the real command in a subprocess with a timeout, so that a hang fails the test."""
+import argparse
+import csv
+import inspect
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+import warnings
+
+import pytest
+import torch
+
+import adapeft
+from adapeft import _backend, cli, demo
+
+pytestmark = pytest.mark.skipif(_backend._C is None, reason="the compiled extension is not built")
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("peft")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORDS = ["tea", "rain", "code", "sun", "bread", "snow", "music", "dust", "is", "good", "bad"]
+FLAG_CHECK_SECONDS = 15  # an interpreter, torch and adapeft: a few seconds; loading or training takes longer
+
+
+def adapeft_command(*args, cwd=None, env=None, timeout=60):
+    """The `adapeft` command as a user runs it (the console script's entry point, in a fresh interpreter)."""
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "adapeft.cli", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, env=environment, timeout=timeout)
+
+
+def refused(done, *fragments):
+    """The command stopped with status 2 and a message holding every fragment, without a traceback."""
+    assert done.returncode == 2, (done.returncode, done.stdout, done.stderr)
+    assert "Traceback" not in done.stderr, done.stderr
+    for fragment in fragments:
+        assert fragment in done.stderr, (fragment, done.stderr)
+    return done.stderr
+
+
+def tiny_bert_body(folder, tokenizer=True):
+    """A 2-layer BERT checkpoint without a task head (as pretrained models come), with a WordPiece vocabulary
+    file unless tokenizer=False."""
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        transformers.BertModel(transformers.BertConfig(
+            num_hidden_layers=2, hidden_size=32, num_attention_heads=2, intermediate_size=64, vocab_size=32,
+            max_position_embeddings=64)).save_pretrained(folder)
+    if tokenizer:
+        (folder / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
+    return folder
+
+
+def write_csv(path, labels):
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["text", "label"])
+        for i, label in enumerate(labels):
+            writer.writerow([f"{WORDS[i % 8]} is {'good' if label == 'pos' else 'bad'}", label])
+    return path
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    return {"root": root, "model": tiny_bert_body(root / "model"), "bare": tiny_bert_body(root / "bare", False),
+            "data": write_csv(root / "data.csv", ["pos", "neg"] * 12),
+            "three": write_csv(root / "three.csv", ["pos", "neg", "pos"]),
+            "one_label": write_csv(root / "one_label.csv", ["pos"] * 20),
+            "skewed": write_csv(root / "skewed.csv", ["pos"] * 17 + ["neg"] * 3)}
+
+
+def probe_record(groups=("head", "norm", "others"), counts=(10, 100, 1000), appi=(3e-1, 1e-2, 5e-4), steps=2):
+    return {"format": "adapeft.probe/1", "model": "tiny", "groups": list(groups), "counts": list(counts),
+            "appi": list(appi), "ppi_history": [[a / steps for a in appi]] * steps}
+
+
+# Version and help ---------------------------------------------------------------------------------------
+def test_version_is_the_projects():
+    version = re.search(r'^version = "([^"]+)"', open(os.path.join(ROOT, "pyproject.toml")).read(), re.M).group(1)
+    assert adapeft.__version__ == version
+    done = adapeft_command("--version")
+    assert done.returncode == 0 and done.stdout.strip() == f"adapeft {version}"
+
+
+def subcommands():
+    return cli.parser()._subparsers._group_actions[0].choices
+
+
+def test_every_help_shows_the_defaults():
+    for name, command in subcommands().items():
+        helped = adapeft_command(name, "--help")
+        assert helped.returncode == 0 and "example" in helped.stdout
+        for action in command._actions:
+            if action.option_strings and action.default not in (None, False, argparse.SUPPRESS):
+                assert f"(default: {action.default})" in helped.stdout, (name, action.dest, helped.stdout)
+            elif action.option_strings and not action.required and action.nargs != 0:
+                # no value to show: the help says what happens without the option
+                assert "default:" in (action.help or ""), (name, action.dest)
+        if name == "select":  # the CLI's default method is not the API's, and the help says why
+            assert inspect.signature(adapeft.select).parameters["method"].default == "greedy"
+            assert "(default: pareto)" in helped.stdout and "adapeft.select defaults to greedy" in helped.stdout
+
+
+# Flags: argparse refuses bad values before anything is loaded -------------------------------------------
+PROBE = ["probe", "--model", "no-such-model", "--data", "no-such-data.csv"]
+SELECT = ["select", "--probe", "no-such-probe.json"]
+PLOT = ["plot", "--probe", "no-such-probe.json"]
+BAD_VALUES = [  # (arguments, the flag argparse names); PROBE's --model and --data do not exist either
+    (PROBE + ["--batch", "0"], "--batch"), (PROBE + ["--batch", "-3"], "--batch"),
+    (PROBE + ["--batch", "2.5"], "--batch"), (PROBE + ["--steps", "0"], "--steps"),
+    (PROBE + ["--every", "-1"], "--every"), (PROBE + ["--max-length", "0"], "--max-length"),
+    (PROBE + ["--lr", "0"], "--lr"), (PROBE + ["--lr", "nan"], "--lr"),
+    (PROBE + ["--lr", "inf"], "--lr"), (PROBE + ["--lr", "fast"], "--lr"), (PROBE + ["--eta", "-1e-3"], "--eta"),
+    (PROBE + ["--eta", "nan"], "--eta"), (PROBE + ["--lora", "query,,value"], "--lora"),
+    (PROBE + ["--device", "abacus"], "--device"), (SELECT + ["--budget", "1.5"], "--budget"),
+    (SELECT + ["--budget", "-0.1"], "--budget"), (SELECT + ["--budget", "nan"], "--budget"),
+    (SELECT + ["--method", "exact"], "--method"), (SELECT + ["--method", "best"], "--method"),
+    (PLOT + ["--budget", "2"], "--budget"), (["demo", "--budget", "0"], "--budget"),
+    (["demo", "--budget", "inf"], "--budget"), (["demo", "--seeds", "0"], "--seeds"),
+]
+
+
+def test_no_option_takes_an_unchecked_number():
+    """Every numeric option goes through a checking type: a bare int or float lets 0, -1, nan or inf through
+    to the training loop."""
+    for name, command in subcommands().items():
+        for action in command._actions:
+            assert action.type not in (int, float), (name, action.option_strings)
+
+
+@pytest.mark.parametrize("args, flag", BAD_VALUES, ids=[" ".join(args[-2:]) for args, _ in BAD_VALUES])
+def test_bad_flag_values_are_argparse_errors(args, flag, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        cli.main(args)
+    assert stopped.value.code == 2
+    assert f"error: argument {flag}: " in capsys.readouterr().err
+
+
+# The real command, once for each flag (the values are all tried above).
+@pytest.mark.parametrize("args, flag", list({flag + args[0]: (args, flag) for args, flag in BAD_VALUES}.values()),
+                         ids=lambda value: " ".join(value[-2:]) if isinstance(value, list) else value)
+def test_the_command_refuses_bad_flag_values_before_anything_loads(args, flag, tmp_path):
+    started = time.perf_counter()
+    done = adapeft_command(*args, cwd=tmp_path)
+    message = refused(done, f"error: argument {flag}: ", "usage: adapeft")
+    assert message.count("error:") == 1 and time.perf_counter() - started < FLAG_CHECK_SECONDS
+    assert not any(tmp_path.iterdir())  # nothing written
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_a_cuda_device_without_cuda_is_refused_by_argparse():
+    refused(adapeft_command(*PROBE, "--device", "cuda"), "error: argument --device: cuda: 0 CUDA devices")
+
+
+# Data and folders: refused with what is wrong, before the model is loaded -------------------------------
+def test_probe_refuses_data_with_a_single_label(files):
+    started = time.perf_counter()
+    done = adapeft_command("probe", "--model", files["model"], "--data", files["one_label"],
+                           "--out", files["root"] / "single")
+    refused(done, "every row has the label 'pos' in column 'label'", "--label-column", "at least two labels")
+    assert time.perf_counter() - started < FLAG_CHECK_SECONDS and not (files["root"] / "single").exists()
+
+
+@pytest.mark.parametrize("content, suffix, message", [
+    ('{"text": "tea", "label": "a"}\n{"text": oops}\n', ".jsonl", "line 2 is not JSON"),
+    ("[1, 2", ".json", "is not JSON (Expecting"),
+    ('{"rows": []}', ".json", "holds a JSON dict, not a list of rows"),
+    ("text,label\ntea,a\nrain,\n", ".csv", "row 2 has no value in column 'label'"),
+    ("text,label\n", ".csv", "has no rows"),
+    ("text\tlabel\ntea\ta\n", ".txt", "not a .csv, .tsv, .jsonl, .json file"),
+    ("sentence,y\ntea,a\nrain,b\n", ".csv", "has no column 'text'; its columns are ['sentence', 'y']"),
+])
+def test_probe_refuses_data_files_it_cannot_read(files, tmp_path, content, suffix, message):
+    data = tmp_path / f"data{suffix}"
+    data.write_text(content)
+    refused(adapeft_command("probe", "--model", files["model"], "--data", data, "--out", tmp_path / "out"),
+            f"--data {data}", message)
+
+
+def test_probe_refuses_missing_folders_and_files(files, tmp_path):
+    refused(adapeft_command("probe", "--model", tmp_path / "nothing", "--data", files["data"]),
+            "--model", "no such folder")
+    refused(adapeft_command("probe", "--model", tmp_path, "--data", files["data"]),
+            "not a Hugging Face model folder (no config.json)")
+    refused(adapeft_command("probe", "--model", files["model"], "--data", tmp_path / "nothing.csv"),
+            "--data", "no such file")
+    refused(adapeft_command("probe", "--model", files["model"], "--data", files["data"], "--out", files["data"]),
+            "--out", "is a file, not a folder")
+
+
+def test_a_model_folder_without_tokenizer_files_is_refused(files):
+    message = refused(adapeft_command("probe", "--model", files["bare"], "--data", files["data"]),
+                      f"--model {files['bare']} has no tokenizer files", "--tokenizer FOLDER_OR_NAME")
+    assert all(name in message for name in demo.TOKENIZER_FILES)
+    refused(adapeft_command("probe", "--model", files["model"], "--tokenizer", files["bare"], "--data", files["data"]),
+            f"--tokenizer {files['bare']} has no tokenizer files")
+    refused(adapeft_command("probe", "--model", files["model"], "--tokenizer", "./no-such-tokenizer",
+                            "--data", files["data"]), "--tokenizer ./no-such-tokenizer: no such folder")
+    refused(adapeft_command("demo", "--model", files["bare"]), f"--model {files['bare']} has no tokenizer files")
+    refused(adapeft_command("demo", "--model", files["root"] / "nothing"), "--model", "no such folder")
+
+
+def test_a_tokenizer_without_a_vocabulary_is_refused(files, tmp_path):
+    """Files that hold no vocabulary (here a tokenizer.json of special tokens only) load as a tokenizer that
+    maps every word to [UNK]; the command refuses it."""
+    folder = tmp_path / "specials-only"
+    folder.mkdir()
+    (folder / "config.json").write_text((files["model"] / "config.json").read_text())
+    transformers.AutoTokenizer.from_pretrained(files["model"]).save_pretrained(folder)
+    with open(folder / "tokenizer.json") as handle:
+        serialised = json.load(handle)
+    serialised["model"]["vocab"] = {token: i for i, token in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]",
+                                                                        "[MASK]"])}
+    with open(folder / "tokenizer.json", "w") as handle:
+        json.dump(serialised, handle)
+    (folder / "vocab.txt").unlink(missing_ok=True)  # transformers 4 saves one beside tokenizer.json
+    done = adapeft_command("probe", "--model", files["model"], "--tokenizer", folder, "--data", files["data"])
+    refused(done, f"--tokenizer {folder}: its tokenizer knows only its 5 special tokens", "[UNK]")
+
+
+def test_a_tokenizer_larger_than_the_models_embeddings_is_refused(files, tmp_path):
+    folder = tmp_path / "large-vocabulary"
+    folder.mkdir()
+    (folder / "config.json").write_text((files["model"] / "config.json").read_text())
+    (folder / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] +
+                                                [f"word{i}" for i in range(40)]) + "\n")
+    refused(adapeft_command("probe", "--model", files["model"], "--tokenizer", folder, "--data", files["data"]),
+            "its tokenizer has 45 tokens, but the embeddings of --model", "have 32 rows")
+
+
+# Real (tiny) probes: they end, and are quiet ------------------------------------------------------------
+def test_fewer_rows_than_a_batch_trains_on_all_of_them(files, tmp_path):
+    done = adapeft_command("probe", "--model", files["model"], "--data", files["three"], "--batch", "16",
+                           "--steps", "2", "--every", "1", "--out", tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert f"warning: --batch 16 is more than the 3 rows of {files['three']}: every step trains" in done.stderr
+    record = json.loads((tmp_path / "probe.json").read_text())
+    assert record["format"] == "adapeft.probe/1" and len(record["ppi_history"]) == 2
+
+
+def test_warnings_during_training_get_lines_of_their_own(files, tmp_path):
+    """A probe step far below float32's resolution: the prober says so (once a group) on a line of its own, not
+    inside the progress bar's."""
+    done = adapeft_command("probe", "--model", files["model"], "--data", files["data"], "--batch", "8", "--steps", "3",
+                           "--every", "1", "--eta", "1e-12", "--out", tmp_path)
+    assert done.returncode == 0, done.stderr
+    said = re.findall(r"(.?)adapeft probe: warning: adapeft\.Prober: (.*)", done.stderr)
+    assert said and all(before in ("", "\n") for before, _ in said), done.stderr
+    groups = [group for _, text in said for group in re.findall(r"group '(\w+)': most of its elements", text)]
+    assert len(groups) == len(set(groups)) and "others" in groups
+
+
+def test_probe_with_a_separate_tokenizer_is_quiet_and_warns_once_per_cause(files, tmp_path):
+    done = adapeft_command("probe", "--model", files["bare"], "--tokenizer", files["model"], "--data", files["skewed"],
+                           "--batch", "8", "--steps", "2", "--out", tmp_path)
+    assert done.returncode == 0, done.stderr
+    record = json.loads((tmp_path / "probe.json").read_text())
+    assert len(record["groups"]) == len(record["appi"]) == len(record["ppi_history"][0])
+    warned = [line for line in done.stderr.splitlines() if "warning:" in line]
+    assert warned == ["adapeft probe: warning: labels with fewer rows than a batch (--batch 8): 'neg' (3); most "
+                      "batches hold few of them or none, so the probe measures mostly the other labels"], done.stderr
+    # A checkpoint without the classifier head is the usual case: transformers' report of it is for --verbose.
+    for noise in ("LOAD REPORT", "MISSING", "Loading weights", "Warning", "Traceback"):
+        assert noise not in done.stderr, done.stderr
+    verbose = adapeft_command("probe", "--model", files["bare"], "--tokenizer", files["model"], "--data",
+                              files["data"], "--batch", "8", "--steps", "1", "--out", tmp_path, "--verbose")
+    assert verbose.returncode == 0 and "LOAD REPORT" in verbose.stderr and "classifier.weight" in verbose.stderr
+
+
+# Probe records: select and plot say what is wrong with the file -----------------------------------------
+def bad_records():
+    no_history = probe_record()
+    del no_history["ppi_history"], no_history["appi"]
+    return [
+        ("{oops", "is not JSON (Expecting property name enclosed in double quotes at line 1, column 2)"),
+        ("", "is not JSON (Expecting value at line 1, column 1)"),
+        ("[1, 2]", "is not a probe record (format 'a JSON list'"),
+        (json.dumps({"format": "adapeft.selection/1"}), "is not a probe record (format 'adapeft.selection/1'"),
+        (json.dumps(no_history), "lacks the field"), (json.dumps(no_history), "lacks the field"),
+        (json.dumps({**probe_record(), "counts": [10, 100]}), "field 'counts' must be a list of 3 whole numbers"),
+        (json.dumps({**probe_record(), "appi": ["a", "b", "c"]}), "field 'appi' must be a list of 3 numbers"),
+        (json.dumps({**probe_record(), "groups": "head"}), "field 'groups' must be a list of distinct group names"),
+        (json.dumps({**probe_record(), "budget": 3}), "field 'budget' must be a share of the parameters in [0, 1]"),
+    ]
+
+
+@pytest.mark.parametrize("number", range(len(bad_records())))
+def test_select_and_plot_say_what_a_record_lacks_and_who_writes_one(tmp_path, number):
+    content, message = bad_records()[number]
+    command = ("select", "plot")[number % 2]  # both read records through one check
+    path = tmp_path / "probe.json"
+    path.write_text(content)
+    done = adapeft_command(command, "--probe", path, "--out", tmp_path / "out")
+    if message == "lacks the field":  # plot reads the history too
+        message = {"select": "lacks the field 'appi' of a probe record",
+                   "plot": "lacks the fields 'appi', 'ppi_history' of a probe record"}[command]
+    refused(done, f"--probe {path}", message, "`adapeft probe` writes probe records as probe.json, `adapeft demo` "
+                                              "as results.json")
+    assert not (tmp_path / "out").exists()
+
+
+def test_select_and_plot_on_a_missing_file(tmp_path):
+    for command in ("select", "plot"):
+        refused(adapeft_command(command, "--probe", tmp_path / "nothing.json"), "no such file", "`adapeft probe`")
+
+
+def test_plot_needs_a_probe_history(tmp_path):
+    path = tmp_path / "probe.json"
+    path.write_text(json.dumps({**probe_record(), "ppi_history": []}))
+    refused(adapeft_command("plot", "--probe", path, "--out", tmp_path), "field 'ppi_history' must be a non-empty")
+    assert adapeft_command("select", "--probe", path).returncode == 0  # select reads no history
+
+
+def test_select_without_a_budget_shows_the_frontier_and_says_so(tmp_path):
+    path = tmp_path / "probe.json"
+    path.write_text(json.dumps(probe_record()))
+    for method in ("pareto", "greedy"):
+        done = adapeft_command("select", "--probe", path, "--method", method)
+        assert done.returncode == 0, done.stderr
+        assert f"no --budget given, so the table is the whole {method} frontier" in done.stdout
+        assert "head, norm, others" in done.stdout and "head, norm" in done.stdout
+    chosen = adapeft_command("select", "--probe", path, "--budget", "0.1", "--method", "exact",
+                             "--out", tmp_path / "picked" / "selection.json")
+    assert chosen.returncode == 0 and "no --budget" not in chosen.stdout
+    assert adapeft.Selection.load(tmp_path / "picked" / "selection.json").chosen == ["head", "norm"]
+    refused(adapeft_command("select", "--probe", path, "--out", tmp_path), "--out", "is a folder")
+
+
+def test_plot_takes_a_budget(tmp_path):
+    path = tmp_path / "probe.json"
+    path.write_text(json.dumps(probe_record()))
+    done = adapeft_command("plot", "--probe", path, "--budget", "0.1", "--out", tmp_path / "plots")
+    assert done.returncode == 0, done.stderr
+    for name in ("ppi_heatmap.png", "appi.png", "pareto.png"):
+        assert (tmp_path / "plots" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_missing_optional_package_is_named_with_how_to_install_it(tmp_path):
+    blocker = tmp_path / "blocked" / "matplotlib"
+    blocker.mkdir(parents=True)
+    (blocker / "__init__.py").write_text("raise ModuleNotFoundError(\"No module named 'matplotlib'\", "
+                                         "name='matplotlib')\n")
+    path = tmp_path / "probe.json"
+    path.write_text(json.dumps(probe_record()))
+    first_on_path = os.pathsep.join([str(blocker.parent), os.environ.get("PYTHONPATH", "")])
+    done = adapeft_command("plot", "--probe", path, "--out", tmp_path, env={"PYTHONPATH": first_on_path})
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert "No module named 'matplotlib' (pip install 'adapeft[demo]')" in done.stderr
+
+
+def test_genuine_bugs_are_not_turned_into_messages(tmp_path, monkeypatch):
+    path = tmp_path / "probe.json"
+    path.write_text(json.dumps(probe_record()))
+
+    def broken(**_):
+        raise ValueError("a bug inside select")
+
+    monkeypatch.setattr(sys.modules["adapeft.select"], "select", broken)
+    with pytest.raises(ValueError, match="a bug inside select"):
+        cli.main(["select", "--probe", str(path)])
+
+
+# The pieces under the command ----------------------------------------------------------------------------
+def test_batches_of_data_smaller_than_a_batch_hold_all_of_it():
+    data = {"input_ids": torch.arange(30).reshape(3, 10), "labels": torch.tensor([0, 1, 0])}
+    stream = demo.batches(data, 16, seed=0, device="cpu")
+    seen = [next(stream) for _ in range(4)]
+    assert all(batch["labels"].numel() == 3 for batch in seen)
+    assert all(sorted(batch["input_ids"][:, 0].tolist()) == [0, 10, 20] for batch in seen)
+    # An epoch's last partial batch is dropped: every batch has one shape, and every row comes in turn.
+    stream = demo.batches({"labels": torch.arange(7)}, 3, seed=1, device="cpu")
+    first_epoch = torch.cat([next(stream)["labels"] for _ in range(2)])
+    assert len(set(first_epoch.tolist())) == 6 and next(stream)["labels"].numel() == 3
+    with pytest.raises(ValueError, match="no rows"):
+        demo.batches({"labels": torch.tensor([], dtype=torch.long)}, 4, seed=0, device="cpu")
+    with pytest.raises(ValueError, match="size must be a positive number of rows, got 0"):
+        demo.batches(data, 0, seed=0, device="cpu")
+
+
+def tiny_classifier(seed=0):
+    torch.manual_seed(seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = transformers.BertForSequenceClassification(transformers.BertConfig(
+            num_hidden_layers=1, hidden_size=32, num_attention_heads=2, intermediate_size=64, vocab_size=32,
+            num_labels=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, 32, (16, 12), generator=g)
+    labels = torch.randint(0, 2, (16,), generator=g)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    return model, batch
+
+
+def float16_loss(model, batch):
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return torch.nn.functional.cross_entropy(logits.half(), batch["labels"])
+
+
+def test_a_float16_loss_is_named_once_and_a_float32_one_of_the_same_model_fits():
+    """A float16 loss rounds to 1e-3 of its value, more than a probe step moves it: b rounds to 0. The prober
+    says so once; the same model with its loss in float32 (what adapeft.demo.loss_fn does) fits every group."""
+    model, batch = tiny_classifier()
+    demo.loss_fn(model, batch).backward()
+    prober = adapeft.Prober(model, None, float16_loss)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        coarse = [prober.step(batch, 1e-3) for _ in range(3)]
+    said = [str(w.message) for w in caught if "torch.float16 loss" in str(w.message)]
+    assert len(said) == 1 and "Return the loss in float32" in said[0]
+    assert all(bool((result.b == 0).any()) for result in coarse)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fine = adapeft.Prober(model, None, demo.loss_fn).step(batch, 1e-3)
+    assert not any("loss" in str(w.message) for w in caught)
+    assert bool((fine.b != 0).all())
+
+
+def test_frozen_groups_of_a_peft_model_get_one_warning():
+    from adapeft.algorithm import equip_lora
+    model, batch = tiny_classifier()
+    model = equip_lora(model, ["query", "value"], r=4, train_all=False)  # peft freezes the base model
+    demo.loss_fn(model, batch).backward()
+    prober = adapeft.Prober(model, None, demo.loss_fn)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            result = prober.step(batch, 1e-3)
+    frozen = [name for name, probed in zip(result.names, result.probed.tolist()) if not probed]
+    said = [str(w.message) for w in caught if "no gradient" in str(w.message)]
+    assert len(frozen) >= 4 and len(said) == 1, said
+    assert said[0].startswith("adapeft.Prober: tensors without a gradient (frozen or unused) are not probed: ")
+    assert all(f"group {name!r}: " in said[0] for name in frozen)
