@@ -21,7 +21,7 @@ import torch
 
 from . import __version__, demo
 from .demo import InputError
-from .select import METHODS
+from .select import MAX_COUNT, METHODS
 
 EXAMPLES = __doc__.split("examples:", 1)[1]
 DATA_FORMATS = (".csv", ".tsv", ".jsonl", ".json")
@@ -69,7 +69,7 @@ def share(text):
     value = _number(text, float)
     if not 0 <= value <= 1:
         raise argparse.ArgumentTypeError(f"must be a share of the parameters in [0, 1] (0.01 for 1%), got {text}")
-    return value
+    return value + 0.0  # -0 is 0
 
 
 def training_share(text):
@@ -103,9 +103,17 @@ def _warn(args, message):
     demo.Progress.write(f"adapeft {args.command}: warning: {message}")
 
 
-def _check_output_folder(path, flag):
+def _prepare_output_folder(path, flag):
+    """Create `path` (a folder the command writes to) now, so that a run cannot end in a folder it cannot
+    write to after the work is done."""
     if os.path.exists(path) and not os.path.isdir(path):
         raise InputError(f"{flag} {path} is a file, not a folder")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as error:
+        raise InputError(f"{flag} {path}: cannot create the folder ({error.strerror})") from None
+    if not os.access(path, os.W_OK):
+        raise InputError(f"{flag} {path}: the folder cannot be written to")
 
 
 def _read_rows(path):
@@ -166,9 +174,10 @@ def _check_labels(args, labels):
     if len(counts) < 2:
         raise InputError(f"--data {args.data}: every row has the label {labels[0]!r} in column {args.label_column!r}"
                          " (--label-column); a classifier needs at least two labels to learn anything")
-    if len(labels) < args.batch:
-        _warn(args, f"--batch {args.batch} is more than the {len(labels)} rows of {args.data}: every step trains and "
-                    f"probes on all {len(labels)} rows")
+    if len(labels) <= args.batch:
+        if len(labels) < args.batch:
+            _warn(args, f"--batch {args.batch} is more than the {len(labels)} rows of {args.data}: every step trains "
+                        f"and probes on all {len(labels)} rows")
         return
     few = [f"{label!r} ({count})" for label, count in sorted(counts.items()) if count < args.batch]
     if few:
@@ -187,6 +196,17 @@ def _tokenizer_source(args):
     elif args.tokenizer.startswith((".", "/", "~")):
         raise InputError(f"--tokenizer {args.tokenizer}: no such folder")
     return args.tokenizer
+
+
+def _positions(folder):
+    """The longest input the model folder's config allows, where it says (BERT's and GPT-2's key names)."""
+    with open(os.path.join(folder, "config.json"), encoding="utf-8") as handle:
+        try:
+            config = json.load(handle)
+        except json.JSONDecodeError as error:
+            raise InputError(f"--model {folder}: config.json is not JSON ({_json_error(error)})") from None
+    found = config.get("max_position_embeddings", config.get("n_positions")) if isinstance(config, dict) else None
+    return found if isinstance(found, int) and found > 0 else None
 
 
 def _load_tokenizer(source, flag):
@@ -233,9 +253,14 @@ def load_record(path, history=False):
         lists += [(f"ppi_history[{number}]", step, False) for number, step in enumerate(steps)]
     for name, values, whole in lists:
         if not (isinstance(values, list) and len(values) == len(groups)
-                and all(_is_number(v) and v >= 0 and (not whole or v == int(v)) for v in values)):
-            raise problem(f": field {name!r} must be a list of {len(groups)} {'whole ' if whole else ''}numbers >= 0 "
-                          f"(one per group), got {_short(values)}")
+                and all(_is_number(v) and v >= whole and (not whole or v == int(v)) for v in values)):
+            wanted = "whole numbers >= 1" if whole else "numbers >= 0"
+            raise problem(f": field {name!r} must be a list of {len(groups)} {wanted} (one per group), got "
+                          f"{_short(values)}")
+    if any(count > MAX_COUNT for count in record["counts"]):
+        raise problem(f": field 'counts' holds a group of more than 2^42 parameters, got {_short(record['counts'])}")
+    if not all(math.isfinite(a * n) for a, n in zip(record["appi"], record["counts"])):
+        raise problem(": its values (appi x counts) overflow to infinity; field 'appi' is not a probe's")
     budget = record.get("budget")
     if budget is not None and not (_is_number(budget) and 0 <= budget <= 1):
         raise problem(f": field 'budget' must be a share of the parameters in [0, 1] or null, got {_short(budget)}")
@@ -256,17 +281,21 @@ def _demo(args):
     if args.model is not None:
         demo.check_model_folder(args.model, "--model")
         demo.check_tokenizer_files(args.model, "--model")
-    _check_output_folder(args.out, "--out")
+    _prepare_output_folder(args.out, "--out")
     demo.run(out_dir=args.out, quick=args.quick, compare=args.compare, model=args.model, budget=args.budget,
              seeds=tuple(range(args.seeds)), device=args.device)
 
 
 def _probe(args):
     demo.check_model_folder(args.model, "--model")
-    _check_output_folder(args.out, "--out")
     texts, labels = read_table(args.data, args.text_column, args.label_column)
     _check_labels(args, labels)
     source = _tokenizer_source(args)
+    positions = _positions(args.model)
+    if positions is not None and args.max_length > positions:
+        raise InputError(f"--max-length {args.max_length} is more than the {positions} positions of --model "
+                         f"{args.model}; give at most {positions}")
+    _prepare_output_folder(args.out, "--out")
 
     from transformers import AutoModelForSequenceClassification
 
@@ -311,8 +340,10 @@ def _probe(args):
 def _select(args):
     from .select import select
     record = load_record(args.probe)
-    if args.out is not None and os.path.isdir(args.out):
-        raise InputError(f"--out {args.out} is a folder; give the file to write, such as selection.json")
+    if args.out is not None:
+        if os.path.isdir(args.out):
+            raise InputError(f"--out {args.out} is a folder; give the file to write, such as selection.json")
+        _prepare_output_folder(os.path.dirname(args.out) or ".", "--out")
     values = [a * n for a, n in zip(record["appi"], record["counts"])]
     selection = select(values=values, counts=record["counts"], names=record["groups"], budget=args.budget,
                        method=args.method)
@@ -322,7 +353,6 @@ def _select(args):
               "within a share")
     print(selection.table())
     if args.out:
-        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
         selection.save(args.out)
         print(f"wrote {args.out}")
 
@@ -330,7 +360,7 @@ def _select(args):
 def _plot(args):
     from . import plot
     record = load_record(args.probe, history=True)
-    _check_output_folder(args.out, "--out")
+    _prepare_output_folder(args.out, "--out")
     budget = args.budget if args.budget is not None else record.get("budget")
     print("wrote " + ", ".join(plot.report(record, args.out, budget=budget)))
 
@@ -382,7 +412,8 @@ def parser():
     probe.add_argument("--max-length", type=positive_int, default=64, help="tokens a text is cut or padded to")
     probe.add_argument("--lr", type=positive_float, default=5e-5, help="AdamW learning rate")
     probe.add_argument("--eta", type=positive_float, default=None,
-                       help="probe step, in learning-rate units of the optimizer's update (default: --lr)")
+                       help="probe step size: each group moves by up to 2 x eta times the AdamW update direction, "
+                            "as a learning rate would move it (default: the --lr value)")
     probe.add_argument("--device", type=device, default=None,
                        help="cpu, cuda or cuda:N (default: cuda when there is one)")
     probe.add_argument("--out", default="adapeft-probe", help="folder for probe.json")

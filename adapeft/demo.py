@@ -61,7 +61,8 @@ TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", 
 def check_model_folder(path, flag="model folder"):
     """InputError unless `path` is a Hugging Face model folder (one with config.json)."""
     if not os.path.isdir(path):
-        raise InputError(f"{flag} {path}: no such folder")
+        raise InputError(f"{flag} {path} is a file, not a model folder" if os.path.exists(path) else
+                         f"{flag} {path}: no such folder")
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise InputError(f"{flag} {path} is not a Hugging Face model folder (no config.json)")
 

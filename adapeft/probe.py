@@ -29,6 +29,9 @@ BACKENDS = ("compiled", "torch")
 CAPACITY_FRACTION = 1 / 64
 MIN_CAPACITY = 4096
 RELIABLE_CHANGED_SHARE = 0.5
+# ... or the realized step along the direction (weighted by d^2, so elements whose direction is zero, such as
+# an embedding's unused rows, count for nothing) within this share of the nominal one at every point.
+RELIABLE_STEP_TOLERANCE = 0.1
 # A fit is resolved when its curvature term at the widest probe point exceeds this many roundings of the
 # loss (the loss dtype's eps times |L0|); below it A is noise, and APPI ~ b^2 / A with it. 16 roundings is
 # about 20x the spread of A seen between DDP, FSDP2 and one GPU in float32 (benchmarks/RESULTS.md).
@@ -41,8 +44,9 @@ class ProbeResult:
     """One probe step, per group in `names` order (device tensors; reading them is the caller's sync).
 
     b, A, r2, ppi, eta_star: float64; accepted: the fit passed b > 0, A > 0, R^2 > threshold and was
-    reliable (and resolved, with Prober(require_resolved=True)); reliable: most elements really moved at
-    every point and no chunk was left unmoved; resolved: the curvature term A t^2 / 2 at the widest point t
+    reliable (and resolved, with Prober(require_resolved=True)); reliable: at every point most elements
+    really moved or the realized step along the direction is within 10% of the nominal one (a direction
+    that is zero on most elements, as an embedding's gradient is, moves few), and no chunk was left unmoved; resolved: the curvature term A t^2 / 2 at the widest point t
     stands RESOLVED_ROUNDINGS roundings of the loss (its dtype's eps times |L0|) clear of zero;
     probed: the group had a direction (frozen groups are skipped); losses and steps: K x 5 (column 2 the
     unperturbed loss, steps the realized ones); changed: K x 5 elements whose bits changed.
@@ -558,8 +562,9 @@ class Prober:
             fit = _numpy_fit(self._losses, steps, counts, self.r2_threshold)
         at_points = report.index_select(1, self._point_columns)
         moved_share = at_points[:, :, FIELD["changed"]] / counts.clamp(min=1)[:, None]
+        on_course = (at_points[:, :, FIELD["step"]] / self._steps.double() - 1).abs() <= RELIABLE_STEP_TOLERANCE
         unmoved = at_points[:, :, FIELD["unmoved"]].sum(1)
-        reliable = (moved_share >= RELIABLE_CHANGED_SHARE).all(1) & (unmoved == 0) & probed
+        reliable = ((moved_share >= RELIABLE_CHANGED_SHARE) | on_course).all(1) & (unmoved == 0) & probed
         widest = steps.index_select(1, self._point_columns).abs().amax(1)
         rounding = self._loss_eps * self._losses[:, 2].abs()
         resolved = fit.A * widest.square() / 2 >= RESOLVED_ROUNDINGS * rounding

@@ -96,25 +96,28 @@ class Selection:
                  f"({self.share:.3%}), predicted loss reduction {self.value:.4g}"]
         lines += [f"note: {note}" for note in self.notes]
         if self.frontier is not None:
+            points = list(self.frontier)
+            digits = _digits_to_tell_apart([value for _, value, _ in points])
             lines.append(f"{'parameters':>14} {'share':>8} {'loss reduction':>15}  {'how':14} groups")
-            for (count, value, mask), label in zip(self.frontier, self.labels):
+            for (count, value, mask), label in zip(points, self.labels):
                 groups = ", ".join(n for n, m in zip(self.names, mask) if m) or "(none)"
-                lines.append(f"{count:14,d} {count / self.total:8.3%} {value:15.4g}  {label:14} {groups}")
+                lines.append(f"{count:14,d} {count / self.total:8.3%} {value:15.{digits}g}  {label:14} {groups}")
         return "\n".join(lines)
 
     __str__ = table
 
     def apply(self, model, groups):
         """Make exactly the chosen groups trainable (requires_grad), freezing every other parameter of the model;
-        returns a report."""
+        returns a report. Every chosen group must be in the model and every group of the model in the selection;
+        groups the selection leaves frozen may be absent (a merged model has no LoRA groups)."""
         if not isinstance(groups, ParameterGroups):
             raise TypeError("adapeft.Selection.apply: groups must come from adapeft.group_parameters(model)")
-        missing = [n for n in self.names if n not in groups]
+        missing = [n for n in self.chosen if n not in groups]
         extra = [n for n in groups.names if n not in self.names]
         if missing or extra:
-            raise ValueError(f"adapeft.Selection.apply: the selection's groups do not match the model's: missing in "
-                             f"the model {missing}, not in the selection {extra}. Group the model the same way "
-                             "(granularity, rules) as the one the selection was made on")
+            raise ValueError(f"adapeft.Selection.apply: the selection's groups do not match the model's: chosen but "
+                             f"not in the model {missing}, in the model but not in the selection {extra}. Group the "
+                             "model the same way (granularity, rules) as the one the selection was made on")
         own = {id(p) for p in model.parameters()}
         if any(id(p) not in own for n in groups.names for p in groups.params(n)):
             raise ValueError("adapeft.Selection.apply: groups were made for another model")
@@ -155,10 +158,20 @@ class Selection:
 
     @classmethod
     def load(cls, path):
+        """A selection saved by `save` (or by `adapeft select --out`)."""
         with open(path) as handle:
-            data = json.load(handle)
-        if data.get("format") != "adapeft.selection/1":
-            raise ValueError(f"adapeft.Selection.load: {path} is not an adapeft selection")
+            try:
+                data = json.load(handle)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"adapeft.Selection.load: {path} is not JSON ({error.msg} at line {error.lineno}, "
+                                 f"column {error.colno}); Selection.save and `adapeft select --out` write selections")
+        if not isinstance(data, dict) or data.get("format") != "adapeft.selection/1":
+            raise ValueError(f"adapeft.Selection.load: {path} is not an adapeft selection (its format is not "
+                             "'adapeft.selection/1'); Selection.save and `adapeft select --out` write selections")
+        missing = [key for key in ("names", "values", "counts", "chosen", "method", "budget", "proven", "frontier")
+                   if key not in data]
+        if missing:
+            raise ValueError(f"adapeft.Selection.load: {path} lacks the fields {missing} of a selection")
         names = data["names"]
         frontier = labels = None
         if data["frontier"] is not None:
@@ -239,13 +252,37 @@ class _Problem:
         return [n << (scale - d.bit_length() + 1) for n, d in ratios]
 
 
-def _as_list(x, what):
-    if isinstance(x, torch.Tensor):
-        return x.detach().cpu().reshape(-1).tolist()
-    try:
-        return list(np.asarray(x).reshape(-1).tolist())
-    except (TypeError, ValueError) as error:
-        raise TypeError(f"adapeft.select: {what} must be a sequence of numbers") from error
+MAX_COUNT = 1 << 42  # parameters a group may have (the knapsack's sums stay within 2^62)
+
+
+def _vector(x, what):
+    """`x` as a 1-D numpy array of numbers, checked."""
+    array = x.detach().cpu().double().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+    if array.ndim != 1:
+        raise ValueError(f"adapeft.select: {what} must be a vector, one number per group; got shape {array.shape}")
+    if array.dtype == bool or not (np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)):
+        raise TypeError(f"adapeft.select: {what} must be numbers, got {array.tolist()[:8]}")
+    return array
+
+
+def _first(bad, array, what, why):
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise ValueError(f"adapeft.select: {what}[{i}] = {array[i].item()!r}; {why}")
+
+
+def _checked(values, counts):
+    """(values, counts) as lists of floats and ints, with a ValueError naming the first bad entry."""
+    values, counts = _vector(values, "values"), _vector(counts, "counts")
+    if np.issubdtype(values.dtype, np.integer):
+        _first(np.abs(values) > 2**53, values, "values", "integers beyond 2^53 are not exact as doubles")
+    values = values.astype(np.float64)
+    _first(~np.isfinite(values) | (values < 0), values, "values", "loss reductions must be finite and >= 0")
+    whole = counts if np.issubdtype(counts.dtype, np.integer) else np.where(np.isfinite(counts), counts, 0.5)
+    _first(whole != np.round(whole), counts, "counts", "counts must be whole numbers of parameters")
+    _first((counts < 1) | (counts > MAX_COUNT), counts, "counts",
+           "every group has between 1 and 2^42 parameters")
+    return values.tolist(), counts.astype(np.int64).tolist()
 
 
 def budget_share(budget, argument="budget"):
@@ -286,13 +323,14 @@ def select(prober_or_values=None, counts=None, *, values=None, budget=None, meth
         values = prober_or_values
     if values is None or counts is None:
         raise TypeError("adapeft.select: give a Prober, or values= and counts=")
-    values, counts = _as_list(values, "values"), _as_list(counts, "counts")
+    values, counts = _checked(values, counts)
     k = len(values)
     if k == 0:
         raise ValueError("adapeft.select: there are no groups to choose from (K = 0)")
     if len(counts) != k:
         raise ValueError(f"adapeft.select: values has {k} groups but counts has {len(counts)}")
-    names = [f"group{i}" for i in range(k)] if names is None else [str(n) for n in names]
+    # Default names sort as their indices do (group07 before group10), which spares sorting them for the ranks.
+    names = [f"group{i:0{len(str(k - 1))}d}" for i in range(k)] if names is None else [str(n) for n in names]
     if len(names) != k or len(set(names)) != k:
         raise ValueError(f"adapeft.select: names must be {k} distinct strings")
     if method not in METHODS:
@@ -303,11 +341,9 @@ def select(prober_or_values=None, counts=None, *, values=None, budget=None, meth
         raise ValueError("adapeft.select: method='exact' needs a budget")
     for share in budgets:
         budget_share(share, "every entry of budgets")
-    c = torch.tensor(counts)
-    if c.is_floating_point() and torch.isfinite(c).all() and torch.equal(c, c.round()):
-        c = c.to(torch.int64)
-    rank = torch.tensor(np.argsort(np.argsort(names, kind="stable"), kind="stable"), dtype=torch.int64)
-    problem = _Problem(names, values, counts, torch.tensor(values, dtype=torch.float64), c, rank)
+    in_order = all(a < b for a, b in zip(names, names[1:]))
+    rank = torch.arange(k) if in_order else torch.tensor(np.argsort(np.argsort(names, kind="stable"), kind="stable"))
+    problem = _Problem(names, values, counts, torch.tensor(values, dtype=torch.float64), torch.tensor(counts), rank)
     if method == "greedy":
         return _greedy(problem, budget)
     if method == "exact":
@@ -404,6 +440,14 @@ def all_subsets(values, counts):
     c = torch.as_tensor(counts).to(torch.int64)
     subset_counts, subset_values = _backend.call("knapsack_exhaustive")(v, c, torch.arange(v.numel()))
     return subset_counts.numpy(), subset_values.numpy()
+
+
+def _digits_to_tell_apart(values, fewest=4):
+    """Significant digits (fewest to 17) that print neighbouring values differently where they differ."""
+    for digits in range(fewest, 17):
+        if all(f"{a:.{digits}g}" != f"{b:.{digits}g}" for a, b in zip(values, values[1:]) if a != b):
+            return digits
+    return 17
 
 
 def _bits_to_mask(bits, k):

@@ -196,6 +196,42 @@ def test_probe_refuses_missing_folders_and_files(files, tmp_path):
             "--out", "is a file, not a folder")
 
 
+def test_output_folders_that_cannot_be_written_are_refused_before_any_work(files, tmp_path):
+    inside_a_file = files["data"] / "out"  # a folder cannot be made inside a file
+    started = time.perf_counter()
+    refused(adapeft_command("probe", "--model", files["model"], "--data", files["data"], "--out", inside_a_file),
+            f"--out {inside_a_file}: cannot create the folder")
+    assert time.perf_counter() - started < FLAG_CHECK_SECONDS
+    record = tmp_path / "probe.json"
+    record.write_text(json.dumps(probe_record()))
+    done = refused(adapeft_command("select", "--probe", record, "--budget", "0.5", "--out", inside_a_file / "s.json"),
+                   f"--out {inside_a_file}: cannot create the folder")
+    assert "chosen" not in done  # refused before the selection was printed
+    refused(adapeft_command("plot", "--probe", record, "--out", inside_a_file), "cannot create the folder")
+
+
+@pytest.mark.parametrize("labels, batch, warned", [
+    (["pos"] * 29 + ["neg"] * 35, 64, None),  # every batch is all the rows: no label is short in any
+    (["pos"] * 29 + ["neg"] * 35, 100, "every step trains and probes on all 64 rows"),
+    (["pos"] * 61 + ["neg"] * 3, 16, "labels with fewer rows than a batch (--batch 16): 'neg' (3)"),
+    (["pos"] * 32 + ["neg"] * 32, 16, None),
+])
+def test_label_warnings_hold_for_the_batches_drawn(labels, batch, warned, capsys):
+    cli._check_labels(argparse.Namespace(command="probe", data="rows.csv", batch=batch, label_column="label"), labels)
+    said = capsys.readouterr().err
+    assert (warned in said) if warned else said == ""
+
+
+def test_inputs_longer_than_the_model_takes_are_refused(files):
+    refused(adapeft_command("probe", "--model", files["model"], "--data", files["data"], "--max-length", "65"),
+            "--max-length 65 is more than the 64 positions of --model", "give at most 64")
+
+
+def test_a_file_given_as_the_model_folder_is_named_a_file(files):
+    refused(adapeft_command("probe", "--model", files["data"], "--data", files["data"]),
+            f"--model {files['data']} is a file, not a model folder")
+
+
 def test_a_model_folder_without_tokenizer_files_is_refused(files):
     message = refused(adapeft_command("probe", "--model", files["bare"], "--data", files["data"]),
                       f"--model {files['bare']} has no tokenizer files", "--tokenizer FOLDER_OR_NAME")
@@ -289,6 +325,10 @@ def bad_records():
         (json.dumps({**probe_record(), "appi": ["a", "b", "c"]}), "field 'appi' must be a list of 3 numbers"),
         (json.dumps({**probe_record(), "groups": "head"}), "field 'groups' must be a list of distinct group names"),
         (json.dumps({**probe_record(), "budget": 3}), "field 'budget' must be a share of the parameters in [0, 1]"),
+        (json.dumps({**probe_record(), "counts": [0, 100, 1000]}), "field 'counts' must be a list of 3 whole numbers "
+                                                                  ">= 1"),
+        (json.dumps({**probe_record(), "counts": [2**43, 100, 1000]}), "holds a group of more than 2^42 parameters"),
+        (json.dumps({**probe_record(), "appi": [1e308, 0.1, 0.1]}), "its values (appi x counts) overflow"),
     ]
 
 

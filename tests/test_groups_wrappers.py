@@ -217,9 +217,12 @@ def test_peft_model_and_its_merge_share_the_groups_the_names_allow():
     tensors = adapeft.group_parameters(merged, granularity="tensor")
     assert all(merged.get_parameter(n).numel() == c for n, c in zip(tensors.names, tensors.numel))
     types = peft_groups["type"]
-    with pytest.raises(ValueError, match=r"missing in the model \['lora_A', 'lora_B'\], not in the selection \[\]"):
-        adapeft.Selection.given(["head", "norm", "bias"], types).apply(merged, adapeft.group_parameters(merged))
     merged_groups = adapeft.group_parameters(merged)
-    report = adapeft.Selection.given(["head", "norm", "bias"], merged_groups).apply(merged, merged_groups)
+    with pytest.raises(ValueError, match=r"chosen but not in the model \['lora_B'\], in the model but not in the "
+                                         r"selection \[\]"):
+        adapeft.Selection.given(["lora_B", "head"], types).apply(merged, merged_groups)
+    # A selection made on the peft model that leaves the LoRA groups frozen applies to the merged model.
+    report = adapeft.Selection.given(["head", "norm", "bias"], types).apply(merged, merged_groups)
     assert report["trainable_parameters"] == sum(c for n, c in zip(types.names, types.numel)
                                                  if n in ("head", "norm", "bias"))
+    assert report["trainable_parameters"] == sum(p.numel() for p in merged.parameters() if p.requires_grad)

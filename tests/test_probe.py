@@ -375,6 +375,30 @@ def test_bf16_steps_below_resolution_are_flagged():
     assert not any("'others'" in str(w.message) for w in caught)
 
 
+@pytest.mark.parametrize("backend", ["compiled", "torch"])
+def test_a_sparse_direction_is_reliable(backend):
+    """An embedding's gradient is zero on the rows a batch does not use, so few of its elements move; the
+    realized step along the direction is the nominal one, and the fit holds (here in float32, against float64
+    autograd at the same point)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Embedding(2000, 16), torch.nn.Flatten(), torch.nn.Linear(64, 3))
+    batch = (torch.randint(0, 20, (32, 4)), torch.randint(0, 3, (32,)))  # 20 of the 2000 rows in use
+
+    def loss_fn(model, batch):
+        return cross_entropy(model, batch)
+
+    with_gradient(model, batch, loss_fn)
+    groups = adapeft.group_parameters(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning that the embedding did not move
+        result = adapeft.Prober(model, groups, loss_fn, backend=backend).step(batch, 1.0)  # resolves its A
+    embed = groups.names.index("embed")
+    assert result.changed[embed, [0, 1, 3, 4]].max() < 0.02 * groups.numel[embed]
+    assert result.reliable[embed] and result.resolved[embed] and result.accepted[embed]
+    b, _ = autograd_b_and_A(model.double(), (batch[0], batch[1]), loss_fn, groups)[embed]
+    assert result.b[embed].item() == pytest.approx(b, rel=1e-3)
+
+
 def test_curvature_below_the_loss_rounding_is_not_resolved():
     """At a step so small that A t^2 / 2 is within a few float32 roundings of the loss, A is noise and
     APPI ~ b^2 / A with it: such fits are not resolved, and require_resolved=True never accepts them. The

@@ -109,11 +109,21 @@ def test_all_zero_values_select_nothing():
 
 
 @pytest.mark.parametrize("kwargs, error, message", [
-    (dict(values=[1.0, math.nan], counts=[1, 1], budget=0.5), RuntimeError, r"values\[1\] = nan"),
-    (dict(values=[1.0, -1.0], counts=[1, 1], budget=0.5), RuntimeError, r"values\[1\] = -1"),
-    (dict(values=[1.0, 1.0], counts=[1, 0], budget=0.5), RuntimeError, r"counts\[1\] = 0"),
-    (dict(values=[1.0, 1.0], counts=[1, -3], budget=0.5), RuntimeError, r"counts\[1\] = -3"),
-    (dict(values=[1.0, 1.0], counts=[1, 1.5], budget=0.5), RuntimeError, "whole numbers"),
+    (dict(values=[1.0, math.nan], counts=[1, 1], budget=0.5), ValueError, r"values\[1\] = nan"),
+    (dict(values=[1.0, math.inf], counts=[1, 1], budget=0.5), ValueError, r"values\[1\] = inf.*finite and >= 0"),
+    (dict(values=[1.0, -1.0], counts=[1, 1], budget=0.5), ValueError, r"values\[1\] = -1"),
+    (dict(values=[1.0, 1.0], counts=[1, 0], budget=0.5), ValueError, r"counts\[1\] = 0"),
+    (dict(values=[1.0, 1.0], counts=[1, -3], budget=0.5), ValueError, r"counts\[1\] = -3"),
+    (dict(values=[1.0, 1.0], counts=[1, 2**43], budget=0.5), ValueError, r"counts\[1\] = 8796093022208.*2\^42"),
+    (dict(values=[1.0, 1.0], counts=[1, 1.5], budget=0.5), ValueError, "whole numbers"),
+    (dict(values=[1.0, 1.0], counts=[1, math.nan], budget=0.5), ValueError, "whole numbers"),
+    (dict(values=["a", "b"], counts=[1, 1], budget=0.5), TypeError, "values must be numbers"),
+    (dict(values=[None, 1.0], counts=[1, 1], budget=0.5), TypeError, "values must be numbers"),
+    (dict(values=[[1.0], [2.0]], counts=[1, 1], budget=0.5), ValueError, r"values must be a vector.*\(2, 1\)"),
+    (dict(values=[1.0, 2.0], counts=[True, True], budget=0.5), TypeError, "counts must be numbers"),
+    (dict(values=[2**60, 1], counts=[1, 1], budget=0.5), ValueError, "beyond 2\\^53"),
+    (dict(values=[1.0, 1.0], counts=[1, 1], budget=True), ValueError, "budget must be a share"),
+    (dict(values=[1.0, 1.0], counts=[1, 1], budget="0.5"), ValueError, "budget must be a share"),
     (dict(values=[1.0, 1.0], counts=[1, 1], budget=1.5), ValueError, "budget must be a share"),
     (dict(values=[1.0, 1.0], counts=[1, 1], budget=-0.1), ValueError, "budget must be a share"),
     (dict(values=[], counts=[], budget=0.5), ValueError, r"K = 0"),
@@ -186,6 +196,20 @@ def test_select_from_a_prober():
     assert selection.names == prober.names and selection.counts == prober.groups.numel
     expected = (prober.appi * torch.tensor(prober.groups.numel, dtype=torch.float64)).tolist()
     assert selection.values == pytest.approx(expected)
+
+
+def test_loading_what_is_not_a_selection_names_the_file(tmp_path):
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"bad.json is not JSON \(.*line 1, column 2\)"):
+        adapeft.Selection.load(tmp_path / "bad.json")
+    saved = adapeft.select(values=[1.0, 2.0], counts=[1, 1], budget=0.5, method="exact").as_dict()
+    del saved["names"]
+    (tmp_path / "part.json").write_text(json.dumps(saved))
+    with pytest.raises(ValueError, match=r"part.json lacks the fields \['names'\]"):
+        adapeft.Selection.load(tmp_path / "part.json")
+    (tmp_path / "probe.json").write_text(json.dumps({"format": "adapeft.probe/1"}))
+    with pytest.raises(ValueError, match="probe.json is not an adapeft selection"):
+        adapeft.Selection.load(tmp_path / "probe.json")
 
 
 def test_given_selection_names_its_groups():
