@@ -69,8 +69,11 @@ class Selection:
 
     @property
     def value(self):
-        """The chosen values' exact sum, rounded once."""
-        return math.fsum(v for v, m in zip(self.values, self.mask) if m)
+        """The chosen values' exact sum, rounded once (inf past the largest double, as the ops give it)."""
+        try:
+            return math.fsum(v for v, m in zip(self.values, self.mask) if m)
+        except OverflowError:
+            return math.inf
 
     @property
     def count(self):

@@ -8,6 +8,8 @@
 #include <array>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
+#include <limits>
 #include <type_traits>
 
 namespace adapeft {
@@ -105,6 +107,41 @@ Fixed<N + 1> times(const Fixed<N>& a, int64_t m) {
   return product;
 }
 
+// A finite double v >= 0 as mantissa * 2^exponent, the mantissa odd (or zero): read from its bits, which is
+// several times faster than frexp.
+struct Decomposed {
+  uint64_t mantissa;
+  int64_t exponent;
+};
+inline Decomposed decompose(double v) {
+  uint64_t bits;
+  std::memcpy(&bits, &v, sizeof(bits));
+  const int64_t field = static_cast<int64_t>(bits >> 52);
+  uint64_t mantissa = bits & ((uint64_t{1} << 52) - 1);
+  int64_t exponent = -1074;  // subnormals: mantissa * 2^-1074
+  if (field != 0) {
+    mantissa |= uint64_t{1} << 52;
+    exponent = field - 1075;
+  }
+  if (mantissa == 0) return {0, 0};
+  const int trailing = __builtin_ctzll(mantissa);
+  return {mantissa >> trailing, exponent + trailing};
+}
+
+// mantissa * 2^scale, a mantissa of at most 53 bits (2^53 included) whose value a double holds: exact.
+inline double compose(uint64_t mantissa, int64_t scale) {
+  if (mantissa == 0) return 0.0;
+  const int lead = 63 - __builtin_clzll(mantissa);
+  const int64_t magnitude = scale + lead;
+  if (magnitude > 1023) return std::numeric_limits<double>::infinity();
+  if (magnitude < -1022) return std::ldexp(static_cast<double>(mantissa), static_cast<int>(scale));  // subnormal
+  const uint64_t aligned = lead <= 52 ? mantissa << (52 - lead) : mantissa >> (lead - 52);
+  const uint64_t bits = static_cast<uint64_t>(magnitude + 1023) << 52 | (aligned & ((uint64_t{1} << 52) - 1));
+  double v;
+  std::memcpy(&v, &bits, sizeof(v));
+  return v;
+}
+
 // a * 2^exponent for a >= 0, rounded once to the nearest double (ties to even), subnormals included:
 // the exactly rounded sum of the values a stands for (what Python's math.fsum returns).
 template <int N>
@@ -112,14 +149,24 @@ double to_double(const Fixed<N>& a, int64_t exponent) {
   int top = N - 1;
   while (top >= 0 && a.word[top] == 0) --top;
   if (top < 0) return 0.0;
-  const int64_t highest = 64 * top + 63 - __builtin_clzll(a.word[top]);
+  const int lead = __builtin_clzll(a.word[top]);
+  const int64_t highest = 64 * top + 63 - lead;
   const int64_t magnitude = highest + exponent;  // the value lies in [2^magnitude, 2^(magnitude+1))
+  if (magnitude >= -1022) {  // a normal double (or too large): 53 bits from the top two words, and a sticky bit
+    const unsigned __int128 window =
+        (static_cast<unsigned __int128>(a.word[top]) << 64 | (top > 0 ? a.word[top - 1] : 0)) << lead;
+    const uint64_t head = static_cast<uint64_t>(window >> 64);
+    bool below = static_cast<uint64_t>(window) != 0 || (head & 0x3ff) != 0;
+    for (int i = 0; i < top - 1 && !below; ++i) below = a.word[i] != 0;
+    const uint64_t mantissa = (head >> 11) + ((head >> 10 & 1) && (below || (head >> 11 & 1)));
+    return compose(mantissa, highest - 52 + exponent);
+  }
   const int64_t significant = magnitude >= -1022 ? 53 : magnitude + 1075;  // fewer bits below 2^-1022
   const int64_t lowest_kept = highest - significant + 1;
-  if (lowest_kept <= 0) return std::ldexp(static_cast<double>(a.bits(0, static_cast<int>(highest + 1))), exponent);
+  if (lowest_kept <= 0) return compose(a.bits(0, static_cast<int>(highest + 1)), exponent);
   uint64_t mantissa = a.bits(lowest_kept, static_cast<int>(significant));
-  if (a.bits(lowest_kept - 1, 1) && (a.any_below(lowest_kept - 1) || (mantissa & 1))) ++mantissa;  // 2^53 is exact
-  return std::ldexp(static_cast<double>(mantissa), lowest_kept + exponent);
+  if (a.bits(lowest_kept - 1, 1) && (a.any_below(lowest_kept - 1) || (mantissa & 1))) ++mantissa;
+  return compose(mantissa, lowest_kept + exponent);
 }
 
 // Calls f(std::integral_constant<int, N>{}) for the narrowest instantiated N >= words (at most 34: the

@@ -43,11 +43,10 @@ KnapsackItems knapsack_items(const at::Tensor& values, const at::Tensor& counts,
     TORCH_CHECK(!__builtin_add_overflow(items.total_weight, wp[i], &items.total_weight) &&
                     items.total_weight < (int64_t{1} << 62),
                 op, ": the counts add up to more than 2^62 parameters");
-    if (vp[i] > 0.0) {
-      int binary_exponent;
-      const auto mantissa = static_cast<uint64_t>(std::ldexp(std::frexp(vp[i], &binary_exponent), 53));
-      lowest = std::min<int64_t>(lowest, binary_exponent - 53 + __builtin_ctzll(mantissa));
-      highest = std::max<int64_t>(highest, binary_exponent);  // the value is below 2^binary_exponent
+    const Decomposed d = decompose(vp[i]);
+    if (d.mantissa != 0) {
+      lowest = std::min(lowest, d.exponent);
+      highest = std::max<int64_t>(highest, d.exponent + 64 - __builtin_clzll(d.mantissa));  // value < 2^highest
     }
   }
   if (lowest <= highest) {
@@ -59,25 +58,28 @@ KnapsackItems knapsack_items(const at::Tensor& values, const at::Tensor& counts,
   return items;
 }
 
-void sort_by_double_ratio(const KnapsackItems& items, std::vector<int64_t>& order,
-                          std::vector<std::pair<size_t, size_t>>& ties) {
+void sort_by_ratio(const KnapsackItems& items, std::vector<int64_t>& order,
+                   std::vector<std::pair<size_t, size_t>>& ties) {
   const size_t n = items.value.size();
+  TORCH_CHECK(n < (size_t{1} << 32), "adapeft: the knapsack takes fewer than 2^32 groups");
   struct Keyed {
-    uint64_t key;  // the ratio's bits, complemented: ascending keys are descending ratios
-    int64_t index;
+    uint32_t key;  // the ratio's float bits, complemented: ascending keys are descending ratios
+    uint32_t index;
   };
   std::vector<Keyed> keyed(n), scratch(n);
   at::parallel_for(0, static_cast<int64_t>(n), 1 << 14, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
-      const double ratio = items.value[i] / static_cast<double>(items.weight[i]);
-      uint64_t bits;
-      std::memcpy(&bits, &ratio, sizeof(bits));  // non-negative doubles order as their bits
-      keyed[i] = {~bits, i};
+      // Each rounding (value / count to a double, then to a float) is monotone, so the key never orders two
+      // exact ratios the wrong way round; it can only tie them.
+      const float ratio = static_cast<float>(items.value[i] / static_cast<double>(items.weight[i]));
+      uint32_t bits;
+      std::memcpy(&bits, &ratio, sizeof(bits));  // non-negative floats order as their bits
+      keyed[i] = {~bits, static_cast<uint32_t>(i)};
     }
   });
   constexpr int kDigit = 16;
   std::vector<size_t> bucket((size_t{1} << kDigit) + 1);
-  for (int shift = 0; shift < 64; shift += kDigit) {
+  for (int shift = 0; shift < 32; shift += kDigit) {
     std::fill(bucket.begin(), bucket.end(), 0);
     for (size_t i = 0; i < n; ++i) ++bucket[((keyed[i].key >> shift) & 0xffff) + 1];
     for (size_t d = 1; d < bucket.size(); ++d) bucket[d] += bucket[d - 1];

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -40,17 +41,15 @@ int64_t state_limit(int64_t one_word_states) {
 template <int N>
 std::vector<Fixed<N>> exact_scales(const KnapsackItems& items) {
   std::vector<Fixed<N>> scale(items.value.size());
-  for (size_t i = 0; i < scale.size(); ++i) {
-    const double v = items.value[i];
-    if (v == 0.0) continue;
-    int binary_exponent;
-    uint64_t mantissa = static_cast<uint64_t>(std::ldexp(std::frexp(v, &binary_exponent), 53));
-    const int trailing = __builtin_ctzll(mantissa);
-    mantissa >>= trailing;
-    const int64_t shift = binary_exponent - 53 + trailing - items.exponent;  // >= 0: exponent is the least
-    scale[i].word[shift / 64] = mantissa << (shift % 64);
-    if (shift % 64 > 11 && shift / 64 + 1 < N) scale[i].word[shift / 64 + 1] = mantissa >> (64 - shift % 64);
-  }
+  at::parallel_for(0, static_cast<int64_t>(scale.size()), 1 << 14, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const Decomposed v = decompose(items.value[i]);
+      if (v.mantissa == 0) continue;
+      const int64_t shift = v.exponent - items.exponent;  // >= 0: items.exponent is the least
+      scale[i].word[shift / 64] = v.mantissa << (shift % 64);
+      if (shift % 64 > 11 && shift / 64 + 1 < N) scale[i].word[shift / 64 + 1] = v.mantissa >> (64 - shift % 64);
+    }
+  });
   return scale;
 }
 
@@ -61,16 +60,16 @@ bool more_efficient(const Fixed<N>& scale_a, int64_t weight_a, const Fixed<N>& s
 }
 
 // Sorts item indices by efficiency descending, then fewer parameters, then rank, compared exactly: a radix
-// sort on value / count as a double, which is correctly rounded and so never reverses two exact ratios,
-// then an exact sort of each run of equal doubles.
-void sort_by_double_ratio(const KnapsackItems& items, std::vector<int64_t>& order,
-                          std::vector<std::pair<size_t, size_t>>& ties);
+// sort on value / count rounded to a float, which never reverses two exact ratios, then an exact sort of
+// each run of equal keys (`ties`).
+void sort_by_ratio(const KnapsackItems& items, std::vector<int64_t>& order,
+                   std::vector<std::pair<size_t, size_t>>& ties);
 
 template <int N>
 std::vector<int64_t> efficiency_order(const KnapsackItems& items, const std::vector<Fixed<N>>& scale) {
   std::vector<int64_t> order;
   std::vector<std::pair<size_t, size_t>> ties;
-  sort_by_double_ratio(items, order, ties);
+  sort_by_ratio(items, order, ties);
   const auto& w = items.weight;
   const auto& r = items.rank;
   const auto before = [&](int64_t a, int64_t b) {

@@ -218,3 +218,27 @@ def test_values_spanning_the_whole_double_range():
         assert exact.proven and brute.point(exact.mask) == brute.refined_optimum(cap)
     pareto = adapeft.select(values=values, counts=counts, method="pareto")
     assert [brute.point(m) for _, _, m in pareto.frontier] == brute.frontier()
+
+
+@pytest.mark.parametrize("values", [
+    [1.0, 2.0**-53],  # a tie: to even, 1
+    [1.0 + 2.0**-52, 2.0**-53],  # a tie from an odd mantissa: up
+    [1.0, 2.0**-53, 2.0**-1074],  # just above the tie, by a bit many words below: up
+    [2.0**-1074, 2.0**-1074, 2.0**-1073],  # subnormal sums
+    [2.0**-1022 - 2.0**-1074, 2.0**-1074],  # the largest subnormal and one more: the smallest normal
+    [0.1, 0.2, 0.3, 0.7],
+])
+def test_each_sum_is_rounded_once(values):
+    v = torch.tensor(values, dtype=torch.float64)
+    _, sums = ops.knapsack_exhaustive(v, torch.ones(len(values), dtype=torch.int64), torch.arange(len(values)))
+    assert sums.tolist() == [math.fsum(x for i, x in enumerate(values) if s >> i & 1) for s in range(1 << len(values))]
+
+
+def test_a_sum_beyond_the_largest_double_is_infinite():
+    big = float.fromhex("0x1.fffffffffffffp+1023")
+    _, sums = ops.knapsack_exhaustive(torch.tensor([big, big], dtype=torch.float64), torch.ones(2, dtype=torch.int64),
+                                      torch.arange(2))
+    assert sums.tolist() == [0.0, big, big, math.inf]
+    exact = adapeft.select(values=[big, big], counts=[1, 2], budget=1.0, method="exact")
+    assert exact.chosen == ["group0", "group1"] and exact.proven and exact.value == math.inf
+    assert "inf" in exact.table()
