@@ -374,6 +374,9 @@ def parser():
     common.add_argument("-v", "--verbose", action="store_true",
                         help="also show other libraries' warnings and transformers' reports and progress bars "
                              "(without it: adapeft's own warnings, each once)")
+    record = argparse.ArgumentParser(add_help=False)
+    record.add_argument("--probe", required=True, help="a probe record: probe.json of `adapeft probe` or "
+                                                       "results.json of `adapeft demo` (required)")
     sub = main.add_subparsers(dest="command", required=True)
 
     about = "AdaPEFT end to end on all-MiniLM-L6-v2 and standard-library docstrings"
@@ -423,10 +426,7 @@ def parser():
     choose = sub.add_parser("select", help=about, description=about.capitalize() + " under --budget, or show the "
                             "whole frontier.",
                             epilog="example:\n  adapeft select --probe probe/probe.json --budget 0.01",
-                            parents=[common], **layout)
-    choose.add_argument("--probe", required=True,
-                        help="a probe record: probe.json of `adapeft probe` or results.json of `adapeft demo` "
-                             "(required)")
+                            parents=[common, record], **layout)
     choose.add_argument("--budget", type=share, default=None,
                         help="share of the parameters to train, in [0, 1] (default: none; the table shows every "
                              "budget)")
@@ -440,10 +440,7 @@ def parser():
     about = "PPI heatmap, APPI curves and Pareto frontier of a probe record"
     draw = sub.add_parser("plot", help=about, description=about + ", as PNG files.",
                           epilog="example:\n  adapeft plot --probe probe/probe.json --out probe/",
-                          parents=[common], **layout)
-    draw.add_argument("--probe", required=True,
-                      help="a probe record: probe.json of `adapeft probe` or results.json of `adapeft demo` "
-                           "(required)")
+                          parents=[common, record], **layout)
     draw.add_argument("--budget", type=share, default=None,
                       help="share of the parameters to mark on the frontier, in [0, 1] (default: the record's "
                            "budget, which `adapeft demo` records; else none)")
