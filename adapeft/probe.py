@@ -1,8 +1,9 @@
 """The Hessian-informed probe (the paper's Algorithm 1): per group, the loss reduction and learning rate.
 
 Call `Prober.step(batch, eta)` after `backward()` and before `optimizer.step()`. For every group k alone
-the model is moved in place to w - eta_j * d_k for eta_j in {-2,-1,1,2}*eta, the loss is measured, and
-the group is restored bit for bit; one fused fit turns the K x 5 losses into b ~ G.d, A ~ d.H.d, R^2,
+the model is moved in place to w - x * d_k for x in {-2,-1,1,2}*t_k, the loss is measured, and the group is
+restored bit for bit (t_k: each group's own step, from eta, chosen to resolve its curvature; see
+adapeft.steps, or step_policy="fixed" for the paper's t_k = eta); one fused fit turns the K x 5 losses into b ~ G.d, A ~ d.H.d, R^2,
 PPI = b^2/(A n) and eta* = b/A, accumulating PPI into APPI. On CUDA nothing in `step()` waits for the
 device (the user's loss_fn aside), and the model, its gradients, buffers, training modes, the optimizer
 and the RNG are left exactly as they were, also when loss_fn raises or the user presses Ctrl-C.
@@ -18,6 +19,7 @@ import torch
 
 from . import _layout as L
 from . import ops, reference
+from . import steps as step_rules
 from .groups import ParameterGroups, group_parameters
 from .optim import optimizer_direction
 from .perturb import GroupPerturbation
@@ -46,10 +48,13 @@ class ProbeResult:
     b, A, r2, ppi, eta_star: float64; accepted: the fit passed b > 0, A > 0, R^2 > threshold and was
     reliable (and resolved, with Prober(require_resolved=True)); reliable: at every point most elements
     really moved or the realized step along the direction is within 10% of the nominal one (a direction
-    that is zero on most elements, as an embedding's gradient is, moves few), and no chunk was left unmoved; resolved: the curvature term A t^2 / 2 at the widest point t
-    stands RESOLVED_ROUNDINGS roundings of the loss (its dtype's eps times |L0|) clear of zero;
+    that is zero on most elements, as an embedding's gradient is, moves few), and no chunk was left unmoved;
+    resolved: the curvature term |A| t^2 / 2 at the widest point t stands RESOLVED_ROUNDINGS roundings of
+    the loss (its dtype's eps times |L0|) clear of zero, whatever the sign of A (a resolved A < 0 is a
+    measured non-convexity);
     probed: the group had a direction (frozen groups are skipped); losses and steps: K x 5 (column 2 the
-    unperturbed loss, steps the realized ones); changed: K x 5 elements whose bits changed.
+    unperturbed loss, steps the realized ones); changed: K x 5 elements whose bits changed; scale: each
+    group's step t_k at this probe (its points are {-2,-1,1,2} t_k); eta: the step the probe was called with.
     """
 
     names: list
@@ -65,19 +70,37 @@ class ProbeResult:
     losses: torch.Tensor
     steps: torch.Tensor
     changed: torch.Tensor
+    scale: torch.Tensor
     eta: float
 
     def table(self):
         """A printable table (synchronises with the device)."""
-        rows = [f"{'group':12} {'b':>11} {'A':>11} {'R^2':>8} {'kept':>5} {'PPI':>10} {'eta*':>9}"]
-        host = {k: getattr(self, k).cpu().tolist() for k in ("b", "A", "r2", "accepted", "ppi", "eta_star", "probed")}
+        rows = [f"{'group':12} {'t':>9} {'b':>11} {'A':>11} {'R^2':>8} {'kept':>5} {'PPI':>10} {'eta*':>9}"]
+        host = {k: getattr(self, k).cpu().tolist()
+                for k in ("scale", "b", "A", "r2", "accepted", "ppi", "eta_star", "probed")}
         for k, name in enumerate(self.names):
             if not host["probed"][k]:
                 rows.append(f"{name:12} {'(not probed: no direction)':>40}")
                 continue
-            rows.append(f"{name:12} {host['b'][k]:11.4e} {host['A'][k]:11.4e} {host['r2'][k]:8.5f} "
+            rows.append(f"{name:12} {host['scale'][k]:9.3g} {host['b'][k]:11.4e} {host['A'][k]:11.4e} {host['r2'][k]:8.5f} "
                         f"{'yes' if host['accepted'][k] else 'no':>5} {host['ppi'][k]:10.3e} {host['eta_star'][k]:9.3g}")
         return "\n".join(rows)
+
+
+@dataclass
+class _Assessment:
+    """What a measurement tells of each group: the report rows, realized steps, the fit, and verdicts."""
+
+    report: torch.Tensor
+    steps: torch.Tensor
+    at_points: torch.Tensor
+    fit: object
+    counts: torch.Tensor
+    probed: torch.Tensor
+    moved: torch.Tensor
+    unmoved: torch.Tensor
+    reliable: torch.Tensor
+    resolved: torch.Tensor
 
 
 def _check_eta(eta):
@@ -174,9 +197,14 @@ class Prober:
     or "torch" (a plain implementation: per-tensor loops, a saved copy per group, .item() per forward, a
     numpy fit; the baseline the ops are measured against). r2_threshold: the fit filter.
     require_resolved: accept a fit only where it is `resolved` (see ProbeResult): its curvature term stands
-    RESOLVED_ROUNDINGS roundings of the loss clear of zero. Off by default, the paper's filter; in float32
-    at learning-rate-sized steps small groups often are not resolved (b is, A is rounding noise, and so is
-    APPI ~ b^2 / A), and devices that round differently then accept different groups.
+    RESOLVED_ROUNDINGS roundings of the loss clear of zero. Off by default, the paper's filter.
+    step_policy: "adaptive" (default) probes each group at a step of its own, t_k, chosen on the device from
+    its last fit so that its curvature is resolved while the step stays local (adapeft.steps): `eta` is then
+    where every group starts and the least step it is probed at (unless the parabola fails to fit), and a
+    group's first probe starts with two rounds of 4 forward passes that only choose its step. "fixed": every
+    group at eta, as in the paper (in float32 at learning-rate-sized steps small groups are then often not
+    resolved: b is, A is rounding noise, and so is APPI ~ b^2 / A). step_range: (low, high), the bounds of
+    every step in units of eta.
     cuda_graph: on CUDA, capture the measurement (the 4K+1 forward passes with every move and restore) as
     one CUDA graph and replay it at later steps; in-place moves keep every address fixed, which is what
     makes this possible. The batch is copied into static buffers, so its tensors must be on the model's
@@ -193,7 +221,8 @@ class Prober:
 
     def __init__(self, model, groups=None, loss_fn=None, *, direction="grad", optimizer=None, backend="compiled",
                  r2_threshold=0.99, apply_lr=False, lr_ema=0.9, lr_clip=(0.5, 2.0), schedule=None, history=True,
-                 cuda_graph=False, process_group="auto", require_resolved=False):
+                 cuda_graph=False, process_group="auto", require_resolved=False, step_policy="adaptive",
+                 step_range=step_rules.DEFAULT_RANGE):
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"adapeft.Prober: model must be a torch.nn.Module, got {type(model).__name__}")
         if groups is None:
@@ -208,6 +237,13 @@ class Prober:
         if not (direction in ("grad", "optimizer") or isinstance(direction, dict) or callable(direction)):
             raise ValueError("adapeft.Prober: direction must be 'grad', 'optimizer', a dict {group: tensors} or a "
                              f"callable (group, params) -> tensors, got {direction!r}")
+        if step_policy not in step_rules.POLICIES:
+            raise ValueError(f"adapeft.Prober: step_policy must be one of {step_rules.POLICIES}, got {step_policy!r}")
+        if not (isinstance(step_range, (tuple, list)) and len(step_range) == 2 and
+                all(isinstance(v, numbers.Real) and math.isfinite(v) for v in step_range) and
+                0 < step_range[0] <= 1 <= step_range[1]):
+            raise ValueError(f"adapeft.Prober: step_range must be (low, high) with 0 < low <= 1 <= high, got "
+                             f"{step_range!r}")
         if cuda_graph and backend != "compiled":
             raise ValueError("adapeft.Prober: cuda_graph=True needs backend='compiled'")
         if direction == "optimizer" and not isinstance(optimizer, torch.optim.Optimizer):
@@ -242,7 +278,11 @@ class Prober:
         self._points = torch.tensor(POINTS, dtype=torch.float32, device=self.device)
         # A device index (a Python list used as an index would be copied to the device and wait for it).
         self._point_columns = torch.tensor(COLUMNS, device=self.device)
-        self._steps = torch.empty(len(POINTS), dtype=torch.float32, device=self.device)
+        self.step_policy, self.step_range = step_policy, (float(step_range[0]), float(step_range[1]))
+        # t_k of each group (nan until its first probe) and the K x 4 table of steps the moves read
+        self._scale = torch.full((k,), math.nan, dtype=torch.float64, device=self.device)
+        self._steps = torch.empty(k, len(POINTS), dtype=torch.float32, device=self.device)
+        self._started = set()  # groups probed before
         self._losses = torch.empty(k, 5, dtype=torch.float64, device=self.device)
         self._report = torch.zeros(k * 5, len(L.REPORT_FIELDS), dtype=torch.float64, device=self.device)
         self._perturbations = {}
@@ -382,7 +422,8 @@ class Prober:
 
     # The probe ------------------------------------------------------------------------------------
     def step(self, batch, eta):
-        """Probe every group at {-2,-1,1,2}*eta around the current weights; returns a ProbeResult."""
+        """Probe every group at {-2,-1,1,2}*t_k around the current weights (t_k from eta: see step_policy);
+        returns a ProbeResult."""
         eta = _check_eta(eta)
         self._learn_from_last_step()
         plans = {}
@@ -396,21 +437,44 @@ class Prober:
                                "or give directions")
         # One walk over the modules a step: a graphed probe's replay waits for this host work.
         modules = list(self.model.modules())
+        low, high = eta * self.step_range[0], eta * self.step_range[1]
+        if self.step_policy == "fixed":
+            self._scale.fill_(eta)
+        else:
+            self._scale.copy_(torch.where(torch.isnan(self._scale), eta, self._scale).clamp(low, high))
+        new = [name for name in plans if name not in self._started] if self.step_policy == "adaptive" else []
         with torch.no_grad(), _model_untouched(self.model, modules, self.device), _full_float32_precision():
-            # Outside any captured graph: a replay reads the steps from this buffer.
-            torch.mul(self._points, eta, out=self._steps)
             try:
-                if self.backend == "torch":
-                    self._measure_torch(batch, plans)
-                else:
-                    perturbations = self._perturbations_for(plans)
-                    if self._graph is None or not self._graph.run(batch, perturbations, modules):
-                        self._measure(batch, perturbations)
+                perturbations = self._perturbations_for(plans) if self.backend == "compiled" else None
+                bracketed = {name: plans[name] for name in new}
+                for _ in range(step_rules.BRACKET_ROUNDS if new else 0):
+                    # Groups never probed: rounds from eta bracket their curvature, and the probe proper runs at
+                    # the steps they choose.
+                    self._write_steps()
+                    self._measure_round(batch, bracketed, perturbations)
+                    self._adapt(self._assess(bracketed), eta, low, high, step_rules.BRACKET_MOST_CHANGE)
+                self._write_steps()  # outside any captured graph: a replay reads the steps from this table
+                if self._graph is None or not self._graph.run(batch, perturbations, modules):
+                    self._measure_round(batch, plans, perturbations, reduce=False)
             finally:
                 self._reshard()  # the next forward pass gathers the restored shards, also after a failure
         if self.process_group is not None:
             self._reduce_across_ranks(plans)
-        return self._finish(plans, eta)
+        self._started.update(plans)
+        return self._finish(plans, eta, low, high)
+
+    def _write_steps(self):
+        torch.mul(self._scale.float()[:, None], self._points, out=self._steps)
+
+    def _measure_round(self, batch, plans, perturbations, reduce=True):
+        """Measure the groups in `plans` (every loss and report of the others nan and zero), then, with
+        reduce=True, agree across ranks."""
+        if self.backend == "torch":
+            self._measure_torch(batch, plans)
+        else:
+            self._measure(batch, {name: perturbations[name] for name in plans})
+        if reduce and self.process_group is not None:
+            self._reduce_across_ranks(plans)
 
     def _reduce_across_ranks(self, plans):
         """One collective: the mean over the ranks of every loss (each rank measured its own batch; a nan on
@@ -466,9 +530,10 @@ class Prober:
             # The fit runs in float64, but differences the loss's own rounding erased are not there to fit.
             self._said_coarse_loss = True
             warnings.warn(f"adapeft.Prober: loss_fn returns a {loss.dtype} loss, which rounds away changes below "
-                          f"{self._loss_eps:.1g} of its value: a probe step's changes are mostly smaller, so b and "
-                          "PPI come out 0. Return the loss in float32 (cross_entropy(logits.float(), labels)); the "
-                          "model can stay in 16 bits.", UserWarning, stacklevel=3)
+                          f"{self._loss_eps:.1g} of its value: more than a local probe step changes it, so b and A "
+                          "are mostly rounding (at a fixed step b comes out 0). Return the loss in float32 "
+                          "(cross_entropy(logits.float(), labels)); the model can stay in 16 bits.", UserWarning,
+                          stacklevel=3)
         return loss.reshape(())
 
     def _perturbations_for(self, plans):
@@ -490,8 +555,8 @@ class Prober:
             if cached is None or cached.fingerprint != fingerprint or \
                     any(mine is not ours for mine, ours in zip(cached._ledgers, self._ledgers)) or \
                     (hyper is not None and cached.hyper.shape != hyper.shape):
-                cached = GroupPerturbation(params, directions, self._steps, states=states, layout=layout, hyper=hyper,
-                                           ledgers=self._ledgers)
+                cached = GroupPerturbation(params, directions, self._steps[self.names.index(name)], states=states,
+                                           layout=layout, hyper=hyper, ledgers=self._ledgers)
                 self._perturbations[name] = cached
             elif hyper is not None:
                 cached.hyper.copy_(hyper)  # the bias corrections move with the optimizer's step count
@@ -528,7 +593,7 @@ class Prober:
                 for j, column in enumerate(COLUMNS):
                     dot_step = dot_dir = changed = 0.0
                     for p, w0, rule in zip(params, saved, rules):
-                        eta = self._steps[j].to(rule.a.dtype)
+                        eta = self._steps[k, j].to(rule.a.dtype)
                         p.view(-1).copy_(reference._step_away(w0.view(-1), eta * rule.a, rule.scale(eta)))
                         d64 = rule.full(w0.view(-1)).double().view_as(p)
                         dot_step += (d64 * (p.double() - w0.double())).sum().item()
@@ -542,7 +607,8 @@ class Prober:
                 for p, w0 in zip(params, saved):
                     p.copy_(w0)
 
-    def _finish(self, plans, eta):
+    def _assess(self, plans):
+        """The fit of the last measurement of the groups in `plans`, and what is known of each (device tensors)."""
         k = len(self.names)
         counts_key = tuple(self._global_numel[n] if n in plans else None for n in self.names)
         if counts_key != self._counts_key:
@@ -555,7 +621,6 @@ class Prober:
         counts, probed = self._counts, self._probed
         report = self._report.view(k, 5, len(L.REPORT_FIELDS))
         steps = report[:, :, FIELD["step"]]
-        changed = report[:, :, FIELD["changed"]]
         if self.backend == "compiled":
             fit = ops.quadratic_fit(self._losses, steps, counts, None, self.r2_threshold)
         else:
@@ -563,11 +628,26 @@ class Prober:
         at_points = report.index_select(1, self._point_columns)
         moved_share = at_points[:, :, FIELD["changed"]] / counts.clamp(min=1)[:, None]
         on_course = (at_points[:, :, FIELD["step"]] / self._steps.double() - 1).abs() <= RELIABLE_STEP_TOLERANCE
+        moved = ((moved_share >= RELIABLE_CHANGED_SHARE) | on_course).all(1)
         unmoved = at_points[:, :, FIELD["unmoved"]].sum(1)
-        reliable = ((moved_share >= RELIABLE_CHANGED_SHARE) | on_course).all(1) & (unmoved == 0) & probed
         widest = steps.index_select(1, self._point_columns).abs().amax(1)
         rounding = self._loss_eps * self._losses[:, 2].abs()
-        resolved = fit.A * widest.square() / 2 >= RESOLVED_ROUNDINGS * rounding
+        return _Assessment(report=report, steps=steps, at_points=at_points, fit=fit, counts=counts, probed=probed,
+                           moved=moved, unmoved=unmoved, reliable=moved & (unmoved == 0) & probed,
+                           resolved=fit.A.abs() * widest.square() / 2 >= RESOLVED_ROUNDINGS * rounding)
+
+    def _adapt(self, assessment, eta, low, high, most_change=None):
+        """Choose the next steps of the groups this assessment measured (adapeft.steps)."""
+        fit, loss = assessment.fit, self._losses[:, 2]
+        change = {} if most_change is None else {"most_up": most_change, "most_down": most_change}
+        self._scale.copy_(step_rules.next_scale(self._scale, loss, fit.b, fit.A, fit.r2, assessment.moved,
+                                                 assessment.resolved, self._loss_eps * loss.abs(), self.r2_threshold,
+                                                 assessment.probed, eta, low, high, **change))
+
+    def _finish(self, plans, eta, low, high):
+        found = self._assess(plans)
+        fit, reliable, resolved, probed = found.fit, found.reliable, found.resolved, found.probed
+        scale = self._scale.clone()
         accepted = fit.accepted & reliable & (resolved if self.require_resolved else True)
         ppi = torch.where(accepted, fit.ppi, torch.zeros_like(fit.ppi))
         eta_star = torch.where(accepted, fit.eta_star, torch.full_like(fit.eta_star, math.nan))
@@ -575,12 +655,15 @@ class Prober:
         self.last_eta_star = torch.where(accepted, eta_star, self.last_eta_star)
         if self.history is not None:
             self.history.append(ppi.clone())
-        saved = at_points[:, :, FIELD["saved"]].amax(1)
+        if self.step_policy == "adaptive":
+            self._adapt(found, eta, low, high)
+        saved = found.at_points[:, :, FIELD["saved"]].amax(1)
         words = [self._entry_words.get(n, 1) for n in self.names]  # the torch backend saves no entries
-        self._remember(torch.stack([saved, unmoved, reliable.double(), probed.double()]), words)
+        self._remember(torch.stack([saved, found.unmoved, reliable.double(), probed.double()]), words)
         result = ProbeResult(names=list(self.names), b=fit.b, A=fit.A, r2=fit.r2, accepted=accepted, ppi=ppi,
                              eta_star=eta_star, reliable=reliable, resolved=resolved, probed=probed.clone(),
-                             losses=self._losses.clone(), steps=steps.clone(), changed=changed.clone(), eta=eta)
+                             losses=self._losses.clone(), steps=found.steps.clone(),
+                             changed=found.report[:, :, FIELD["changed"]].clone(), scale=scale, eta=eta)
         if self._lr_groups is not None:
             self._apply_learning_rates(result)
         return result

@@ -445,11 +445,12 @@ def float16_loss(model, batch):
 
 
 def test_a_float16_loss_is_named_once_and_a_float32_one_of_the_same_model_fits():
-    """A float16 loss rounds to 1e-3 of its value, more than a probe step moves it: b rounds to 0. The prober
-    says so once; the same model with its loss in float32 (what adapeft.demo.loss_fn does) fits every group."""
+    """A float16 loss rounds to 1e-3 of its value, more than a probe step moves it: at a fixed step b rounds to
+    0. The prober says so once; the same model with its loss in float32 (what adapeft.demo.loss_fn does) fits
+    every group."""
     model, batch = tiny_classifier()
     demo.loss_fn(model, batch).backward()
-    prober = adapeft.Prober(model, None, float16_loss)
+    prober = adapeft.Prober(model, None, float16_loss, step_policy="fixed")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         coarse = [prober.step(batch, 1e-3) for _ in range(3)]
