@@ -328,7 +328,9 @@ def _probe(args):
     prober.flush()
     os.makedirs(args.out, exist_ok=True)
     record = {"format": "adapeft.probe/1", "model": args.model, "groups": prober.names, "counts": prober.groups.numel,
-              "appi": prober.appi.cpu().tolist(), "ppi_history": [h.cpu().tolist() for h in prober.history]}
+              "appi": prober.appi.cpu().tolist(), "ppi_history": [h.cpu().tolist() for h in prober.history],
+              "probe_history": [result.as_dict() for result in prober.results],
+              "resolved_history": [result.resolved.tolist() for result in prober.results]}
     path = os.path.join(args.out, "probe.json")
     with open(path, "w") as handle:
         json.dump(record, handle, indent=2)

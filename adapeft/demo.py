@@ -300,6 +300,8 @@ def run(out_dir="adapeft-demo", quick=False, compare=False, model=None, budget=0
     results = {"format": "adapeft.demo/1", "device": str(torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"),
                "settings": settings, "budget": budget, "groups": prober.names, "counts": prober.groups.numel,
                "appi": prober.appi.cpu().tolist(), "ppi_history": history,
+               "probe_history": [result.as_dict() for result in prober.results],
+               "resolved_history": [result.resolved.tolist() for result in prober.results],
                "selection": selection.as_dict(), "frontier": frontier.as_dict()["frontier"], "target": target}
     if compare:
         results["comparison"] = compare_methods(folder, frontier, selection, train, test, settings, seeds, device, log)

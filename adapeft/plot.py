@@ -3,7 +3,8 @@
 Following its appendix A.1: per group, values outside [Q1 - 3 IQR, Q3 + 3 IQR] of its series are dropped
 as fit outliers, the series is smoothed by an exponential moving average, and the heatmap divides every
 row by the `others` row (the bulk of the parameters), so that row reads one unit of influence.
-Groups rejected at a probe step (PPI 0) count as missing, not as zero influence.
+Groups rejected at a probe step (PPI 0) count as missing, not as zero influence; where the record has each
+probe's verdicts, the heatmap marks those cells by why (not measured, or rejected for what was measured).
 """
 import numpy as np
 import torch
@@ -44,18 +45,34 @@ def clean(series, iqr_factor=IQR_FACTOR, ema=EMA):
     return out
 
 
-def ppi_heatmap(history, names, path, relative_to="others", title="PPI relative to others (log10)"):
-    """Groups x probe steps, log10 of the cleaned PPI divided by the `relative_to` row when it exists."""
+# Marks of the heatmap's cells by verdict (adapeft.probe.VERDICTS): a probe that could not measure the group,
+# which is no evidence against it, and a fit rejected for what it measured.
+MEASURED_REJECTIONS = ("b <= 0", "A <= 0", "R^2")
+MARKS = {"unmeasured": "\u25cb", "rejected": "\u00d7"}
+
+
+def ppi_heatmap(history, names, path, relative_to="others", title="PPI relative to others (log10)", verdicts=None):
+    """Groups x probe steps, log10 of the cleaned PPI divided by the `relative_to` row when it exists; with
+    `verdicts` (per probe, each group's verdict name) the cells of fits not accepted are marked by why."""
     plt = _pyplot()
     smooth = clean(_series(history))
     if relative_to in names:
         smooth = smooth / smooth[names.index(relative_to)]
-    fig, ax = plt.subplots(figsize=(max(4.0, 0.35 * smooth.shape[1] + 2.5), 0.45 * len(names) + 1.5))
+    fig, ax = plt.subplots(figsize=(max(5.5, 0.35 * smooth.shape[1] + 2.5), 0.45 * len(names) + 1.8))
     with np.errstate(divide="ignore", invalid="ignore"):
         image = ax.imshow(np.log10(smooth), aspect="auto", cmap="viridis", interpolation="nearest")
     ax.set_yticks(range(len(names)), names)
     ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
     ax.set_xlabel("probe step")
+    if verdicts is not None:
+        for t, probe in enumerate(verdicts):
+            for k, verdict in enumerate(probe):
+                if verdict != "accepted":
+                    kind = "rejected" if verdict in MEASURED_REJECTIONS else "unmeasured"
+                    ax.text(t, k, MARKS[kind], ha="center", va="center", fontsize=11, fontweight="bold",
+                            color="#e03030" if kind == "rejected" else "#909090")  # seen on dark and blank cells
+        ax.set_xlabel(f"probe step\n{MARKS['unmeasured']} not measured (no direction, below resolution)   "
+                      f"{MARKS['rejected']} rejected (b <= 0, A <= 0, R^2)", fontsize=8)
     ax.set_title(title)
     fig.colorbar(image, ax=ax, label="log10 PPI ratio")
     return _save(plt, fig, path)
@@ -134,7 +151,8 @@ def report(record, out_dir, budget=None, title="Pareto frontier", measured_name=
     else:
         measured = None
     os.makedirs(out_dir, exist_ok=True)
-    return [ppi_heatmap(record["ppi_history"], names, os.path.join(out_dir, "ppi_heatmap.png")),
+    verdicts = [probe["verdict"] for probe in record["probe_history"]] if record.get("probe_history") else None
+    return [ppi_heatmap(record["ppi_history"], names, os.path.join(out_dir, "ppi_heatmap.png"), verdicts=verdicts),
             appi_curves(record["ppi_history"], names, os.path.join(out_dir, "appi.png")),
             pareto(frontier, os.path.join(out_dir, "pareto.png"),
                    all_subsets=all_subsets(values, counts) if len(names) <= 24 else None, nested=nested,

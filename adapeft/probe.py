@@ -38,6 +38,21 @@ RELIABLE_STEP_TOLERANCE = 0.1
 # loss (the loss dtype's eps times |L0|); below it A is noise, and APPI ~ b^2 / A with it. 16 roundings is
 # about 20x the spread of A seen between DDP, FSDP2 and one GPU in float32 (benchmarks/RESULTS.md).
 RESOLVED_ROUNDINGS = 16
+# Why a group's fit was kept or not, the first that applies (ProbeResult.verdict holds the index). Up to
+# "unresolved" the probe could not measure the group this time, which is no evidence against it; from "b <= 0"
+# on, it measured a reason.
+VERDICTS = ("accepted", "not probed", "zero direction", "non-finite", "ledger full", "did not move", "unresolved",
+            "b <= 0", "A <= 0", "R^2")
+VERDICT = {name: code for code, name in enumerate(VERDICTS)}
+# What the warnings say of the groups a probe could not measure, once a group and cause.
+UNMEASURED = {
+    "zero direction": "the direction is exactly zero (a gradient that is zero this step, as lora_A's while "
+                      "lora_B is 0); such a probe is no evidence against the group, and its next one may measure it",
+    "non-finite": "a loss, a direction element or the fit is not finite; the fit is not used",
+    "did not move": "most of their elements did not change at some probe point: the step is below the "
+                    "resolution of the group's dtype",
+    "ledger full": "some chunks stayed unmoved because the ledger was full; it grows for the next probe",
+}
 FIELD = {name: i for i, name in enumerate(L.REPORT_FIELDS)}
 
 
@@ -54,7 +69,8 @@ class ProbeResult:
     measured non-convexity);
     probed: the group had a direction (frozen groups are skipped); losses and steps: K x 5 (column 2 the
     unperturbed loss, steps the realized ones); changed: K x 5 elements whose bits changed; scale: each
-    group's step t_k at this probe (its points are {-2,-1,1,2} t_k); eta: the step the probe was called with.
+    group's step t_k at this probe (its points are {-2,-1,1,2} t_k); verdict: why each fit was kept or not,
+    an index into VERDICTS (`reasons()` names them); eta: the step the probe was called with.
     """
 
     names: list
@@ -71,19 +87,31 @@ class ProbeResult:
     steps: torch.Tensor
     changed: torch.Tensor
     scale: torch.Tensor
+    verdict: torch.Tensor
     eta: float
+
+    def reasons(self):
+        """Each group's verdict by name (see VERDICTS; synchronises with the device)."""
+        return [VERDICTS[code] for code in self.verdict.tolist()]
+
+    def as_dict(self):
+        """Per group (lists in `names` order): the step t, b, A, R^2, PPI, resolved and the verdict, with
+        None where a number is not finite (JSON has no nan). Synchronises with the device."""
+        def numbers(tensor):
+            return [value if math.isfinite(value) else None for value in tensor.tolist()]
+        return {"t": numbers(self.scale), "b": numbers(self.b), "A": numbers(self.A), "r2": numbers(self.r2),
+                "ppi": numbers(self.ppi), "resolved": self.resolved.tolist(), "verdict": self.reasons()}
 
     def table(self):
         """A printable table (synchronises with the device)."""
-        rows = [f"{'group':12} {'t':>9} {'b':>11} {'A':>11} {'R^2':>8} {'kept':>5} {'PPI':>10} {'eta*':>9}"]
-        host = {k: getattr(self, k).cpu().tolist()
-                for k in ("scale", "b", "A", "r2", "accepted", "ppi", "eta_star", "probed")}
-        for k, name in enumerate(self.names):
+        rows = [f"{'group':12} {'t':>9} {'b':>11} {'A':>11} {'R^2':>8} {'PPI':>10} {'eta*':>9}  verdict"]
+        host = {k: getattr(self, k).cpu().tolist() for k in ("scale", "b", "A", "r2", "ppi", "eta_star", "probed")}
+        for k, (name, verdict) in enumerate(zip(self.names, self.reasons())):
             if not host["probed"][k]:
-                rows.append(f"{name:12} {'(not probed: no direction)':>40}")
+                rows.append(f"{name:12} {'':>64}  {verdict} (no direction)")
                 continue
-            rows.append(f"{name:12} {host['scale'][k]:9.3g} {host['b'][k]:11.4e} {host['A'][k]:11.4e} {host['r2'][k]:8.5f} "
-                        f"{'yes' if host['accepted'][k] else 'no':>5} {host['ppi'][k]:10.3e} {host['eta_star'][k]:9.3g}")
+            rows.append(f"{name:12} {host['scale'][k]:9.3g} {host['b'][k]:11.4e} {host['A'][k]:11.4e} "
+                        f"{host['r2'][k]:8.5f} {host['ppi'][k]:10.3e} {host['eta_star'][k]:9.3g}  {verdict}")
         return "\n".join(rows)
 
 
@@ -272,7 +300,8 @@ class Prober:
         self.appi = torch.zeros(k, dtype=torch.float64, device=self.device)
         # eta* of each group at the last probe that accepted it (nan until one does)
         self.last_eta_star = torch.full((k,), math.nan, dtype=torch.float64, device=self.device)
-        self.history = [] if history else None
+        self.history = [] if history else None  # PPI of every probe
+        self.results = [] if history else None  # the ProbeResult of every probe
         self.require_resolved = bool(require_resolved)
         self._loss_eps = 0.0  # eps of the loss dtype, from the first loss measured
         self._points = torch.tensor(POINTS, dtype=torch.float32, device=self.device)
@@ -296,7 +325,7 @@ class Prober:
         # Said once per prober, gathered into one warning per cause: a peft model freezes most groups at once.
         self._notes = set()
         self._unsaid = {}  # cause: [what it is for each group] not warned about yet
-        self._said_unreliable = set()
+        self._said_unmeasured = set()  # (cause, group) pairs warned about
         self._said_coarse_loss = False
         self._global_numel = {}  # parameters a group moves, over all ranks
         self._fsdp_modules = _fsdp_modules(model) if self._sharded else []
@@ -405,20 +434,20 @@ class Prober:
         if event is not None and not event.query():
             return
         self._pending = None
-        saved, unmoved, reliable, probed = host[0], host[1], host[2].bool(), host[3].bool()
+        saved, unmoved, verdict = host[0], host[1], host[2].long().tolist()
         needed = max((int(s) * w for s, w in zip(saved.tolist(), words)), default=0)
         if needed > self._capacity_words or unmoved.any():
             self._capacity_words = max(needed, self._capacity_words) * 5 // 4
             self._ledgers = None
-        unreliable = [name for k, name in enumerate(names)
-                      if probed[k] and not reliable[k] and name not in self._said_unreliable]
-        if unreliable:
-            self._said_unreliable.update(unreliable)
-            details = "; ".join(f"group {name!r}: most of its elements did not change at some probe point"
-                                for name in unreliable)
-            warnings.warn(f"adapeft.Prober: {details} (the step is below the resolution of the dtype), or the ledger "
-                          "was full; such fits are marked unreliable and not used. Use a larger eta, or keep float32 "
-                          "master weights.", UserWarning, stacklevel=3)
+        for cause, why in UNMEASURED.items():
+            named = [name for name, code in zip(names, verdict)
+                     if code == VERDICT[cause] and (cause, name) not in self._said_unmeasured]
+            if named:
+                self._said_unmeasured.update((cause, name) for name in named)
+                if cause == "did not move":
+                    why += ("; their steps grow for the next probe" if self.step_policy == "adaptive" else
+                            "; use a larger eta, step_policy='adaptive', or float32 master weights")
+                warnings.warn(f"adapeft.Prober: {cause}: groups {named}: {why}", UserWarning, stacklevel=3)
 
     # The probe ------------------------------------------------------------------------------------
     def step(self, batch, eta):
@@ -640,15 +669,35 @@ class Prober:
         """Choose the next steps of the groups this assessment measured (adapeft.steps)."""
         fit, loss = assessment.fit, self._losses[:, 2]
         change = {} if most_change is None else {"most_up": most_change, "most_down": most_change}
+        has_direction = torch.isfinite(assessment.at_points[:, :, FIELD["step"]]).any(1)  # d.d = 0 gives 0/0
         self._scale.copy_(step_rules.next_scale(self._scale, loss, fit.b, fit.A, fit.r2, assessment.moved,
                                                  assessment.resolved, self._loss_eps * loss.abs(), self.r2_threshold,
-                                                 assessment.probed, eta, low, high, **change))
+                                                 assessment.probed & has_direction, eta, low, high, **change))
+
+    def _verdict(self, found, accepted):
+        """VERDICTS' index of each group: accepted, or the first reason that applies."""
+        fit, at_points = found.fit, found.at_points
+        realized = at_points[:, :, FIELD["step"]]
+        nonfinite_direction = at_points[:, :, FIELD["nonfinite"]].sum(1) > 0
+        inputs_finite = torch.isfinite(self._losses).all(1) & ~nonfinite_direction
+        reasons = [(~found.probed, "not probed"),
+                   (torch.isnan(realized).all(1) & ~nonfinite_direction, "zero direction"),  # d.d = 0: 0/0
+                   (~inputs_finite, "non-finite"), (found.unmoved > 0, "ledger full"), (~found.moved, "did not move"),
+                   (~torch.isfinite(fit.b + fit.A + fit.ppi), "non-finite"), (~found.resolved, "unresolved"),
+                   (~(fit.b > 0), "b <= 0"), (~(fit.A > 0), "A <= 0"), (~(fit.r2 > self.r2_threshold), "R^2")]
+        # A rejection none of these explains can only be a fit the op found not finite.
+        verdict = torch.full_like(found.unmoved, VERDICT["non-finite"], dtype=torch.int64)
+        for applies, name in reversed(reasons):  # the first reason that applies wins
+            verdict = torch.where(applies, VERDICT[name], verdict)
+        # Accepted fits are accepted whatever they are (unresolved ones too, with the paper's filter).
+        return torch.where(accepted, VERDICT["accepted"], verdict)
 
     def _finish(self, plans, eta, low, high):
         found = self._assess(plans)
         fit, reliable, resolved, probed = found.fit, found.reliable, found.resolved, found.probed
         scale = self._scale.clone()
         accepted = fit.accepted & reliable & (resolved if self.require_resolved else True)
+        verdict = self._verdict(found, accepted)
         ppi = torch.where(accepted, fit.ppi, torch.zeros_like(fit.ppi))
         eta_star = torch.where(accepted, fit.eta_star, torch.full_like(fit.eta_star, math.nan))
         self.appi += ppi
@@ -659,13 +708,16 @@ class Prober:
             self._adapt(found, eta, low, high)
         saved = found.at_points[:, :, FIELD["saved"]].amax(1)
         words = [self._entry_words.get(n, 1) for n in self.names]  # the torch backend saves no entries
-        self._remember(torch.stack([saved, found.unmoved, reliable.double(), probed.double()]), words)
+        self._remember(torch.stack([saved, found.unmoved, verdict.double()]), words)
         result = ProbeResult(names=list(self.names), b=fit.b, A=fit.A, r2=fit.r2, accepted=accepted, ppi=ppi,
                              eta_star=eta_star, reliable=reliable, resolved=resolved, probed=probed.clone(),
                              losses=self._losses.clone(), steps=found.steps.clone(),
-                             changed=found.report[:, :, FIELD["changed"]].clone(), scale=scale, eta=eta)
+                             changed=found.report[:, :, FIELD["changed"]].clone(), scale=scale, verdict=verdict,
+                             eta=eta)
         if self._lr_groups is not None:
             self._apply_learning_rates(result)
+        if self.results is not None:
+            self.results.append(result)
         return result
 
     def _remember(self, summary, words):

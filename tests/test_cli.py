@@ -290,8 +290,9 @@ def test_warnings_during_training_get_lines_of_their_own(files, tmp_path):
     assert done.returncode == 0, done.stderr
     said = re.findall(r"(.?)adapeft probe: warning: adapeft\.Prober: (.*)", done.stderr)
     assert said and all(before in ("", "\n") for before, _ in said), done.stderr
-    groups = [group for _, text in said for group in re.findall(r"group '(\w+)': most of its elements", text)]
-    assert len(groups) == len(set(groups)) and "others" in groups
+    groups = [group for _, text in said for listed in re.findall(r"did not move: groups \[([^\]]*)\]", text)
+              for group in re.findall(r"'(\w+)'", listed)]
+    assert groups and len(groups) == len(set(groups)), done.stderr
 
 
 def test_probe_with_a_separate_tokenizer_is_quiet_and_warns_once_per_cause(files, tmp_path):

@@ -248,6 +248,8 @@ def test_cli_probe_select_plot_on_a_local_model(tmp_path):
     assert done.returncode == 0, done.stderr
     record = json.loads((tmp_path / "probe" / "probe.json").read_text())
     assert record["format"] == "adapeft.probe/1" and len(record["ppi_history"]) == 3
+    assert len(record["probe_history"]) == len(record["resolved_history"]) == 3
+    assert all(len(probe["verdict"]) == len(record["groups"]) for probe in record["probe_history"])
     chosen = run_cli("select", "--probe", str(tmp_path / "probe" / "probe.json"), "--budget", "0.05", "--method",
                      "exact", "--out", str(tmp_path / "selection.json"))
     assert chosen.returncode == 0, chosen.stderr
@@ -267,6 +269,17 @@ def test_quick_demo_writes_a_report(tmp_path):
         assert (out / name).read_bytes()[:8] == PNG
     results = json.loads((out / "results.json").read_text())
     assert results["groups"] == ["lora_A", "lora_B", "head", "norm", "bias", "embed", "others"]
+    # Every probe's record; from the second probe on at least 6 of the 7 groups have a resolved curvature, and a
+    # group rejected is rejected for a measured reason (or had no direction to measure), never for rounding.
+    from adapeft.probe import VERDICTS
+    probes = results["probe_history"]
+    assert len(probes) == len(results["ppi_history"]) == len(results["resolved_history"]) >= 2
+    for probe, resolved in zip(probes, results["resolved_history"]):
+        assert probe["resolved"] == resolved and set(probe["verdict"]) <= set(VERDICTS)
+        assert all(len(probe[field]) == 7 for field in ("t", "b", "A", "r2", "ppi", "verdict"))
+    for probe in probes[1:]:
+        assert sum(probe["resolved"]) >= 6, probe
+        assert set(probe["verdict"]) <= {"accepted", "zero direction", "b <= 0", "A <= 0", "R^2"}, probe
     assert 0 < results["target"]["share"] <= 0.01 and 0 <= results["target"]["test_accuracy"] <= 1
     selection = adapeft.Selection.load(out / "selection.json")
     assert selection.count <= 0.01 * selection.total

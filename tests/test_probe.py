@@ -361,9 +361,9 @@ def test_no_copies_on_cpu(backend):
 def test_bf16_steps_below_resolution_are_flagged():
     model, batch, loss_fn = mlp(torch.bfloat16)
     with_gradient(model, batch, loss_fn)
-    with pytest.warns(UserWarning, match=r"group 'others': most of its elements did not change.*larger eta.*"
-                                          r"float32 master weights"):
-        result = adapeft.Prober(model, None, loss_fn).step(batch, 1e-7)
+    with pytest.warns(UserWarning, match=r"did not move: groups \[.*'others'.*\]: most of their elements did not "
+                                          r"change.*below the resolution.*float32 master weights"):
+        result = adapeft.Prober(model, None, loss_fn, step_policy="fixed").step(batch, 1e-7)
     others = result.names.index("others")
     assert not result.reliable[others] and not result.accepted[others]
     assert result.changed[others, [0, 1, 3, 4]].max() < 0.5 * adapeft.group_parameters(model).numel[others]
@@ -372,6 +372,15 @@ def test_bf16_steps_below_resolution_are_flagged():
         larger = adapeft.Prober(model, None, loss_fn).step(batch, 0.3)  # well above the resolution
     assert larger.reliable[others]  # (acceptance is another matter: a bfloat16 loss is itself coarse)
     assert not any("'others'" in str(w.message) for w in caught)
+    assert result.reasons()[others] == "did not move"
+    # Steps of their own grow where the elements did not move: 64 times in each of the first probe's two
+    # bracketing rounds, 16 times a probe after that.
+    adapting = adapeft.Prober(model, None, loss_fn)
+    first = adapting.step(batch, 1e-7)
+    assert bool((first.scale >= 1e-7 * 64**2 * (1 - 1e-6)).all())
+    second = adapting.step(batch, 1e-7)
+    assert first.reasons()[others] != "did not move" or \
+        second.scale[others].item() >= 16 * first.scale[others].item() * (1 - 1e-6)
 
 
 @pytest.mark.parametrize("backend", ["compiled", "torch"])

@@ -24,7 +24,7 @@ def test_each_rule():
     expected = [min(target, 16e-3),  # up to the target, at most 16 times
                 max(target, 1.0 / 4),  # down toward it, at most 4 times
                 16e-3,  # an unresolved A says nothing: 16 times
-                8e-3,  # most elements did not move: 8 times
+                16e-3,  # most elements did not move: 16 times
                 1e-2 / 4,  # a resolved fit that is no parabola: 4 times smaller
                 5e-3,  # not measured: unchanged
                 steps.LOCAL_CHANGE * 2.0 / (2 * 10.0),  # the slope bounds the step
