@@ -59,15 +59,16 @@ class AdaPEFT:
     """Algorithm 2 with its settings: budget (share of parameters), method ("greedy", "exact", "pareto"),
     probe_fraction (of the horizon spent on the probing run), probe_every (training steps between probes),
     eta (probe step, in learning-rate units along the optimizer's update), granularity of the groups,
-    cuda_graph (replay the probe's forward passes from a CUDA graph; see adapeft.Prober)."""
+    cuda_graph (replay the probe's forward passes from a CUDA graph), slope ("fit" or "autograd": b from
+    the five points or from one backward pass; see adapeft.Prober)."""
 
     def __init__(self, budget=0.01, method="exact", probe_fraction=0.1, probe_every=None, eta=None,
-                 granularity="type", direction="optimizer", cuda_graph=False):
+                 granularity="type", direction="optimizer", cuda_graph=False, slope="fit"):
         if not 0 < probe_fraction <= 1:
             raise ValueError(f"adapeft.AdaPEFT: probe_fraction must be in (0, 1], got {probe_fraction}")
         self.budget, self.method, self.probe_fraction = budget, method, probe_fraction
         self.probe_every, self.eta, self.granularity, self.direction = probe_every, eta, granularity, direction
-        self.cuda_graph = cuda_graph
+        self.cuda_graph, self.slope = cuda_graph, slope
 
     def probe_steps(self, horizon):
         return max(1, math.ceil(self.probe_fraction * horizon))
@@ -78,7 +79,8 @@ class AdaPEFT:
         optimizer = optimizer_cls(param_groups(groups, lr=lr))
         interval = self.probe_every or max(1, min(4 * len(groups), steps // 4))
         prober = Prober(model, groups, loss_fn, direction=self.direction, optimizer=optimizer,
-                        schedule=ProbeSchedule(len(groups), interval=interval), cuda_graph=self.cuda_graph)
+                        schedule=ProbeSchedule(len(groups), interval=interval), cuda_graph=self.cuda_graph,
+                        slope=self.slope)
         run = ProbeRun(prober)
         eta = self.eta or lr
 

@@ -319,7 +319,7 @@ def _probe(args):
                         return_tensors="pt")
     data = {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"],
             "labels": torch.tensor([classes.index(label) for label in labels])}
-    algorithm = AdaPEFT(probe_every=args.every, eta=args.eta)
+    algorithm = AdaPEFT(probe_every=args.every, eta=args.eta, slope=args.slope)
     progress = demo.Progress(args.steps, "probe")
     run = algorithm.probe_train(model, demo.batches(data, args.batch, 0, run_on), demo.loss_fn, args.steps, args.lr,
                                 on_step=progress)
@@ -417,8 +417,10 @@ def parser():
     probe.add_argument("--max-length", type=positive_int, default=64, help="tokens a text is cut or padded to")
     probe.add_argument("--lr", type=positive_float, default=5e-5, help="AdamW learning rate")
     probe.add_argument("--eta", type=positive_float, default=None,
-                       help="probe step size: each group moves by up to 2 x eta times the AdamW update direction, "
-                            "as a learning rate would move it (default: the --lr value)")
+                       help="probe step size, in learning-rate units along the AdamW update: where each group's "
+                            "own step starts and the least it is probed at (default: the --lr value)")
+    probe.add_argument("--slope", choices=("fit", "autograd"), default="fit",
+                       help="b from the five losses' fit, or exactly from one more backward pass per probe")
     probe.add_argument("--device", type=device, default=None,
                        help="cpu, cuda or cuda:N (default: cuda when there is one)")
     probe.add_argument("--out", default="adapeft-probe", help="folder for probe.json")

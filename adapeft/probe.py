@@ -27,6 +27,7 @@ from .perturb import GroupPerturbation
 POINTS = (-2.0, -1.0, 1.0, 2.0)
 COLUMNS = (0, 1, 3, 4)  # where the four perturbed points sit in a row of five; column 2 is the base loss
 BACKENDS = ("compiled", "torch")
+SLOPES = ("fit", "autograd")
 # Ledger room the prober starts with, as a share of the largest group; it grows when a probe needs more.
 CAPACITY_FRACTION = 1 / 64
 MIN_CAPACITY = 4096
@@ -70,7 +71,11 @@ class ProbeResult:
     probed: the group had a direction (frozen groups are skipped); losses and steps: K x 5 (column 2 the
     unperturbed loss, steps the realized ones); changed: K x 5 elements whose bits changed; scale: each
     group's step t_k at this probe (its points are {-2,-1,1,2} t_k); verdict: why each fit was kept or not,
-    an index into VERDICTS (`reasons()` names them); eta: the step the probe was called with.
+    an index into VERDICTS (`reasons()` names them); eta: the step the probe was called with;
+    b_fit: the five points' own least-squares slope (b itself unless Prober(slope="autograd"), where b is
+    g.d from autograd and A and R^2 are fitted through it); slope_error: (b_fit - b) / |b|, how far the five
+    points' slope is from the exact one (nan without slope="autograd"): near 0 where they lie on a parabola,
+    a sharper test than R^2, which the rounding of a nearly flat loss can leave high.
     """
 
     names: list
@@ -89,6 +94,8 @@ class ProbeResult:
     scale: torch.Tensor
     verdict: torch.Tensor
     eta: float
+    b_fit: torch.Tensor
+    slope_error: torch.Tensor
 
     def reasons(self):
         """Each group's verdict by name (see VERDICTS; synchronises with the device)."""
@@ -100,18 +107,23 @@ class ProbeResult:
         def numbers(tensor):
             return [value if math.isfinite(value) else None for value in tensor.tolist()]
         return {"t": numbers(self.scale), "b": numbers(self.b), "A": numbers(self.A), "r2": numbers(self.r2),
-                "ppi": numbers(self.ppi), "resolved": self.resolved.tolist(), "verdict": self.reasons()}
+                "ppi": numbers(self.ppi), "resolved": self.resolved.tolist(), "verdict": self.reasons(),
+                "slope_error": numbers(self.slope_error)}
 
     def table(self):
         """A printable table (synchronises with the device)."""
-        rows = [f"{'group':12} {'t':>9} {'b':>11} {'A':>11} {'R^2':>8} {'PPI':>10} {'eta*':>9}  verdict"]
-        host = {k: getattr(self, k).cpu().tolist() for k in ("scale", "b", "A", "r2", "ppi", "eta_star", "probed")}
+        host = {k: getattr(self, k).cpu().tolist()
+                for k in ("scale", "b", "A", "r2", "ppi", "eta_star", "probed", "slope_error")}
+        exact = any(math.isfinite(v) for v in host["slope_error"])  # slope="autograd"
+        rows = [f"{'group':12} {'t':>9} {'b':>11} {'A':>11} {'R^2':>8} {'PPI':>10} {'eta*':>9}"
+                f"{' slope err' if exact else ''}  verdict"]
         for k, (name, verdict) in enumerate(zip(self.names, self.reasons())):
             if not host["probed"][k]:
-                rows.append(f"{name:12} {'':>64}  {verdict} (no direction)")
+                rows.append(f"{name:12} {'':>{74 if exact else 64}}  {verdict} (no direction)")
                 continue
+            error = f" {host['slope_error'][k]:9.2e}" if exact else ""
             rows.append(f"{name:12} {host['scale'][k]:9.3g} {host['b'][k]:11.4e} {host['A'][k]:11.4e} "
-                        f"{host['r2'][k]:8.5f} {host['ppi'][k]:10.3e} {host['eta_star'][k]:9.3g}  {verdict}")
+                        f"{host['r2'][k]:8.5f} {host['ppi'][k]:10.3e} {host['eta_star'][k]:9.3g}{error}  {verdict}")
         return "\n".join(rows)
 
 
@@ -123,6 +135,7 @@ class _Assessment:
     steps: torch.Tensor
     at_points: torch.Tensor
     fit: object
+    b_fit: torch.Tensor  # the five points' own slope
     counts: torch.Tensor
     probed: torch.Tensor
     moved: torch.Tensor
@@ -233,6 +246,13 @@ class Prober:
     group at eta, as in the paper (in float32 at learning-rate-sized steps small groups are then often not
     resolved: b is, A is rounding noise, and so is APPI ~ b^2 / A). step_range: (low, high), the bounds of
     every step in units of eta.
+    slope: "fit" (default): b is the slope of the five points' least squares; "autograd": b = g.d exactly,
+    with g the gradient of loss_fn on the probe batch in the probe's own mode (eval: no dropout), from one
+    extra forward and backward pass per probe (p.grad is left alone), and A and R^2 are fitted through that
+    slope; ProbeResult.slope_error then says how far the five points' own slope is from it. The training
+    gradient, taken in train mode with dropout, can differ from the probe's several times (the demo's
+    lora_B at its first probe: 0.03 against 0.21), so with direction="grad" b is not |p.grad|^2. With
+    direction="optimizer" the update is formed once more for the product, which waits for the device.
     cuda_graph: on CUDA, capture the measurement (the 4K+1 forward passes with every move and restore) as
     one CUDA graph and replay it at later steps; in-place moves keep every address fixed, which is what
     makes this possible. The batch is copied into static buffers, so its tensors must be on the model's
@@ -250,7 +270,7 @@ class Prober:
     def __init__(self, model, groups=None, loss_fn=None, *, direction="grad", optimizer=None, backend="compiled",
                  r2_threshold=0.99, apply_lr=False, lr_ema=0.9, lr_clip=(0.5, 2.0), schedule=None, history=True,
                  cuda_graph=False, process_group="auto", require_resolved=False, step_policy="adaptive",
-                 step_range=step_rules.DEFAULT_RANGE):
+                 step_range=step_rules.DEFAULT_RANGE, slope="fit"):
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"adapeft.Prober: model must be a torch.nn.Module, got {type(model).__name__}")
         if groups is None:
@@ -272,6 +292,8 @@ class Prober:
                 0 < step_range[0] <= 1 <= step_range[1]):
             raise ValueError(f"adapeft.Prober: step_range must be (low, high) with 0 < low <= 1 <= high, got "
                              f"{step_range!r}")
+        if slope not in SLOPES:
+            raise ValueError(f"adapeft.Prober: slope must be one of {SLOPES}, got {slope!r}")
         if cuda_graph and backend != "compiled":
             raise ValueError("adapeft.Prober: cuda_graph=True needs backend='compiled'")
         if direction == "optimizer" and not isinstance(optimizer, torch.optim.Optimizer):
@@ -289,6 +311,9 @@ class Prober:
         if cuda_graph and self.process_group is not None:
             raise ValueError("adapeft.Prober: cuda_graph=True is not supported with a process group yet (the "
                              "model's own collectives would be captured)")
+        if slope == "autograd" and self.process_group is not None:
+            raise ValueError("adapeft.Prober: slope='autograd' is not supported with a process group yet (the probe's "
+                             "backward pass would run outside DDP's and FSDP's gradient reduction)")
         self.model, self.groups, self.loss_fn = model, groups, loss_fn
         self.direction, self.optimizer, self.backend, self.r2_threshold = direction, optimizer, backend, r2_threshold
         self.device = devices.pop()
@@ -308,6 +333,8 @@ class Prober:
         # A device index (a Python list used as an index would be copied to the device and wait for it).
         self._point_columns = torch.tensor(COLUMNS, device=self.device)
         self.step_policy, self.step_range = step_policy, (float(step_range[0]), float(step_range[1]))
+        self.slope = slope
+        self._exact_slope = torch.full((k,), math.nan, dtype=torch.float64, device=self.device)  # g.d per group
         # t_k of each group (nan until its first probe) and the K x 4 table of steps the moves read
         self._scale = torch.full((k,), math.nan, dtype=torch.float64, device=self.device)
         self._steps = torch.empty(k, len(POINTS), dtype=torch.float32, device=self.device)
@@ -474,6 +501,8 @@ class Prober:
         new = [name for name in plans if name not in self._started] if self.step_policy == "adaptive" else []
         with torch.no_grad(), _model_untouched(self.model, modules, self.device), _full_float32_precision():
             try:
+                if self.slope == "autograd":
+                    self._measure_slopes(batch, plans)
                 perturbations = self._perturbations_for(plans) if self.backend == "compiled" else None
                 bracketed = {name: plans[name] for name in new}
                 for _ in range(step_rules.BRACKET_ROUNDS if new else 0):
@@ -491,6 +520,43 @@ class Prober:
             self._reduce_across_ranks(plans)
         self._started.update(plans)
         return self._finish(plans, eta, low, high)
+
+    def _measure_slopes(self, batch, plans):
+        """b_k = g.d_k for the groups in `plans` into self._exact_slope: g from one backward pass of loss_fn on
+        the batch in the probe's mode, through torch.autograd.grad, so that no p.grad changes."""
+        tensors = [p for plan in plans.values() for p in plan[0]]
+        frozen = [p for p in tensors if not p.requires_grad]  # a given direction may move a frozen tensor
+        try:
+            for p in frozen:
+                p.requires_grad_(True)
+            with torch.enable_grad():
+                loss = self._loss(batch, None)
+                if not loss.requires_grad:
+                    raise RuntimeError("adapeft.Prober.step: slope='autograd' needs a loss_fn whose loss depends on "
+                                       "the parameters through autograd (it returned a loss without a graph)")
+                gradients = iter(torch.autograd.grad(loss, tensors, allow_unused=True))
+        finally:
+            for p in frozen:
+                p.requires_grad_(False)
+        self._exact_slope.fill_(math.nan)
+        for k, name in enumerate(self.names):
+            if name not in plans:
+                continue
+            params, directions, states, layout, hyper = plans[name]
+            hyper_rows = hyper.reshape(-1, L.HYPER_WORDS).tolist() if hyper is not None else None
+            total = torch.zeros((), dtype=torch.float64, device=self.device)
+            for i, (p, d) in enumerate(zip(params, directions)):
+                g = next(gradients)
+                if g is None:
+                    continue  # the loss does not depend on p
+                if hyper_rows is None:
+                    full = d
+                else:  # the optimizer's update, formed as the kernels form it
+                    kind, named = reference._tensor_layout(layout, i)
+                    full = reference._Direction(d, [states[j] if j >= 0 else None for j in named], kind,
+                                                hyper_rows[i], p.dtype).full(p.detach().view(-1))
+                total += torch.dot(g.reshape(-1).double(), full.reshape(-1).double())
+            self._exact_slope[k] = total
 
     def _write_steps(self):
         torch.mul(self._scale.float()[:, None], self._points, out=self._steps)
@@ -654,6 +720,9 @@ class Prober:
             fit = ops.quadratic_fit(self._losses, steps, counts, None, self.r2_threshold)
         else:
             fit = _numpy_fit(self._losses, steps, counts, self.r2_threshold)
+        b_fit = fit.b
+        if self.slope == "autograd":
+            fit = _fit_through_slope(self._losses, steps, counts, self._exact_slope, self.r2_threshold)
         at_points = report.index_select(1, self._point_columns)
         moved_share = at_points[:, :, FIELD["changed"]] / counts.clamp(min=1)[:, None]
         on_course = (at_points[:, :, FIELD["step"]] / self._steps.double() - 1).abs() <= RELIABLE_STEP_TOLERANCE
@@ -661,7 +730,8 @@ class Prober:
         unmoved = at_points[:, :, FIELD["unmoved"]].sum(1)
         widest = steps.index_select(1, self._point_columns).abs().amax(1)
         rounding = self._loss_eps * self._losses[:, 2].abs()
-        return _Assessment(report=report, steps=steps, at_points=at_points, fit=fit, counts=counts, probed=probed,
+        return _Assessment(report=report, steps=steps, at_points=at_points, fit=fit, b_fit=b_fit, counts=counts,
+                           probed=probed,
                            moved=moved, unmoved=unmoved, reliable=moved & (unmoved == 0) & probed,
                            resolved=fit.A.abs() * widest.square() / 2 >= RESOLVED_ROUNDINGS * rounding)
 
@@ -709,11 +779,13 @@ class Prober:
         saved = found.at_points[:, :, FIELD["saved"]].amax(1)
         words = [self._entry_words.get(n, 1) for n in self.names]  # the torch backend saves no entries
         self._remember(torch.stack([saved, found.unmoved, verdict.double()]), words)
+        slope_error = (found.b_fit - fit.b) / fit.b.abs() if self.slope == "autograd" else \
+            torch.full_like(fit.b, math.nan)
         result = ProbeResult(names=list(self.names), b=fit.b, A=fit.A, r2=fit.r2, accepted=accepted, ppi=ppi,
                              eta_star=eta_star, reliable=reliable, resolved=resolved, probed=probed.clone(),
                              losses=self._losses.clone(), steps=found.steps.clone(),
                              changed=found.report[:, :, FIELD["changed"]].clone(), scale=scale, verdict=verdict,
-                             eta=eta)
+                             eta=eta, b_fit=found.b_fit, slope_error=slope_error)
         if self._lr_groups is not None:
             self._apply_learning_rates(result)
         if self.results is not None:
@@ -876,10 +948,9 @@ class _GraphedMeasurement:
 
 def _numpy_fit(losses, steps, counts, threshold):
     """The fit in numpy float64 (least squares and R^2 row by row), for the torch backend."""
-    L_host, x_host, n_host = losses.cpu().numpy(), steps.cpu().numpy(), counts.cpu().numpy()
+    L_host, x_host = losses.cpu().numpy(), steps.cpu().numpy()
     out = {name: np.full(len(L_host), np.nan) for name in ("b", "A", "r2")}
-    accepted = np.zeros(len(L_host), dtype=bool)
-    for k, (row, x, n) in enumerate(zip(L_host, x_host, n_host)):
+    for k, (row, x) in enumerate(zip(L_host, x_host)):
         y = row - row[2]
         if not (np.isfinite(y).all() and np.isfinite(x).all()):
             continue
@@ -889,16 +960,32 @@ def _numpy_fit(losses, steps, counts, threshold):
         ss_tot = float(((y - y.mean()) ** 2).sum())
         r2 = 1.0 if ss_res == 0 else (0.0 if ss_tot == 0 else 1 - ss_res / ss_tot)
         out["b"][k], out["A"][k], out["r2"][k] = b, A, r2
-        with np.errstate(all="ignore"):
-            ppi = b * b / (A * n)
-        accepted[k] = b > 0 and A > 0 and r2 > threshold and n > 0 and np.isfinite(ppi)
-    device = losses.device
-    b, A, r2 = (torch.tensor(out[name], dtype=torch.float64, device=device) for name in ("b", "A", "r2"))
-    acc = torch.tensor(accepted, device=device)
+    b, A, r2 = (torch.tensor(out[name], dtype=torch.float64, device=losses.device) for name in ("b", "A", "r2"))
+    return _filtered_fit(b, A, r2, counts, threshold)
+
+
+def _fit_through_slope(losses, steps, counts, slope, threshold):
+    """The fit with b known (slope="autograd"): A by least squares of dL(x) + x b = x^2/2 A, and the R^2 of
+    that parabola, on the device."""
+    x = steps.double()
+    y = losses.double() - losses.double()[:, 2:3]
+    A = 2 * (x.square() * (y + x * slope[:, None])).sum(1) / x.pow(4).sum(1)
+    ss_res = (y - (-x * slope[:, None] + 0.5 * x.square() * A[:, None])).square().sum(1)
+    ss_tot = (y - y.mean(1, keepdim=True)).square().sum(1)
+    r2 = torch.where(ss_res == 0, 1.0, torch.where(ss_tot == 0, 0.0, 1 - ss_res / ss_tot))
+    return _filtered_fit(slope.clone(), A, r2, counts, threshold)
+
+
+def _filtered_fit(b, A, r2, counts, threshold):
+    """A FitResult from b, A and R^2 with the paper's filter (b > 0, A > 0, R^2 > threshold, all finite), as
+    adapeft.quadratic_fit applies it."""
     n = counts.to(torch.float64)
-    ppi = torch.where(acc, b * b / (A * n), torch.zeros_like(b))
-    eta_star = torch.where(acc, b / A, torch.full_like(b, math.nan))
-    return ops.FitResult(b, A, r2, acc, ppi, eta_star)
+    ppi = b * b / (A * n)
+    accepted = (b > 0) & (A > 0) & (r2 > threshold) & (n > 0) & torch.isfinite(b) & torch.isfinite(A) & \
+        torch.isfinite(r2) & torch.isfinite(ppi)
+    ppi = torch.where(accepted, ppi, torch.zeros_like(b))
+    eta_star = torch.where(accepted, b / A, torch.full_like(b, math.nan))
+    return ops.FitResult(b, A, r2, accepted, ppi, eta_star)
 
 
 class ProbeSchedule:

@@ -275,11 +275,13 @@ def test_a_tokenizer_larger_than_the_models_embeddings_is_refused(files, tmp_pat
 # Real (tiny) probes: they end, and are quiet ------------------------------------------------------------
 def test_fewer_rows_than_a_batch_trains_on_all_of_them(files, tmp_path):
     done = adapeft_command("probe", "--model", files["model"], "--data", files["three"], "--batch", "16",
-                           "--steps", "2", "--every", "1", "--out", tmp_path)
+                           "--steps", "2", "--every", "1", "--slope", "autograd", "--out", tmp_path)
     assert done.returncode == 0, done.stderr
     assert f"warning: --batch 16 is more than the 3 rows of {files['three']}: every step trains" in done.stderr
     record = json.loads((tmp_path / "probe.json").read_text())
     assert record["format"] == "adapeft.probe/1" and len(record["ppi_history"]) == 2
+    # --slope autograd: each probe says how far its five points' slope is from the exact one
+    assert all(any(error is not None for error in probe["slope_error"]) for probe in record["probe_history"])
 
 
 def test_warnings_during_training_get_lines_of_their_own(files, tmp_path):

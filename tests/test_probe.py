@@ -491,6 +491,114 @@ def test_appi_and_history_accumulate():
     torch.testing.assert_close(functional.b, second.b)
 
 
+def bits(tensors):
+    return [t.detach().clone().view(torch.int64 if t.dtype == torch.float64 else torch.int32) for t in tensors]
+
+
+@pytest.mark.parametrize("make", [mlp, tiny_gpt2], ids=["mlp", "gpt2"])
+@pytest.mark.parametrize("backend", ["compiled", "torch"])
+def test_exact_slope_is_the_probe_mode_gradient_along_the_direction(make, backend):
+    """slope="autograd": b is g.d with g the eval-mode gradient on the probe batch, exactly (float64 autograd
+    at the same point, to rounding); A is fitted through it and still matches d.H.d; the five points' own
+    slope agrees (slope_error ~ 0 on a float64 parabola); p.grad, taken in train mode with dropout, is
+    untouched, and b is not |p.grad|^2."""
+    model, batch, loss_fn = make()
+    model.train()
+    model.zero_grad()
+    loss_fn(model, batch).backward()
+    groups = adapeft.group_parameters(model)
+    grads = bits(p.grad for p in model.parameters())
+    result = adapeft.Prober(model, groups, loss_fn, backend=backend, slope="autograd").step(batch, 1e-4)
+    assert all(torch.equal(a, b) for a, b in zip(grads, bits(p.grad for p in model.parameters())))
+    for k, (b, A) in enumerate(autograd_b_and_A(model, batch, loss_fn, groups)):
+        name = groups.names[k]
+        assert result.b[k].item() == pytest.approx(b, rel=1e-12), name
+        assert result.A[k].item() == pytest.approx(A, rel=1e-4, abs=1e-4 * abs(b)), name
+        assert abs(result.slope_error[k].item()) < 1e-5, name
+        assert result.b_fit[k].item() == pytest.approx(b, rel=1e-5), name
+    if make is mlp:  # dropout: the training gradient is not the probe's
+        squared = torch.tensor([sum(p.grad.double().square().sum() for p in groups.params(n)) for n in groups.names])
+        assert not torch.allclose(result.b, squared, rtol=1e-3)
+
+
+def test_exact_slope_along_the_optimizer_update():
+    """direction="optimizer": b = g.u with u the AdamW update per unit learning rate, against u read off a copy
+    of the optimizer stepped at lr = 1 (w - w_after), and the five points' slope agrees."""
+    import copy
+    model, batch, loss_fn = mlp(torch.float64)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
+    train_then_backward(model, optimizer, loss_fn, batch, 3)
+    groups = adapeft.group_parameters(model)
+    result = adapeft.Prober(model, groups, loss_fn, direction="optimizer", optimizer=optimizer,
+                            slope="autograd").step(batch, 1e-4)
+    twin = copy.deepcopy(model)
+    twin_optimizer = torch.optim.AdamW(twin.parameters(), lr=1.0, weight_decay=0.1)
+    twin_optimizer.load_state_dict(optimizer.state_dict())
+    for group in twin_optimizer.param_groups:
+        group["lr"] = 1.0
+    for p, q in zip(model.parameters(), twin.parameters()):
+        q.grad = p.grad.clone()
+    before = [p.detach().clone() for p in twin.parameters()]
+    twin_optimizer.step()
+    update = {id(p): w0 - t.detach() for p, w0, t in zip(model.parameters(), before, twin.parameters())}
+    model.eval()
+    g = dict(zip(map(id, model.parameters()), torch.autograd.grad(loss_fn(model, batch), list(model.parameters()))))
+    model.train()
+    for k, name in enumerate(groups.names):
+        expected = sum((g[id(p)] * update[id(p)]).sum().item() for p in groups.params(name))
+        assert result.b[k].item() == pytest.approx(expected, rel=1e-9), name
+        assert abs(result.slope_error[k].item()) < 1e-4, name
+
+
+def test_slope_error_sees_a_cubic_that_r2_lets_through():
+    """L = 2 - x + x^2/2 + c x^3 at the step x along d: the exact slope is 1; the five points' least squares
+    puts the cubic's odd part into their slope, 1 - c sum(x^4)/sum(x^2) = 1 - c 17/5 t^2, which R^2 barely
+    sees."""
+    w = torch.nn.Parameter(torch.zeros(16, dtype=torch.float64))
+    model = torch.nn.Module()
+    model.w = w
+    c = 30.0
+
+    def cubic(model, batch):
+        x = -model.w.mean()  # w = w0 - x d with w0 = 0 and d = 1
+        return 2 - x + x * x / 2 + c * x ** 3
+
+    groups = adapeft.group_parameters(model, rules=[("w", "w")])
+    direction = {"w": [torch.ones(16, dtype=torch.float64)]}
+    result = adapeft.Prober(model, groups, cubic, direction=direction, slope="autograd",
+                            step_policy="fixed").step(None, 1e-2)
+    t = result.scale[0].item()
+    assert result.b[0].item() == pytest.approx(1.0, rel=1e-12)
+    assert result.slope_error[0].item() == pytest.approx(-c * 17 / 5 * t * t, rel=1e-6)
+    assert result.r2[0].item() > 0.99 and abs(result.slope_error[0].item()) > 1e-2
+    assert torch.equal(model.w.detach(), torch.zeros(16, dtype=torch.float64))
+
+
+def test_exact_slope_of_a_frozen_tensor_and_errors():
+    model, batch, loss_fn = mlp(torch.float64)
+    with_gradient(model, batch, loss_fn)
+    groups = adapeft.group_parameters(model)
+    given = {name: [p.grad.clone() for p in groups.params(name)] for name in groups.names}
+    exact = adapeft.Prober(model, groups, loss_fn, slope="autograd").step(batch, 1e-4).b
+    assert torch.isnan(adapeft.Prober(model, groups, loss_fn).step(batch, 1e-4).slope_error).all()  # slope="fit"
+    for p in model.parameters():
+        p.requires_grad_(False)
+    from_given = adapeft.Prober(model, groups, loss_fn, direction=given, slope="autograd").step(batch, 1e-4)
+    assert not any(p.requires_grad for p in model.parameters())
+    torch.testing.assert_close(from_given.b, exact, rtol=1e-12, atol=0)
+    with pytest.raises(ValueError, match="slope must be one of"):
+        adapeft.Prober(model, groups, loss_fn, slope="exact")
+    weights = bits(model.parameters())
+
+    def detached(model, batch):
+        return loss_fn(model, batch).detach()
+
+    with pytest.raises(RuntimeError, match="slope='autograd' needs a loss_fn"):
+        adapeft.Prober(model, groups, detached, direction=given, slope="autograd").step(batch, 1e-4)
+    assert all(torch.equal(a, b) for a, b in zip(weights, bits(model.parameters())))
+    assert not any(p.requires_grad for p in model.parameters())
+
+
 def test_custom_directions():
     model, batch, loss_fn = mlp(torch.float64)
     with_gradient(model, batch, loss_fn)
@@ -535,12 +643,13 @@ def test_bad_input_is_named_and_changes_nothing():
 
 
 @requires_cuda
+@pytest.mark.parametrize("slope", ["fit", "autograd"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cuda_step_has_no_host_sync(dtype):
+def test_cuda_step_has_no_host_sync(dtype, slope):
     model, batch, loss_fn = tiny_gpt2(dtype, "cuda")
     with_gradient(model, batch, loss_fn)
 
-    prober = adapeft.Prober(model, None, model_syncs_allowed(loss_fn))
+    prober = adapeft.Prober(model, None, model_syncs_allowed(loss_fn), slope=slope)
     prober.step(batch, 1e-2)  # warm-up: tables, ledgers and kernels are set up outside the check
     with forbid_host_sync():
         result = prober.step(batch, 1e-2)
