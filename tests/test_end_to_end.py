@@ -280,9 +280,10 @@ def test_quick_demo_writes_a_report(tmp_path):
     for probe in probes[1:]:
         assert sum(probe["resolved"]) >= 6, probe
         assert set(probe["verdict"]) <= {"accepted", "zero direction", "b <= 0", "A <= 0", "R^2"}, probe
-    assert 0 < results["target"]["share"] <= 0.01 and 0 <= results["target"]["test_accuracy"] <= 1
+    from adapeft.demo import DEMO_BUDGET
+    assert results["budget"] == DEMO_BUDGET and 0 <= results["target"]["test_accuracy"] <= 1
     selection = adapeft.Selection.load(out / "selection.json")
-    assert selection.count <= 0.01 * selection.total
+    assert 0 < selection.count <= DEMO_BUDGET * selection.total
     assert "report written to" in done.stdout
     redrawn = tmp_path / "redrawn"
     done = run_cli("plot", "--probe", str(out / "results.json"), "--out", str(redrawn))
