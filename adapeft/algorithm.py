@@ -60,15 +60,18 @@ class AdaPEFT:
     probe_fraction (of the horizon spent on the probing run), probe_every (training steps between probes),
     eta (probe step, in learning-rate units along the optimizer's update), granularity of the groups,
     cuda_graph (replay the probe's forward passes from a CUDA graph), slope ("fit" or "autograd": b from
-    the five points or from one backward pass; see adapeft.Prober)."""
+    the five points or from one backward pass), compute ("model" or "float32": the probe's forward passes of a
+    16-bit model in float32), step_policy ("adaptive": each group's own step; "fixed": every group at eta, as
+    in the paper); see adapeft.Prober."""
 
     def __init__(self, budget=0.01, method="exact", probe_fraction=0.1, probe_every=None, eta=None,
-                 granularity="type", direction="optimizer", cuda_graph=False, slope="fit"):
+                 granularity="type", direction="optimizer", cuda_graph=False, slope="fit", compute="model",
+                 step_policy="adaptive"):
         if not 0 < probe_fraction <= 1:
             raise ValueError(f"adapeft.AdaPEFT: probe_fraction must be in (0, 1], got {probe_fraction}")
         self.budget, self.method, self.probe_fraction = budget, method, probe_fraction
         self.probe_every, self.eta, self.granularity, self.direction = probe_every, eta, granularity, direction
-        self.cuda_graph, self.slope = cuda_graph, slope
+        self.cuda_graph, self.slope, self.compute, self.step_policy = cuda_graph, slope, compute, step_policy
 
     def probe_steps(self, horizon):
         return max(1, math.ceil(self.probe_fraction * horizon))
@@ -82,7 +85,7 @@ class AdaPEFT:
         interval = self.probe_every or max(1, min(4 * len(groups), steps // 4))
         prober = Prober(model, groups, loss_fn, direction=self.direction, optimizer=optimizer,
                         schedule=ProbeSchedule(len(groups), interval=interval), cuda_graph=self.cuda_graph,
-                        slope=self.slope)
+                        slope=self.slope, compute=self.compute, step_policy=self.step_policy)
         run = ProbeRun(prober)
         eta = self.eta or lr
 

@@ -319,7 +319,7 @@ def _probe(args):
                         return_tensors="pt")
     data = {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"],
             "labels": torch.tensor([classes.index(label) for label in labels])}
-    algorithm = AdaPEFT(probe_every=args.every, eta=args.eta, slope=args.slope)
+    algorithm = AdaPEFT(probe_every=args.every, eta=args.eta, slope=args.slope, compute=args.compute)
     progress = demo.Progress(args.steps, "probe")
     run = algorithm.probe_train(model, demo.batches(data, args.batch, 0, run_on), demo.loss_fn, args.steps, args.lr,
                                 on_step=progress)
@@ -422,6 +422,9 @@ def parser():
                             "own step starts and the least it is probed at (default: the --lr value)")
     probe.add_argument("--slope", choices=("fit", "autograd"), default="fit",
                        help="b from the five losses' fit, or exactly from one more backward pass per probe")
+    probe.add_argument("--compute", choices=("model", "float32"), default="model",
+                       help="the probe's forward passes as the model computes, or, for a 16-bit model, in float32 "
+                            "(each weight converted as it is used)")
     probe.add_argument("--device", type=device, default=None,
                        help="cpu, cuda or cuda:N (default: cuda when there is one)")
     probe.add_argument("--out", default="adapeft-probe", help="folder for probe.json")

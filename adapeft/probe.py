@@ -23,11 +23,13 @@ from . import steps as step_rules
 from .groups import ParameterGroups, group_parameters
 from .optim import optimizer_direction
 from .perturb import GroupPerturbation
+from .upcast import float32_compute
 
 POINTS = (-2.0, -1.0, 1.0, 2.0)
 COLUMNS = (0, 1, 3, 4)  # where the four perturbed points sit in a row of five; column 2 is the base loss
 BACKENDS = ("compiled", "torch")
 SLOPES = ("fit", "autograd")
+COMPUTES = ("model", "float32")
 # Ledger room the prober starts with, as a share of the largest group; it grows when a probe needs more.
 CAPACITY_FRACTION = 1 / 64
 MIN_CAPACITY = 4096
@@ -35,10 +37,12 @@ RELIABLE_CHANGED_SHARE = 0.5
 # ... or the realized step along the direction (weighted by d^2, so elements whose direction is zero, such as
 # an embedding's unused rows, count for nothing) within this share of the nominal one at every point.
 RELIABLE_STEP_TOLERANCE = 0.1
-# A fit is resolved when its curvature term at the widest probe point exceeds this many roundings of the
-# loss (the loss dtype's eps times |L0|); below it A is noise, and APPI ~ b^2 / A with it. 16 roundings is
-# about 20x the spread of A seen between DDP, FSDP2 and one GPU in float32 (benchmarks/RESULTS.md).
-RESOLVED_ROUNDINGS = 16
+# A fit is resolved when the loss's noise moves its A by at most this share of |A| (one standard deviation,
+# through the fit's weights on the realized steps: adapeft.steps.fit_errors): its sign is then certain and its
+# size known to 10%. At symmetric steps that is a curvature term at the widest point of about 4 times the loss's
+# resolution (adapeft.steps.resolution: eps |L0|, or the measured noise where larger); below it, A is noise, and
+# so is APPI ~ b^2 / A.
+RESOLVED_SHARE = 0.1
 # Why a group's fit was kept or not, the first that applies (ProbeResult.verdict holds the index). Up to
 # "unresolved" the probe could not measure the group this time, which is no evidence against it; from "b <= 0"
 # on, it measured a reason.
@@ -65,9 +69,16 @@ class ProbeResult:
     reliable (and resolved, with Prober(require_resolved=True)); reliable: at every point most elements
     really moved or the realized step along the direction is within 10% of the nominal one (a direction
     that is zero on most elements, as an embedding's gradient is, moves few), and no chunk was left unmoved;
-    resolved: the curvature term |A| t^2 / 2 at the widest point t stands RESOLVED_ROUNDINGS roundings of
-    the loss (its dtype's eps times |L0|) clear of zero, whatever the sign of A (a resolved A < 0 is a
-    measured non-convexity);
+    resolved: the loss's noise moves A by at most RESOLVED_SHARE of |A|, whatever the sign of A (a resolved
+    A < 0 is a measured non-convexity): at symmetric steps, a curvature term |A| t^2 / 2 at the widest point t
+    of about 4 times the loss's `resolution`;
+    noise: the standard deviation of one loss's error, measured from the groups' fourth differences where
+    they started at eta (nan until measured; a forward pass in bfloat16 makes it far larger than the loss
+    dtype's rounding); resolution: the larger of the loss dtype's eps times |L0| and sqrt(12) noise (the
+    rounding step that gives that noise), the unit the steps are chosen in; b_error, A_error: what each b and
+    A may be off by from g.d and d.H.d (about one standard deviation): the noise through the fit plus the
+    loss's cubic and quartic terms as the polynomial through the five losses shows them, at least one
+    deviation of theirs (adapeft.steps.fit_errors); with slope="autograd", b_error is 0;
     probed: the group had a direction (frozen groups are skipped); losses and steps: K x 5 (column 2 the
     unperturbed loss, steps the realized ones); changed: K x 5 elements whose bits changed; scale: each
     group's step t_k at this probe (its points are {-2,-1,1,2} t_k); verdict: why each fit was kept or not,
@@ -96,6 +107,10 @@ class ProbeResult:
     eta: float
     b_fit: torch.Tensor
     slope_error: torch.Tensor
+    noise: torch.Tensor
+    resolution: torch.Tensor
+    b_error: torch.Tensor
+    A_error: torch.Tensor
 
     def reasons(self):
         """Each group's verdict by name (see VERDICTS; synchronises with the device)."""
@@ -106,9 +121,12 @@ class ProbeResult:
         None where a number is not finite (JSON has no nan). Synchronises with the device."""
         def numbers(tensor):
             return [value if math.isfinite(value) else None for value in tensor.tolist()]
+        noise, resolution = (numbers(value.reshape(1))[0] for value in (self.noise, self.resolution))
         return {"t": numbers(self.scale), "b": numbers(self.b), "A": numbers(self.A), "r2": numbers(self.r2),
                 "ppi": numbers(self.ppi), "resolved": self.resolved.tolist(), "verdict": self.reasons(),
-                "slope_error": numbers(self.slope_error)}
+                "slope_error": numbers(self.slope_error), "b_error": numbers(self.b_error),
+                "A_error": numbers(self.A_error), "noise": noise,
+                "resolution": resolution}
 
     def table(self):
         """A printable table (synchronises with the device)."""
@@ -141,7 +159,10 @@ class _Assessment:
     moved: torch.Tensor
     unmoved: torch.Tensor
     reliable: torch.Tensor
+    rounding: torch.Tensor  # the loss's resolution (adapeft.steps.resolution)
     resolved: torch.Tensor
+    errors: step_rules.FitErrors  # what the noise and the loss's higher terms move b and A by
+    loss_change: torch.Tensor  # the largest change of the loss at the four points, as a share of the loss
 
 
 def _check_eta(eta):
@@ -237,8 +258,8 @@ class Prober:
     (group name, params) -> list of tensors or None. backend: "compiled" (the adapeft ops)
     or "torch" (a plain implementation: per-tensor loops, a saved copy per group, .item() per forward, a
     numpy fit; the baseline the ops are measured against). r2_threshold: the fit filter.
-    require_resolved: accept a fit only where it is `resolved` (see ProbeResult): its curvature term stands
-    RESOLVED_ROUNDINGS roundings of the loss clear of zero. Off by default, the paper's filter.
+    require_resolved: accept a fit only where it is `resolved` (see ProbeResult): the loss's noise leaves A
+    known to within RESOLVED_SHARE of itself. Off by default, the paper's filter.
     step_policy: "adaptive" (default) probes each group at a step of its own, t_k, chosen on the device from
     its last fit so that its curvature is resolved while the step stays local (adapeft.steps): `eta` is then
     where every group starts and the least step it is probed at (unless the parabola fails to fit), and a
@@ -253,6 +274,11 @@ class Prober:
     gradient, taken in train mode with dropout, can differ from the probe's several times (the demo's
     lora_B at its first probe: 0.03 against 0.21), so with direction="grad" b is not |p.grad|^2. With
     direction="optimizer" the update is formed once more for the product, which waits for the device.
+    compute: "model" (default): loss_fn runs as the model computes; "float32": the forward passes of a bfloat16
+    or float16 model compute in float32, op by op, each weight converted as it is used (adapeft.upcast; no
+    float32 copy of the model): the same losses as the model stored in float32 would give, bit for bit, so
+    that the loss's noise is float32's rounding rather than the 16-bit forward's (ProbeResult.noise says
+    which). The weights stay 16-bit, and so do the probe's moves.
     cuda_graph: on CUDA, capture the measurement (the 4K+1 forward passes with every move and restore) as
     one CUDA graph and replay it at later steps; in-place moves keep every address fixed, which is what
     makes this possible. The batch is copied into static buffers, so its tensors must be on the model's
@@ -270,7 +296,7 @@ class Prober:
     def __init__(self, model, groups=None, loss_fn=None, *, direction="grad", optimizer=None, backend="compiled",
                  r2_threshold=0.99, apply_lr=False, lr_ema=0.9, lr_clip=(0.5, 2.0), schedule=None, history=True,
                  cuda_graph=False, process_group="auto", require_resolved=False, step_policy="adaptive",
-                 step_range=step_rules.DEFAULT_RANGE, slope="fit"):
+                 step_range=step_rules.DEFAULT_RANGE, slope="fit", compute="model"):
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"adapeft.Prober: model must be a torch.nn.Module, got {type(model).__name__}")
         if groups is None:
@@ -294,6 +320,8 @@ class Prober:
                              f"{step_range!r}")
         if slope not in SLOPES:
             raise ValueError(f"adapeft.Prober: slope must be one of {SLOPES}, got {slope!r}")
+        if compute not in COMPUTES:
+            raise ValueError(f"adapeft.Prober: compute must be one of {COMPUTES}, got {compute!r}")
         if cuda_graph and backend != "compiled":
             raise ValueError("adapeft.Prober: cuda_graph=True needs backend='compiled'")
         if direction == "optimizer" and not isinstance(optimizer, torch.optim.Optimizer):
@@ -329,11 +357,16 @@ class Prober:
         self.results = [] if history else None  # the ProbeResult of every probe
         self.require_resolved = bool(require_resolved)
         self._loss_eps = 0.0  # eps of the loss dtype, from the first loss measured
+        # The loss's noise (a standard deviation), from the groups' fourth differences where they start at eta
+        # (adapeft.steps.pooled_noise); nan until measured.
+        self._noise_pool = torch.empty(0, dtype=torch.float64, device=self.device)
+        self.noise = torch.full((), math.nan, dtype=torch.float64, device=self.device)
+        self._eta = math.nan  # the eta of the probe under way
         self._points = torch.tensor(POINTS, dtype=torch.float32, device=self.device)
         # A device index (a Python list used as an index would be copied to the device and wait for it).
         self._point_columns = torch.tensor(COLUMNS, device=self.device)
         self.step_policy, self.step_range = step_policy, (float(step_range[0]), float(step_range[1]))
-        self.slope = slope
+        self.slope, self.compute = slope, compute
         self._exact_slope = torch.full((k,), math.nan, dtype=torch.float64, device=self.device)  # g.d per group
         # t_k of each group (nan until its first probe) and the K x 4 table of steps the moves read
         self._scale = torch.full((k,), math.nan, dtype=torch.float64, device=self.device)
@@ -481,6 +514,7 @@ class Prober:
         """Probe every group at {-2,-1,1,2}*t_k around the current weights (t_k from eta: see step_policy);
         returns a ProbeResult."""
         eta = _check_eta(eta)
+        self._eta = eta
         self._learn_from_last_step()
         plans = {}
         for name in self.names:
@@ -505,12 +539,13 @@ class Prober:
                     self._measure_slopes(batch, plans)
                 perturbations = self._perturbations_for(plans) if self.backend == "compiled" else None
                 bracketed = {name: plans[name] for name in new}
-                for _ in range(step_rules.BRACKET_ROUNDS if new else 0):
+                for round_ in range(step_rules.BRACKET_ROUNDS if new else 0):
                     # Groups never probed: rounds from eta bracket their curvature, and the probe proper runs at
-                    # the steps they choose.
+                    # the steps they choose. The first round, at eta, also samples the loss's noise.
                     self._write_steps()
                     self._measure_round(batch, bracketed, perturbations)
-                    self._adapt(self._assess(bracketed), eta, low, high, step_rules.BRACKET_MOST_CHANGE)
+                    self._adapt(self._assess(bracketed, sample_noise=round_ == 0), eta, low, high,
+                                step_rules.BRACKET_MOST_CHANGE)
                 self._write_steps()  # outside any captured graph: a replay reads the steps from this table
                 if self._graph is None or not self._graph.run(batch, perturbations, modules):
                     self._measure_round(batch, plans, perturbations, reduce=False)
@@ -611,7 +646,8 @@ class Prober:
         where = "on the unperturbed model" if group is None else f"with group {group!r} perturbed"
         self._reshard()
         try:
-            loss = self.loss_fn(self.model, batch)
+            with float32_compute(self.compute == "float32"):
+                loss = self.loss_fn(self.model, batch)
         except (KeyboardInterrupt, SystemExit):
             raise
         except Exception as error:
@@ -702,8 +738,9 @@ class Prober:
                 for p, w0 in zip(params, saved):
                     p.copy_(w0)
 
-    def _assess(self, plans):
-        """The fit of the last measurement of the groups in `plans`, and what is known of each (device tensors)."""
+    def _assess(self, plans, sample_noise=False):
+        """The fit of the last measurement of the groups in `plans`, and what is known of each (device tensors).
+        sample_noise: the groups were measured at eta, where their fourth differences sample the loss's noise."""
         k = len(self.names)
         counts_key = tuple(self._global_numel[n] if n in plans else None for n in self.names)
         if counts_key != self._counts_key:
@@ -728,21 +765,39 @@ class Prober:
         on_course = (at_points[:, :, FIELD["step"]] / self._steps.double() - 1).abs() <= RELIABLE_STEP_TOLERANCE
         moved = ((moved_share >= RELIABLE_CHANGED_SHARE) | on_course).all(1)
         unmoved = at_points[:, :, FIELD["unmoved"]].sum(1)
-        widest = steps.index_select(1, self._point_columns).abs().amax(1)
-        rounding = self._loss_eps * self._losses[:, 2].abs()
+        reliable = moved & (unmoved == 0) & probed
+        samples = step_rules.noise_samples(self._losses, steps)
+        # A loss that did not change at all (lora_A's while lora_B is 0) is no sample of its noise.
+        changed = (self._losses - self._losses[:, 2:3]).abs().amax(1) > 0
+        usable = reliable & changed & torch.isfinite(samples) & torch.isfinite(self._losses).all(1)
+        if sample_noise:
+            self._noise_pool, noise = step_rules.pooled_noise(self._noise_pool, samples, usable)
+            self.noise.copy_(noise)
+        else:
+            # Where the rounds at eta gave no usable sample (a bfloat16 step the ledger could not hold, say), the
+            # first measurement near eta that gives some stands in until they do.
+            near = self._scale <= step_rules.NEAR_ETA * self._eta
+            _, here = step_rules.pooled_noise(self._noise_pool[:0], samples, usable & near)
+            self.noise.copy_(torch.where(torch.isnan(self.noise), here, self.noise))
+        rounding = step_rules.resolution(self._losses[:, 2], self._loss_eps, self.noise)
+        # The noise as large as the loss's rounding where it was not measured (or measured below it).
+        noise = rounding / step_rules.ROUNDINGS_PER_NOISE
+        errors = step_rules.fit_errors(self._losses, steps, noise, slope_known=self.slope == "autograd")
         return _Assessment(report=report, steps=steps, at_points=at_points, fit=fit, b_fit=b_fit, counts=counts,
-                           probed=probed,
-                           moved=moved, unmoved=unmoved, reliable=moved & (unmoved == 0) & probed,
-                           resolved=fit.A.abs() * widest.square() / 2 >= RESOLVED_ROUNDINGS * rounding)
+                           probed=probed, moved=moved, unmoved=unmoved, reliable=reliable, rounding=rounding,
+                           resolved=errors.A_noise <= RESOLVED_SHARE * fit.A.abs(), errors=errors,
+                           loss_change=(self._losses - self._losses[:, 2:3]).abs().amax(1) / self._losses[:, 2].abs())
 
     def _adapt(self, assessment, eta, low, high, most_change=None):
         """Choose the next steps of the groups this assessment measured (adapeft.steps)."""
-        fit, loss = assessment.fit, self._losses[:, 2]
+        fit = assessment.fit
         change = {} if most_change is None else {"most_up": most_change, "most_down": most_change}
         has_direction = torch.isfinite(assessment.at_points[:, :, FIELD["step"]]).any(1)  # d.d = 0 gives 0/0
-        self._scale.copy_(step_rules.next_scale(self._scale, loss, fit.b, fit.A, fit.r2, assessment.moved,
-                                                 assessment.resolved, self._loss_eps * loss.abs(), self.r2_threshold,
-                                                 assessment.probed & has_direction, eta, low, high, **change))
+        self._scale.copy_(step_rules.next_scale(self._scale, fit.b, fit.A, fit.r2, assessment.moved,
+                                                 assessment.resolved, assessment.rounding, self.r2_threshold,
+                                                 assessment.probed & has_direction, eta, low, high,
+                                                 errors=assessment.errors, loss_change=assessment.loss_change,
+                                                 ledger_full=assessment.unmoved > 0, **change))
 
     def _verdict(self, found, accepted):
         """VERDICTS' index of each group: accepted, or the first reason that applies."""
@@ -763,7 +818,7 @@ class Prober:
         return torch.where(accepted, VERDICT["accepted"], verdict)
 
     def _finish(self, plans, eta, low, high):
-        found = self._assess(plans)
+        found = self._assess(plans, sample_noise=self.step_policy == "fixed")
         fit, reliable, resolved, probed = found.fit, found.reliable, found.resolved, found.probed
         scale = self._scale.clone()
         accepted = fit.accepted & reliable & (resolved if self.require_resolved else True)
@@ -785,7 +840,9 @@ class Prober:
                              eta_star=eta_star, reliable=reliable, resolved=resolved, probed=probed.clone(),
                              losses=self._losses.clone(), steps=found.steps.clone(),
                              changed=found.report[:, :, FIELD["changed"]].clone(), scale=scale, verdict=verdict,
-                             eta=eta, b_fit=found.b_fit, slope_error=slope_error)
+                             eta=eta, b_fit=found.b_fit, slope_error=slope_error, noise=self.noise.clone(),
+                             resolution=found.rounding[0].clone(), b_error=found.errors.b_bound,
+                             A_error=found.errors.A_bound)
         if self._lr_groups is not None:
             self._apply_learning_rates(result)
         if self.results is not None:

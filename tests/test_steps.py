@@ -1,25 +1,27 @@
-"""The rules that choose each group's probe step (adapeft.steps), one case per group of one call."""
+"""The rules that choose each group's probe step and measure the loss's noise (adapeft.steps)."""
 import math
 
+import pytest
 import torch
 
-from adapeft import steps
+from adapeft import reference, steps
+
+F64 = dict(dtype=torch.float64)
 
 
 def test_each_rule():
-    f64 = dict(dtype=torch.float64)
     # groups: resolved and short of the target; resolved past it; unresolved; unmoved; not a parabola;
-    # inactive; local bound; below eta after a shrink
-    scale = torch.tensor([1e-3, 1.0, 1e-3, 1e-3, 1e-2, 5e-3, 1e-3, 1e-5], **f64)
-    A = torch.tensor([1.0, 1.0, 1e-9, 1.0, 1.0, 1.0, 1e-9, 1e8], **f64)
-    b = torch.tensor([1e-3, 1e-3, 1e-3, 1e-3, 1e-3, 1e-3, 10.0, 1e-3], **f64)
-    r2 = torch.tensor([1.0, 1.0, 1.0, 1.0, 0.5, 1.0, 1.0, 1.0], **f64)
-    moved = torch.tensor([True, True, True, False, True, True, True, True])
-    resolved = torch.tensor([True, True, False, True, True, True, False, True])
-    active = torch.tensor([True, True, True, True, True, False, True, True])
-    loss, rounding = torch.full((8,), 2.0, **f64), torch.full((8,), 2.4e-7, **f64)
+    # inactive; below eta after a shrink
+    scale = torch.tensor([1e-3, 1.0, 1e-3, 1e-3, 1e-2, 5e-3, 1e-5], **F64)
+    A = torch.tensor([1.0, 1.0, 1e-9, 1.0, 1.0, 1.0, 1e8], **F64)
+    b = torch.full((7,), 1e-3, **F64)
+    r2 = torch.tensor([1.0, 1.0, 1.0, 1.0, 0.5, 1.0, 1.0], **F64)
+    moved = torch.tensor([True, True, True, False, True, True, True])
+    resolved = torch.tensor([True, True, False, True, True, True, True])
+    active = torch.tensor([True, True, True, True, True, False, True])
+    rounding = torch.full((7,), 2.4e-7, **F64)
     eta = 1e-4
-    got = steps.next_scale(scale, loss, b, A, r2, moved, resolved, rounding, 0.99, active, eta, 1e-7, 1e2)
+    got = steps.next_scale(scale, b, A, r2, moved, resolved, rounding, 0.99, active, eta, 1e-7, 1e2)
     target = math.sqrt(steps.TARGET_ROUNDINGS * 2.4e-7 / 2)  # for A = 1
     expected = [min(target, 16e-3),  # up to the target, at most 16 times
                 max(target, 1.0 / 4),  # down toward it, at most 4 times
@@ -27,14 +29,119 @@ def test_each_rule():
                 16e-3,  # most elements did not move: 16 times
                 1e-2 / 4,  # a resolved fit that is no parabola: 4 times smaller
                 5e-3,  # not measured: unchanged
-                steps.LOCAL_CHANGE * 2.0 / (2 * 10.0),  # the slope bounds the step
                 1e-5]  # below eta after a shrink: it stays
-    assert torch.allclose(got, torch.tensor(expected, **f64), rtol=1e-12), got
+    assert torch.allclose(got, torch.tensor(expected, **F64), rtol=1e-12), got
+    clamped = steps.next_scale(scale, b, A, r2, moved, resolved, rounding, 0.99, active, eta, 2e-3, 0.1)
+    assert torch.allclose(clamped, torch.tensor(expected, **F64).clamp(2e-3, 0.1).where(active, scale))
 
 
 def test_a_resolved_step_comes_down_to_eta_not_below():
-    f64 = dict(dtype=torch.float64)
-    one = torch.ones(1, **f64)
-    got = steps.next_scale(one * 1e-3, one * 2.0, one * 1e-3, one * 1e6, one, torch.tensor([True]),
-                           torch.tensor([True]), one * 1e-16, 0.99, torch.tensor([True]), 5e-4, 1e-9, 1.0)
+    one = torch.ones(1, **F64)
+    got = steps.next_scale(one * 1e-3, one * 1e-3, one * 1e6, one, torch.tensor([True]), torch.tensor([True]),
+                           one * 1e-16, 0.99, torch.tensor([True]), 5e-4, 1e-9, 1.0)
     assert got.item() == 5e-4
+
+
+def polynomial_losses(t, b, A, c3, c4, loss0=2.0, points=(-2.0, -1.0, 0.0, 1.0, 2.0)):
+    x = torch.tensor(points, **F64)[None, :] * torch.as_tensor(t, **F64).reshape(-1, 1)
+    coefficients = [torch.as_tensor(v, **F64).reshape(-1, 1) for v in (b, A, c3, c4)]
+    return loss0 - coefficients[0] * x + coefficients[1] * x**2 / 2 + coefficients[2] * x**3 + coefficients[3] * x**4, x
+
+
+def test_higher_terms_of_a_polynomial_are_exact_also_at_uneven_steps():
+    _, x = polynomial_losses([1e-2, 3e-3], 0.0, 0.0, 0.0, 0.0)
+    uneven = x * torch.tensor([[1.03, 0.98, 1.0, 1.01, 0.96]], **F64)  # bfloat16 realizes steps like these
+    coefficients = [torch.tensor([[v], [w]], **F64) for v, w in ((0.5, -2.0), (3.0, 0.1), (7.0, -40.0), (-11.0, 900.0))]
+    for points in (x, uneven):
+        losses = 2.0 - coefficients[0] * points + coefficients[1] * points**2 / 2 + coefficients[2] * points**3 \
+            + coefficients[3] * points**4
+        c3, c4, sd3, sd4 = steps.higher_terms(losses, points)
+        assert torch.allclose(c3, coefficients[2][:, 0], rtol=1e-6)
+        assert torch.allclose(c4, coefficients[3][:, 0], rtol=1e-6)
+        assert bool((sd3 > 0).all() and (sd4 > 0).all())
+
+
+def test_fit_weights_are_the_fit():
+    torch.manual_seed(0)
+    x = torch.tensor([[-2.0, -1.0, 0.0, 1.0, 2.0]], **F64) * 1e-3 * torch.tensor([[1.02, 0.99, 1.0, 1.0, 0.97]], **F64)
+    losses = 2.0 + torch.randn(1, 5, **F64) * 1e-6
+    weight_b, weight_A = steps.fit_weights(x, slope_known=False)
+    b, A, *_ = reference.quadratic_fit(losses, x, torch.ones(1, **F64))
+    y = losses - losses[:, 2:3]
+    assert torch.allclose((weight_b * y).sum(1), b, rtol=1e-9) and torch.allclose((weight_A * y).sum(1), A, rtol=1e-9)
+
+
+def test_fit_errors_match_the_spread_of_noisy_fits_and_see_higher_terms():
+    """The noise's part of the errors is the standard deviation of b and A over many noisy measurements of the
+    same parabola; a quartic term that stands out of the noise gives A's error its effect."""
+    torch.manual_seed(0)
+    t, noise, trials = 1e-2, 1e-7, 20000
+    clean, x = polynomial_losses(t, 0.3, 2.0, 0.0, 0.0)
+    noisy = clean + noise * torch.randn(trials, 5, **F64)
+    steps_ = x.expand(trials, 5)
+    b, A, *_ = reference.quadratic_fit(noisy, steps_, torch.ones(trials, **F64))
+    errors = steps.fit_errors(clean, x, torch.tensor(noise, **F64))
+    assert errors.b_noise.item() == pytest.approx(b.std().item(), rel=0.03)
+    assert errors.A_noise.item() == pytest.approx(A.std().item(), rel=0.03)
+    assert errors.b_higher.item() == 0 and errors.A_higher.item() == 0
+    # the bounds: the noise's part, and higher terms hidden in the noise, up to one deviation of theirs
+    assert errors.b_noise < errors.b_bound < 20 * errors.b_noise and errors.A_noise < errors.A_bound < 6 * errors.A_noise
+    quartic, _ = polynomial_losses(t, 0.3, 2.0, 0.0, 1e4)
+    errors = steps.fit_errors(quartic, x, torch.tensor(noise, **F64))
+    fitted = reference.quadratic_fit(quartic, x, torch.ones(1, **F64))[1]
+    # the quartic stands far out of the noise: its effect, less three of its deviations, and in the bound whole
+    assert errors.A_higher.item() == pytest.approx((fitted - 2.0).abs().item(), rel=5e-3)
+    assert errors.A_higher.item() < (fitted - 2.0).abs().item() < errors.A_bound.item()
+
+
+def test_noise_is_measured_from_the_fourth_differences():
+    """Rounding each loss to a grid of u gives noise of standard deviation u / sqrt(12): the pooled samples
+    measure it, and the resolution is then about u, above the loss dtype's eps |L0| where u is larger."""
+    torch.manual_seed(1)
+    # slopes that cross many grid steps between points, so that the points' rounding errors are independent
+    clean, x = polynomial_losses(torch.rand(512, **F64) * 1e-3 + 1e-4, 100 * torch.randn(512, **F64),
+                                 torch.randn(512, **F64), 0.0, 0.0)
+    u = 1e-4
+    # off the grid, so that the rounding errors of points placed symmetrically about it do not cancel
+    clean = clean + torch.rand(512, 1, **F64) * u
+    rounded = torch.round(clean / u) * u
+    pool, noise = steps.pooled_noise(torch.empty(0, **F64), steps.noise_samples(rounded, x),
+                                     torch.ones(512, dtype=torch.bool))
+    assert noise.item() == pytest.approx(u / math.sqrt(12), rel=0.2)
+    assert steps.resolution(torch.tensor(2.0, **F64), 1.2e-7, noise).item() == pytest.approx(u - steps.OWN_ROUNDINGS * 2.4e-7, rel=0.2)
+    # a noise about as large as the loss's own rounding leaves the resolution at that rounding
+    assert steps.resolution(torch.tensor(2.0, **F64), 1.2e-7, torch.tensor(4 * 2.4e-7 / 12**0.5, **F64)).item() == 2.4e-7
+    assert steps.resolution(torch.tensor(2.0, **F64), 1.2e-7, torch.tensor(math.nan, **F64)).item() == 2.4e-7
+    # unusable samples (a group that did not move) count for nothing, and the pool keeps the latest samples
+    pool, again = steps.pooled_noise(pool, torch.full((512,), 1e9, **F64), torch.zeros(512, dtype=torch.bool))
+    assert again.item() == noise.item() and pool.numel() == 1024
+    pool, _ = steps.pooled_noise(pool, torch.ones(steps.NOISE_SAMPLES_KEPT, **F64),
+                                 torch.ones(steps.NOISE_SAMPLES_KEPT, dtype=torch.bool))
+    assert pool.numel() == steps.NOISE_SAMPLES_KEPT
+
+
+def test_where_higher_terms_show_the_step_minimises_the_predicted_error():
+    """A resolved group whose quartic term moves A by 40% at this step: the next step is the one that
+    minimises 2 x b's relative error + A's (noise falling as 1/t and 1/t^2, higher terms growing as t^2)."""
+    t, noise = 1e-2, torch.tensor(1e-9, **F64)
+    losses, x = polynomial_losses(t, 0.3, 2.0, 0.0, 2e3)
+    errors = steps.fit_errors(losses, x, noise)
+    b, A, *_ = reference.quadratic_fit(losses, x, torch.ones(1, **F64))
+    scale, yes = torch.tensor([t], **F64), torch.tensor([True])
+    got = steps.next_scale(scale, b, A, torch.ones(1, **F64), yes, yes, torch.tensor([1e-9], **F64), 0.99, yes,
+                           1e-6, 1e-9, 1.0, errors=errors)
+    relative = [error / value.abs() for error, value in zip(errors, (b, A, b, A))]
+    assert relative[3].item() == pytest.approx(0.4, rel=0.1)
+
+    def predicted(ratio):
+        return (2 * relative[0] / ratio + relative[1] / ratio**2 + (2 * relative[2] + relative[3]) * ratio**2).item()
+
+    ratio = got.item() / t
+    assert 1 / steps.MOST_DOWN <= ratio < 1
+    assert predicted(ratio) <= min(predicted(r) for r in torch.linspace(0.25, 1.0, 301).tolist()) * (1 + 1e-9)
+    # the same fit without higher terms keeps the target rule
+    clean, _ = polynomial_losses(t, 0.3, 2.0, 0.0, 0.0)
+    plain = steps.next_scale(scale, b, A, torch.ones(1, **F64), yes, yes, torch.tensor([1e-9], **F64), 0.99, yes,
+                             1e-6, 1e-9, 1.0, errors=steps.fit_errors(clean, x, noise))
+    assert plain.item() == steps.next_scale(scale, b, A, torch.ones(1, **F64), yes, yes, torch.tensor([1e-9], **F64),
+                                            0.99, yes, 1e-6, 1e-9, 1.0).item()
