@@ -68,11 +68,17 @@ NOISE_SIGMAS = 3.0
 # b is itself resolved when the noise moves it by less than this share of itself.
 B_RESOLVED = 0.1
 NEWTON_STEPS = 40
+STEPS_PER_OCTAVE = 16  # the grid the steps are chosen on: 4.4% apart
 # The most a probe point may change the loss, as a share of it: a bound on steps whatever their fit says.
 MAX_LOSS_CHANGE = 0.05
 # Steps up to this many times eta count as near it, where a measurement may stand in for the noise's samples.
 NEAR_ETA = 16.0
-PERTURBED = (0, 1, 3, 4)  # the columns of the four perturbed points; column 2 is the unperturbed loss
+
+
+def _perturbed(table):
+    """The four perturbed points' columns of a K x 5 table (column 2 is the unperturbed point), by slicing: an
+    index tensor would be copied to the device, which waits for it."""
+    return torch.cat([table[:, :2], table[:, 3:]], dim=1)
 
 
 def higher_terms(losses, steps):
@@ -80,14 +86,13 @@ def higher_terms(losses, steps):
     steps (float64 tensors of K: c3, c4), and their standard deviations per unit of a loss's noise (sd3, sd4).
     Column 2 of the K x 5 inputs is the unperturbed point, at step 0. c4 is the fourth divided difference: it
     vanishes for any polynomial of degree 3 or less. nan where steps coincide (a group that did not move)."""
-    x = steps.double()
-    index = torch.tensor(PERTURBED, device=x.device)
+    x = _perturbed(steps.double())
     # In units of the group's step, where the points are about +-1 and +-2 and the system is well conditioned.
-    unit = x.index_select(1, index).abs().amax(1) / 2
-    scaled = x.index_select(1, index) / unit[:, None]
+    unit = x.abs().amax(1) / 2
+    scaled = x / unit[:, None]
     vandermonde = torch.stack([scaled.pow(power) for power in range(1, 5)], dim=2)
     inverse, _ = torch.linalg.inv_ex(vandermonde)  # no error check: that would wait for the device
-    differences = (losses.double() - losses.double()[:, 2:3]).index_select(1, index)
+    differences = _perturbed(losses.double() - losses.double()[:, 2:3])
     coefficients = (inverse @ differences[:, :, None])[:, :, 0]
     # Each coefficient weighs the four losses by a row of the inverse and the unperturbed one by minus its sum.
     deviations = (inverse.square().sum(2) + inverse.sum(2).square()).sqrt()
@@ -213,7 +218,8 @@ def next_scale(scale, b, A, r2, moved, resolved, rounding, r2_threshold, active,
         b_noise, A_noise, b_higher, A_higher = (error / value.abs() for error, value in
                                                 zip(errors[:4], (b, A, b, A)))
         higher = 2 * torch.where(b_noise < B_RESOLVED, b_higher, 0.0) + torch.where(resolved, A_higher, 0.0)
-        best = scale * _least_error_ratio(2 * b_noise, A_noise, higher)
+        # A higher term at the last bits of a float64 loss can overflow the root: no bound, then.
+        best = (scale * _least_error_ratio(2 * b_noise, A_noise, higher)).nan_to_num(nan=math.inf)
         chosen = torch.where(moved & (higher > 0), torch.minimum(chosen, torch.maximum(best, lower)), chosen)
     if loss_change is not None:
         # However unresolved the curvature, a step that changes the loss by more than MAX_LOSS_CHANGE of itself is
@@ -222,6 +228,9 @@ def next_scale(scale, b, A, r2, moved, resolved, rounding, r2_threshold, active,
                              torch.minimum(chosen, scale * MAX_LOSS_CHANGE / loss_change), chosen)
     if ledger_full is not None:
         chosen = torch.where(ledger_full, scale, chosen)
+    # On a grid of STEPS_PER_OCTAVE steps an octave from eta: fits that differ in their last bits (reductions in
+    # another order on other ranks, a graph's replay) choose the same step, but for a fit at a grid point's edge.
+    chosen = eta * torch.exp2(torch.round(torch.log2(chosen / eta) * STEPS_PER_OCTAVE) / STEPS_PER_OCTAVE)
     # Where nothing moved the fit is 0/0, and the step grows all the same.
     known = active & (~moved | (torch.isfinite(A) & torch.isfinite(r2) & torch.isfinite(b)))
     return torch.where(known, torch.clamp(chosen, low, high), scale)

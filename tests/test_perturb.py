@@ -6,6 +6,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 import warnings
 
 import numpy as np
@@ -285,8 +286,13 @@ def test_ctrl_c_during_moves_leaves_weights_intact(generator):
     with pytest.raises(KeyboardInterrupt):
         with adapeft.GroupPerturbation(params, directions, steps) as group:
             group.move(0)
-            with _SigintDeferred():
+            with _SigintDeferred() as deferred:
                 os.kill(os.getpid(), signal.SIGINT)
+                # The signal reaches Python's handler at some later bytecode, later still on a loaded machine
+                # (another thread of the process may take it): wait for it, so that it lands here.
+                waited = time.monotonic()
+                while not deferred.received and time.monotonic() - waited < 10:
+                    time.sleep(0.001)
                 group.move(1)  # the interrupt waits until this move is recorded
             group.move(2)
     assert group.position == -1
