@@ -120,7 +120,8 @@ BAD_VALUES = [  # (arguments, the flag argparse names); PROBE's --model and --da
     (PROBE + ["--lr", "0"], "--lr"), (PROBE + ["--lr", "nan"], "--lr"),
     (PROBE + ["--lr", "inf"], "--lr"), (PROBE + ["--lr", "fast"], "--lr"), (PROBE + ["--eta", "-1e-3"], "--eta"),
     (PROBE + ["--eta", "nan"], "--eta"), (PROBE + ["--lora", "query,,value"], "--lora"),
-    (PROBE + ["--device", "abacus"], "--device"), (SELECT + ["--budget", "1.5"], "--budget"),
+    (PROBE + ["--device", "abacus"], "--device"), (PROBE + ["--compute", "fp32"], "--compute"),
+    (SELECT + ["--budget", "1.5"], "--budget"),
     (SELECT + ["--budget", "-0.1"], "--budget"), (SELECT + ["--budget", "nan"], "--budget"),
     (SELECT + ["--method", "exact"], "--method"), (SELECT + ["--method", "best"], "--method"),
     (PLOT + ["--budget", "2"], "--budget"), (["demo", "--budget", "0"], "--budget"),
@@ -275,7 +276,8 @@ def test_a_tokenizer_larger_than_the_models_embeddings_is_refused(files, tmp_pat
 # Real (tiny) probes: they end, and are quiet ------------------------------------------------------------
 def test_fewer_rows_than_a_batch_trains_on_all_of_them(files, tmp_path):
     done = adapeft_command("probe", "--model", files["model"], "--data", files["three"], "--batch", "16",
-                           "--steps", "2", "--every", "1", "--slope", "autograd", "--out", tmp_path)
+                           "--steps", "2", "--every", "1", "--slope", "autograd", "--compute", "float32",
+                           "--out", tmp_path)
     assert done.returncode == 0, done.stderr
     assert f"warning: --batch 16 is more than the 3 rows of {files['three']}: every step trains" in done.stderr
     record = json.loads((tmp_path / "probe.json").read_text())
