@@ -127,14 +127,6 @@ class SmolLM2:
                 yield self.sequences[order[start:start + size]].to(self.device)
 
 
-def counted(loss_fn, counter):
-    def loss(model, batch):
-        if not torch.is_grad_enabled():
-            counter[0] += 1
-        return loss_fn(model, batch)
-    return loss
-
-
 def one_run(task, dtype, compute, granularity, policy, seed):
     model = task.model(dtype)
     algorithm = AdaPEFT(probe_every=task.every, eta=task.lr, granularity=granularity, compute=compute,
@@ -142,7 +134,8 @@ def one_run(task, dtype, compute, granularity, policy, seed):
     passes = [0]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the verdicts are counted below
-        run = algorithm.probe_train(model, task.batches(seed), counted(task.loss_fn, passes), task.steps, task.lr)
+        run = algorithm.probe_train(model, task.batches(seed), demo._counting_probe_passes(task.loss_fn, passes),
+                                    task.steps, task.lr)
     prober = run.prober
     probes = []
     for result in prober.results:
@@ -179,7 +172,6 @@ def summarise(config, runs):
         for verdict, count in p["verdicts"].items():
             if verdict not in ("accepted",) + UNMEASURED:
                 reasons[verdict] = reasons.get(verdict, 0) + count
-    probes = sum(len(r["probes"]) for r in runs)
     return {**config, "groups": runs[0]["probes"][0]["groups"],
             "measurable": statistics.median(p["measurable"] for p in later) if later else math.nan,
             "first_share": statistics.mean(p["resolved"] / p["measurable"] for p in first if p["measurable"]),
