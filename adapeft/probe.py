@@ -129,18 +129,19 @@ class ProbeResult:
                 "resolution": resolution}
 
     def table(self):
-        """A printable table (synchronises with the device)."""
+        """A printable table (synchronises with the device). "A err": A_error over |A|."""
         host = {k: getattr(self, k).cpu().tolist()
-                for k in ("scale", "b", "A", "r2", "ppi", "eta_star", "probed", "slope_error")}
+                for k in ("scale", "b", "A", "A_error", "r2", "ppi", "eta_star", "probed", "slope_error")}
         exact = any(math.isfinite(v) for v in host["slope_error"])  # slope="autograd"
-        rows = [f"{'group':12} {'t':>9} {'b':>11} {'A':>11} {'R^2':>8} {'PPI':>10} {'eta*':>9}"
+        rows = [f"{'group':12} {'t':>9} {'b':>11} {'A':>11} {'A err':>7} {'R^2':>8} {'PPI':>10} {'eta*':>9}"
                 f"{' slope err' if exact else ''}  verdict"]
         for k, (name, verdict) in enumerate(zip(self.names, self.reasons())):
             if not host["probed"][k]:
-                rows.append(f"{name:12} {'':>{74 if exact else 64}}  {verdict} (no direction)")
+                rows.append(f"{name:12} {'':>{82 if exact else 72}}  {verdict} (no direction)")
                 continue
             error = f" {host['slope_error'][k]:9.2e}" if exact else ""
-            rows.append(f"{name:12} {host['scale'][k]:9.3g} {host['b'][k]:11.4e} {host['A'][k]:11.4e} "
+            relative = host["A_error"][k] / abs(host["A"][k]) if host["A"][k] else math.inf
+            rows.append(f"{name:12} {host['scale'][k]:9.3g} {host['b'][k]:11.4e} {host['A'][k]:11.4e} {relative:7.1%} "
                         f"{host['r2'][k]:8.5f} {host['ppi'][k]:10.3e} {host['eta_star'][k]:9.3g}{error}  {verdict}")
         return "\n".join(rows)
 
