@@ -75,7 +75,8 @@ class ProbeResult:
     noise: the standard deviation of one loss's error, measured from the groups' fourth differences where
     they started at eta (nan until measured; a forward pass in bfloat16 makes it far larger than the loss
     dtype's rounding); resolution: the larger of the loss dtype's eps times |L0| and sqrt(12) noise (the
-    rounding step that gives that noise), the unit the steps are chosen in; b_error, A_error: what each b and
+    rounding step that gives that noise) less the noise of a forward pass in the loss's own dtype (4 eps |L0|;
+    adapeft.steps.resolution), the unit the steps are chosen in; b_error, A_error: what each b and
     A may be off by from g.d and d.H.d (about one standard deviation): the noise through the fit plus the
     loss's cubic and quartic terms as the polynomial through the five losses shows them, at least one
     deviation of theirs (adapeft.steps.fit_errors); with slope="autograd", b_error is 0;
@@ -141,8 +142,9 @@ class ProbeResult:
                 continue
             error = f" {host['slope_error'][k]:9.2e}" if exact else ""
             relative = host["A_error"][k] / abs(host["A"][k]) if host["A"][k] else math.inf
-            rows.append(f"{name:12} {host['scale'][k]:9.3g} {host['b'][k]:11.4e} {host['A'][k]:11.4e} {relative:7.1%} "
-                        f"{host['r2'][k]:8.5f} {host['ppi'][k]:10.3e} {host['eta_star'][k]:9.3g}{error}  {verdict}")
+            rows.append(f"{name:12} {host['scale'][k]:9.3g} {host['b'][k]:11.4e} {host['A'][k]:11.4e} "
+                        f"{relative:7.1%} {host['r2'][k]:8.5f} {host['ppi'][k]:10.3e} {host['eta_star'][k]:9.3g}"
+                        f"{error}  {verdict}")
         return "\n".join(rows)
 
 
@@ -768,9 +770,9 @@ class Prober:
         unmoved = at_points[:, :, FIELD["unmoved"]].sum(1)
         reliable = moved & (unmoved == 0) & probed
         samples = step_rules.noise_samples(self._losses, steps)
+        largest_change = (self._losses - self._losses[:, 2:3]).abs().amax(1)
         # A loss that did not change at all (lora_A's while lora_B is 0) is no sample of its noise.
-        changed = (self._losses - self._losses[:, 2:3]).abs().amax(1) > 0
-        usable = reliable & changed & torch.isfinite(samples) & torch.isfinite(self._losses).all(1)
+        usable = reliable & (largest_change > 0) & torch.isfinite(samples) & torch.isfinite(self._losses).all(1)
         if sample_noise:
             self._noise_pool, noise = step_rules.pooled_noise(self._noise_pool, samples, usable)
             self.noise.copy_(noise)
@@ -787,7 +789,7 @@ class Prober:
         return _Assessment(report=report, steps=steps, at_points=at_points, fit=fit, b_fit=b_fit, counts=counts,
                            probed=probed, moved=moved, unmoved=unmoved, reliable=reliable, rounding=rounding,
                            resolved=errors.A_noise <= RESOLVED_SHARE * fit.A.abs(), errors=errors,
-                           loss_change=(self._losses - self._losses[:, 2:3]).abs().amax(1) / self._losses[:, 2].abs())
+                           loss_change=largest_change / self._losses[:, 2].abs())
 
     def _adapt(self, assessment, eta, low, high, most_change=None):
         """Choose the next steps of the groups this assessment measured (adapeft.steps)."""
