@@ -27,6 +27,9 @@ from .upcast import float32_compute
 
 POINTS = (-2.0, -1.0, 1.0, 2.0)
 COLUMNS = (0, 1, 3, 4)  # where the four perturbed points sit in a row of five; column 2 is the base loss
+# The points in the order they are measured: the inner ones first, from which the outer ones may be placed
+# (adapeft.steps.outer_ratio).
+INNER, OUTER = (1, 2), (0, 3)
 BACKENDS = ("compiled", "torch")
 SLOPES = ("fit", "autograd")
 COMPUTES = ("model", "float32")
@@ -37,12 +40,6 @@ RELIABLE_CHANGED_SHARE = 0.5
 # ... or the realized step along the direction (weighted by d^2, so elements whose direction is zero, such as
 # an embedding's unused rows, count for nothing) within this share of the nominal one at every point.
 RELIABLE_STEP_TOLERANCE = 0.1
-# A fit is resolved when the loss's noise moves its A by at most this share of |A| (one standard deviation,
-# through the fit's weights on the realized steps: adapeft.steps.fit_errors): its sign is then certain and its
-# size known to 10%. At symmetric steps that is a curvature term at the widest point of about 4 times the loss's
-# resolution (adapeft.steps.resolution: eps |L0|, or the measured noise where larger); below it, A is noise, and
-# so is APPI ~ b^2 / A.
-RESOLVED_SHARE = 0.1
 # Why a group's fit was kept or not, the first that applies (ProbeResult.verdict holds the index). Up to
 # "unresolved" the probe could not measure the group this time, which is no evidence against it; from "b <= 0"
 # on, it measured a reason.
@@ -69,9 +66,9 @@ class ProbeResult:
     reliable (and resolved, with Prober(require_resolved=True)); reliable: at every point most elements
     really moved or the realized step along the direction is within 10% of the nominal one (a direction
     that is zero on most elements, as an embedding's gradient is, moves few), and no chunk was left unmoved;
-    resolved: the loss's noise moves A by at most RESOLVED_SHARE of |A|, whatever the sign of A (a resolved
-    A < 0 is a measured non-convexity): at symmetric steps, a curvature term |A| t^2 / 2 at the widest point t
-    of about 4 times the loss's `resolution`;
+    resolved: the loss's noise moves A by at most adapeft.steps.RESOLVED_SHARE (10%) of |A|, whatever the sign
+    of A (a resolved A < 0 is a measured non-convexity): at symmetric steps, a curvature term |A| t^2 / 2 at the
+    widest point t of about 4 times the loss's `resolution`;
     noise: the standard deviation of one loss's error, measured from the groups' fourth differences where
     they started at eta (nan until measured; a forward pass in bfloat16 makes it far larger than the loss
     dtype's rounding); resolution: the larger of the loss dtype's eps times |L0| and sqrt(12) noise (the
@@ -262,7 +259,7 @@ class Prober:
     or "torch" (a plain implementation: per-tensor loops, a saved copy per group, .item() per forward, a
     numpy fit; the baseline the ops are measured against). r2_threshold: the fit filter.
     require_resolved: accept a fit only where it is `resolved` (see ProbeResult): the loss's noise leaves A
-    known to within RESOLVED_SHARE of itself. Off by default, the paper's filter.
+    known to within adapeft.steps.RESOLVED_SHARE (10%) of itself. Off by default, the paper's filter.
     step_policy: "adaptive" (default) probes each group at a step of its own, t_k, chosen on the device from
     its last fit so that its curvature is resolved while the step stays local (adapeft.steps): `eta` is then
     where every group starts and the least step it is probed at (unless the parabola fails to fit), and a
@@ -369,6 +366,7 @@ class Prober:
         # A device index (a Python list used as an index would be copied to the device and wait for it).
         self._point_columns = torch.tensor(COLUMNS, device=self.device)
         self.step_policy, self.step_range = step_policy, (float(step_range[0]), float(step_range[1]))
+        self._places_outer = step_policy == "adaptive"  # the paper's fixed steps keep their points at +-2 eta
         self.slope, self.compute = slope, compute
         self._exact_slope = torch.full((k,), math.nan, dtype=torch.float64, device=self.device)  # g.d per group
         # t_k of each group (nan until its first probe) and the K x 4 table of steps the moves read
@@ -551,7 +549,7 @@ class Prober:
                                 step_rules.BRACKET_MOST_CHANGE)
                 self._write_steps()  # outside any captured graph: a replay reads the steps from this table
                 if self._graph is None or not self._graph.run(batch, perturbations, modules):
-                    self._measure_round(batch, plans, perturbations, reduce=False)
+                    self._measure_round(batch, plans, perturbations, reduce=False, place_outer=self._places_outer)
             finally:
                 self._reshard()  # the next forward pass gathers the restored shards, also after a failure
         if self.process_group is not None:
@@ -599,13 +597,13 @@ class Prober:
     def _write_steps(self):
         torch.mul(self._scale.float()[:, None], self._points, out=self._steps)
 
-    def _measure_round(self, batch, plans, perturbations, reduce=True):
+    def _measure_round(self, batch, plans, perturbations, reduce=True, place_outer=False):
         """Measure the groups in `plans` (every loss and report of the others nan and zero), then, with
-        reduce=True, agree across ranks."""
+        reduce=True, agree across ranks. place_outer: place the outer points from the inner ones' losses."""
         if self.backend == "torch":
-            self._measure_torch(batch, plans)
+            self._measure_torch(batch, plans, place_outer)
         else:
-            self._measure(batch, {name: perturbations[name] for name in plans})
+            self._measure(batch, {name: perturbations[name] for name in plans}, place_outer)
         if reduce and self.process_group is not None:
             self._reduce_across_ranks(plans)
 
@@ -697,49 +695,74 @@ class Prober:
             perturbations[name] = cached
         return perturbations
 
-    def _measure(self, batch, perturbations):
+    def _place_outer_points(self):
+        """The outer points' steps from the inner points' losses (adapeft.steps.outer_ratio), written while
+        every group is at its unperturbed values; from the losses' mean over the ranks, so that every rank
+        moves the same way."""
+        inner = self._losses
+        if self.process_group is not None:
+            import torch.distributed as dist
+            inner = inner.clone()
+            dist.all_reduce(inner, op=dist.ReduceOp.SUM, group=self.process_group)
+            inner /= dist.get_world_size(self.process_group)
+        rounding = step_rules.resolution(inner[:, 2], self._loss_eps, self.noise)
+        ratio = step_rules.outer_ratio(inner, rounding, self.noise).float()
+        self._steps[:, OUTER[0]] = self._steps[:, INNER[0]] * ratio
+        self._steps[:, OUTER[1]] = self._steps[:, INNER[1]] * ratio
+
+    def _measure(self, batch, perturbations, place_outer=False):
         """The losses of a probe step into self._losses, the moves' reports into self._report."""
         self._start_measurement(batch)
-        for k, name in enumerate(self.names):
-            if name not in perturbations:
-                continue
-            group = perturbations[name]
-            with group:
-                for j, column in enumerate(COLUMNS):
-                    group.move(j, self._report, 5 * k + column)
-                    self._losses[k, column] = self._loss(batch, name)
+        for points in (INNER, OUTER):
+            if place_outer and points is OUTER:
+                self._place_outer_points()
+            for k, name in enumerate(self.names):
+                if name not in perturbations:
+                    continue
+                group = perturbations[name]
+                with group:
+                    for j in points:
+                        group.move(j, self._report, 5 * k + COLUMNS[j])
+                        self._losses[k, COLUMNS[j]] = self._loss(batch, name)
 
-    def _measure_torch(self, batch, plans):
+    def _measure_torch(self, batch, plans, place_outer=False):
         """The plain implementation: a saved copy per group, per-tensor loops, .item() per forward."""
         self._start_measurement(batch)
-        for k, name in enumerate(self.names):
-            if name not in plans:
-                continue
-            params, directions, states, layout, hyper = plans[name]
-            hyper_rows = hyper.reshape(-1, L.HYPER_WORDS).tolist() if hyper is not None else None
-            rules = []
-            for i, (p, d) in enumerate(zip(params, directions)):
-                kind, named = reference._tensor_layout(layout, i)
-                rules.append(reference._Direction(d, [states[j] if j >= 0 else None for j in named], kind,
-                                                  hyper_rows[i] if hyper_rows else None, p.dtype))
-            saved = [p.detach().clone() for p in params]
-            try:
-                for j, column in enumerate(COLUMNS):
-                    dot_step = dot_dir = changed = 0.0
-                    for p, w0, rule in zip(params, saved, rules):
-                        eta = self._steps[k, j].to(rule.a.dtype)
-                        p.view(-1).copy_(reference._step_away(w0.view(-1), eta * rule.a, rule.scale(eta)))
-                        d64 = rule.full(w0.view(-1)).double().view_as(p)
-                        dot_step += (d64 * (p.double() - w0.double())).sum().item()
-                        dot_dir += (d64 * d64).sum().item()
-                        changed += (reference._bits(p) != reference._bits(w0)).sum().item()
-                    self._losses[k, column] = self._loss(batch, name).item()
-                    row = self._report[5 * k + column]
-                    row[FIELD["step"]] = -dot_step / dot_dir if dot_dir else math.nan
-                    row[FIELD["changed"]] = changed
-            finally:
-                for p, w0 in zip(params, saved):
-                    p.copy_(w0)
+        for points in (INNER, OUTER):
+            if place_outer and points is OUTER:
+                self._place_outer_points()
+            for k, name in enumerate(self.names):
+                if name in plans:
+                    self._measure_torch_group(batch, name, k, plans[name], points)
+
+    def _measure_torch_group(self, batch, name, k, plan, points):
+        """Group k's losses and reports at `points` (indices into POINTS), from a saved copy it returns to."""
+        params, directions, states, layout, hyper = plan
+        hyper_rows = hyper.reshape(-1, L.HYPER_WORDS).tolist() if hyper is not None else None
+        rules = []
+        for i, (p, d) in enumerate(zip(params, directions)):
+            kind, named = reference._tensor_layout(layout, i)
+            rules.append(reference._Direction(d, [states[j] if j >= 0 else None for j in named], kind,
+                                              hyper_rows[i] if hyper_rows else None, p.dtype))
+        saved = [p.detach().clone() for p in params]
+        try:
+            for j in points:
+                column = COLUMNS[j]
+                dot_step = dot_dir = changed = 0.0
+                for p, w0, rule in zip(params, saved, rules):
+                    eta = self._steps[k, j].to(rule.a.dtype)
+                    p.view(-1).copy_(reference._step_away(w0.view(-1), eta * rule.a, rule.scale(eta)))
+                    d64 = rule.full(w0.view(-1)).double().view_as(p)
+                    dot_step += (d64 * (p.double() - w0.double())).sum().item()
+                    dot_dir += (d64 * d64).sum().item()
+                    changed += (reference._bits(p) != reference._bits(w0)).sum().item()
+                self._losses[k, column] = self._loss(batch, name).item()
+                row = self._report[5 * k + column]
+                row[FIELD["step"]] = -dot_step / dot_dir if dot_dir else math.nan
+                row[FIELD["changed"]] = changed
+        finally:
+            for p, w0 in zip(params, saved):
+                p.copy_(w0)
 
     def _assess(self, plans, sample_noise=False):
         """The fit of the last measurement of the groups in `plans`, and what is known of each (device tensors).
@@ -788,7 +811,7 @@ class Prober:
         errors = step_rules.fit_errors(self._losses, steps, noise, slope_known=self.slope == "autograd")
         return _Assessment(report=report, steps=steps, at_points=at_points, fit=fit, b_fit=b_fit, counts=counts,
                            probed=probed, moved=moved, unmoved=unmoved, reliable=reliable, rounding=rounding,
-                           resolved=errors.A_noise <= RESOLVED_SHARE * fit.A.abs(), errors=errors,
+                           resolved=errors.A_noise <= step_rules.RESOLVED_SHARE * fit.A.abs(), errors=errors,
                            loss_change=largest_change / self._losses[:, 2].abs())
 
     def _adapt(self, assessment, eta, low, high, most_change=None):
@@ -969,14 +992,14 @@ class _GraphedMeasurement:
         self.stream.wait_stream(current)
         try:
             with torch.cuda.stream(self.stream):
-                self.prober._measure(static_batch, perturbations)
+                self.prober._measure(static_batch, perturbations, self.prober._places_outer)
         finally:
             current.wait_stream(self.stream)  # also the restore that follows a failed loss_fn
         positions = {name: group._state for name, group in perturbations.items()}
         graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(graph, stream=self.stream):
-                self.prober._measure(static_batch, perturbations)
+                self.prober._measure(static_batch, perturbations, self.prober._places_outer)
         except Exception as error:  # noqa: BLE001 - whatever stops the capture, the probe goes on eagerly
             self._repair_generator()
             self._disable(f"capturing the forward passes failed ({type(error).__name__}: {error})")

@@ -155,3 +155,62 @@ def test_where_higher_terms_show_the_step_minimises_the_predicted_error():
                              1e-6, 1e-9, 1.0, errors=steps.fit_errors(clean, x, noise))
     assert plain.item() == steps.next_scale(scale, b, A, torch.ones(1, **F64), yes, yes, torch.tensor([1e-9], **F64),
                                             0.99, yes, 1e-6, 1e-9, 1.0).item()
+
+
+def inner_losses(A, b, t, base=2.0, noise=0.0, generator=None):
+    """K x 5 tables with the inner points of -x b + x^2 / 2 A measured at +-t (the outer columns nan)."""
+    x = torch.tensor([math.nan, -1.0, 0.0, 1.0, math.nan], **F64) * t
+    losses = base - x * b[:, None] + x * x / 2 * A[:, None]
+    if noise:
+        losses = losses + noise * torch.randn(losses.shape, generator=generator, **F64)
+    return losses
+
+
+def test_outer_points_stay_at_twice_the_step_where_the_inner_ones_resolve_the_curvature():
+    rounding = torch.full((3,), 2.4e-7, **F64)
+    A, b = torch.tensor([1.0, 30.0, 1e3], **F64), torch.full((3,), 1e-2, **F64)
+    ratio = steps.outer_ratio(inner_losses(A, b, 0.01), rounding, torch.tensor(0.7e-7, **F64))
+    assert ratio.tolist() == [2.0, 2.0, 2.0]
+
+
+def test_outer_points_go_out_as_far_as_resolving_takes_within_the_loss_change_bound():
+    rounding, noise, t = torch.full((4,), 2.4e-7, **F64), torch.tensor(1e-7, **F64), 0.1
+    # A shrinking curvature goes further out; where none shows (A = 0), to OUTER_MOST; a steep slope stops
+    # where the loss would change by MAX_LOSS_CHANGE
+    A = torch.tensor([1.2e-4, 8e-5, 0.0, 0.0], **F64)
+    b = torch.tensor([1e-3, 1e-3, 1e-3, 0.1], **F64)
+    losses = inner_losses(A, b, t)
+    ratio = steps.outer_ratio(losses, rounding, noise)
+    assert 2.0 < ratio[0] < ratio[1] < steps.OUTER_MOST and ratio[2] == steps.OUTER_MOST
+    change = b * ratio * t + A / 2 * (ratio * t) ** 2
+    step_of_grid = 2 ** (1 / steps.STEPS_PER_OCTAVE)
+    assert float(change[3]) <= steps.MAX_LOSS_CHANGE * 2.0 * step_of_grid ** 0.5
+    assert float(change[3]) >= steps.MAX_LOSS_CHANGE * 2.0 / step_of_grid
+    # the curvature the outer points then show is resolved with the margin asked for: the noise moves the fit's
+    # A by at most RESOLVED_SHARE / OUTER_MARGIN of it
+    for k in (0, 1):
+        x = torch.tensor([-ratio[k], -1.0, 0.0, 1.0, ratio[k]], **F64)[None] * t
+        _, weight_A = steps.fit_weights(x, slope_known=False)
+        fit_noise = rounding[k] / steps.ROUNDINGS_PER_NOISE
+        moved_by_noise = fit_noise * (weight_A.square().sum() + weight_A.sum().square()).sqrt()
+        assert moved_by_noise <= steps.RESOLVED_SHARE / steps.OUTER_MARGIN * A[k] * 1.2
+
+
+def test_outer_points_of_a_group_not_measured_stay_at_twice_the_step():
+    losses = torch.full((2, 5), math.nan, **F64)
+    losses[1, 1:4] = torch.tensor([2.0, 2.0, 2.0], **F64)
+    losses[0, 1] = 2.0
+    ratio = steps.outer_ratio(losses, torch.full((2,), 2.4e-7, **F64), torch.tensor(math.nan, **F64))
+    assert ratio.tolist() == [2.0, steps.OUTER_MOST]
+
+
+def test_outer_points_do_not_chase_noise_that_looks_like_curvature():
+    """Inner losses whose curvature term is noise alone (A = 0) do not stop the outer points short: the part
+    of the curvature term sure to stand out of the noise is nothing, so they go all the way."""
+    generator = torch.Generator().manual_seed(0)
+    k = 256
+    noise = 1e-6
+    losses = inner_losses(torch.zeros(k, **F64), torch.full((k,), 1e-3, **F64), 1e-3, noise=noise,
+                          generator=generator)
+    ratio = steps.outer_ratio(losses, torch.full((k,), 2.4e-7, **F64), torch.tensor(noise, **F64))
+    assert float((ratio == steps.OUTER_MOST).double().mean()) > 0.99
