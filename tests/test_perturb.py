@@ -6,6 +6,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 import warnings
 
@@ -283,18 +284,28 @@ def test_ctrl_c_during_moves_leaves_weights_intact(generator):
     params, directions = random_group(generator, "cpu", [5000], [torch.float32])
     original = [bits_of(p) for p in params]
     steps = torch.tensor([-2e-2, -1e-2, 1e-2, 2e-2])
-    with pytest.raises(KeyboardInterrupt):
-        with adapeft.GroupPerturbation(params, directions, steps) as group:
-            group.move(0)
-            with _SigintDeferred() as deferred:
-                os.kill(os.getpid(), signal.SIGINT)
-                # The signal reaches Python's handler at some later bytecode, later still on a loaded machine
-                # (another thread of the process may take it): wait for it, so that it lands here.
-                waited = time.monotonic()
-                while not deferred.received and time.monotonic() - waited < 10:
-                    time.sleep(0.001)
-                group.move(1)  # the interrupt waits until this move is recorded
-            group.move(2)
+    # Python's own Ctrl-C handler, whatever an earlier test or library in this process left installed (the
+    # deferral stands aside under a handler of the user's).
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    blocked = signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGINT])  # and delivered to this thread
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with adapeft.GroupPerturbation(params, directions, steps) as group:
+                group.move(0)
+                with _SigintDeferred() as deferred:
+                    assert deferred.active
+                    signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+                    # The signal reaches Python's handler at some later bytecode, later still on a loaded
+                    # machine: wait for it, so that it lands here.
+                    waited = time.monotonic()
+                    while not deferred.received and time.monotonic() - waited < 10:
+                        time.sleep(0.001)
+                    assert deferred.received
+                    group.move(1)  # the interrupt waits until this move is recorded
+                group.move(2)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+        signal.signal(signal.SIGINT, previous)
     assert group.position == -1
     assert_same_bits([bits_of(p) for p in params], original, "after Ctrl-C")
 
