@@ -1,9 +1,10 @@
 """The Hessian-informed probe (the paper's Algorithm 1): per group, the loss reduction and learning rate.
 
 Call `Prober.step(batch, eta)` after `backward()` and before `optimizer.step()`. For every group k alone
-the model is moved in place to w - x * d_k for x in {-2,-1,1,2}*t_k, the loss is measured, and the group is
-restored bit for bit (t_k: each group's own step, from eta, chosen to resolve its curvature; see
-adapeft.steps, or step_policy="fixed" for the paper's t_k = eta); one fused fit turns the K x 5 losses into b ~ G.d, A ~ d.H.d, R^2,
+the model is moved in place to w - x * d_k for x in {-s_k,-1,1,s_k}*t_k, the loss is measured, and the group
+is restored bit for bit (t_k: each group's own step, from eta, chosen to resolve its curvature; s_k: 2, or
+further out where the inner points show the curvature too small to resolve at 2 t_k; see adapeft.steps, or
+step_policy="fixed" for the paper's {-2,-1,1,2}*eta); one fused fit turns the K x 5 losses into b ~ G.d, A ~ d.H.d, R^2,
 PPI = b^2/(A n) and eta* = b/A, accumulating PPI into APPI. On CUDA nothing in `step()` waits for the
 device (the user's loss_fn aside), and the model, its gradients, buffers, training modes, the optimizer
 and the RNG are left exactly as they were, also when loss_fn raises or the user presses Ctrl-C.
@@ -79,7 +80,8 @@ class ProbeResult:
     deviation of theirs (adapeft.steps.fit_errors); with slope="autograd", b_error is 0;
     probed: the group had a direction (frozen groups are skipped); losses and steps: K x 5 (column 2 the
     unperturbed loss, steps the realized ones); changed: K x 5 elements whose bits changed; scale: each
-    group's step t_k at this probe (its points are {-2,-1,1,2} t_k); verdict: why each fit was kept or not,
+    group's step t_k at this probe (its points are {-s_k,-1,1,s_k} t_k, s_k = 2 unless the outer points went
+    further out: adapeft.steps.outer_ratio); verdict: why each fit was kept or not,
     an index into VERDICTS (`reasons()` names them); eta: the step the probe was called with;
     b_fit: the five points' own least-squares slope (b itself unless Prober(slope="autograd"), where b is
     g.d from autograd and A and R^2 are fitted through it); slope_error: (b_fit - b) / |b|, how far the five
@@ -512,7 +514,8 @@ class Prober:
 
     # The probe ------------------------------------------------------------------------------------
     def step(self, batch, eta):
-        """Probe every group at {-2,-1,1,2}*t_k around the current weights (t_k from eta: see step_policy);
+        """Probe every group at {-s_k,-1,1,s_k}*t_k around the current weights (t_k from eta, s_k from the inner
+        points: see step_policy);
         returns a ProbeResult."""
         eta = _check_eta(eta)
         self._eta = eta

@@ -1,4 +1,5 @@
-"""Probe steps: each group k is probed at t_k * {-2, -1, 1, 2}, a step of its own that resolves its curvature.
+"""Probe steps: each group k is probed at t_k * {-2, -1, 1, 2} (the outer points further out where needed, see
+below), a step of its own that resolves its curvature.
 
 b and A are g.d and d.H.d of the group's direction, whatever the step; the step decides how well the five
 losses tell them. Two errors pull the step in opposite ways. The loss's noise moves the fitted A by about
@@ -29,7 +30,7 @@ the part of the inner points' curvature term that is sure to stand out of the no
 does), but never so far that their slope and curvature would change the loss by more than 5%. The group is
 then probed at t_k * {-s_k, -1, 1, s_k}; the fit, as always, uses the steps realized. On the demo's proxy
 over its full horizon this raised the share of groups resolved at the worst probe after the first from 4 of 7
-to 7 of 7 type groups and from 14 of 20 to 18 of 20 layer groups (two seeds), at no extra forward pass.
+to 7 of 7 type groups and from 14 of 20 to 19 of 20 layer groups (two seeds), at no extra forward pass.
 
 No step changes the loss by more than 5% at a probe point. A group whose curvature no local step resolves
 stays unresolved, and says so. A group's first probe
