@@ -18,7 +18,8 @@ import os
 import warnings
 
 from .groups import group_parameters
-from .probe import Prober, ProbeSchedule, _is_sharded
+from .probe import Prober, ProbeSchedule
+from .probe.distributed import is_sharded
 
 try:
     from transformers import TrainerCallback
@@ -166,7 +167,7 @@ def _data_parallel_group(model):
     where every rank sees its own batch: probe with the whole world then (FSDP2's sharded parameters name
     their own group)."""
     import torch.distributed as dist
-    if any(_is_sharded(p) for p in model.parameters()):
+    if any(is_sharded(p) for p in model.parameters()):
         return "auto"
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         return dist.group.WORLD

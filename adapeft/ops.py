@@ -1,16 +1,10 @@
 """The adapeft ops as Python functions: same names and arguments as torch.ops.adapeft, served by the
 compiled kernels where they exist and by adapeft.reference elsewhere (see adapeft._backend)."""
-from collections import namedtuple
-
 import torch
 
 from . import _backend
 from . import _layout as L
-
-FitResult = namedtuple("FitResult", "b A r2 accepted ppi eta_star")
-FitResult.__doc__ = """Per-group results of quadratic_fit (float64 vectors, `accepted` bool): the fitted b ~ G.d and
-A ~ d.H.d, R^2, whether the fit passed the filter, PPI = b^2/(A*n) (0 when rejected) and eta* = b/A (nan when
-rejected)."""
+from .fit import FitResult
 
 
 def pack_group(params, directions, states=(), layout=()):

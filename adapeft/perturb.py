@@ -96,6 +96,21 @@ class GroupPerturbation:
         return self._state[0]
 
     @property
+    def ledgers(self):
+        """The two ledgers the moves alternate between (shared with other groups where given as `ledgers=`)."""
+        return list(self._ledgers)
+
+    @property
+    def state(self):
+        """(the step the group is at or -1, the ledger that describes it): what the next move starts from.
+        A CUDA graph capture records moves without running them; the capturer puts the state back after."""
+        return self._state
+
+    @state.setter
+    def state(self, value):
+        self._state = value
+
+    @property
     def capacity(self):
         """Elements the ledgers can save per step."""
         return (self._ledgers[0].numel() - L.LEDGER_HEADER_WORDS - self.num_chunks) // self._entry_words

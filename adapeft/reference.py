@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from . import _layout as L
+from . import fit
 
 _SUPPORTED = tuple(L.DTYPE_CODES)
 
@@ -107,16 +108,16 @@ def pack_group(params, directions, states=(), layout=()):
     return table.to(params[0].device) if params else table
 
 
-def _bits(t):
+def bits(t):
     return t.view(L.BITS_DTYPES[t.dtype])
 
 
 def _unsigned_bits(t):
     """The bits of t as int64 values, zero-extended (the int64 bits themselves for float64)."""
     if t.dtype == torch.float64:
-        return _bits(t)
+        return bits(t)
     width = 8 * t.element_size()
-    return _bits(t).to(torch.int64) & ((1 << width) - 1)
+    return bits(t).to(torch.int64) & ((1 << width) - 1)
 
 
 def _from_unsigned_bits(values, dtype):
@@ -127,7 +128,7 @@ def _from_unsigned_bits(values, dtype):
     return signed.to(L.BITS_DTYPES[dtype]).view(dtype)
 
 
-def _step_away(w0, s, c=None):
+def step_away(w0, s, c=None):
     """round(w0 * c - s) in the arithmetic type of s; c None (or exactly 1) leaves out the product."""
     w = w0.to(s.dtype)
     return ((w if c is None else w * c) - s).to(w0.dtype)
@@ -145,7 +146,7 @@ def _sqrt_rn(t):
     return torch.sqrt(t)
 
 
-class _Direction:
+class DirectionRule:
     """One tensor's direction d = a + lambda * w0 as the kernels form it (see csrc/step_math.h)."""
 
     def __init__(self, d, tensor_states, kind, hyper_row, dtype):
@@ -183,6 +184,15 @@ class _Direction:
         return self.a if self.lam is None else self.a + self.lam * w0.to(self.a.dtype)
 
 
+def direction_rules(params, directions, states=(), layout=(), hyper=None):
+    """Each tensor's DirectionRule: its direction as adapeft.perturb_ forms it (an optimizer's update from its
+    states and hyper row, or the direction tensor itself)."""
+    hyper_rows = hyper.reshape(-1, L.HYPER_WORDS).tolist() if hyper is not None else None
+    return [DirectionRule(d, [states[j] if j >= 0 else None for j in _tensor_layout(layout, i)[1]],
+                          _tensor_layout(layout, i)[0], hyper_rows[i] if hyper_rows else None, p.dtype)
+            for i, (p, d) in enumerate(zip(params, directions))]
+
+
 def _check_step(params, directions, states, layout, table, fingerprint, hyper, steps, from_step, to_step, ledger_in,
                 ledger_out, report, report_row):
     op = "adapeft.perturb_"
@@ -218,7 +228,7 @@ def _check_step(params, directions, states, layout, table, fingerprint, hyper, s
 
 
 def _rebuild_w0(current, direction, eta, ledger_in, directory, entries_base):
-    """`direction` is the tensor's _Direction."""
+    """`direction` is the tensor's DirectionRule."""
     """w0 of one tensor from its perturbed values: the unmoved chunks as they are, the ledger's
     entries from their saved bits, every other element stepped back."""
     width = L.entry_words(current.dtype)
@@ -265,8 +275,8 @@ def perturb_(params, directions, states, layout, table, fingerprint, hyper, step
                 continue
             current = p.view(-1)
             kind, named = _tensor_layout(layout, i)
-            direction = _Direction(d, [states[j] if j >= 0 else None for j in named], kind,
-                                   hyper_rows[i] if kind != L.DIRECTION_TENSOR else None, p.dtype)
+            direction = DirectionRule(d, [states[j] if j >= 0 else None for j in named], kind,
+                                      hyper_rows[i] if kind != L.DIRECTION_TENSOR else None, p.dtype)
             width = L.entry_words(p.dtype)
             directory_slice = slice(header + chunk_base, header + chunk_base + tensor_chunks)
             if has_from:
@@ -278,8 +288,8 @@ def perturb_(params, directions, states, layout, table, fingerprint, hyper, step
             if has_to:
                 eta = steps[to_step].to(direction.a.dtype)
                 s, c = eta * direction.a, direction.scale(eta)
-                moved_to = _step_away(w0, s, c)
-                flagged = _bits(_step_back(moved_to, s, c)) != _bits(w0)
+                moved_to = step_away(w0, s, c)
+                flagged = bits(_step_back(moved_to, s, c)) != bits(w0)
                 counts = torch.zeros(tensor_chunks, dtype=torch.int64, device=p.device).index_add_(
                     0, element_chunk, flagged.to(torch.int64))
                 words = counts * width
@@ -305,7 +315,7 @@ def perturb_(params, directions, states, layout, table, fingerprint, hyper, step
                     ledger_out[slot] = position
                     ledger_out[slot + 1] = _unsigned_bits(w0)[keep]
                 unmoved += int((~moved).sum())
-                changed += int(((_bits(out) != _bits(w0)) & moved).sum())
+                changed += int(((bits(out) != bits(w0)) & moved).sum())
                 step_along = direction.full(w0).double() * (out.double() - w0.double())
                 dot_dir_step += float(torch.where(moved, step_along, torch.zeros_like(step_along)).sum())
             else:
@@ -339,25 +349,8 @@ def quadratic_fit(losses, steps, counts, appi=None, r2_threshold=0.99):
     if appi is not None and (appi.shape != (groups,) or appi.dtype not in (torch.float32, torch.float64)
                              or not appi.is_contiguous()):
         raise ValueError(f"{op}: appi must be a contiguous float32 or float64 vector of {groups} groups")
-    x = steps.double()
-    y = losses.double() - losses.double()[:, points // 2: points // 2 + 1]
-    p, q = -x, 0.5 * x * x
-    spp, sqq, spq = (p * p).sum(1), (q * q).sum(1), (p * q).sum(1)
-    spy, sqy = (p * y).sum(1), (q * y).sum(1)
-    det = spp * sqq - spq * spq
-    b = (spy * sqq - sqy * spq) / det
-    A = (sqy * spp - spy * spq) / det
-    fitted = -x * b[:, None] + 0.5 * x * x * A[:, None]
-    ss_res = ((y - fitted) ** 2).sum(1)
-    ss_tot = ((y - y.mean(1, keepdim=True)) ** 2).sum(1)
-    one, zero = torch.ones_like(ss_res), torch.zeros_like(ss_res)
-    r2 = torch.where(ss_res == 0, one, torch.where(ss_tot == 0, zero, 1 - ss_res / ss_tot))
-    n = counts.double()
-    ppi = b * b / (A * n)
-    accepted = ((b > 0) & (A > 0) & (r2 > r2_threshold) & (n > 0) & torch.isfinite(b) & torch.isfinite(A)
-                & torch.isfinite(r2) & torch.isfinite(ss_res) & torch.isfinite(ppi))
-    ppi = torch.where(accepted, ppi, zero)
-    eta_star = torch.where(accepted, b / A, torch.full_like(b, math.nan))
+    b, A, r2 = fit.least_squares(losses, steps)
+    b, A, r2, accepted, ppi, eta_star = fit.filtered(b, A, r2, counts, r2_threshold)
     if appi is not None:
         appi[accepted] += ppi[accepted].to(appi.dtype)
     return b, A, r2, accepted, ppi, eta_star

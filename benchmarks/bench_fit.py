@@ -11,17 +11,17 @@ Columns (median microseconds per fit of all K rows; CPU times from time.perf_cou
   acc          share of rows accepted
   adapeft      adapeft.quadratic_fit, the compiled CPU kernel
   reference    adapeft.reference.quadratic_fit: the same fit as batched PyTorch ops
-  numpy        vectorised numpy float64: closed-form 2x2 normal equations over all rows, then R^2
-  np loop      adapeft.probe._numpy_fit: numpy lstsq row by row in a Python loop (K <= 1e4, else "-")
+  np loop      adapeft.fit.row_by_row and the filter: numpy lstsq row by row in a Python loop, the probe's plain
+               baseline (K <= 1e4, else "-")
   scipy        scipy.optimize.curve_fit of the same two-parameter model, row by row (K <= 1000, else "-")
-  ref/adapeft, numpy/adapeft   how many times slower the baseline is
-With CUDA, a second table (inputs already on the GPU; numpy's time is the host one above, transfers excluded):
+  ref/adapeft  how many times slower the reference is
+With CUDA, a second table (inputs already on the GPU):
   adapeft      GPU time per fit from CUDA-graph replays (launch overhead stripped)
   eager        adapeft.quadratic_fit called from Python (host overhead included), CUDA events
   reference    adapeft.reference.quadratic_fit on the GPU, eager, CUDA events
   floor        bytes moved (read losses and steps 16 bytes a point, counts 8 a row; write five float64
                outputs and a bool, 41 bytes a row) / measured copy bandwidth, or one empty launch if larger
-  ref/eager    reference / adapeft eager;  numpy/eager  numpy (host) / adapeft eager;  floor/adapeft
+  ref/eager    reference / adapeft eager;  floor/adapeft
 
     python benchmarks/bench_fit.py [--quick]
 """
@@ -37,7 +37,7 @@ from scipy.optimize import curve_fit
 
 import adapeft
 from adapeft import _backend, reference
-from adapeft.probe import _numpy_fit
+from adapeft import fit as fits
 from bench_perturb import copy_bandwidth, empty_launch_us, graph_us, median_us
 
 THRESHOLD = 0.99
@@ -64,23 +64,9 @@ def realistic(k, seed):
     return torch.from_numpy(losses), torch.from_numpy(x), torch.from_numpy(counts)
 
 
-def numpy_fit(losses, x, counts, threshold):
-    """The fit over all rows at once in numpy float64 (the model and R^2 of reference.quadratic_fit)."""
-    y = losses - losses[:, 2:3]
-    p, q = -x, 0.5 * x * x
-    spp, sqq, spq = (p * p).sum(1), (q * q).sum(1), (p * q).sum(1)
-    spy, sqy = (p * y).sum(1), (q * y).sum(1)
-    with np.errstate(all="ignore"):
-        det = spp * sqq - spq * spq
-        b = (spy * sqq - sqy * spq) / det
-        A = (sqy * spp - spy * spq) / det
-        ss_res = ((y - (p * b[:, None] + q * A[:, None])) ** 2).sum(1)
-        ss_tot = ((y - y.mean(1, keepdims=True)) ** 2).sum(1)
-        r2 = np.where(ss_res == 0, 1.0, np.where(ss_tot == 0, 0.0, 1 - ss_res / ss_tot))
-        ppi = b * b / (A * counts)
-        accepted = ((b > 0) & (A > 0) & (r2 > threshold) & (counts > 0) & np.isfinite(b) & np.isfinite(A)
-                    & np.isfinite(r2) & np.isfinite(ss_res) & np.isfinite(ppi))
-        return b, A, r2, accepted, np.where(accepted, ppi, 0.0), np.where(accepted, b / A, np.nan)
+def row_loop(losses, steps, counts):
+    """The probe's plain baseline: numpy's lstsq one row at a time, then the paper's filter."""
+    return fits.filtered(*fits.row_by_row(losses, steps), counts, THRESHOLD)
 
 
 def _model(x, b, A):
@@ -166,21 +152,17 @@ def main():
 
     print(f"{time.strftime('%Y-%m-%d')}, torch {torch.__version__}, numpy {np.__version__}, scipy {scipy.__version__}; "
           f"CPU: {cpu_name()}, {torch.get_num_threads()} torch threads")
-    print(f"{'K':>8} {'acc':>5} {'adapeft':>9} {'reference':>10} {'numpy':>10} {'np loop':>10} {'scipy':>11} "
-          f"{'ref/adapeft':>11} {'numpy/adapeft':>13}")
-    numpy_times = {}
+    print(f"{'K':>8} {'acc':>5} {'adapeft':>9} {'reference':>10} {'np loop':>10} {'scipy':>11} {'ref/adapeft':>11}")
     for k in sizes:
         losses, steps, counts = data[k]
         want = check_op(losses, steps, counts, reference.quadratic_fit)
         L, x, n = losses.numpy(), steps.numpy(), counts.numpy()
-        check(numpy_fit(L, x, n, THRESHOLD), want, f"numpy vectorised, K = {k}")
         t_adapeft = cpu_us(lambda: adapeft.quadratic_fit(losses, steps, counts, None, THRESHOLD), budget, 1000)
         t_ref = cpu_us(lambda: reference.quadratic_fit(losses, steps, counts, None, THRESHOLD), budget)
-        t_numpy = numpy_times[k] = cpu_us(lambda: numpy_fit(L, x, n, THRESHOLD), budget)
         loop = scipy_col = "-"
         if k <= 10**4:
-            check(_numpy_fit(losses, steps, counts, THRESHOLD), want, f"numpy row loop, K = {k}")
-            loop = f"{cpu_us(lambda: _numpy_fit(losses, steps, counts, THRESHOLD), budget, 20):.1f}"
+            check(row_loop(losses, steps, counts), want, f"numpy row loop, K = {k}")
+            loop = f"{cpu_us(lambda: row_loop(losses, steps, counts), budget, 20):.1f}"
         if k <= 1000:
             b, A, r2, accepted = scipy_fit(L, x, n, THRESHOLD)
             # An iterative solver (default tolerances 1.5e-8): it agrees with the closed form to ~1e-6, not to rounding.
@@ -189,8 +171,7 @@ def main():
                 f"scipy's fit differs, K = {k}"
             scipy_col = f"{cpu_us(lambda: scipy_fit(L, x, n, THRESHOLD), budget, 20):.1f}"
         acc = float(want.accepted.double().mean())
-        print(f"{k:8d} {acc:5.2f} {t_adapeft:9.1f} {t_ref:10.1f} {t_numpy:10.1f} {loop:>10} {scipy_col:>11} "
-              f"{t_ref / t_adapeft:11.1f} {t_numpy / t_adapeft:13.1f}")
+        print(f"{k:8d} {acc:5.2f} {t_adapeft:9.1f} {t_ref:10.1f} {loop:>10} {scipy_col:>11} {t_ref / t_adapeft:11.1f}")
 
     if not torch.cuda.is_available():
         print("(no CUDA device: the CUDA table is skipped)")
@@ -201,8 +182,7 @@ def main():
     launch = empty_launch_us()
     print(f"\nCUDA: {torch.cuda.get_device_name()} (CUDA {torch.version.cuda}), "
           f"copy bandwidth {bandwidth / 1e12:.2f} TB/s, empty launch {launch:.1f} us")
-    print(f"{'K':>8} {'adapeft':>9} {'eager':>9} {'reference':>10} {'floor':>8} {'ref/eager':>9} "
-          f"{'numpy/eager':>11} {'floor/adapeft':>13}")
+    print(f"{'K':>8} {'adapeft':>9} {'eager':>9} {'reference':>10} {'floor':>8} {'ref/eager':>9} {'floor/adapeft':>13}")
     for k in sizes:
         losses, steps, counts = (t.cuda() for t in data[k])
         # Against the CPU kernel, checked against the reference above: the same float64 code (no FMA contraction
@@ -214,7 +194,7 @@ def main():
         bytes_moved = k * (5 * (8 + 8) + 8 + 41)
         floor = max(bytes_moved / bandwidth * 1e6, launch)
         print(f"{k:8d} {t_graph:9.1f} {t_eager:9.1f} {t_ref:10.1f} {floor:8.1f} {t_ref / t_eager:9.1f} "
-              f"{numpy_times[k] / t_eager:11.1f} {floor / t_graph:13.2f}")
+              f"{floor / t_graph:13.2f}")
         del losses, steps, counts
         torch.cuda.empty_cache()
 

@@ -356,10 +356,10 @@ def test_errors_name_the_argument(device):
     with pytest.raises(Exception, match="steps must be a float32"):
         adapeft.GroupPerturbation([p], [d], steps.double())
     group = adapeft.GroupPerturbation([p], [d], steps)
-    ledger = group._ledgers[0]
+    ledger = group.ledgers[0]
     report = adapeft.new_report(1, device)
     args = [group.params, group.directions, [], [], group.table, group.fingerprint, group.hyper, steps, -1, 0,
-            ledger, group._ledgers[1], report, 0]
+            ledger, group.ledgers[1], report, 0]
 
     def call(**change):
         names = ["params", "directions", "states", "layout", "table", "fingerprint", "hyper", "steps", "from_step",
