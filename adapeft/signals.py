@@ -55,7 +55,7 @@ def matrix_snr(weight):
     largest = singular.max()
     if largest == 0:
         return 0.0
-    q1, q3 = torch.quantile(singular, torch.tensor([0.25, 0.75], dtype=torch.float64)).tolist()
+    q1, q3 = torch.quantile(singular, torch.tensor([0.25, 0.75], dtype=torch.float64, device=singular.device)).tolist()
     sigma = (q3 - q1) / IQR_TO_SIGMA
     rows, cols = weight.shape[0], weight[0].numel()
     edge = sigma * (1 + math.sqrt(min(rows, cols) / max(rows, cols)))

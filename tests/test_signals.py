@@ -64,6 +64,8 @@ def test_matrix_snr_follows_the_marchenko_pastur_edge():
     edge = (q3 - q1) / 1.349 * (1 + math.sqrt(12 / 20))
     expected = singular[singular > edge].sum() / singular[singular <= edge].sum() / singular.max()
     assert signals.matrix_snr(weight) == pytest.approx(expected, rel=1e-9)
+    if torch.cuda.is_available():  # the quantiles' points on the matrix's device (found on an H100)
+        assert signals.matrix_snr(weight.cuda()) == pytest.approx(expected, rel=1e-9)
     assert signals.matrix_snr(torch.zeros(4, 6)) == 0.0
     structured = torch.tensor(u[:, :2] @ np.diag([40.0, 25.0]) @ v[:, :2].T + 0.01 * rng.standard_normal((20, 12)))
     assert signals.matrix_snr(structured) > signals.matrix_snr(torch.tensor(rng.standard_normal((20, 12))))
