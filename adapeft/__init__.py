@@ -6,14 +6,15 @@ them on every device, falling back to the pure-PyTorch reference where a kernel 
 """
 from importlib import metadata as _metadata
 
-from ._backend import BACKENDS, BUILD_INFO
-from ._layout import CHUNK_ELEMENTS, REPORT_FIELDS
 from .groups import ParameterGroups, group_parameters
 from .optim import OptimizerDirection, optimizer_direction
 from .ops import FitResult, group_fingerprint, new_ledger, new_report, pack_group, perturb_, quadratic_fit
+from .ops.backend import BACKENDS, BUILD_INFO
+from .ops.layout import CHUNK_ELEMENTS, REPORT_FIELDS
 from .perturb import GroupPerturbation
 from .probe import ProbeResult, Prober, ProbeSchedule, param_groups, probe
-from .select import Selection, select
+from .select import select
+from .selection import Selection
 
 try:
     __version__ = _metadata.version("adapeft")

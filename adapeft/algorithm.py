@@ -18,7 +18,8 @@ import torch
 
 from .groups import group_parameters
 from .probe import Prober, ProbeSchedule, param_groups
-from .select import Selection, select
+from .select import select
+from .selection import Selection
 
 
 def equip_lora(model, target_modules, r=8, alpha=16, dropout=0.0, train_all=True):

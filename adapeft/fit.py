@@ -1,6 +1,6 @@
 """The probe's quadratic fit in Python: dL(x) = -x b + x^2/2 A over each group's points, R^2, and the paper's filter.
 
-One implementation of each step, used by the op's pure-PyTorch twin (adapeft.reference.quadratic_fit), the
+One implementation of each step, used by the op's pure-PyTorch twin (adapeft.ops.reference.quadratic_fit), the
 probe's plain baseline (backend="torch") and exact slopes (slope="autograd"), and the benchmarks. The compiled
 kernels follow csrc/fit_math.h, which computes the same closed form.
 """

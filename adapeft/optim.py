@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import _layout as L
+from .ops import layout as L
 
 
 @dataclass

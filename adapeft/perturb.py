@@ -5,7 +5,7 @@ import warnings
 
 import torch
 
-from . import _layout as L
+from .ops import layout as L
 from . import ops
 
 # Room for saved elements, as a share of the group. Measured by benchmarks/bench_ledger.py (1M elements,

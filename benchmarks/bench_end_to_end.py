@@ -32,7 +32,7 @@ import torch
 
 from adapeft import group_parameters
 from adapeft.algorithm import AdaPEFT
-from adapeft.select import Selection
+from adapeft.selection import Selection
 from bench_probe import BATCH, CONFIGS, TOKENS, build, lm_loss, vocab_of
 
 PROBE_EVERY = 8
@@ -132,10 +132,10 @@ def main():
             run, seconds = timed(
                 lambda: algorithm.probe_train(proxy, batches, proxy_loss, steps, args.lr, optimizer_cls), device)
         selection = algorithm.select(run)
-        graph = run.prober._graph
+        captures = run.prober.graph_captures
         del proxy, run
         release(device)
-        return seconds, graph.captures if graph is not None else 0, selection
+        return seconds, captures, selection
 
     def train_large(selection_of, horizon):
         model = build(args.model, dtype, device)

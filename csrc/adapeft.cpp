@@ -1,6 +1,6 @@
 // Op schemas of the adapeft library and the small Python module that loads them.
-// Kernels live one op per file per backend in cpu/ and cuda/; adapeft/reference.py holds the
-// pure-PyTorch twin of every op and adapeft/_fake.py the fake (meta) implementations.
+// Kernels live one op per file per backend in cpu/ and cuda/; adapeft/ops/reference.py holds the
+// pure-PyTorch twin of every op and adapeft/ops/fake.py the fake (meta) implementations.
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 #include <torch/library.h>

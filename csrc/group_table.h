@@ -18,7 +18,7 @@ at::Tensor build_group_table(at::TensorList params, at::TensorList directions, a
 // A host-built table on `device`, copied without waiting for the device.
 at::Tensor table_on(const at::Tensor& host_table, const c10::Device& device);
 
-// FNV-1a over the layout and (pointer, numel, dtype, contiguity) of every tensor; adapeft/_layout.py
+// FNV-1a over the layout and (pointer, numel, dtype, contiguity) of every tensor; adapeft/ops/layout.py
 // mirrors it.
 int64_t group_fingerprint(at::TensorList params, at::TensorList directions, at::TensorList states,
                           at::IntArrayRef layout);

@@ -1,5 +1,5 @@
 // Shared by the knapsack ops: input checks, the exact values every solver works on, and the efficiency
-// order. adapeft/reference.py computes the same answers with Python fractions.
+// order. adapeft/ops/reference.py computes the same answers with Python fractions.
 #pragma once
 
 #include <ATen/ATen.h>

@@ -1,5 +1,5 @@
-// Memory layouts shared by the CPU and CUDA kernels and mirrored by adapeft/_layout.py
-// (tests/test_layout.py checks that the two agree).
+// Memory layouts shared by the CPU and CUDA kernels and mirrored by adapeft/ops/layout.py
+// (tests/test_build.py, test_layout_matches_extension, checks that the two agree).
 #pragma once
 
 #include <cstdint>

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import adapeft
-from adapeft import _backend
-from adapeft import _layout as L
+from adapeft.ops import backend as _backend
+from adapeft.ops import layout as L
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 needs_extension = pytest.mark.skipif(_backend._C is None, reason="the compiled extension is not built")

@@ -17,7 +17,8 @@ import pytest
 import torch
 
 import adapeft
-from adapeft import _backend, cli, demo
+from adapeft.ops import backend as _backend
+from adapeft.apps import cli, common
 
 pytestmark = pytest.mark.skipif(_backend._C is None, reason="the compiled extension is not built")
 transformers = pytest.importorskip("transformers")
@@ -31,7 +32,7 @@ FLAG_CHECK_SECONDS = 15  # an interpreter, torch and adapeft: a few seconds; loa
 def adapeft_command(*args, cwd=None, env=None, timeout=60):
     """The `adapeft` command as a user runs it (the console script's entry point, in a fresh interpreter)."""
     environment = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200", **(env or {})}
-    return subprocess.run([sys.executable, "-m", "adapeft.cli", *map(str, args)], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "adapeft.apps.cli", *map(str, args)], capture_output=True, text=True,
                           cwd=cwd, env=environment, timeout=timeout)
 
 
@@ -236,7 +237,7 @@ def test_a_file_given_as_the_model_folder_is_named_a_file(files):
 def test_a_model_folder_without_tokenizer_files_is_refused(files):
     message = refused(adapeft_command("probe", "--model", files["bare"], "--data", files["data"]),
                       f"--model {files['bare']} has no tokenizer files", "--tokenizer FOLDER_OR_NAME")
-    assert all(name in message for name in demo.TOKENIZER_FILES)
+    assert all(name in message for name in common.TOKENIZER_FILES)
     refused(adapeft_command("probe", "--model", files["model"], "--tokenizer", files["bare"], "--data", files["data"]),
             f"--tokenizer {files['bare']} has no tokenizer files")
     refused(adapeft_command("probe", "--model", files["model"], "--tokenizer", "./no-such-tokenizer",
@@ -416,18 +417,18 @@ def test_genuine_bugs_are_not_turned_into_messages(tmp_path, monkeypatch):
 # The pieces under the command ----------------------------------------------------------------------------
 def test_batches_of_data_smaller_than_a_batch_hold_all_of_it():
     data = {"input_ids": torch.arange(30).reshape(3, 10), "labels": torch.tensor([0, 1, 0])}
-    stream = demo.batches(data, 16, seed=0, device="cpu")
+    stream = common.batches(data, 16, seed=0, device="cpu")
     seen = [next(stream) for _ in range(4)]
     assert all(batch["labels"].numel() == 3 for batch in seen)
     assert all(sorted(batch["input_ids"][:, 0].tolist()) == [0, 10, 20] for batch in seen)
     # An epoch's last partial batch is dropped: every batch has one shape, and every row comes in turn.
-    stream = demo.batches({"labels": torch.arange(7)}, 3, seed=1, device="cpu")
+    stream = common.batches({"labels": torch.arange(7)}, 3, seed=1, device="cpu")
     first_epoch = torch.cat([next(stream)["labels"] for _ in range(2)])
     assert len(set(first_epoch.tolist())) == 6 and next(stream)["labels"].numel() == 3
     with pytest.raises(ValueError, match="no rows"):
-        demo.batches({"labels": torch.tensor([], dtype=torch.long)}, 4, seed=0, device="cpu")
+        common.batches({"labels": torch.tensor([], dtype=torch.long)}, 4, seed=0, device="cpu")
     with pytest.raises(ValueError, match="size must be a positive number of rows, got 0"):
-        demo.batches(data, 0, seed=0, device="cpu")
+        common.batches(data, 0, seed=0, device="cpu")
 
 
 def tiny_classifier(seed=0):
@@ -451,10 +452,10 @@ def float16_loss(model, batch):
 
 def test_a_float16_loss_is_named_once_and_a_float32_one_of_the_same_model_fits():
     """A float16 loss rounds to 1e-3 of its value, more than a probe step moves it: at a fixed step b rounds to
-    0. The prober says so once; the same model with its loss in float32 (what adapeft.demo.loss_fn does) fits
+    0. The prober says so once; the same model with its loss in float32 (what adapeft.apps.common.loss_fn does) fits
     every group."""
     model, batch = tiny_classifier()
-    demo.loss_fn(model, batch).backward()
+    common.loss_fn(model, batch).backward()
     prober = adapeft.Prober(model, None, float16_loss, step_policy="fixed")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -464,7 +465,7 @@ def test_a_float16_loss_is_named_once_and_a_float32_one_of_the_same_model_fits()
     assert all(bool((result.b == 0).any()) for result in coarse)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        fine = adapeft.Prober(model, None, demo.loss_fn).step(batch, 1e-3)
+        fine = adapeft.Prober(model, None, common.loss_fn).step(batch, 1e-3)
     assert not any("loss" in str(w.message) for w in caught)
     assert bool((fine.b != 0).all())
 
@@ -473,8 +474,8 @@ def test_frozen_groups_of_a_peft_model_get_one_warning():
     from adapeft.algorithm import equip_lora
     model, batch = tiny_classifier()
     model = equip_lora(model, ["query", "value"], r=4, train_all=False)  # peft freezes the base model
-    demo.loss_fn(model, batch).backward()
-    prober = adapeft.Prober(model, None, demo.loss_fn)
+    common.loss_fn(model, batch).backward()
+    prober = adapeft.Prober(model, None, common.loss_fn)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for _ in range(3):

@@ -8,7 +8,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import adapeft
-from adapeft import _backend
+from adapeft.ops import backend as _backend
 
 pytestmark = [
     pytest.mark.skipif(_backend._C is None, reason="the compiled extension is not built"),

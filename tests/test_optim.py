@@ -5,9 +5,9 @@ import pytest
 import torch
 
 import adapeft
-from adapeft import _backend
-from adapeft import _layout as L
-from adapeft import reference
+from adapeft.ops import backend as _backend
+from adapeft.ops import layout as L
+from adapeft.ops import reference
 
 from conftest import forbid_host_sync, requires_cuda, train_then_backward
 from oracle import bits_of

@@ -15,9 +15,9 @@ import pytest
 import torch
 
 import adapeft
-from adapeft import _backend
-from adapeft import _layout as L
-from adapeft import reference
+from adapeft.ops import backend as _backend
+from adapeft.ops import layout as L
+from adapeft.ops import reference
 from adapeft.perturb import _SigintDeferred
 
 from conftest import SEED, requires_cuda
@@ -423,7 +423,7 @@ def test_python_fingerprint_matches_extension(generator):
     states = [torch.zeros(3), torch.zeros(4097)]
     layout = [0, -1, -1, -1, 1, 0, -1, -1, 1, 1, -1, -1, 0, -1, -1, -1, 0, -1, -1, -1]
     for args in ((params, directions, [], []), (params, directions, states, layout)):
-        assert L.group_fingerprint(*args) == adapeft._backend._C.group_fingerprint(*args)
+        assert L.group_fingerprint(*args) == _backend._C.group_fingerprint(*args)
 
 
 def test_opcheck(device, generator):

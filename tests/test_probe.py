@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import adapeft
-from adapeft import _backend
+from adapeft.ops import backend as _backend
 from adapeft.probe import VERDICT
 from adapeft.steps import OUTER_MOST
 

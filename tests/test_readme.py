@@ -1,4 +1,5 @@
-"""Every Python block of README.md runs as written, in order, in one namespace, on a tiny BERT classifier.
+"""Every Python block of README.md, then of docs/ops.md, runs as written, in order, in one namespace, on a tiny BERT
+classifier.
 
 The test brings only what the README leaves to the reader (`model`, `loader`, `optimizer`, ...), each
 block's own needs listed below next to a phrase the block must contain, so that a block added, removed or
@@ -11,17 +12,21 @@ import warnings
 import pytest
 import torch
 
-README = os.path.join(os.path.dirname(__file__), os.pardir, "README.md")
+ROOT = os.path.join(os.path.dirname(__file__), os.pardir)
+DOCUMENTS = [os.path.join(ROOT, "README.md"), os.path.join(ROOT, "docs", "ops.md")]
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
 
 def python_blocks():
-    """Each block's code, led by blank lines so that a traceback names its line in README.md."""
-    with open(README) as handle:
-        text = handle.read()
-    return ["\n" * text.count("\n", 0, found.start(1)) + found.group(1)
-            for found in re.finditer(r"^```python\n(.*?)^```", text, flags=re.MULTILINE | re.DOTALL)]
+    """(document, code) of each block, the code led by blank lines so that a traceback names its line there."""
+    blocks = []
+    for document in DOCUMENTS:
+        with open(document) as handle:
+            text = handle.read()
+        blocks += [(document, "\n" * text.count("\n", 0, found.start(1)) + found.group(1))
+                   for found in re.finditer(r"^```python\n(.*?)^```", text, flags=re.MULTILINE | re.DOTALL)]
+    return blocks
 
 
 def tiny_bert(layers):
@@ -61,7 +66,7 @@ def perturbation(namespace):
     namespace.update(params=params, batch=batch, eta=1e-3, device="cpu", losses=torch.empty(4))
 
 
-# (a phrase the block contains, what the reader brings to it), in the README's order
+# (a phrase the block contains, what the reader brings to it), in the documents' order
 NEEDS = [("adapeft.Prober(model, groups, loss_fn", probing),
          ("adapeft.select(prober", choosing),
          ("AdaPEFT(budget=", algorithm),
@@ -71,14 +76,14 @@ NEEDS = [("adapeft.Prober(model, groups, loss_fn", probing),
 def test_readme_python_blocks_run_as_written(tmp_path, monkeypatch):
     blocks = python_blocks()
     assert [phrase for phrase, _ in NEEDS] == [next((p for p, _ in NEEDS if p in block), block[:60])
-                                               for block in blocks], "README blocks changed: update NEEDS"
+                                               for _, block in blocks], "the documents' blocks changed: update NEEDS"
     monkeypatch.chdir(tmp_path)  # the blocks save files
     namespace = {}
-    for block, (_, bring) in zip(blocks, NEEDS):
+    for (document, block), (_, bring) in zip(blocks, NEEDS):
         bring(namespace)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            exec(compile(block, README, "exec"), namespace)
+            exec(compile(block, document, "exec"), namespace)
     assert namespace["prober"].history, "the probing block never probed"
     assert (tmp_path / "selection.json").exists()
     assert all(torch.isfinite(namespace["losses"]))

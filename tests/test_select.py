@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import adapeft
-from adapeft import _backend
+from adapeft.ops import backend as _backend
 from adapeft.select import all_subsets
 
 pytestmark = pytest.mark.skipif(_backend._C is None, reason="the compiled extension is not built")

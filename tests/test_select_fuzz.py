@@ -14,7 +14,8 @@ import pytest
 import torch
 
 import adapeft
-from adapeft import _backend, reference
+from adapeft.ops import backend as _backend
+from adapeft.ops import knapsack_reference as reference
 
 from conftest import SEED
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import adapeft
-from adapeft import demo, signals
+from adapeft import signals
+from adapeft.apps import demo
 
 
 def softmax_regression(seed=0):

@@ -4,7 +4,8 @@ import math
 import pytest
 import torch
 
-from adapeft import reference, steps
+from adapeft import steps
+from adapeft.ops import reference
 
 F64 = dict(dtype=torch.float64)
 

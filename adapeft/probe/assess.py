@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import _layout as L
+from ..ops import layout as L
 from .. import fit as fits
 from .. import ops
 from .. import steps as step_rules

@@ -2,7 +2,7 @@
 number, and FSDP2's shards (each rank moves its own; the next forward pass gathers them afresh)."""
 import torch
 
-from .. import _layout as L
+from ..ops import layout as L
 
 
 def is_sharded(tensor):

@@ -33,8 +33,9 @@ class LastProbe:
         if self._pending is not None and self._pending[0] is not None:
             self._pending[0].synchronize()
 
-    def learn(self):
-        """Grow the ledgers and warn, if the summary has landed (else nothing, and the next call tries again)."""
+    def learn(self, stacklevel):
+        """Grow the ledgers and warn (pointing `stacklevel` frames up from the caller), if the summary has
+        landed (else nothing, and the next call tries again)."""
         if self._pending is None:
             return
         event, host, names, words = self._pending
@@ -51,4 +52,4 @@ class LastProbe:
                 if cause == "did not move":
                     why += ("; their steps grow for the next probe" if self.step_policy == "adaptive" else
                             "; use a larger eta, step_policy='adaptive', or float32 master weights")
-                warnings.warn(f"adapeft.Prober: {cause}: groups {named}: {why}", UserWarning, stacklevel=3)
+                warnings.warn(f"adapeft.Prober: {cause}: groups {named}: {why}", UserWarning, stacklevel=stacklevel + 1)

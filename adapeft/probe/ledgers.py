@@ -1,5 +1,5 @@
 """The ledgers every group's moves share, and each group's GroupPerturbation, kept from probe to probe."""
-from .. import _layout as L
+from ..ops import layout as L
 from .. import ops
 from ..perturb import GroupPerturbation
 

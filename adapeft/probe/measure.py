@@ -6,8 +6,8 @@ import warnings
 
 import torch
 
-from .. import _layout as L
-from .. import reference
+from ..ops import layout as L
+from ..ops import reference
 from ..upcast import float32_compute
 from .distributed import reshard
 from .points import COLUMNS, INNER, OUTER

@@ -5,7 +5,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import ops, reference
+from .. import ops
+from ..ops import reference
 from ..optim import optimizer_direction
 from .distributed import local
 
@@ -28,7 +29,7 @@ class GroupPlan:
         return ops.group_fingerprint(self.params, self.directions, self.states, self.layout)
 
     def direction_rules(self):
-        """Each tensor's direction as the moves form it (adapeft.reference.DirectionRule)."""
+        """Each tensor's direction as the moves form it (adapeft.ops.reference.DirectionRule)."""
         return reference.direction_rules(self.params, self.directions, self.states, self.layout, self.hyper)
 
 

@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from .. import _layout as L
+from ..ops import layout as L
 from .. import steps as step_rules
 
 POINTS = (-2.0, -1.0, 1.0, 2.0)

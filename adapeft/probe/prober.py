@@ -11,7 +11,7 @@ import warnings
 
 import torch
 
-from .. import _layout as L
+from ..ops import layout as L
 from .. import steps as step_rules
 from ..groups import ParameterGroups, group_parameters
 from . import distributed
@@ -159,7 +159,7 @@ class Prober:
         """Probe every group at {-s_k,-1,1,s_k}*t_k around the current weights (t_k from eta, s_k from the inner
         points: see step_policy); returns a ProbeResult."""
         eta = check_eta(eta)
-        self._last_probe.learn()
+        self._last_probe.learn(stacklevel=2)
         plans = {}
         for name in self.names:
             plan = plan_group(name, self.groups.params(name), self.direction, self.optimizer, self._sharded,
@@ -248,13 +248,13 @@ class Prober:
         if self.results is not None:
             self.results.append(result)
         if self.device.type != "cuda":
-            self._last_probe.learn()
+            self._last_probe.learn(stacklevel=3)
         return result
 
     def flush(self):
         """Wait for the last probe and emit its warnings now (a host synchronisation on CUDA)."""
         self._last_probe.wait()
-        self._last_probe.learn()
+        self._last_probe.learn(stacklevel=2)
 
 
 def _checked_groups(model, groups, loss_fn):

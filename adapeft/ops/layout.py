@@ -1,6 +1,6 @@
 """Memory layouts of the group table, the ledger and the report (mirror of csrc/layout.h).
 
-tests/test_layout.py checks every constant here against the compiled extension.
+tests/test_build.py (test_layout_matches_extension) checks every constant here against the compiled extension.
 """
 import torch
 

@@ -2,7 +2,7 @@
 torch.compile and torch.library.opcheck."""
 import torch
 
-from . import _layout as L
+from . import layout as L
 
 
 @torch.library.register_fake("adapeft::pack_group")

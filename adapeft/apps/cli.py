@@ -10,7 +10,6 @@ examples:
 import argparse
 import collections
 import contextlib
-import csv
 import json
 import math
 import os
@@ -19,15 +18,13 @@ import warnings
 
 import torch
 
-from . import __version__, demo
-from .demo import InputError
-from .select import MAX_COUNT, METHODS
+from .. import __version__
+from ..select import METHODS
+from . import common, demo
+from .common import InputError
+from .inputs import json_error, load_record, read_table
 
 EXAMPLES = __doc__.split("examples:", 1)[1]
-DATA_FORMATS = (".csv", ".tsv", ".jsonl", ".json")
-RECORD_FORMATS = ("adapeft.probe/1", "adapeft.demo/1")
-RECORD_WRITERS = "`adapeft probe` writes probe records as probe.json, `adapeft demo` as results.json"
-# Imported only by the commands that need them; a missing one is an installation matter, not a bug.
 OPTIONAL_PACKAGES = {"transformers", "peft", "matplotlib", "tqdm"}
 
 
@@ -100,7 +97,7 @@ def device(text):
 
 # Inputs: files and folders, checked before any model is loaded -------------------------------------------
 def _warn(args, message):
-    demo.Progress.write(f"adapeft {args.command}: warning: {message}")
+    common.Progress.write(f"adapeft {args.command}: warning: {message}")
 
 
 def _prepare_output_folder(path, flag):
@@ -114,58 +111,6 @@ def _prepare_output_folder(path, flag):
         raise InputError(f"{flag} {path}: cannot create the folder ({error.strerror})") from None
     if not os.access(path, os.W_OK):
         raise InputError(f"{flag} {path}: the folder cannot be written to")
-
-
-def _read_rows(path):
-    """The rows of a .csv, .tsv, .jsonl or .json file, as dicts."""
-    where = f"--data {path}"
-    if not os.path.isfile(path):
-        raise InputError(f"{where}: no such file")
-    if not path.endswith(DATA_FORMATS):
-        raise InputError(f"{where}: not a {', '.join(DATA_FORMATS)} file (the format is read from the name)")
-    try:
-        with open(path, encoding="utf-8", newline="") as handle:
-            if path.endswith(".jsonl"):
-                return [_json_row(line, where, number) for number, line in enumerate(handle, 1) if line.strip()]
-            if path.endswith(".json"):
-                try:
-                    rows = json.load(handle)
-                except json.JSONDecodeError as error:
-                    raise InputError(f"{where} is not JSON ({_json_error(error)})") from None
-                if not isinstance(rows, list):
-                    raise InputError(f"{where} holds a JSON {type(rows).__name__}, not a list of rows")
-                return rows
-            return list(csv.DictReader(handle, delimiter="\t" if path.endswith(".tsv") else ","))
-    except UnicodeDecodeError:
-        raise InputError(f"{where} is not UTF-8 text") from None
-
-
-def _json_row(line, where, number):
-    try:
-        return json.loads(line)
-    except json.JSONDecodeError as error:
-        raise InputError(f"{where}: line {number} is not JSON ({error.msg})") from None
-
-
-def _json_error(error):
-    return f"{error.msg} at line {error.lineno}, column {error.colno}"
-
-
-def read_table(path, text_column, label_column):
-    """(texts, labels as strings) of a data file, every row checked for both columns."""
-    rows = _read_rows(path)
-    if not rows:
-        raise InputError(f"--data {path} has no rows")
-    for number, row in enumerate(rows, 1):
-        if not isinstance(row, dict):
-            raise InputError(f"--data {path}: row {number} is a {type(row).__name__}, not a row of named columns")
-        for column, flag in ((text_column, "--text-column"), (label_column, "--label-column")):
-            if number == 1 and column not in row:
-                raise InputError(f"--data {path} has no column {column!r}; its columns are {sorted(map(str, row))}. "
-                                 f"Name the right one with {flag}")
-            if row.get(column) in (None, ""):
-                raise InputError(f"--data {path}: row {number} has no value in column {column!r}")
-    return [str(row[text_column]) for row in rows], [str(row[label_column]) for row in rows]
 
 
 def _check_labels(args, labels):
@@ -188,11 +133,11 @@ def _check_labels(args, labels):
 def _tokenizer_source(args):
     """--tokenizer, or the --model folder, checked for tokenizer files where it is a folder."""
     if args.tokenizer is None:
-        demo.check_tokenizer_files(args.model, "--model", remedy=", or pass --tokenizer FOLDER_OR_NAME (a folder "
+        common.check_tokenizer_files(args.model, "--model", remedy=", or pass --tokenizer FOLDER_OR_NAME (a folder "
                                                                  "or Hugging Face Hub name of the model's tokenizer)")
         return args.model
     if os.path.isdir(args.tokenizer):
-        demo.check_tokenizer_files(args.tokenizer, "--tokenizer")
+        common.check_tokenizer_files(args.tokenizer, "--tokenizer")
     elif args.tokenizer.startswith((".", "/", "~")):
         raise InputError(f"--tokenizer {args.tokenizer}: no such folder")
     return args.tokenizer
@@ -204,90 +149,31 @@ def _positions(folder):
         try:
             config = json.load(handle)
         except json.JSONDecodeError as error:
-            raise InputError(f"--model {folder}: config.json is not JSON ({_json_error(error)})") from None
+            raise InputError(f"--model {folder}: config.json is not JSON ({json_error(error)})") from None
     found = config.get("max_position_embeddings", config.get("n_positions")) if isinstance(config, dict) else None
     return found if isinstance(found, int) and found > 0 else None
 
 
 def _load_tokenizer(source, flag):
     try:
-        return demo.load_tokenizer(source, flag)
+        return common.load_tokenizer(source, flag)
     except InputError:
         raise
     except (OSError, ValueError) as error:  # transformers' word for files it cannot read or find
         raise InputError(f"{flag} {source}: transformers could not load a tokenizer from it: {error}") from None
 
 
-def load_record(path, history=False):
-    """A probe record (from `adapeft probe` or `adapeft demo`), checked for the fields `select` reads
-    (groups, counts, appi) and, with history=True, those `plot` reads too (ppi_history)."""
-    def problem(what):
-        return InputError(f"--probe {path}{what}; {RECORD_WRITERS}")
-
-    if not os.path.isfile(path):
-        raise problem(": no such file")
-    try:
-        with open(path, encoding="utf-8") as handle:
-            record = json.load(handle)
-    except UnicodeDecodeError:
-        raise problem(" is not JSON (not even UTF-8 text)") from None
-    except json.JSONDecodeError as error:
-        raise problem(f" is not JSON ({_json_error(error)})") from None
-    found = record.get("format") if isinstance(record, dict) else f"a JSON {type(record).__name__}"
-    if found not in RECORD_FORMATS:
-        raise problem(f" is not a probe record (format {found!r}, not {' or '.join(RECORD_FORMATS)})")
-    fields = ("groups", "counts", "appi") + (("ppi_history",) if history else ())
-    missing = [name for name in fields if name not in record]
-    if missing:
-        raise problem(f" lacks the field{'s' if len(missing) > 1 else ''} {', '.join(map(repr, missing))} of a probe "
-                      "record")
-    groups = record["groups"]
-    if not (isinstance(groups, list) and groups and all(isinstance(name, str) for name in groups)
-            and len(set(groups)) == len(groups)):
-        raise problem(f": field 'groups' must be a list of distinct group names, got {_short(groups)}")
-    lists = [("counts", record["counts"], True), ("appi", record["appi"], False)]
-    if history:
-        steps = record["ppi_history"]
-        if not isinstance(steps, list) or not steps:
-            raise problem(f": field 'ppi_history' must be a non-empty list of probe steps, got {_short(steps)}")
-        lists += [(f"ppi_history[{number}]", step, False) for number, step in enumerate(steps)]
-    for name, values, whole in lists:
-        if not (isinstance(values, list) and len(values) == len(groups)
-                and all(_is_number(v) and v >= whole and (not whole or v == int(v)) for v in values)):
-            wanted = "whole numbers >= 1" if whole else "numbers >= 0"
-            raise problem(f": field {name!r} must be a list of {len(groups)} {wanted} (one per group), got "
-                          f"{_short(values)}")
-    if any(count > MAX_COUNT for count in record["counts"]):
-        raise problem(f": field 'counts' holds a group of more than 2^42 parameters, got {_short(record['counts'])}")
-    if not all(math.isfinite(a * n) for a, n in zip(record["appi"], record["counts"])):
-        raise problem(": its values (appi x counts) overflow to infinity; field 'appi' is not a probe's")
-    budget = record.get("budget")
-    if budget is not None and not (_is_number(budget) and 0 <= budget <= 1):
-        raise problem(f": field 'budget' must be a share of the parameters in [0, 1] or null, got {_short(budget)}")
-    return record
-
-
-def _is_number(value):
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _short(value, limit=60):
-    text = json.dumps(value)
-    return text if len(text) <= limit else text[:limit] + "..."
-
-
-# The commands -------------------------------------------------------------------------------------------
 def _demo(args):
     if args.model is not None:
-        demo.check_model_folder(args.model, "--model")
-        demo.check_tokenizer_files(args.model, "--model")
+        common.check_model_folder(args.model, "--model")
+        common.check_tokenizer_files(args.model, "--model")
     _prepare_output_folder(args.out, "--out")
     demo.run(out_dir=args.out, quick=args.quick, compare=args.compare, model=args.model, budget=args.budget,
              seeds=tuple(range(args.seeds)), device=args.device)
 
 
 def _probe(args):
-    demo.check_model_folder(args.model, "--model")
+    common.check_model_folder(args.model, "--model")
     texts, labels = read_table(args.data, args.text_column, args.label_column)
     _check_labels(args, labels)
     source = _tokenizer_source(args)
@@ -299,11 +185,11 @@ def _probe(args):
 
     from transformers import AutoModelForSequenceClassification
 
-    from .algorithm import AdaPEFT, equip_lora
+    from ..algorithm import AdaPEFT, equip_lora
     flag = "--tokenizer" if args.tokenizer else "--model"
     tokenizer = _load_tokenizer(source, flag)
     classes = sorted(set(labels))
-    model = demo.load_pretrained(AutoModelForSequenceClassification, args.model, num_labels=len(classes))
+    model = common.load_pretrained(AutoModelForSequenceClassification, args.model, num_labels=len(classes))
     rows = model.get_input_embeddings().num_embeddings
     if len(tokenizer) > rows:
         raise InputError(f"{flag} {source}: its tokenizer has {len(tokenizer)} tokens, but the embeddings of --model "
@@ -320,8 +206,8 @@ def _probe(args):
     data = {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"],
             "labels": torch.tensor([classes.index(label) for label in labels])}
     algorithm = AdaPEFT(probe_every=args.every, eta=args.eta, slope=args.slope, compute=args.compute)
-    progress = demo.Progress(args.steps, "probe")
-    run = algorithm.probe_train(model, demo.batches(data, args.batch, 0, run_on), demo.loss_fn, args.steps, args.lr,
+    progress = common.Progress(args.steps, "probe")
+    run = algorithm.probe_train(model, common.batches(data, args.batch, 0, run_on), common.loss_fn, args.steps, args.lr,
                                 on_step=progress)
     progress.close()
     prober = run.prober
@@ -340,7 +226,7 @@ def _probe(args):
 
 
 def _select(args):
-    from .select import select
+    from ..select import select
     record = load_record(args.probe)
     if args.out is not None:
         if os.path.isdir(args.out):
@@ -462,7 +348,7 @@ def parser():
 @contextlib.contextmanager
 def _warnings_shown(args):
     """adapeft's warnings, each once, one line apiece; other libraries' too and as Python shows them (with
-    transformers' reports, see adapeft.demo.load_pretrained) with --verbose."""
+    transformers' reports, see adapeft.common.load_pretrained) with --verbose."""
     with warnings.catch_warnings():
         if args.verbose:
             os.environ.setdefault("TRANSFORMERS_VERBOSITY", "info")

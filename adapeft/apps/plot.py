@@ -138,7 +138,7 @@ def report(record, out_dir, budget=None, title="Pareto frontier", measured_name=
     results. Returns the paths written."""
     import os
 
-    from .select import all_subsets, select
+    from ..select import all_subsets, select
     names, counts = record["groups"], record["counts"]
     values = [a * n for a, n in zip(record["appi"], counts)]
     frontier = select(values=values, counts=counts, names=names, budget=budget, method="pareto")

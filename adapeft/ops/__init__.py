@@ -1,10 +1,10 @@
 """The adapeft ops as Python functions: same names and arguments as torch.ops.adapeft, served by the
-compiled kernels where they exist and by adapeft.reference elsewhere (see adapeft._backend)."""
+compiled kernels where they exist and by adapeft.ops.reference elsewhere (see adapeft.ops.backend)."""
 import torch
 
-from . import _backend
-from . import _layout as L
-from .fit import FitResult
+from ..fit import FitResult
+from . import backend as _backend
+from . import layout as L
 
 
 def pack_group(params, directions, states=(), layout=()):

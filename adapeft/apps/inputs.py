@@ -1,0 +1,127 @@
+"""What the command line reads: tables of labelled texts (CSV, TSV, JSON Lines, JSON) and probe records, checked,
+with errors that name the file and say what is wrong."""
+import csv
+import json
+import math
+import os
+
+from ..select import MAX_COUNT
+from .common import InputError
+
+DATA_FORMATS = (".csv", ".tsv", ".jsonl", ".json")
+RECORD_FORMATS = ("adapeft.probe/1", "adapeft.demo/1")
+RECORD_WRITERS = "`adapeft probe` writes probe records as probe.json, `adapeft demo` as results.json"
+# Imported only by the commands that need them; a missing one is an installation matter, not a bug.
+
+
+def _read_rows(path):
+    """The rows of a .csv, .tsv, .jsonl or .json file, as dicts."""
+    where = f"--data {path}"
+    if not os.path.isfile(path):
+        raise InputError(f"{where}: no such file")
+    if not path.endswith(DATA_FORMATS):
+        raise InputError(f"{where}: not a {', '.join(DATA_FORMATS)} file (the format is read from the name)")
+    try:
+        with open(path, encoding="utf-8", newline="") as handle:
+            if path.endswith(".jsonl"):
+                return [_json_row(line, where, number) for number, line in enumerate(handle, 1) if line.strip()]
+            if path.endswith(".json"):
+                try:
+                    rows = json.load(handle)
+                except json.JSONDecodeError as error:
+                    raise InputError(f"{where} is not JSON ({json_error(error)})") from None
+                if not isinstance(rows, list):
+                    raise InputError(f"{where} holds a JSON {type(rows).__name__}, not a list of rows")
+                return rows
+            return list(csv.DictReader(handle, delimiter="\t" if path.endswith(".tsv") else ","))
+    except UnicodeDecodeError:
+        raise InputError(f"{where} is not UTF-8 text") from None
+
+
+def _json_row(line, where, number):
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as error:
+        raise InputError(f"{where}: line {number} is not JSON ({error.msg})") from None
+
+
+def json_error(error):
+    return f"{error.msg} at line {error.lineno}, column {error.colno}"
+
+
+def read_table(path, text_column, label_column):
+    """(texts, labels as strings) of a data file, every row checked for both columns."""
+    rows = _read_rows(path)
+    if not rows:
+        raise InputError(f"--data {path} has no rows")
+    for number, row in enumerate(rows, 1):
+        if not isinstance(row, dict):
+            raise InputError(f"--data {path}: row {number} is a {type(row).__name__}, not a row of named columns")
+        for column, flag in ((text_column, "--text-column"), (label_column, "--label-column")):
+            if number == 1 and column not in row:
+                raise InputError(f"--data {path} has no column {column!r}; its columns are {sorted(map(str, row))}. "
+                                 f"Name the right one with {flag}")
+            if row.get(column) in (None, ""):
+                raise InputError(f"--data {path}: row {number} has no value in column {column!r}")
+    return [str(row[text_column]) for row in rows], [str(row[label_column]) for row in rows]
+
+
+def load_record(path, history=False):
+    """A probe record (from `adapeft probe` or `adapeft demo`), checked for the fields `select` reads
+    (groups, counts, appi) and, with history=True, those `plot` reads too (ppi_history)."""
+    def problem(what):
+        return InputError(f"--probe {path}{what}; {RECORD_WRITERS}")
+
+    if not os.path.isfile(path):
+        raise problem(": no such file")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            record = json.load(handle)
+    except UnicodeDecodeError:
+        raise problem(" is not JSON (not even UTF-8 text)") from None
+    except json.JSONDecodeError as error:
+        raise problem(f" is not JSON ({json_error(error)})") from None
+    found = record.get("format") if isinstance(record, dict) else f"a JSON {type(record).__name__}"
+    if found not in RECORD_FORMATS:
+        raise problem(f" is not a probe record (format {found!r}, not {' or '.join(RECORD_FORMATS)})")
+    fields = ("groups", "counts", "appi") + (("ppi_history",) if history else ())
+    missing = [name for name in fields if name not in record]
+    if missing:
+        raise problem(f" lacks the field{'s' if len(missing) > 1 else ''} {', '.join(map(repr, missing))} of a probe "
+                      "record")
+    groups = record["groups"]
+    if not (isinstance(groups, list) and groups and all(isinstance(name, str) for name in groups)
+            and len(set(groups)) == len(groups)):
+        raise problem(f": field 'groups' must be a list of distinct group names, got {_short(groups)}")
+    lists = [("counts", record["counts"], True), ("appi", record["appi"], False)]
+    if history:
+        steps = record["ppi_history"]
+        if not isinstance(steps, list) or not steps:
+            raise problem(f": field 'ppi_history' must be a non-empty list of probe steps, got {_short(steps)}")
+        lists += [(f"ppi_history[{number}]", step, False) for number, step in enumerate(steps)]
+    for name, values, whole in lists:
+        if not (isinstance(values, list) and len(values) == len(groups)
+                and all(_is_number(v) and v >= whole and (not whole or v == int(v)) for v in values)):
+            wanted = "whole numbers >= 1" if whole else "numbers >= 0"
+            raise problem(f": field {name!r} must be a list of {len(groups)} {wanted} (one per group), got "
+                          f"{_short(values)}")
+    if any(count > MAX_COUNT for count in record["counts"]):
+        raise problem(f": field 'counts' holds a group of more than 2^42 parameters, got {_short(record['counts'])}")
+    if not all(math.isfinite(a * n) for a, n in zip(record["appi"], record["counts"])):
+        raise problem(": its values (appi x counts) overflow to infinity; field 'appi' is not a probe's")
+    budget = record.get("budget")
+    if budget is not None and not (_is_number(budget) and 0 <= budget <= 1):
+        raise problem(f": field 'budget' must be a share of the parameters in [0, 1] or null, got {_short(budget)}")
+    return record
+
+
+def _is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _short(value, limit=60):
+    text = json.dumps(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+# The commands -------------------------------------------------------------------------------------------
