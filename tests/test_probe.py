@@ -946,3 +946,24 @@ def test_tables_are_built_once_while_nothing_moves():
     prober.step(batch, 1e-3)
     changed = [name for name, group in kept.items() if prober.perturbation(name) is not group]
     assert changed == ["others"], changed  # 0.weight is the only tensor of "others"
+
+
+def test_the_ledger_grows_with_the_steps_it_will_be_asked_to_hold(monkeypatch):
+    """A step 16 times the last one saves several times the elements (benchmarks/bench_ledger.py): the room the
+    prober makes for the next probe grows with its groups' steps, so no later probe runs its ledger full (the
+    ledger starts empty here, so the first probe does)."""
+    from adapeft import steps
+    from adapeft.probe import ledgers
+    monkeypatch.setattr(ledgers, "MIN_CAPACITY", 1)
+    monkeypatch.setattr(ledgers, "CAPACITY_FRACTION", 0.0)
+    monkeypatch.setattr(steps, "next_scale", lambda scale, *args, **kwargs: scale * 16)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.Tanh(), torch.nn.Linear(256, 4))
+    batch = (torch.randn(64, 256), torch.randint(0, 4, (64,)))
+    with_gradient(model, batch, cross_entropy)
+    prober = adapeft.Prober(model, None, cross_entropy)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        verdicts = [prober.step(batch, 1e-6).reasons() for _ in range(4)]
+    assert "ledger full" in verdicts[0]
+    assert all("ledger full" not in later for later in verdicts[1:]), verdicts

@@ -18,6 +18,7 @@ class SharedLedgers:
         self.ledgers = None
         self._fingerprints = None  # of the groups the ledgers were sized for
         self._entry_words = {}  # ledger words an entry of each probed group takes
+        self._most_words = {}  # ledger words that saving every element of a group would take
         self._capacity_words = 0
         self.perturbations = {}  # group name: its GroupPerturbation
 
@@ -32,6 +33,8 @@ class SharedLedgers:
 
     def _ensure(self, plans):
         self._entry_words = {name: max(L.entry_words(p.dtype) for p in plan.params) for name, plan in plans.items()}
+        self._most_words = {name: sum(p.numel() for p in plan.params) * self._entry_words[name]
+                            for name, plan in plans.items()}
         chunks = max(L.count_chunks(plan.params) for plan in plans.values())
         words = max(max(MIN_CAPACITY, int(sum(p.numel() for p in plan.params) * CAPACITY_FRACTION))
                     * self._entry_words[name] for name, plan in plans.items())
@@ -41,8 +44,11 @@ class SharedLedgers:
             self.ledgers = [ops.new_ledger(chunks, size - L.LEDGER_HEADER_WORDS - chunks, self.device)
                             for _ in range(2)]
 
-    def grow(self, needed_words, unmoved):
-        """After a probe that saved `needed_words` in some group, or left chunks unmoved: room for the next."""
+    def grow(self, demand, unmoved):
+        """Room for the next probe: `demand` holds the ledger words each group is expected to need (never more than
+        saving all its elements takes), `unmoved` whether the last probe left chunks unmoved."""
+        needed_words = max((min(words, self._most_words.get(name, words)) for name, words in demand.items()),
+                           default=0)
         if needed_words > self._capacity_words or unmoved:
             self._capacity_words = max(needed_words, self._capacity_words) * 5 // 4
             self.ledgers = None

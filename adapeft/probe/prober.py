@@ -233,7 +233,9 @@ class Prober:
             self.history.append(ppi.clone())
         if self.step_policy == "adaptive":
             self._points.adapt(found, eta, low, high, self.r2_threshold)
-        self._last_probe.remember(found.at_points[:, :, L.REPORT_SAVED].amax(1), found.unmoved, verdict, self.names)
+        growth = (self._points.scale / scale).clamp(min=1.0)  # the steps the next probe starts from, over these
+        self._last_probe.remember(found.at_points[:, :, L.REPORT_SAVED].amax(1), found.unmoved, verdict, growth,
+                                  self.names)
         slope_error = (found.b_fit - fit.b) / fit.b.abs() if self.slope == "autograd" else \
             torch.full_like(fit.b, math.nan)
         result = ProbeResult(names=list(self.names), b=fit.b, A=fit.A, r2=fit.r2, accepted=accepted, ppi=ppi,
