@@ -108,6 +108,8 @@ pybind11::dict layout() {
   out["chunk_unmoved"] = kChunkUnmoved;
   out["entry_position_shift"] = kEntryPositionShift;
   out["report_fields"] = static_cast<int64_t>(kReportFields);
+  out["tensor_code_shifts"] = std::vector<int64_t>{kParamDtypeShift, kDirectionDtypeShift, kDirectionKindShift,
+                                                   kStateDtypeShift};
   return out;
 }
 

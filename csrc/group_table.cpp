@@ -162,8 +162,7 @@ at::Tensor build_group_table(at::TensorList params, at::TensorList directions, a
           index < 0 ? 0 : static_cast<int64_t>(reinterpret_cast<uintptr_t>(states[index].data_ptr()));
       if (index >= 0) state_dtype = dtype_code(states[index].scalar_type());
     }
-    row[kTensorDtypes] = dtype_code(p.scalar_type()) | (dtype_code(d.scalar_type()) << 8) | (kind << 16) |
-                         (state_dtype << 24);
+    row[kTensorDtypes] = tensor_codes(dtype_code(p.scalar_type()), dtype_code(d.scalar_type()), kind, state_dtype);
     const int64_t tensor_chunks = (p.numel() + kChunkElements - 1) >> kChunkShift;
     for (int64_t c = 0; c < tensor_chunks; ++c) chunk_words[chunk++] = (i << kChunkTensorShift) | c;
     total += p.numel();

@@ -36,20 +36,9 @@ struct StepCall {
   const double* hyper;  // kHyperWords per tensor, or nullptr when every direction is given
 };
 
-StepCall check_step_args(
-    at::TensorList params,
-    at::TensorList directions,
-    at::TensorList states,
-    at::IntArrayRef layout,
-    const at::Tensor& table,
-    int64_t fingerprint,
-    const at::Tensor& hyper,
-    const at::Tensor& steps,
-    int64_t from_step,
-    int64_t to_step,
-    const at::Tensor& ledger_in,
-    const at::Tensor& ledger_out,
-    const at::Tensor& report,
-    int64_t report_row);
+StepCall check_step_args(at::TensorList params, at::TensorList directions, at::TensorList states,
+                         at::IntArrayRef layout, const at::Tensor& table, int64_t fingerprint, const at::Tensor& hyper,
+                         const at::Tensor& steps, int64_t from_step, int64_t to_step, const at::Tensor& ledger_in,
+                         const at::Tensor& ledger_out, const at::Tensor& report, int64_t report_row);
 
 }  // namespace adapeft

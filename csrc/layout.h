@@ -2,6 +2,8 @@
 // (tests/test_build.py, test_layout_matches_extension, checks that the two agree).
 #pragma once
 
+#include <c10/macros/Macros.h>
+
 #include <cstdint>
 
 namespace adapeft {
@@ -23,7 +25,7 @@ enum TableTensorField : int64_t {
   kTensorParamPtr = 0,
   kTensorDirectionPtr = 1,  // the direction, or the gradient for an optimizer's direction
   kTensorNumel = 2,
-  kTensorDtypes = 3,  // param dtype | direction dtype << 8 | direction kind << 16
+  kTensorDtypes = 3,  // the tensor's codes word, below
   kTensorStatePtr = 4,  // up to three optimizer state tensors (0 when absent), see DirectionKind
   kTableTensorWords = 8,
 };
@@ -56,6 +58,23 @@ constexpr int kChunkTensorShift = 40;
 constexpr int64_t kChunkIndexMask = (int64_t{1} << kChunkTensorShift) - 1;
 
 enum DtypeCode : int64_t { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2, kFloat64 = 3 };
+
+// A tensor's codes word (kTensorDtypes), a byte each: its param's DtypeCode, its direction's, its DirectionKind and
+// its optimizer states' DtypeCode.
+enum TensorCodeShift : int {
+  kParamDtypeShift = 0,
+  kDirectionDtypeShift = 8,
+  kDirectionKindShift = 16,
+  kStateDtypeShift = 24,
+};
+constexpr int64_t kTensorCodeMask = 0xff;
+C10_HOST_DEVICE constexpr int64_t tensor_codes(int64_t param, int64_t direction, int64_t kind, int64_t state) {
+  return param << kParamDtypeShift | direction << kDirectionDtypeShift | kind << kDirectionKindShift |
+         state << kStateDtypeShift;
+}
+C10_HOST_DEVICE constexpr int64_t tensor_code(int64_t word, TensorCodeShift shift) {
+  return (word >> shift) & kTensorCodeMask;
+}
 
 // Ledger, int64 words: header, then a directory word per chunk of the group, then entries.
 // A ledger records the original bits of the elements whose step is not exactly invertible, so

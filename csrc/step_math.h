@@ -17,113 +17,75 @@
 
 namespace adapeft {
 
-C10_HOST_DEVICE inline float mul_rn(float a, float b) {
+// Each operation rounded once: on the device the intrinsic, which nvcc never fuses with a neighbour; on the host the
+// operator (the CPU build does not contract either).
 #ifdef __CUDA_ARCH__
-  return __fmul_rn(a, b);
+#define ADAPEFT_ROUNDED(device_form, host_form) return device_form;
 #else
-  return a * b;
+#define ADAPEFT_ROUNDED(device_form, host_form) return host_form;
 #endif
-}
 
-C10_HOST_DEVICE inline float add_rn(float a, float b) {
-#ifdef __CUDA_ARCH__
-  return __fadd_rn(a, b);
-#else
-  return a + b;
-#endif
-}
+C10_HOST_DEVICE inline float mul_rn(float a, float b) { ADAPEFT_ROUNDED(__fmul_rn(a, b), a * b) }
+C10_HOST_DEVICE inline float add_rn(float a, float b) { ADAPEFT_ROUNDED(__fadd_rn(a, b), a + b) }
+C10_HOST_DEVICE inline float sub_rn(float a, float b) { ADAPEFT_ROUNDED(__fsub_rn(a, b), a - b) }
+C10_HOST_DEVICE inline float div_rn(float a, float b) { ADAPEFT_ROUNDED(__fdiv_rn(a, b), a / b) }
+C10_HOST_DEVICE inline float sqrt_rn(float a) { ADAPEFT_ROUNDED(__fsqrt_rn(a), std::sqrt(a)) }
+C10_HOST_DEVICE inline double div_rn(double a, double b) { ADAPEFT_ROUNDED(__ddiv_rn(a, b), a / b) }
+C10_HOST_DEVICE inline double sqrt_rn(double a) { ADAPEFT_ROUNDED(__dsqrt_rn(a), std::sqrt(a)) }
+C10_HOST_DEVICE inline double mul_rn(double a, double b) { ADAPEFT_ROUNDED(__dmul_rn(a, b), a * b) }
+C10_HOST_DEVICE inline double add_rn(double a, double b) { ADAPEFT_ROUNDED(__dadd_rn(a, b), a + b) }
+C10_HOST_DEVICE inline double sub_rn(double a, double b) { ADAPEFT_ROUNDED(__dsub_rn(a, b), a - b) }
 
-C10_HOST_DEVICE inline float sub_rn(float a, float b) {
-#ifdef __CUDA_ARCH__
-  return __fsub_rn(a, b);
-#else
-  return a - b;
-#endif
-}
+#undef ADAPEFT_ROUNDED
 
-C10_HOST_DEVICE inline float div_rn(float a, float b) {
-#ifdef __CUDA_ARCH__
-  return __fdiv_rn(a, b);
-#else
-  return a / b;
-#endif
-}
-
-C10_HOST_DEVICE inline float sqrt_rn(float a) {
-#ifdef __CUDA_ARCH__
-  return __fsqrt_rn(a);
-#else
-  return std::sqrt(a);
-#endif
-}
-
-C10_HOST_DEVICE inline double div_rn(double a, double b) {
-#ifdef __CUDA_ARCH__
-  return __ddiv_rn(a, b);
-#else
-  return a / b;
-#endif
-}
-
-C10_HOST_DEVICE inline double sqrt_rn(double a) {
-#ifdef __CUDA_ARCH__
-  return __dsqrt_rn(a);
-#else
-  return std::sqrt(a);
-#endif
-}
-
-C10_HOST_DEVICE inline double mul_rn(double a, double b) {
-#ifdef __CUDA_ARCH__
-  return __dmul_rn(a, b);
-#else
-  return a * b;
-#endif
-}
-
-C10_HOST_DEVICE inline double add_rn(double a, double b) {
-#ifdef __CUDA_ARCH__
-  return __dadd_rn(a, b);
-#else
-  return a + b;
-#endif
-}
-
-C10_HOST_DEVICE inline double sub_rn(double a, double b) {
-#ifdef __CUDA_ARCH__
-  return __dsub_rn(a, b);
-#else
-  return a - b;
-#endif
-}
+// What a move adds up for its report (adapeft.REPORT_FIELDS): d.dw and d.d in float64, and counts of elements in
+// `Count`, as wide as the elements they count may be many.
+template <typename Count>
+struct TotalsOf {
+  double dot_dir_step = 0.0;
+  double dot_dir_dir = 0.0;
+  Count changed = 0;
+  Count unmoved = 0;
+  Count nonfinite = 0;
+  Count saved = 0;
+};
 
 template <typename T>
 struct Storage;
 
 // Per storage dtype: its code, the type its arithmetic runs in (float32 for every dtype of 32 bits
 // or fewer, float64 for float64), its raw bits, and how many ledger words an entry takes.
-template <>
-struct Storage<float> {
-  using Arith = float;
-  using Bits = uint32_t;
-  static constexpr int entry_words = 1;
-  static constexpr int64_t code = kFloat32;
-  C10_HOST_DEVICE static float to_float(float v) { return v; }
-  C10_HOST_DEVICE static float from_float(float v) { return v; }
-  C10_HOST_DEVICE static uint32_t bits(float v) {
+// float32 and float64: their own arithmetic; a float64 entry takes two ledger words.
+template <typename T, typename B, int64_t kCode>
+struct NativeStorage {
+  using Arith = T;
+  using Bits = B;
+  static constexpr int entry_words = sizeof(T) / 4;
+  static constexpr int64_t code = kCode;
+  C10_HOST_DEVICE static T to_float(T v) { return v; }
+  C10_HOST_DEVICE static T from_float(T v) { return v; }
+  C10_HOST_DEVICE static B bits(T v) {
 #ifdef __CUDA_ARCH__
-    return __float_as_uint(v);
+    if constexpr (sizeof(T) == 4) {
+      return __float_as_uint(v);
+    } else {
+      return static_cast<uint64_t>(__double_as_longlong(v));
+    }
 #else
-    uint32_t out;
+    B out;
     std::memcpy(&out, &v, sizeof(out));
     return out;
 #endif
   }
-  C10_HOST_DEVICE static float from_bits(uint32_t b) {
+  C10_HOST_DEVICE static T from_bits(B b) {
 #ifdef __CUDA_ARCH__
-    return __uint_as_float(b);
+    if constexpr (sizeof(T) == 4) {
+      return __uint_as_float(b);
+    } else {
+      return __longlong_as_double(static_cast<long long>(b));
+    }
 #else
-    float out;
+    T out;
     std::memcpy(&out, &b, sizeof(out));
     return out;
 #endif
@@ -131,60 +93,29 @@ struct Storage<float> {
 };
 
 template <>
-struct Storage<c10::BFloat16> {
+struct Storage<float> : NativeStorage<float, uint32_t, kFloat32> {};
+
+template <>
+struct Storage<double> : NativeStorage<double, uint64_t, kFloat64> {};
+
+// bfloat16 and float16: float32 arithmetic, their 16 bits widened to a 32-bit word.
+template <typename T, int64_t kCode>
+struct SixteenBitStorage {
   using Arith = float;
   using Bits = uint32_t;
   static constexpr int entry_words = 1;
-  static constexpr int64_t code = kBFloat16;
-  C10_HOST_DEVICE static float to_float(c10::BFloat16 v) { return static_cast<float>(v); }
-  C10_HOST_DEVICE static c10::BFloat16 from_float(float v) { return c10::BFloat16(v); }
-  C10_HOST_DEVICE static uint32_t bits(c10::BFloat16 v) { return v.x; }
-  C10_HOST_DEVICE static c10::BFloat16 from_bits(uint32_t b) {
-    return c10::BFloat16(static_cast<uint16_t>(b), c10::BFloat16::from_bits());
-  }
+  static constexpr int64_t code = kCode;
+  C10_HOST_DEVICE static float to_float(T v) { return static_cast<float>(v); }
+  C10_HOST_DEVICE static T from_float(float v) { return T(v); }
+  C10_HOST_DEVICE static uint32_t bits(T v) { return v.x; }
+  C10_HOST_DEVICE static T from_bits(uint32_t b) { return T(static_cast<uint16_t>(b), T::from_bits()); }
 };
 
 template <>
-struct Storage<c10::Half> {
-  using Arith = float;
-  using Bits = uint32_t;
-  static constexpr int entry_words = 1;
-  static constexpr int64_t code = kFloat16;
-  C10_HOST_DEVICE static float to_float(c10::Half v) { return static_cast<float>(v); }
-  C10_HOST_DEVICE static c10::Half from_float(float v) { return c10::Half(v); }
-  C10_HOST_DEVICE static uint32_t bits(c10::Half v) { return v.x; }
-  C10_HOST_DEVICE static c10::Half from_bits(uint32_t b) {
-    return c10::Half(static_cast<uint16_t>(b), c10::Half::from_bits());
-  }
-};
+struct Storage<c10::BFloat16> : SixteenBitStorage<c10::BFloat16, kBFloat16> {};
 
 template <>
-struct Storage<double> {
-  using Arith = double;
-  using Bits = uint64_t;
-  static constexpr int entry_words = 2;
-  static constexpr int64_t code = kFloat64;
-  C10_HOST_DEVICE static double to_float(double v) { return v; }
-  C10_HOST_DEVICE static double from_float(double v) { return v; }
-  C10_HOST_DEVICE static uint64_t bits(double v) {
-#ifdef __CUDA_ARCH__
-    return static_cast<uint64_t>(__double_as_longlong(v));
-#else
-    uint64_t out;
-    std::memcpy(&out, &v, sizeof(out));
-    return out;
-#endif
-  }
-  C10_HOST_DEVICE static double from_bits(uint64_t b) {
-#ifdef __CUDA_ARCH__
-    return __longlong_as_double(static_cast<long long>(b));
-#else
-    double out;
-    std::memcpy(&out, &b, sizeof(out));
-    return out;
-#endif
-  }
-};
+struct Storage<c10::Half> : SixteenBitStorage<c10::Half, kFloat16> {};
 
 // Whether two values have the same bits. bfloat16 values are compared widened to float32, which is
 // a shift of their bits (so one to one), and spares extracting 16-bit halves on the GPU.
@@ -249,8 +180,8 @@ struct DirectionRule {
 
   C10_HOST_DEVICE static DirectionRule load(const int64_t* row, const double* hyper_row) {
     DirectionRule r;
-    r.kind = (row[kTensorDtypes] >> 16) & 0xff;
-    r.state_code = (row[kTensorDtypes] >> 24) & 0xff;
+    r.kind = tensor_code(row[kTensorDtypes], kDirectionKindShift);
+    r.state_code = tensor_code(row[kTensorDtypes], kStateDtypeShift);
     for (int j = 0; j < kStatesPerTensor; ++j) r.state[j] = reinterpret_cast<const void*>(row[kTensorStatePtr + j]);
     if (r.kind != kDirectionTensor) {
       r.lambda = static_cast<A>(hyper_row[kHyperLambda]);
@@ -304,8 +235,8 @@ C10_HOST_DEVICE inline int64_t dtype_bytes(int64_t code) {
   return code == kFloat32 ? 4 : code == kFloat64 ? 8 : 2;
 }
 
-// Decode one tensor's dtype word of the group table.
-C10_HOST_DEVICE inline int64_t param_dtype_code(int64_t word) { return word & 0xff; }
-C10_HOST_DEVICE inline int64_t direction_dtype_code(int64_t word) { return (word >> 8) & 0xff; }
+// One tensor's param and direction dtype codes, from its codes word in the group table.
+C10_HOST_DEVICE inline int64_t param_dtype_code(int64_t word) { return tensor_code(word, kParamDtypeShift); }
+C10_HOST_DEVICE inline int64_t direction_dtype_code(int64_t word) { return tensor_code(word, kDirectionDtypeShift); }
 
 }  // namespace adapeft

@@ -57,6 +57,7 @@ def test_layout_matches_extension():
         "chunk_unmoved": L.CHUNK_UNMOVED,
         "entry_position_shift": L.ENTRY_POSITION_SHIFT,
         "report_fields": len(L.REPORT_FIELDS),
+        "tensor_code_shifts": list(L.TENSOR_CODE_SHIFTS),
     }
     assert compiled == mirror
 

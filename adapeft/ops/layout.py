@@ -31,6 +31,8 @@ REPORT_FIELDS = ("step", "changed", "unmoved", "saved", "nonfinite")
 REPORT_STEP, REPORT_CHANGED, REPORT_UNMOVED, REPORT_SAVED, REPORT_NONFINITE = range(len(REPORT_FIELDS))
 
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.float64: 3}
+# A tensor's codes word in the group table, a byte each: param dtype, direction dtype, direction kind, state dtype.
+TENSOR_CODE_SHIFTS = (0, 8, 16, 24)
 # Integer views of each storage dtype, to compare and save bits.
 BITS_DTYPES = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16,
                torch.float64: torch.int64}
@@ -39,6 +41,11 @@ BITS_DTYPES = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.fl
 def arithmetic_dtype(dtype):
     """The dtype a step is computed in: float32 for storage of 32 bits or fewer, float64 for float64."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def tensor_codes(param, direction, kind, state):
+    """A tensor's codes word: its param's, direction's and states' DTYPE_CODES and its direction kind."""
+    return sum(code << shift for code, shift in zip((param, direction, kind, state), TENSOR_CODE_SHIFTS))
 
 
 def entry_words(dtype):

@@ -95,8 +95,7 @@ def pack_group(params, directions, states=(), layout=()):
     for i, (p, d) in enumerate(zip(params, directions)):
         kind, named = _tensor_layout(layout, i)
         state_dtype = next((states[j].dtype for j in named if j >= 0), torch.float32)
-        codes = (L.DTYPE_CODES[p.dtype] | (L.DTYPE_CODES[d.dtype] << 8) | (kind << 16)
-                 | (L.DTYPE_CODES[state_dtype] << 24))
+        codes = L.tensor_codes(L.DTYPE_CODES[p.dtype], L.DTYPE_CODES[d.dtype], kind, L.DTYPE_CODES[state_dtype])
         rows += [p.data_ptr(), d.data_ptr(), p.numel(), codes] + [states[j].data_ptr() if j >= 0 else 0 for j in named]
         rows += [0] * (L.TABLE_TENSOR_WORDS - 4 - L.STATES_PER_TENSOR)
         chunk_words += [(i << L.CHUNK_TENSOR_SHIFT) | c for c in range(L.chunks_of(p.numel()))]

@@ -10,19 +10,12 @@
 namespace adapeft {
 namespace {
 
-struct StepTotals {
-  double dot_dir_step = 0.0;
-  double dot_dir_dir = 0.0;
-  int64_t changed = 0;
-  int64_t unmoved = 0;
-  int64_t nonfinite = 0;
-  int64_t saved = 0;
+using StepTotals = TotalsOf<int64_t>;
 
-  StepTotals operator+(const StepTotals& o) const {
-    return {dot_dir_step + o.dot_dir_step, dot_dir_dir + o.dot_dir_dir, changed + o.changed,
-            unmoved + o.unmoved, nonfinite + o.nonfinite, saved + o.saved};
-  }
-};
+StepTotals operator+(const StepTotals& a, const StepTotals& b) {
+  return {a.dot_dir_step + b.dot_dir_step, a.dot_dir_dir + b.dot_dir_dir, a.changed + b.changed,
+          a.unmoved + b.unmoved, a.nonfinite + b.nonfinite, a.saved + b.saved};
+}
 
 struct Move {
   bool has_from;
