@@ -100,7 +100,7 @@ def test_every_help_shows_the_defaults():
         helped = adapeft_command(name, "--help")
         assert helped.returncode == 0 and "example" in helped.stdout
         for action in command._actions:
-            if action.option_strings and action.default not in (None, False, argparse.SUPPRESS):
+            if action.option_strings and not any(action.default is v for v in (None, False, argparse.SUPPRESS)):
                 assert f"(default: {action.default})" in helped.stdout, (name, action.dest, helped.stdout)
             elif action.option_strings and not action.required and action.nargs != 0:
                 # no value to show: the help says what happens without the option
@@ -116,6 +116,8 @@ SELECT = ["select", "--probe", "no-such-probe.json"]
 PLOT = ["plot", "--probe", "no-such-probe.json"]
 BAD_VALUES = [  # (arguments, the flag argparse names); PROBE's --model and --data do not exist either
     (PROBE + ["--batch", "0"], "--batch"), (PROBE + ["--batch", "-3"], "--batch"),
+    (PROBE + ["--seed", "-1"], "--seed"), (PROBE + ["--seed", "4294967296"], "--seed"),
+    (PROBE + ["--seed", "1.5"], "--seed"),
     (PROBE + ["--batch", "2.5"], "--batch"), (PROBE + ["--steps", "0"], "--steps"),
     (PROBE + ["--every", "-1"], "--every"), (PROBE + ["--max-length", "0"], "--max-length"),
     (PROBE + ["--lr", "0"], "--lr"), (PROBE + ["--lr", "nan"], "--lr"),
@@ -215,8 +217,12 @@ def test_output_folders_that_cannot_be_written_are_refused_before_any_work(files
 @pytest.mark.parametrize("labels, batch, warned", [
     (["pos"] * 29 + ["neg"] * 35, 64, None),  # every batch is all the rows: no label is short in any
     (["pos"] * 29 + ["neg"] * 35, 100, "every step trains and probes on all 64 rows"),
-    (["pos"] * 61 + ["neg"] * 3, 16, "labels with fewer rows than a batch (--batch 16): 'neg' (3)"),
+    (["pos"] * 61 + ["neg"] * 3, 16, "labels of which a batch holds fewer than 2 rows on average (--batch 16): 'neg' "
+                                     "(3 of 64 rows)"),
     (["pos"] * 32 + ["neg"] * 32, 16, None),
+    # a batch of 16 holds 4.8 rows of each label on average: none is short, though each has fewer rows than a batch
+    (["a"] * 14 + ["b"] * 12 + ["c"] * 14, 16, None),
+    (["pos"] * 60 + ["neg"] * 7, 16, "'neg' (7 of 67 rows)"),  # 1.7 rows a batch on average
 ])
 def test_label_warnings_hold_for_the_batches_drawn(labels, batch, warned, capsys):
     cli._check_labels(argparse.Namespace(command="probe", data="rows.csv", batch=batch, label_column="label"), labels)
@@ -307,14 +313,28 @@ def test_probe_with_a_separate_tokenizer_is_quiet_and_warns_once_per_cause(files
     record = json.loads((tmp_path / "probe.json").read_text())
     assert len(record["groups"]) == len(record["appi"]) == len(record["ppi_history"][0])
     warned = [line for line in done.stderr.splitlines() if "warning:" in line]
-    assert warned == ["adapeft probe: warning: labels with fewer rows than a batch (--batch 8): 'neg' (3); most "
-                      "batches hold few of them or none, so the probe measures mostly the other labels"], done.stderr
+    assert warned == ["adapeft probe: warning: labels of which a batch holds fewer than 2 rows on average (--batch 8): "
+                      "'neg' (3 of 20 rows); most batches hold one of them or none, so the probe measures mostly the "
+                      "other labels"], done.stderr
     # A checkpoint without the classifier head is the usual case: transformers' report of it is for --verbose.
     for noise in ("LOAD REPORT", "MISSING", "Loading weights", "Warning", "Traceback"):
         assert noise not in done.stderr, done.stderr
     verbose = adapeft_command("probe", "--model", files["bare"], "--tokenizer", files["model"], "--data",
                               files["data"], "--batch", "8", "--steps", "1", "--out", tmp_path, "--verbose")
     assert verbose.returncode == 0 and "LOAD REPORT" in verbose.stderr and "classifier.weight" in verbose.stderr
+
+
+def test_probe_gives_the_same_record_for_the_same_seed(files, tmp_path):
+    """The new head and LoRA start from the seed's weights and the batches come in its order: two runs agree."""
+    records = []
+    for run, seed in enumerate((0, 0, 1)):
+        out = tmp_path / f"run{run}"
+        done = adapeft_command("probe", "--model", files["model"], "--data", files["data"], "--batch", "8", "--steps",
+                               "2", "--every", "1", "--seed", str(seed), "--out", out)
+        assert done.returncode == 0, done.stderr
+        records.append(json.loads((out / "probe.json").read_text()))
+    assert records[0]["ppi_history"] == records[1]["ppi_history"] and records[0]["appi"] == records[1]["appi"]
+    assert records[0]["probe_history"] != records[2]["probe_history"]
 
 
 # Probe records: select and plot say what is wrong with the file -----------------------------------------
@@ -363,6 +383,17 @@ def test_plot_needs_a_probe_history(tmp_path):
     path.write_text(json.dumps({**probe_record(), "ppi_history": []}))
     refused(adapeft_command("plot", "--probe", path, "--out", tmp_path), "field 'ppi_history' must be a non-empty")
     assert adapeft_command("select", "--probe", path).returncode == 0  # select reads no history
+
+
+def test_a_reader_that_stops_reading_ends_the_command_quietly(tmp_path):
+    """`adapeft select ... | head`: the pipe closes before the frontier is printed; no traceback, exit status 1."""
+    path = tmp_path / "probe.json"
+    path.write_text(json.dumps(probe_record()))
+    command = subprocess.Popen([sys.executable, "-m", "adapeft.apps.cli", "select", "--probe", str(path)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    command.stdout.close()
+    said = command.stderr.read()
+    assert command.wait(timeout=60) == 1 and "Traceback" not in said and "BrokenPipe" not in said, said
 
 
 def test_select_without_a_budget_shows_the_frontier_and_says_so(tmp_path):

@@ -54,6 +54,13 @@ def positive_int(text):
     return value
 
 
+def seed(text):
+    value = _number(text, int)
+    if not 0 <= value < 2**32:  # numpy's seeds
+        raise argparse.ArgumentTypeError(f"must be a whole number from 0 to 2^32 - 1, got {text}")
+    return value
+
+
 def positive_float(text):
     value = _number(text, float)
     if not (math.isfinite(value) and value > 0):
@@ -124,10 +131,13 @@ def _check_labels(args, labels):
             _warn(args, f"--batch {args.batch} is more than the {len(labels)} rows of {args.data}: every step trains "
                         f"and probes on all {len(labels)} rows")
         return
-    few = [f"{label!r} ({count})" for label, count in sorted(counts.items()) if count < args.batch]
+    # A label a batch holds fewer than two rows of on average (count / rows of every batch's rows).
+    few = [f"{label!r} ({count} of {len(labels)} rows)" for label, count in sorted(counts.items())
+           if count * args.batch < 2 * len(labels)]
     if few:
-        _warn(args, f"labels with fewer rows than a batch (--batch {args.batch}): {', '.join(few)}; most batches hold "
-                    "few of them or none, so the probe measures mostly the other labels")
+        _warn(args, f"labels of which a batch holds fewer than 2 rows on average (--batch {args.batch}): "
+                    f"{', '.join(few)}; most batches hold one of them or none, so the probe measures mostly the other "
+                    "labels")
 
 
 def _tokenizer_source(args):
@@ -189,6 +199,7 @@ def _probe(args):
     flag = "--tokenizer" if args.tokenizer else "--model"
     tokenizer = _load_tokenizer(source, flag)
     classes = sorted(set(labels))
+    common.seed_everything(args.seed)
     model = common.load_pretrained(AutoModelForSequenceClassification, args.model, num_labels=len(classes))
     rows = model.get_input_embeddings().num_embeddings
     if len(tokenizer) > rows:
@@ -207,8 +218,8 @@ def _probe(args):
             "labels": torch.tensor([classes.index(label) for label in labels])}
     algorithm = AdaPEFT(probe_every=args.every, eta=args.eta, slope=args.slope, compute=args.compute)
     progress = common.Progress(args.steps, "probe")
-    run = algorithm.probe_train(model, common.batches(data, args.batch, 0, run_on), common.loss_fn, args.steps, args.lr,
-                                on_step=progress)
+    run = algorithm.probe_train(model, common.batches(data, args.batch, args.seed, run_on), common.loss_fn, args.steps,
+                                args.lr, on_step=progress)
     progress.close()
     prober = run.prober
     prober.flush()
@@ -313,6 +324,9 @@ def parser():
                             "(each weight converted as it is used)")
     probe.add_argument("--device", type=device, default=None,
                        help="cpu, cuda or cuda:N (default: cuda when there is one)")
+    probe.add_argument("--seed", type=seed, default=0,
+                       help="seed of the new head's and LoRA's initial weights and of the batches' order: the same "
+                            "seed, data and model give the same record")
     probe.add_argument("--out", default="adapeft-probe", help="folder for probe.json")
     probe.set_defaults(run=_probe)
 
@@ -348,7 +362,7 @@ def parser():
 @contextlib.contextmanager
 def _warnings_shown(args):
     """adapeft's warnings, each once, one line apiece; other libraries' too and as Python shows them (with
-    transformers' reports, see adapeft.common.load_pretrained) with --verbose."""
+    transformers' reports, see adapeft.apps.common.load_pretrained) with --verbose."""
     with warnings.catch_warnings():
         if args.verbose:
             os.environ.setdefault("TRANSFORMERS_VERBOSITY", "info")
@@ -367,6 +381,7 @@ def main(argv=None):
     with _warnings_shown(args):
         try:
             args.run(args)
+            sys.stdout.flush()  # inside: a reader that stopped reading is answered below, not at exit
         except InputError as error:
             print(f"adapeft {args.command}: error: {error}", file=sys.stderr)
             return 2
@@ -377,6 +392,11 @@ def main(argv=None):
         except KeyboardInterrupt:
             print(f"adapeft {args.command}: interrupted", file=sys.stderr)
             return 130
+        except BrokenPipeError:
+            # The reader of the output (head, less) has stopped: nothing more can be said on stdout, and Python's
+            # own flush of it at exit must not fail either.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 1
     return 0
 
 

