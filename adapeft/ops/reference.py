@@ -184,10 +184,13 @@ class DirectionRule:
 def direction_rules(params, directions, states=(), layout=(), hyper=None):
     """Each tensor's DirectionRule: its direction as adapeft.perturb_ forms it (an optimizer's update from its
     states and hyper row, or the direction tensor itself)."""
-    hyper_rows = hyper.reshape(-1, L.HYPER_WORDS).tolist() if hyper is not None else None
-    return [DirectionRule(d, [states[j] if j >= 0 else None for j in _tensor_layout(layout, i)[1]],
-                          _tensor_layout(layout, i)[0], hyper_rows[i] if hyper_rows else None, p.dtype)
-            for i, (p, d) in enumerate(zip(params, directions))]
+    hyper_rows = hyper.reshape(-1, L.HYPER_WORDS).tolist() if hyper is not None and hyper.numel() else None
+    rules = []
+    for i, (p, d) in enumerate(zip(params, directions)):
+        kind, named = _tensor_layout(layout, i)
+        rules.append(DirectionRule(d, [states[j] if j >= 0 else None for j in named], kind,
+                                   hyper_rows[i] if hyper_rows else None, p.dtype))
+    return rules
 
 
 def _check_step(params, directions, states, layout, table, fingerprint, hyper, steps, from_step, to_step, ledger_in,
@@ -255,7 +258,7 @@ def perturb_(params, directions, states, layout, table, fingerprint, hyper, step
              ledger_out, report, report_row=-1):
     num_chunks = _check_step(params, directions, states, layout, table, fingerprint, hyper, steps, from_step, to_step,
                              ledger_in, ledger_out, report, report_row)
-    hyper_rows = hyper.reshape(-1, L.HYPER_WORDS).tolist() if hyper.numel() else []
+    rules = direction_rules(params, directions, states, layout, hyper)
     has_from, has_to = from_step >= 0, to_step >= 0
     header, entries_base = L.LEDGER_HEADER_WORDS, L.LEDGER_HEADER_WORDS + num_chunks
     capacity = ledger_out.numel() - entries_base
@@ -271,9 +274,7 @@ def perturb_(params, directions, states, layout, table, fingerprint, hyper, step
             if n == 0:
                 continue
             current = p.view(-1)
-            kind, named = _tensor_layout(layout, i)
-            direction = DirectionRule(d, [states[j] if j >= 0 else None for j in named], kind,
-                                      hyper_rows[i] if kind != L.DIRECTION_TENSOR else None, p.dtype)
+            direction = rules[i]
             width = L.entry_words(p.dtype)
             directory_slice = slice(header + chunk_base, header + chunk_base + tensor_chunks)
             if has_from:
