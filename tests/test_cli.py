@@ -18,7 +18,7 @@ import torch
 
 import adapeft
 from adapeft.ops import backend as _backend
-from adapeft.apps import cli, common
+from adapeft.apps import cli, common, inputs
 
 pytestmark = pytest.mark.skipif(_backend._C is None, reason="the compiled extension is not built")
 transformers = pytest.importorskip("transformers")
@@ -224,9 +224,8 @@ def test_output_folders_that_cannot_be_written_are_refused_before_any_work(files
     (["a"] * 14 + ["b"] * 12 + ["c"] * 14, 16, None),
     (["pos"] * 60 + ["neg"] * 7, 16, "'neg' (7 of 67 rows)"),  # 1.7 rows a batch on average
 ])
-def test_label_warnings_hold_for_the_batches_drawn(labels, batch, warned, capsys):
-    cli._check_labels(argparse.Namespace(command="probe", data="rows.csv", batch=batch, label_column="label"), labels)
-    said = capsys.readouterr().err
+def test_label_warnings_hold_for_the_batches_drawn(labels, batch, warned):
+    said = " ".join(inputs.label_warnings(labels, batch, "rows.csv", "label"))
     assert (warned in said) if warned else said == ""
 
 

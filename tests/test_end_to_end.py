@@ -309,5 +309,5 @@ def test_plot_clean_drops_iqr_outliers_and_smooths():
         want.append(average)
     np.testing.assert_allclose(got, want, rtol=1e-15)
     # the series the heatmap reads: rejected fits (PPI 0) are missing, not zero
-    series = plot._series([torch.tensor([0.0, 2.0]), torch.tensor([3.0, 0.0])])
+    series = plot.ppi_series([torch.tensor([0.0, 2.0]), torch.tensor([3.0, 0.0])])
     assert np.isnan(series[0, 0]) and series[0, 1] == 3.0 and series[1, 0] == 2.0 and np.isnan(series[1, 1])

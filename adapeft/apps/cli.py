@@ -8,7 +8,6 @@ examples:
   adapeft plot --probe probe/probe.json --out probe/
 """
 import argparse
-import collections
 import contextlib
 import json
 import math
@@ -22,7 +21,7 @@ from .. import __version__
 from ..select import METHODS
 from . import common, demo
 from .common import InputError
-from .inputs import json_error, load_record, read_table
+from .inputs import json_error, label_warnings, load_record, read_table
 
 EXAMPLES = __doc__.split("examples:", 1)[1]
 OPTIONAL_PACKAGES = {"transformers", "peft", "matplotlib", "tqdm"}
@@ -120,26 +119,6 @@ def _prepare_output_folder(path, flag):
         raise InputError(f"{flag} {path}: the folder cannot be written to")
 
 
-def _check_labels(args, labels):
-    """Two labels at least; a warning when the data or a label has fewer rows than a batch."""
-    counts = collections.Counter(labels)
-    if len(counts) < 2:
-        raise InputError(f"--data {args.data}: every row has the label {labels[0]!r} in column {args.label_column!r}"
-                         " (--label-column); a classifier needs at least two labels to learn anything")
-    if len(labels) <= args.batch:
-        if len(labels) < args.batch:
-            _warn(args, f"--batch {args.batch} is more than the {len(labels)} rows of {args.data}: every step trains "
-                        f"and probes on all {len(labels)} rows")
-        return
-    # A label a batch holds fewer than two rows of on average (count / rows of every batch's rows).
-    few = [f"{label!r} ({count} of {len(labels)} rows)" for label, count in sorted(counts.items())
-           if count * args.batch < 2 * len(labels)]
-    if few:
-        _warn(args, f"labels of which a batch holds fewer than 2 rows on average (--batch {args.batch}): "
-                    f"{', '.join(few)}; most batches hold one of them or none, so the probe measures mostly the other "
-                    "labels")
-
-
 def _tokenizer_source(args):
     """--tokenizer, or the --model folder, checked for tokenizer files where it is a folder."""
     if args.tokenizer is None:
@@ -185,7 +164,8 @@ def _demo(args):
 def _probe(args):
     common.check_model_folder(args.model, "--model")
     texts, labels = read_table(args.data, args.text_column, args.label_column)
-    _check_labels(args, labels)
+    for warning in label_warnings(labels, args.batch, args.data, args.label_column):
+        _warn(args, warning)
     source = _tokenizer_source(args)
     positions = _positions(args.model)
     if positions is not None and args.max_length > positions:

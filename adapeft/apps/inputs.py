@@ -1,5 +1,6 @@
 """What the command line reads: tables of labelled texts (CSV, TSV, JSON Lines, JSON) and probe records, checked,
 with errors that name the file and say what is wrong."""
+import collections
 import csv
 import json
 import math
@@ -64,6 +65,27 @@ def read_table(path, text_column, label_column):
             if row.get(column) in (None, ""):
                 raise InputError(f"--data {path}: row {number} has no value in column {column!r}")
     return [str(row[text_column]) for row in rows], [str(row[label_column]) for row in rows]
+
+
+def label_warnings(labels, batch, data, label_column):
+    """What a user should hear about the labels of --data before training on batches of `batch` rows: an
+    InputError for fewer than two labels, a warning (returned) where every batch is all the rows or where a
+    label is so rare that a batch holds fewer than two of its rows on average."""
+    counts = collections.Counter(labels)
+    if len(counts) < 2:
+        raise InputError(f"--data {data}: every row has the label {labels[0]!r} in column {label_column!r}"
+                         " (--label-column); a classifier needs at least two labels to learn anything")
+    if len(labels) <= batch:
+        if len(labels) < batch:
+            return [f"--batch {batch} is more than the {len(labels)} rows of {data}: every step trains and probes "
+                    f"on all {len(labels)} rows"]
+        return []
+    few = [f"{label!r} ({count} of {len(labels)} rows)" for label, count in sorted(counts.items())
+           if count * batch < 2 * len(labels)]  # rows a batch holds on average: count * batch / rows
+    if not few:
+        return []
+    return [f"labels of which a batch holds fewer than 2 rows on average (--batch {batch}): {', '.join(few)}; most "
+            "batches hold one of them or none, so the probe measures mostly the other labels"]
 
 
 def load_record(path, history=False):

@@ -20,7 +20,7 @@ def _pyplot():
     return plt
 
 
-def _series(history):
+def ppi_series(history):
     """K x T float64 array of PPI, nan where a group was rejected."""
     if not history:
         raise ValueError("adapeft.apps.plot: the probe history is empty; run Prober.step() first")
@@ -55,7 +55,7 @@ def ppi_heatmap(history, names, path, relative_to="others", title="PPI relative 
     """Groups x probe steps, log10 of the cleaned PPI divided by the `relative_to` row when it exists; with
     `verdicts` (per probe, each group's verdict name) the cells of fits not accepted are marked by why."""
     plt = _pyplot()
-    smooth = clean(_series(history))
+    smooth = clean(ppi_series(history))
     if relative_to in names:
         smooth = smooth / smooth[names.index(relative_to)]
     fig, ax = plt.subplots(figsize=(max(5.5, 0.35 * smooth.shape[1] + 2.5), 0.45 * len(names) + 1.8))
@@ -80,7 +80,7 @@ def ppi_heatmap(history, names, path, relative_to="others", title="PPI relative 
 
 def appi_curves(history, names, path, title="APPI: accumulated per-parameter influence"):
     plt = _pyplot()
-    smooth = clean(_series(history))
+    smooth = clean(ppi_series(history))
     fig, ax = plt.subplots(figsize=(6.0, 4.0))
     for name, row in zip(names, smooth):
         ax.plot(np.cumsum(np.nan_to_num(row)), label=name)
