@@ -954,7 +954,7 @@ def test_the_ledger_grows_with_the_steps_it_will_be_asked_to_hold(monkeypatch):
     ledger starts empty here, so the first probe does)."""
     from adapeft import steps
     from adapeft.probe import ledgers
-    monkeypatch.setattr(ledgers, "MIN_CAPACITY", 1)
+    monkeypatch.setattr(ledgers, "SAVE_ALL_BELOW", 1)
     monkeypatch.setattr(ledgers, "CAPACITY_FRACTION", 0.0)
     monkeypatch.setattr(steps, "next_scale", lambda scale, *args, **kwargs: scale * 16)
     torch.manual_seed(0)
@@ -967,3 +967,18 @@ def test_the_ledger_grows_with_the_steps_it_will_be_asked_to_hold(monkeypatch):
         verdicts = [prober.step(batch, 1e-6).reasons() for _ in range(4)]
     assert "ledger full" in verdicts[0]
     assert all("ledger full" not in later for later in verdicts[1:]), verdicts
+
+
+def test_no_first_probe_of_small_groups_runs_its_ledger_full():
+    """Groups of up to ledgers.SAVE_ALL_BELOW elements start with room to save every element: at a step that moves
+    every element (LoRA's B is 0 at first, and 0 - x + x is not always 0 in a 16-bit dtype), the first probe
+    measures every group."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(512, 512), torch.nn.Tanh(), torch.nn.Linear(512, 4)).bfloat16()
+    batch = (torch.randn(64, 512, dtype=torch.bfloat16), torch.randint(0, 4, (64,)))
+    with_gradient(model, batch, cross_entropy)
+    prober = adapeft.Prober(model, None, cross_entropy)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for eta in (1e-1, 1.0):  # steps large enough that the moves change most elements
+            assert "ledger full" not in prober.step(batch, eta).reasons()

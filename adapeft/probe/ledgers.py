@@ -3,9 +3,11 @@ from ..ops import layout as L
 from .. import ops
 from ..perturb import GroupPerturbation
 
-# Ledger room the prober starts with, as a share of the largest group; it grows when a probe needs more.
+# Ledger room the prober starts with: every element of the largest group where it has at most SAVE_ALL_BELOW
+# (a few MB, so that no first probe of small groups such as LoRA's runs its ledger full and is lost), else that
+# many or a share of its elements, whichever is more; it grows when a probe needs more.
 CAPACITY_FRACTION = 1 / 64
-MIN_CAPACITY = 4096
+SAVE_ALL_BELOW = 1 << 20
 
 
 class SharedLedgers:
@@ -36,8 +38,8 @@ class SharedLedgers:
         self._most_words = {name: sum(p.numel() for p in plan.params) * self._entry_words[name]
                             for name, plan in plans.items()}
         chunks = max(L.count_chunks(plan.params) for plan in plans.values())
-        words = max(max(MIN_CAPACITY, int(sum(p.numel() for p in plan.params) * CAPACITY_FRACTION))
-                    * self._entry_words[name] for name, plan in plans.items())
+        words = max(_starting_entries(sum(p.numel() for p in plan.params)) * self._entry_words[name]
+                    for name, plan in plans.items())
         self._capacity_words = max(self._capacity_words, words)
         size = L.LEDGER_HEADER_WORDS + chunks + self._capacity_words
         if self.ledgers is None or self.ledgers[0].numel() < size:
@@ -78,3 +80,7 @@ class SharedLedgers:
                 cached.hyper.copy_(plan.hyper)  # the bias corrections move with the optimizer's step count
             perturbations[name] = cached
         return perturbations
+
+
+def _starting_entries(elements):
+    return min(elements, max(SAVE_ALL_BELOW, int(elements * CAPACITY_FRACTION)))
