@@ -7,6 +7,7 @@ them on every device, falling back to the pure-PyTorch reference where a kernel 
 from importlib import metadata as _metadata
 
 from .groups import ParameterGroups, group_parameters
+from .llm import causal_lm_loss, lora_config, lora_targets
 from .optim import OptimizerDirection, optimizer_direction
 from .ops import FitResult, group_fingerprint, new_ledger, new_report, pack_group, perturb_, quadratic_fit
 from .ops.backend import BACKENDS, BUILD_INFO
@@ -34,8 +35,11 @@ __all__ = [
     "Prober",
     "ProbeSchedule",
     "Selection",
+    "causal_lm_loss",
     "group_fingerprint",
     "group_parameters",
+    "lora_config",
+    "lora_targets",
     "new_ledger",
     "new_report",
     "optimizer_direction",

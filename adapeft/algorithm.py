@@ -78,10 +78,12 @@ class AdaPEFT:
         return max(1, math.ceil(self.probe_fraction * horizon))
 
     def probe_train(self, model, batches, loss_fn, steps, lr, optimizer_cls=torch.optim.AdamW, on_step=None,
-                    on_probe=None):
+                    on_probe=None, groups=None):
         """Phase 2: full fine-tuning of `model` for `steps` steps, probing on schedule; on_probe(batch) runs
-        after each probe, with the training gradients still in p.grad."""
-        groups = group_parameters(model, granularity=self.granularity)
+        after each probe, with the training gradients still in p.grad. groups: the ParameterGroups of `model` to
+        train and probe (default: group_parameters(model, granularity) of these settings)."""
+        if groups is None:
+            groups = group_parameters(model, granularity=self.granularity)
         optimizer = optimizer_cls(param_groups(groups, lr=lr))
         interval = self.probe_every or max(1, min(4 * len(groups), steps // 4))
         prober = Prober(model, groups, loss_fn, direction=self.direction, optimizer=optimizer,
@@ -111,12 +113,14 @@ class AdaPEFT:
 
     @staticmethod
     def train_selected(model, selection, batches, loss_fn, steps, lr, optimizer_cls=torch.optim.AdamW,
-                       learning_rates=None, granularity="type", on_step=None):
+                       learning_rates=None, granularity="type", on_step=None, groups=None):
         """Phase 4: train `model` with only the selected groups (matched by name). learning_rates: an
-        optional {group name: lr} (e.g. from the probe's eta*) overriding `lr` per group."""
+        optional {group name: lr} (e.g. from the probe's eta*) overriding `lr` per group. groups: the
+        ParameterGroups of `model` (default: group_parameters(model, granularity))."""
         if not isinstance(selection, Selection):
             raise TypeError("adapeft.AdaPEFT.train_selected: selection must be an adapeft.Selection")
-        groups = group_parameters(model, granularity=granularity)
+        if groups is None:
+            groups = group_parameters(model, granularity=granularity)
         report = selection.apply(model, groups)
         chosen = [name for name in groups.names if name in report["trained"]]
         if not chosen:

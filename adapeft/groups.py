@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 
 TYPES = ("lora_A", "lora_B", "head", "norm", "bias", "embed", "others")
-GRANULARITIES = ("type", "layer", "tensor")
+GRANULARITIES = ("type", "layer", "module", "tensor")
 
 # Module names that hold a model's output head, in Hugging Face and torchvision models.
 HEAD_MODULE_NAMES = {"classifier", "score", "lm_head", "qa_outputs", "cls", "head", "heads", "fc",
@@ -47,24 +47,31 @@ class ParameterGroups:
     """Named groups of a model's parameters (see `group_parameters`).
 
     `names`: group names in a stable order; `numel`: parameters per group; `params(name)`: the tensors;
-    `tensor_names(name)`: their qualified names in the model. `summary()` prints a table; `to_json()`
-    gives a stable form to match a selection against another model by group name.
+    `tensor_names(name)`: their qualified names in the model; `adapted_modules(name)`: the modules that the
+    group's adapter weights adapt. `summary()` prints a table; `to_json()` gives a stable form to match a
+    selection against another model by group name.
     """
 
     def __init__(self, model, members, granularity):
         self.model = model
         self.granularity = granularity
-        self._members = members  # name -> list of (qualified name, parameter)
+        self._members = members  # name -> list of _Tensor
         self.names = list(members)
-        self.numel = [sum(p.numel() for _, p in members[name]) for name in self.names]
+        self.numel = [sum(t.param.numel() for t in members[name]) for name in self.names]
 
     def params(self, name):
         self._check(name)
-        return [p for _, p in self._members[name]]
+        return [t.param for t in self._members[name]]
 
     def tensor_names(self, name):
         self._check(name)
-        return [n for n, _ in self._members[name]]
+        return [t.name for t in self._members[name]]
+
+    def adapted_modules(self, name):
+        """Qualified names, in the model without its wrappers, of the modules whose adapters (peft's LoRA and
+        the like) have weights in this group, in model order; [] for a group of no adapter's weights."""
+        self._check(name)
+        return list(dict.fromkeys(".".join(t.adapted) for t in self._members[name] if t.adapted is not None))
 
     def _check(self, name):
         if name not in self._members:
@@ -148,43 +155,45 @@ def _active_adapters(module):
 @dataclass(frozen=True)
 class _Place:
     """Where a module sits in the unwrapped model: its path; for a container keyed by adapter name, the active
-    adapters and whether their names stay in the path; whether it holds an adapter's weights."""
+    adapters and whether their names stay in the path; for an adapter's weights, the path of the module the
+    adapter is attached to (None elsewhere)."""
 
     path: tuple
     adapters: frozenset = None
     keeps_adapter_name: bool = False
-    in_adapter: bool = False
+    adapted: tuple = None
 
     def child(self, parent, key, peft, wrappers):
         """The place of `parent`'s module or parameter `key`, or None when training would not update it."""
         if self.adapters is not None:
             if key not in self.adapters:
                 return None
-            return _Place(self.path + (key,) if self.keeps_adapter_name else self.path, in_adapter=self.in_adapter)
+            return _Place(self.path + (key,) if self.keeps_adapter_name else self.path, adapted=self.adapted)
         if peft is not None and isinstance(parent, peft.saved):
             # The copy of the active adapter takes the wrapped module's place and the original is not used;
             # TrainableTokensWrapper's token_adapter (a tuner layer) takes its place too.
             if key == "original_module":
                 return None
             return _Place(self.path, _active_adapters(parent) if key == "modules_to_save" else None,
-                          in_adapter=self.in_adapter)
+                          adapted=self.adapted)
         if peft is not None and isinstance(parent, peft.layer) and key in parent.adapter_layer_names:
             active = _active_adapters(parent)
-            return _Place(self.path + (key,), active, keeps_adapter_name=len(active) > 1, in_adapter=True)
+            return _Place(self.path + (key,), active, keeps_adapter_name=len(active) > 1, adapted=self.path)
         if key == _wrapped_attribute(parent, wrappers):
-            return _Place(self.path, in_adapter=self.in_adapter)
-        return _Place(self.path + (key,), in_adapter=self.in_adapter)
+            return _Place(self.path, adapted=self.adapted)
+        return _Place(self.path + (key,), adapted=self.adapted)
 
 
 @dataclass(frozen=True)
 class _Tensor:
-    """A parameter to group: its name in the model given, its path in the unwrapped model, its module."""
+    """A parameter to group: its name in the model given, its path in the unwrapped model, its module, and for
+    an adapter's weight the path of the module the adapter is attached to."""
 
     name: str
     path: tuple
     param: torch.nn.Parameter
     owner: torch.nn.Module
-    in_adapter: bool
+    adapted: tuple = None
 
     @property
     def unwrapped_name(self):
@@ -214,7 +223,7 @@ def _trainable_tensors(model):
             if param_place is not None and id(param) not in seen:
                 seen.add(id(param))
                 found.append(_Tensor(f"{name}.{key}" if name else key, param_place.path, param, module,
-                                     param_place.in_adapter))
+                                     param_place.adapted))
     unwrapped = model
     while _wrapped_attribute(unwrapped, wrappers) is not None:
         unwrapped = getattr(unwrapped, _wrapped_attribute(unwrapped, wrappers))
@@ -305,12 +314,17 @@ def _rule_matcher(rule_name, pattern):
                     f"(name, param, module) -> bool, got {type(pattern).__name__}")
 
 
-def group_parameters(model, granularity="type", rules=None):
+def group_parameters(model, granularity="type", rules=None, trainable_only=False):
     """Split `model`'s parameters into named groups.
 
     granularity: "type" (the paper's lora_A, lora_B, head, norm, bias, embed, others), "layer" (type x
-    transformer block, e.g. "norm@3"; parameters outside the blocks keep their type name) or "tensor"
+    transformer block, e.g. "norm@3"; parameters outside the blocks keep their type name), "module" (module x
+    block, e.g. "self_attn.q_proj@3", the path inside the block: an adapter's weights (LoRA's A and B
+    together) form the group of the module they adapt, and that module's own weights, where it has an adapter,
+    the group "self_attn.q_proj.base_layer@3"; parameters outside the blocks keep their type name) or "tensor"
     (one group per parameter, named by its path in the unwrapped model).
+    trainable_only: leave out the parameters that do not require gradients (a base model peft froze), so that
+    the groups and their counts are those of what is being trained.
     rules: an ordered list of (group name, pattern) pairs taken before the defaults, pattern a regex
     searched in the parameter's qualified name in the unwrapped model or a callable (name, param, module)
     -> bool. A parameter matching two rules, or a rule matching nothing, is an error.
@@ -329,13 +343,16 @@ def group_parameters(model, granularity="type", rules=None):
     matchers = [(rule_name, _rule_matcher(rule_name, pattern)) for rule_name, pattern in rules]
 
     tensors, unwrapped = _trainable_tensors(model)
+    if trainable_only:
+        tensors = [t for t in tensors if t.param.requires_grad]
     if not tensors:
-        raise ValueError("adapeft.group_parameters: the model has no parameters that training would update")
+        raise ValueError("adapeft.group_parameters: the model has no parameters that training would update"
+                         + (" and that require gradients (trainable_only=True)" if trainable_only else ""))
     head_ids = _output_head_ids(unwrapped)
     fallback_head_ids = set()
     if not hasattr(unwrapped, "get_output_embeddings") and not any(t.path[0] in HEAD_MODULE_NAMES for t in tensors):
         # A plain PyTorch model: its last Linear layer is the head (not a Linear of a LoRA adapter).
-        linears = [t.owner for t in tensors if isinstance(t.owner, torch.nn.Linear) and not t.in_adapter]
+        linears = [t.owner for t in tensors if isinstance(t.owner, torch.nn.Linear) and t.adapted is None]
         if linears:
             fallback_head_ids = {id(p) for p in linears[-1].parameters()}
     stacks = _stacks(t.path for t in tensors)
@@ -349,7 +366,7 @@ def group_parameters(model, granularity="type", rules=None):
             raise ValueError(f"adapeft.group_parameters: parameter {tensor.unwrapped_name!r} matches rules {hits}; "
                              "rules must not overlap")
         if hits:
-            by_rule[hits[0]].append((tensor.name, tensor.param))
+            by_rule[hits[0]].append(tensor)
         else:
             by_default.append(tensor)
     empty = [rule_name for rule_name, found in by_rule.items() if not found]
@@ -357,24 +374,40 @@ def group_parameters(model, granularity="type", rules=None):
         raise ValueError(f"adapeft.group_parameters: rules {empty} match no parameter of the model")
     members.update(by_rule)
 
+    adapted = {t.adapted for t in by_default if t.adapted is not None}
     default = OrderedDict()
     for position, tensor in enumerate(by_default):
         kind = _default_type(tensor, head_ids, fallback_head_ids)
         if granularity == "tensor":
             label, order = tensor.unwrapped_name, (position,)
+        elif granularity == "module":
+            block = _block_of(tensor.path, stacks)
+            label = kind if block is None else f"{_module_in_block(tensor, adapted)}@{block}"
+            order = (_block_sort_key(block, stacks), position)
         elif granularity == "layer":
             block = _block_of(tensor.path, stacks)
             label = kind if block is None else f"{kind}@{block}"
             order = (TYPES.index(kind), _block_sort_key(block, stacks))
         else:
             label, order = kind, (TYPES.index(kind),)
-        default.setdefault(label, (order, []))[1].append((tensor.name, tensor.param))
+        default.setdefault(label, (order, []))[1].append(tensor)
     for label, (_, found) in sorted(default.items(), key=lambda item: item[1][0]):
         if label in members:
             raise ValueError(f"adapeft.group_parameters: rule name {label!r} collides with a default group; "
                              "rename the rule")
         members[label] = found
     return ParameterGroups(model, members, granularity)
+
+
+def _module_in_block(tensor, adapted):
+    """The path inside its block of the module a tensor belongs to (for an adapter's weight, the adapted
+    module; for the own weights of an adapted module, its base_layer)."""
+    module = tensor.adapted if tensor.adapted is not None else tensor.path[:-1]
+    index_at = next(i for i, part in enumerate(tensor.path) if part.isdigit())  # as _stack_and_index finds it
+    inside = module[index_at + 1:]
+    if tensor.adapted is None and module in adapted:
+        inside += ("base_layer",)
+    return ".".join(inside) or tensor.path[-1]  # a tensor of the block module itself: its own name
 
 
 def _block_sort_key(block, stacks):

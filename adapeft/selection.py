@@ -104,9 +104,11 @@ class Selection:
                     {"count": c, "value": v, "groups": [n for n, x in zip(self.names, m) if x], "how": label}
                     for (c, v, m), label in zip(self.frontier, self.labels)]}
 
-    def save(self, path):
+    def save(self, path, **fields):
+        """The selection as JSON; `fields` are written beside its own (`adapeft select` adds the peft LoRA
+        configuration it derived) and read by nothing here."""
         with open(path, "w") as handle:
-            json.dump(self.as_dict(), handle, indent=2)
+            json.dump({**self.as_dict(), **fields}, handle, indent=2)
 
     @classmethod
     def given(cls, names, groups):

@@ -134,7 +134,7 @@ def one_run(task, dtype, compute, granularity, policy, seed):
     passes = [0]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the verdicts are counted below
-        run = algorithm.probe_train(model, task.batches(seed), demo._counting_probe_passes(task.loss_fn, passes),
+        run = algorithm.probe_train(model, task.batches(seed), common.counting_probe_passes(task.loss_fn, passes),
                                     task.steps, task.lr)
     prober = run.prober
     probes = []

@@ -1,5 +1,5 @@
 """Every Python block of README.md, then of docs/ops.md, runs as written, in order, in one namespace, on a tiny BERT
-classifier.
+classifier (and a tiny Llama for the causal-LM block).
 
 The test brings only what the README leaves to the reader (`model`, `loader`, `optimizer`, ...), each
 block's own needs listed below next to a phrase the block must contain, so that a block added, removed or
@@ -58,6 +58,21 @@ def algorithm(namespace):
     namespace.update(small_model=tiny_bert(2), large_model=tiny_bert(3), batches=batches(4, seed=1), horizon=20)
 
 
+def tiny_llama(seed):
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(vocab_size=60, hidden_size=16, intermediate_size=24, num_hidden_layers=3,
+                                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return transformers.LlamaForCausalLM(config)
+
+
+def causal_lm(namespace):
+    generator = torch.Generator().manual_seed(2)
+    namespace.update(causal_lm=tiny_llama(0), fresh_causal_lm=tiny_llama(1),
+                     token_batches=[torch.randint(0, 60, (4, 12), generator=generator) for _ in range(4)])
+
+
 def perturbation(namespace):
     model, batch = namespace["model"], namespace["loader"][0]
     params = [p for p in model.parameters() if p.requires_grad][:5]
@@ -70,6 +85,7 @@ def perturbation(namespace):
 NEEDS = [("adapeft.Prober(model, groups, loss_fn", probing),
          ("adapeft.select(prober", choosing),
          ("AdaPEFT(budget=", algorithm),
+         ("lora_targets(causal_lm)", causal_lm),
          ("adapeft.GroupPerturbation(", perturbation)]
 
 
@@ -86,4 +102,5 @@ def test_readme_python_blocks_run_as_written(tmp_path, monkeypatch):
             exec(compile(block, document, "exec"), namespace)
     assert namespace["prober"].history, "the probing block never probed"
     assert (tmp_path / "selection.json").exists()
+    assert namespace["tuned"].peft_config["default"].target_modules  # peft adapted what the probe chose
     assert all(torch.isfinite(namespace["losses"]))

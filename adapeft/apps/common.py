@@ -1,7 +1,9 @@
 """What the demo and the command line share: loading a Hugging Face model and tokenizer quietly and checked,
-batching a tokenised classification set, its loss and accuracy, and a progress bar."""
+output folders and warnings, batching a tokenised set, a classifier's loss and accuracy, and a progress bar."""
+import math
 import os
 import random
+import statistics
 import sys
 import warnings
 
@@ -38,11 +40,29 @@ def check_tokenizer_files(folder, flag="model folder", remedy=""):
                          f"tokenizer.save_pretrained({folder!r}){remedy}")
 
 
-def load_tokenizer(source, flag="tokenizer"):
-    """AutoTokenizer.from_pretrained(source), refused (InputError) when it knows nothing but its special
-    tokens: transformers builds such a tokenizer from files that hold no vocabulary."""
+def prepare_output_folder(path, flag):
+    """Create `path` (a folder the command writes to) now, so that a run cannot end in a folder it cannot
+    write to after the work is done."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise InputError(f"{flag} {path} is a file, not a folder")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as error:
+        raise InputError(f"{flag} {path}: cannot create the folder ({error.strerror})") from None
+    if not os.access(path, os.W_OK):
+        raise InputError(f"{flag} {path}: the folder cannot be written to")
+
+
+def warn(command, message):
+    """A warning of the `adapeft` command `command`, one line on stderr."""
+    Progress.write(f"adapeft {command}: warning: {message}")
+
+
+def load_tokenizer(source, flag="tokenizer", **options):
+    """AutoTokenizer.from_pretrained(source, **options), refused (InputError) when it knows nothing but its
+    special tokens: transformers builds such a tokenizer from files that hold no vocabulary."""
     from transformers import AutoTokenizer
-    tokenizer = AutoTokenizer.from_pretrained(source)
+    tokenizer = AutoTokenizer.from_pretrained(source, **options)
     special = set(tokenizer.all_special_ids)
     if len(tokenizer) <= len(special):
         raise InputError(f"{flag} {source}: its tokenizer knows only its {len(special)} special tokens "
@@ -84,7 +104,7 @@ def batches(data, size, seed, device):
     """Shuffled epochs, forever, in a fixed order for a seed: batches of `size` rows, an epoch's last
     partial batch dropped so that every batch has the same shape; data with fewer rows than `size` gives
     batches of all its rows."""
-    rows = data["labels"].numel()
+    rows = len(next(iter(data.values())))
     if rows < 1:
         raise ValueError("adapeft.apps.common.batches: the data has no rows")
     if size < 1:
@@ -98,6 +118,21 @@ def _epochs(data, rows, size, generator, device):
         for start in range(0, rows - size + 1, size):
             index = order[start:start + size]
             yield {k: v[index].to(device) for k, v in data.items()}
+
+
+def token_rows(tokenizer, texts, length, where="the text"):
+    """The texts tokenised, each ended by the end-of-text token where the tokenizer has one, joined and cut
+    into rows of `length` tokens (a LongTensor, rows x length; the tail shorter than a row is left out)."""
+    ids = []
+    for text in texts:
+        ids += tokenizer(text, add_special_tokens=False)["input_ids"]
+        if tokenizer.eos_token_id is not None:
+            ids.append(tokenizer.eos_token_id)
+    rows = len(ids) // length
+    if rows < 1:
+        raise InputError(f"--data {where} holds {len(ids)} tokens, fewer than one sequence of --max-length {length}; "
+                         "give more text or a shorter --max-length")
+    return torch.tensor(ids[:rows * length], dtype=torch.long).reshape(rows, length)
 
 
 def loss_fn(model, batch):
@@ -116,6 +151,30 @@ def evaluate(model, data, device, size=64):
         correct += (logits.argmax(-1) == batch["labels"]).sum().item()
     model.train()
     return {"accuracy": correct / n, "loss": total_loss / n}
+
+
+def counting_probe_passes(loss, counter):
+    """loss_fn, counting the forward passes run without autograd: the probe's (training's run with it)."""
+    def counted(model, batch):
+        if not torch.is_grad_enabled():
+            counter[0] += 1
+        return loss(model, batch)
+    return counted
+
+
+# Two-sided 95% quantiles of Student's t for 1 to 10 degrees of freedom; past 10, the normal's 1.96 (the
+# error of the interval's width is then under 12%).
+T_975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)
+
+
+def paired_difference(accuracy, reference):
+    """Mean and 95% confidence half-width of accuracy - reference, paired by seed (nan half-width for one)."""
+    differences = [a - b for a, b in zip(accuracy, reference)]
+    mean = statistics.mean(differences)
+    if len(differences) < 2:
+        return mean, math.nan
+    t = T_975[len(differences) - 2] if len(differences) - 1 <= len(T_975) else 1.96
+    return mean, t * statistics.stdev(differences) / math.sqrt(len(differences))
 
 
 class Progress:

@@ -15,7 +15,6 @@ weights), 1e-3 for the small PEFT groups, as the paper uses one rate for each re
 """
 import importlib.util
 import json
-import math
 import os
 import statistics
 import time
@@ -29,8 +28,8 @@ from ..groups import group_parameters
 from ..select import select
 from ..selection import Selection
 from . import plot
-from .common import (InputError, Progress, batches, check_model_folder, check_tokenizer_files, evaluate,
-                     load_pretrained, load_tokenizer, loss_fn, seed_everything)
+from .common import (InputError, Progress, batches, check_model_folder, check_tokenizer_files, counting_probe_passes,
+                     evaluate, load_pretrained, load_tokenizer, loss_fn, paired_difference, seed_everything)
 from .data import LABELS, stdlib_docstrings, train_test_split
 
 LORA_TARGETS = ("query", "value")
@@ -132,7 +131,7 @@ def run(out_dir="adapeft-demo", quick=False, compare=False, model=None, budget=D
     probe_passes = [0]
     progress = Progress(steps, "1/3 probe (proxy, full fine-tuning)")
     probe_run = algorithm.probe_train(proxy, batches(train, settings["batch"], seeds[0], device),
-                                      _counting_probe_passes(loss_fn, probe_passes), steps, settings["lr_full"],
+                                      counting_probe_passes(loss_fn, probe_passes), steps, settings["lr_full"],
                                       on_step=progress, on_probe=recorder.observe if recorder else None)
     progress.close()
     prober = probe_run.prober
@@ -194,30 +193,6 @@ def _cheap_signals(proxy):
 
 def _one_example_batches(batch):
     return [{k: v[i:i + 1] for k, v in batch.items()} for i in range(batch["labels"].numel())]
-
-
-def _counting_probe_passes(loss, counter):
-    """loss_fn, counting the forward passes run without autograd: the probe's (training's run with it)."""
-    def counted(model, batch):
-        if not torch.is_grad_enabled():
-            counter[0] += 1
-        return loss(model, batch)
-    return counted
-
-
-# Two-sided 95% quantiles of Student's t for 1 to 10 degrees of freedom; past 10, the normal's 1.96 (the
-# error of the interval's width is then under 12%).
-T_975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)
-
-
-def paired_difference(accuracy, reference):
-    """Mean and 95% confidence half-width of accuracy - reference, paired by seed (nan half-width for one)."""
-    differences = [a - b for a, b in zip(accuracy, reference)]
-    mean = statistics.mean(differences)
-    if len(differences) < 2:
-        return mean, math.nan
-    t = T_975[len(differences) - 2] if len(differences) - 1 <= len(T_975) else 1.96
-    return mean, t * statistics.stdev(differences) / math.sqrt(len(differences))
 
 
 def compare_methods(folder, frontier, selection, train, test, settings, seeds, device, log, cheap=None, budget=None):

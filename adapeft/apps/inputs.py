@@ -1,5 +1,6 @@
-"""What the command line reads: tables of labelled texts (CSV, TSV, JSON Lines, JSON) and probe records, checked,
-with errors that name the file and say what is wrong."""
+"""What the command line reads: tables of labelled texts (CSV, TSV, JSON Lines, JSON), text for a language model
+(those tables or a plain .txt file) and probe records, checked, with errors that name the file and say what is
+wrong."""
 import collections
 import csv
 import json
@@ -10,6 +11,7 @@ from ..select import MAX_COUNT
 from .common import InputError
 
 DATA_FORMATS = (".csv", ".tsv", ".jsonl", ".json")
+TEXT_FORMATS = (".txt",) + DATA_FORMATS
 RECORD_FORMATS = ("adapeft.probe/1", "adapeft.demo/1")
 RECORD_WRITERS = "`adapeft probe` writes probe records as probe.json, `adapeft demo` as results.json"
 # Imported only by the commands that need them; a missing one is an installation matter, not a bug.
@@ -52,19 +54,44 @@ def json_error(error):
 
 def read_table(path, text_column, label_column):
     """(texts, labels as strings) of a data file, every row checked for both columns."""
+    rows = _rows_with(path, (text_column, "--text-column"), (label_column, "--label-column"))
+    return [str(row[text_column]) for row in rows], [str(row[label_column]) for row in rows]
+
+
+def read_texts(path, text_column):
+    """The documents of a language model's data file: a .txt file's whole text as one, or the column
+    `text_column` of every row of a table."""
+    if not path.endswith(".txt"):
+        if os.path.isfile(path) and not path.endswith(DATA_FORMATS):
+            raise InputError(f"--data {path}: not a {', '.join(TEXT_FORMATS)} file (the format is read from the name)")
+        return [str(row[text_column]) for row in _rows_with(path, (text_column, "--text-column"))]
+    if not os.path.isfile(path):
+        raise InputError(f"--data {path}: no such file")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            text = handle.read()
+    except UnicodeDecodeError:
+        raise InputError(f"--data {path} is not UTF-8 text") from None
+    if not text.strip():
+        raise InputError(f"--data {path} holds no text")
+    return [text]
+
+
+def _rows_with(path, *columns):
+    """The rows of a data file, each checked for a value in every one of `columns`, (name, flag) pairs."""
     rows = _read_rows(path)
     if not rows:
         raise InputError(f"--data {path} has no rows")
     for number, row in enumerate(rows, 1):
         if not isinstance(row, dict):
             raise InputError(f"--data {path}: row {number} is a {type(row).__name__}, not a row of named columns")
-        for column, flag in ((text_column, "--text-column"), (label_column, "--label-column")):
+        for column, flag in columns:
             if number == 1 and column not in row:
                 raise InputError(f"--data {path} has no column {column!r}; its columns are {sorted(map(str, row))}. "
                                  f"Name the right one with {flag}")
             if row.get(column) in (None, ""):
                 raise InputError(f"--data {path}: row {number} has no value in column {column!r}")
-    return [str(row[text_column]) for row in rows], [str(row[label_column]) for row in rows]
+    return rows
 
 
 def label_warnings(labels, batch, data, label_column):
@@ -131,6 +158,14 @@ def load_record(path, history=False):
         raise problem(f": field 'counts' holds a group of more than 2^42 parameters, got {_short(record['counts'])}")
     if not all(math.isfinite(a * n) for a, n in zip(record["appi"], record["counts"])):
         raise problem(": its values (appi x counts) overflow to infinity; field 'appi' is not a probe's")
+    adapted = record.get("adapted_modules")
+    if adapted is not None and not (isinstance(adapted, dict) and set(adapted) == set(groups) and all(
+            isinstance(found, list) and all(isinstance(module, str) for module in found) for found in adapted.values())):
+        raise problem(": field 'adapted_modules' must map every group to a list of module names, got "
+                      f"{_short(adapted)}")
+    rank = record.get("lora_rank")
+    if rank is not None and not (isinstance(rank, int) and not isinstance(rank, bool) and rank >= 1):
+        raise problem(f": field 'lora_rank' must be a positive whole number, got {_short(rank)}")
     budget = record.get("budget")
     if budget is not None and not (_is_number(budget) and 0 <= budget <= 1):
         raise problem(f": field 'budget' must be a share of the parameters in [0, 1] or null, got {_short(budget)}")

