@@ -109,6 +109,11 @@ def trainable_tensors(model):
         if place is None:
             continue
         for key, param in module.named_parameters(recurse=False, remove_duplicate=False):
+            if hasattr(param, "ds_numel"):
+                raise ValueError(
+                    f"adapeft.group_parameters: parameter {f'{name}.{key}' if name else key!r} is partitioned by "
+                    f"DeepSpeed ZeRO-3 ({param.ds_numel} elements, most of them on other ranks): adapeft cannot "
+                    "probe or count it yet. Use ZeRO stage 1 or 2, FSDP2 (fully_shard) or DDP")
             param_place = place.child(module, key, peft, wrappers)
             if param_place is not None and id(param) not in seen:
                 seen.add(id(param))

@@ -226,3 +226,15 @@ def test_peft_model_and_its_merge_share_the_groups_the_names_allow():
     assert report["trainable_parameters"] == sum(c for n, c in zip(types.names, types.numel)
                                                  if n in ("head", "norm", "bias"))
     assert report["trainable_parameters"] == sum(p.numel() for p in merged.parameters() if p.requires_grad)
+
+
+def test_deepspeed_zero3_partitioned_parameters_are_refused_not_miscounted():
+    """ZeRO-3 leaves each rank a shard of every parameter (an empty tensor where the rank holds none, the size in
+    ds_numel): groups and probes of what is there would be silently wrong, so adapeft says it cannot."""
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2))
+    model[1].weight.ds_numel = 16  # what deepspeed.zero.Init sets on a partitioned parameter
+    model[1].weight.data = torch.empty(0)
+    with pytest.raises(ValueError, match="parameter '1.weight' is partitioned by DeepSpeed ZeRO-3 \\(16 elements"):
+        adapeft.group_parameters(model)
+    with pytest.raises(ValueError, match="Use ZeRO stage 1 or 2, FSDP2"):
+        adapeft.Prober(model, None, lambda m, b: m(b).sum())

@@ -1,5 +1,5 @@
 """Causal language models: the next-token loss against transformers' own, LoRA targets and module groups on
-tiny Llama, Qwen2 and GPT-2 models, a selection handed to peft (the modules peft adapts are exactly the chosen
+tiny Llama, Qwen2, Mistral and GPT-2 models, a selection handed to peft (the modules peft adapts are exactly the chosen
 ones), and `adapeft probe --task causal-lm` / `adapeft select` run as a user runs them."""
 import copy
 import importlib.util
@@ -32,6 +32,9 @@ ARCHITECTURES = {
     "qwen2": (lambda: transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
         vocab_size=40, hidden_size=16, intermediate_size=24, num_hidden_layers=4, num_attention_heads=2,
         num_key_value_heads=1, max_position_embeddings=64)), LLAMA_KINDS, "model.layers"),
+    "mistral": (lambda: transformers.MistralForCausalLM(transformers.MistralConfig(
+        vocab_size=40, hidden_size=16, intermediate_size=24, num_hidden_layers=4, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=64, head_dim=8)), LLAMA_KINDS, "model.layers"),
     "gpt2": (lambda: transformers.GPT2LMHeadModel(transformers.GPT2Config(
         vocab_size=40, n_embd=16, n_layer=4, n_head=2, n_positions=64, bos_token_id=0, eos_token_id=0)),
         ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"], "transformer.h"),
