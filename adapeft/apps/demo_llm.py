@@ -169,8 +169,9 @@ def train_and_test(base, targets, units, chosen, data, settings, seed, device, l
 
 
 def run(out_dir="adapeft-demo-llm", quick=False, model=None, gguf_file=None, budget=DEMO_BUDGET, seeds=(0,),
-        device=None, log=print):
-    """Run the LLM demo and write results.json (a probe record `adapeft select` reads, with the comparison)."""
+        device=None, direction="optimizer", log=print):
+    """Run the LLM demo and write results.json (a probe record `adapeft select` reads, with the comparison).
+    direction: what the probe moves each unit along (adapeft.Prober's)."""
     settings = dict(SETTINGS["quick" if quick else "full"])
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if model is None:
@@ -197,7 +198,7 @@ def run(out_dir="adapeft-demo-llm", quick=False, model=None, gguf_file=None, bud
     recorder = signals.SignalRecorder(probed, groups, causal_lm_loss, lambda batch: [
         {"input_ids": batch["input_ids"][i:i + 1]} for i in range(len(batch["input_ids"]))])
     passes = [0]
-    algorithm = AdaPEFT(probe_every=settings["probe_every"], eta=settings["lr"])
+    algorithm = AdaPEFT(probe_every=settings["probe_every"], eta=settings["lr"], direction=direction)
     progress = Progress(probe_steps, "1/3 probe")
     probe_run = algorithm.probe_train(probed, batches({"input_ids": train}, settings["batch"], seeds[0], device),
                                       counting_probe_passes(causal_lm_loss, passes), probe_steps, settings["lr"],
@@ -241,7 +242,7 @@ def run(out_dir="adapeft-demo-llm", quick=False, model=None, gguf_file=None, bud
 
     results = {"format": "adapeft.demo/1", "task": "causal-lm", "model": type(base).__name__,
                "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-               "settings": settings, "budget": budget, "seeds": list(seeds), "groups": groups.names,
+               "settings": settings, "direction": direction, "budget": budget, "seeds": list(seeds), "groups": groups.names,
                "counts": groups.numel, "appi": prober.appi.cpu().tolist(),
                "ppi_history": [h.cpu().tolist() for h in prober.history],
                "probe_history": [result.as_dict() for result in prober.results],

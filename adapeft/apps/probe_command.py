@@ -51,7 +51,8 @@ def run(args):
     granularity = args.granularity or DEFAULT_GRANULARITY[args.task]
     # A causal LM trains its adapters only: the frozen base is no group (its counts would swamp any budget).
     groups = group_parameters(model, granularity=granularity, trainable_only=args.task == "causal-lm")
-    algorithm = AdaPEFT(probe_every=args.every, eta=args.eta, slope=args.slope, compute=args.compute)
+    algorithm = AdaPEFT(probe_every=args.every, eta=args.eta, slope=args.slope, compute=args.compute,
+                        direction=args.direction)
     progress = common.Progress(args.steps, "probe")
     probe_run = algorithm.probe_train(model, common.batches(data, args.batch, args.seed, run_on), loss_fn, args.steps,
                                       args.lr, on_step=progress, groups=groups)
@@ -59,6 +60,7 @@ def run(args):
     prober = probe_run.prober
     prober.flush()
     record = {"format": "adapeft.probe/1", "task": args.task, "model": args.model, "granularity": granularity,
+              "direction": args.direction,
               "groups": prober.names, "counts": prober.groups.numel, "appi": prober.appi.cpu().tolist(),
               "ppi_history": [h.cpu().tolist() for h in prober.history],
               "probe_history": [result.as_dict() for result in prober.results],
