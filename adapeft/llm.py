@@ -73,14 +73,17 @@ def lora_targets(model):
     return list(dict.fromkeys(found))
 
 
-def lora_config(chosen, groups, r=8, ranks="uniform"):
+def lora_config(chosen, groups, r=8, ranks="uniform", alpha=None):
     """Keyword arguments for peft's `LoraConfig` that put LoRA on the modules whose adapters were chosen.
 
     chosen: an adapeft.Selection or a list of group names; groups: the ParameterGroups the probe used, or a
     mapping {group name: [qualified names of the modules its adapter weights adapt]} (a probe record's
     "adapted_modules"). r: the rank of every adapter; ranks="values" shares r per chosen module, r x their
     number in all, in proportion to the chosen groups' values (a Selection's), at least 1 each, as a
-    `rank_pattern`. The names are those of the model without peft's wrapper, as `get_peft_model` matches them.
+    `rank_pattern` (the same total rank; the parameters it trains change with the modules' shapes). alpha: LoRA's
+    alpha (default 2 r, as adapeft's probes use); where ranks differ, an `alpha_pattern` keeps every adapter at the
+    probe's scaling alpha / r. The names are those of the model without peft's wrapper, as `get_peft_model` matches
+    them.
     """
     if isinstance(chosen, Selection):
         values = dict(zip(chosen.names, chosen.values))
@@ -101,12 +104,18 @@ def lora_config(chosen, groups, r=8, ranks="uniform"):
         raise ValueError("adapeft.lora_config: no chosen group holds adapter weights (LoRA's A and B); probe the "
                          f"model with LoRA on its modules and group it by module. Chosen: {names}")
     every = list(dict.fromkeys(module for found in modules.values() for module in found))
-    config = {"r": r, **_targets(every)}
+    lora_alpha = 2 * r if alpha is None else alpha
+    config = {"r": r, "lora_alpha": lora_alpha, **_targets(every)}
     if ranks == "values":
         if values is None:
             raise ValueError("adapeft.lora_config: ranks='values' needs the values: pass the Selection")
         config["rank_pattern"] = _shared_ranks(modules, values, r)
+        config["alpha_pattern"] = {module: _whole(lora_alpha * rank / r) for module, rank in config["rank_pattern"].items()}
     return config
+
+
+def _whole(number):
+    return int(number) if float(number).is_integer() else number
 
 
 def _targets(modules):

@@ -145,10 +145,11 @@ def test_peft_adapts_exactly_the_chosen_modules(architecture):
         expected = sorted(f"{stack}.{name.split('@')[1]}.{name.split('@')[0]}" for name in chosen)
         assert adapted_by_peft(base, config) == expected, (chosen, config)
     short = lora_config(grid, groups)
-    assert short == {"r": 8, "target_modules": kinds[1:3], "layers_to_transform": [0, 3],
+    assert short == {"r": 8, "lora_alpha": 16, "target_modules": kinds[1:3], "layers_to_transform": [0, 3],
                      "layers_pattern": stack.rpartition(".")[2]}
     diagonal = [f"{kinds[0]}@0", f"{kinds[1]}@1"]  # not a grid: four modules in short form, two chosen
-    assert lora_config(diagonal, groups) == {"r": 8, "target_modules": [f"{stack}.0.{kinds[0]}", f"{stack}.1.{kinds[1]}"]}
+    assert lora_config(diagonal, groups, alpha=4) == {"r": 8, "lora_alpha": 4, "target_modules": [
+        f"{stack}.0.{kinds[0]}", f"{stack}.1.{kinds[1]}"]}
 
 
 def test_ranks_from_values_share_the_rank_by_value_and_sum_to_r_per_module():
@@ -175,8 +176,9 @@ def test_ranks_from_values_share_the_rank_by_value_and_sum_to_r_per_module():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         wrapped = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**config))
-    for module, rank in ranks.items():
-        assert wrapped.get_submodule(f"base_model.model.{module}").lora_A["default"].weight.shape[0] == rank
+    for module, rank in ranks.items():  # each at its rank, every one at the probe's scaling alpha / r = 2
+        layer = wrapped.get_submodule(f"base_model.model.{module}")
+        assert layer.lora_A["default"].weight.shape[0] == rank and layer.scaling["default"] == 2.0
 
 
 def test_lora_config_errors_name_the_argument():
@@ -242,7 +244,7 @@ def test_probe_and_select_a_causal_lm_as_a_user(corpus, architecture, data, flag
     assert done.returncode == 0, done.stderr
     selection = json.loads(saved.read_text())
     config = selection["lora_config"]
-    assert "peft: LoraConfig(r=8, " in done.stdout
+    assert "peft: LoraConfig(r=8, lora_alpha=16, " in done.stdout
     chosen_modules = sorted({m for name in selection["chosen"] for m in record["adapted_modules"][name]})
     assert adapted_by_peft(tiny(architecture), config) == chosen_modules
     assert sum(config["rank_pattern"].values()) == 8 * len(chosen_modules)
@@ -326,7 +328,7 @@ def test_the_llm_demo_trains_every_choice_at_one_count(corpus, tmp_path):
     assert json.loads(record.read_text())["lora_config"] == (
         lora_config(expected, dict(zip(names, [results["adapted_modules"][n] for n in names]))) if expected else None)
     done = adapeft_command("select", "--probe", record, "--budget", "0.25", "--method", "exact")
-    assert done.returncode == 0 and ("peft: LoraConfig(r=8" in done.stdout) == bool(expected), done.stdout
+    assert done.returncode == 0 and ("peft: LoraConfig(r=8, lora_alpha=16" in done.stdout) == bool(expected), done.stdout
 
 
 def test_the_llm_demo_refuses_what_it_cannot_use(corpus):

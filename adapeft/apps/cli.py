@@ -273,7 +273,8 @@ def parser():
                              "here pareto, so that without --budget you see every choice")
     choose.add_argument("--lora-ranks", choices=("uniform", "values"), default="uniform",
                         help="LoRA ranks (records of adapeft probe --task causal-lm): each chosen adapter at the "
-                             "probe's rank, or that on average, shared by value")
+                             "probe's rank, or that on average, shared by value (the same total rank; the "
+                             "parameters change with the modules' shapes)")
     choose.add_argument("--out", default=None, help="a JSON file to save the selection (and the LoRA configuration) "
                                                    "to (default: none)")
     choose.set_defaults(run=_select)
