@@ -63,16 +63,18 @@ class AdaPEFT:
     cuda_graph (replay the probe's forward passes from a CUDA graph), slope ("fit" or "autograd": b from
     the five points or from one backward pass), compute ("model" or "float32": the probe's forward passes of a
     16-bit model in float32), step_policy ("adaptive": each group's own step; "fixed": every group at eta, as
-    in the paper); see adapeft.Prober."""
+    in the paper), reuse_prefix (start each group's perturbed passes at its first block: the same numbers, fewer
+    blocks computed); see adapeft.Prober."""
 
     def __init__(self, budget=0.01, method="exact", probe_fraction=0.1, probe_every=None, eta=None,
                  granularity="type", direction="optimizer", cuda_graph=False, slope="fit", compute="model",
-                 step_policy="adaptive"):
+                 step_policy="adaptive", reuse_prefix=False):
         if not 0 < probe_fraction <= 1:
             raise ValueError(f"adapeft.AdaPEFT: probe_fraction must be in (0, 1], got {probe_fraction}")
         self.budget, self.method, self.probe_fraction = budget, method, probe_fraction
         self.probe_every, self.eta, self.granularity, self.direction = probe_every, eta, granularity, direction
         self.cuda_graph, self.slope, self.compute, self.step_policy = cuda_graph, slope, compute, step_policy
+        self.reuse_prefix = reuse_prefix
 
     def probe_steps(self, horizon):
         return max(1, math.ceil(self.probe_fraction * horizon))
@@ -88,7 +90,8 @@ class AdaPEFT:
         interval = self.probe_every or max(1, min(4 * len(groups), steps // 4))
         prober = Prober(model, groups, loss_fn, direction=self.direction, optimizer=optimizer,
                         schedule=ProbeSchedule(len(groups), interval=interval), cuda_graph=self.cuda_graph,
-                        slope=self.slope, compute=self.compute, step_policy=self.step_policy)
+                        slope=self.slope, compute=self.compute, step_policy=self.step_policy,
+                        reuse_prefix=self.reuse_prefix)
         run = ProbeRun(prober)
         eta = self.eta or lr
 

@@ -46,15 +46,17 @@ class AdaPEFTCallback(TrainerCallback):
     phase holds four probes); eta: the probe step (default: the learning rate); direction: "optimizer"
     (the optimizer's next update, read from its state) or "grad"; granularity / rules: as
     adapeft.group_parameters; loss_fn(model, batch): default `model(**batch).loss`;
-    manage_adalora: "auto" calls AdaLoRA's update_and_allocate when the model uses it.
+    manage_adalora: "auto" calls AdaLoRA's update_and_allocate when the model uses it; reuse_prefix: as
+    adapeft.Prober's (the same numbers from fewer blocks computed).
     """
 
     def __init__(self, budget=0.01, method="exact", probe_fraction=0.1, every=None, eta=None, direction="optimizer",
-                 granularity="type", rules=None, loss_fn=None, output_dir=None, manage_adalora="auto"):
+                 granularity="type", rules=None, loss_fn=None, output_dir=None, manage_adalora="auto",
+                 reuse_prefix=False):
         self.budget, self.method, self.probe_fraction, self.every = budget, method, probe_fraction, every
         self.eta, self.direction, self.granularity, self.rules = eta, direction, granularity, rules
         self.loss_fn = loss_fn or _model_loss
-        self.output_dir, self.manage_adalora = output_dir, manage_adalora
+        self.output_dir, self.manage_adalora, self.reuse_prefix = output_dir, manage_adalora, reuse_prefix
         self.trainer = None
         self.prober = None
         self.selection = None
@@ -101,7 +103,7 @@ class AdaPEFTCallback(TrainerCallback):
             inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps the optimizer
             self.prober = Prober(model, self._groups, self.loss_fn, direction=self.direction,
                                  optimizer=inner if self.direction == "optimizer" else None, schedule=self._schedule,
-                                 process_group=_data_parallel_group(model))
+                                 process_group=_data_parallel_group(model), reuse_prefix=self.reuse_prefix)
         eta = self.eta or args.learning_rate
         self._capturing = False
         try:

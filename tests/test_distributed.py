@@ -198,3 +198,61 @@ def test_trainer_callback_under_ddp_agrees_across_ranks(tmp_path):
     assert all(out["world"] == WORLD and out["probes"] >= 2 for out in ranks)
     assert torch.equal(ranks[0]["appi"], ranks[1]["appi"]) and ranks[0]["chosen"] == ranks[1]["chosen"]
     assert (tmp_path / "out" / "adapeft_selection.json").exists()  # written once, by rank 0
+
+
+class Block(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.norm, self.linear = torch.nn.LayerNorm(16), torch.nn.Linear(16, 16)
+
+    def forward(self, hidden):
+        return hidden + torch.tanh(self.linear(self.norm(hidden)))
+
+
+class Stack(torch.nn.Module):
+    """A model with a block stack, for prefix reuse under FSDP2 (a shard unit per block)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Linear(8, 16)
+        self.blocks = torch.nn.ModuleList(Block() for _ in range(3))
+        self.head = torch.nn.Linear(16, 4)
+
+    def forward(self, inputs):
+        hidden = self.embed(inputs)
+        for block in self.blocks:
+            hidden = block(hidden)
+        return self.head(hidden)
+
+
+def fsdp2_prefix_worker(rank, folder, backend):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    device, local = join(rank, folder, backend)
+    try:
+        torch.manual_seed(0)
+        model = Stack().double().to(device)
+        mesh = init_device_mesh(device.type, (WORLD,))
+        for block in model.blocks:
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        cross_entropy(model, local).backward()
+        groups = adapeft.group_parameters(model, "layer")
+        out = {}
+        for reuse in (False, True):
+            prober = adapeft.Prober(model, groups, cross_entropy, reuse_prefix=reuse)
+            out[reuse] = torch.stack([prober.step(local, ETA).losses for _ in range(2)])
+        out["kept"], out["share"] = prober.prefix.kept, prober.prefix.block_share()
+        torch.save(out, os.path.join(folder, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fsdp2_ranks_skip_the_same_blocks_and_measure_the_same_losses(tmp_path, backend):
+    mp.spawn(fsdp2_prefix_worker, args=(str(tmp_path), backend), nprocs=WORLD, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", map_location="cpu") for r in range(WORLD)]
+    for out in ranks:
+        assert torch.equal(out[True].view(torch.int64), out[False].view(torch.int64))
+        assert torch.equal(out[True].view(torch.int64), ranks[0][True].view(torch.int64))
+        assert out["kept"] == (1, 2, 3) and out["share"] < 0.7

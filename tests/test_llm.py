@@ -219,7 +219,8 @@ def corpus(tmp_path_factory):
 
 
 @pytest.mark.parametrize("architecture, data, flags", [
-    ("llama", "text", ()), ("gpt2", "rows", ("--text-column", "body", "--granularity", "layer", "--direction", "grad"))])
+    ("llama", "text", ()), ("gpt2", "rows", ("--text-column", "body", "--granularity", "layer", "--direction", "grad",
+                                             "--no-reuse-prefix"))])
 def test_probe_and_select_a_causal_lm_as_a_user(corpus, architecture, data, flags):
     out = corpus["root"] / f"probe-{architecture}"
     done = adapeft_command("probe", "--task", "causal-lm", "--model", corpus[architecture], "--data", corpus[data],
@@ -231,10 +232,14 @@ def test_probe_and_select_a_causal_lm_as_a_user(corpus, architecture, data, flag
     assert record["task"] == "causal-lm" and record["lora_rank"] == 8
     assert record["direction"] == ("grad" if flags else "optimizer")
     if not flags:
+        # each adapter's passes start at its block from the kept output of the block before
+        assert record["prefix"] == {"blocks": 4, "kept_boundaries": [1, 2, 3], "kept_bytes": 3 * 4 * 16 * 16 * 4,
+                                    "block_share": 0.625, "disabled": None}
         assert record["granularity"] == "module"
         assert record["groups"] == [f"{kind}@{layer}" for layer in range(4) for kind in kinds]
         assert record["adapted_modules"]["mlp.up_proj@2"] == [f"{stack}.2.mlp.up_proj"]
     else:  # layer: LoRA's A and B of every module of a block apart
+        assert record["prefix"] is None
         assert record["groups"][:2] == ["lora_A@0", "lora_A@1"]
         assert record["adapted_modules"]["lora_B@3"] == [f"{stack}.3.{kind}" for kind in kinds]
     assert len(record["ppi_history"]) == 3 and sum(record["appi"]) > 0
@@ -319,6 +324,7 @@ def test_the_llm_demo_trains_every_choice_at_one_count(corpus, tmp_path):
             assert all(sum(counts[names.index(u)] for u in units) <= sum(counts) / 4 for units in row["units"])
         assert all(math.isfinite(run["test_loss"]) for run in row["runs"])
     assert rows["AdaPEFT"]["difference"] == 0.0 and rows["AdaPEFT"]["passes"] > 0
+    assert results["prefix"]["kept_boundaries"] == [1, 2, 3] and results["prefix"]["block_share"] == 0.625
     tokenizer = transformers.AutoTokenizer.from_pretrained(corpus["llama"])
     _, test = demo_llm.stdlib_source(tokenizer, 32, 80, 32)
     pretrained = demo_llm.held_out_loss(transformers.AutoModelForCausalLM.from_pretrained(corpus["llama"]), test, "cpu")

@@ -249,6 +249,10 @@ def parser():
     probe.add_argument("--compute", choices=("model", "float32"), default="model",
                        help="the probe's forward passes as the model computes, or, for a 16-bit model, in float32 "
                             "(each weight converted as it is used)")
+    probe.add_argument("--reuse-prefix", action=argparse.BooleanOptionalAction, default=True,
+                       help="start each group's perturbed forward passes at the first block it is used in, from "
+                            "the unperturbed pass's output of the block before: the same losses bit for bit, "
+                            "checked at the first probe (default: on)")
     probe.add_argument("--device", type=device, default=None,
                        help="cpu, cuda or cuda:N (default: cuda when there is one)")
     probe.add_argument("--dtype", choices=tuple(probe_command.DTYPES), default="float32",

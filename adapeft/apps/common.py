@@ -162,6 +162,15 @@ def counting_probe_passes(loss, counter):
     return counted
 
 
+def prefix_record(prober):
+    """What prefix reuse kept and saved, for a record (None where it was not asked for)."""
+    prefix = prober.prefix
+    if prefix is None:
+        return None
+    return {"blocks": len(prefix.blocks) if prefix.blocks else 0, "kept_boundaries": list(prefix.kept),
+            "kept_bytes": prefix.nbytes, "block_share": prefix.block_share(), "disabled": prefix.disabled}
+
+
 # Two-sided 95% quantiles of Student's t for 1 to 10 degrees of freedom; past 10, the normal's 1.96 (the
 # error of the interval's width is then under 12%).
 T_975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)

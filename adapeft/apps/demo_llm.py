@@ -43,7 +43,7 @@ from ..llm import causal_lm_loss, lora_config, lora_targets
 from ..select import select
 from ..selection import Selection
 from .common import (Progress, batches, counting_probe_passes, load_pretrained, load_tokenizer, paired_difference,
-                     seed_everything)
+                     prefix_record, seed_everything)
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 LORA_RANK = 8
@@ -198,7 +198,8 @@ def run(out_dir="adapeft-demo-llm", quick=False, model=None, gguf_file=None, bud
     recorder = signals.SignalRecorder(probed, groups, causal_lm_loss, lambda batch: [
         {"input_ids": batch["input_ids"][i:i + 1]} for i in range(len(batch["input_ids"]))])
     passes = [0]
-    algorithm = AdaPEFT(probe_every=settings["probe_every"], eta=settings["lr"], direction=direction)
+    algorithm = AdaPEFT(probe_every=settings["probe_every"], eta=settings["lr"], direction=direction,
+                        reuse_prefix=True)
     progress = Progress(probe_steps, "1/3 probe")
     probe_run = algorithm.probe_train(probed, batches({"input_ids": train}, settings["batch"], seeds[0], device),
                                       counting_probe_passes(causal_lm_loss, passes), probe_steps, settings["lr"],
@@ -207,8 +208,10 @@ def run(out_dir="adapeft-demo-llm", quick=False, model=None, gguf_file=None, bud
     prober = probe_run.prober
     prober.flush()
     verdicts = collections.Counter(verdict for result in prober.results for verdict in result.reasons())
+    prefix = prefix_record(prober)
     log(f"1/3 probed {len(groups)} units {len(prober.results)} times ({passes[0]} forward passes, "
-        f"{probe_run.probe_seconds:.1f} s); verdicts: {dict(verdicts)}")
+        f"{probe_run.probe_seconds:.1f} s; they ran {prefix['block_share']:.0%} of the blocks' work of full passes, "
+        f"reusing {len(prefix['kept_boundaries'])} kept block outputs); verdicts: {dict(verdicts)}")
 
     # 2. Every method's units under the same count.
     values = {"AdaPEFT": (prober.appi.cpu() * torch.tensor(groups.numel, dtype=torch.float64)).tolist(),
@@ -248,7 +251,7 @@ def run(out_dir="adapeft-demo-llm", quick=False, model=None, gguf_file=None, bud
                "probe_history": [result.as_dict() for result in prober.results],
                "resolved_history": [result.resolved.tolist() for result in prober.results],
                "lora_rank": LORA_RANK, "adapted_modules": {name: groups.adapted_modules(name) for name in groups.names},
-               "lora_config": config, "comparison": rows}
+               "lora_config": config, "prefix": prefix, "comparison": rows}
     results["seconds"] = time.perf_counter() - started
     with open(os.path.join(out_dir, "results.json"), "w") as handle:
         json.dump(results, handle, indent=2)

@@ -52,7 +52,7 @@ def run(args):
     # A causal LM trains its adapters only: the frozen base is no group (its counts would swamp any budget).
     groups = group_parameters(model, granularity=granularity, trainable_only=args.task == "causal-lm")
     algorithm = AdaPEFT(probe_every=args.every, eta=args.eta, slope=args.slope, compute=args.compute,
-                        direction=args.direction)
+                        direction=args.direction, reuse_prefix=args.reuse_prefix)
     progress = common.Progress(args.steps, "probe")
     probe_run = algorithm.probe_train(model, common.batches(data, args.batch, args.seed, run_on), loss_fn, args.steps,
                                       args.lr, on_step=progress, groups=groups)
@@ -64,7 +64,8 @@ def run(args):
               "groups": prober.names, "counts": prober.groups.numel, "appi": prober.appi.cpu().tolist(),
               "ppi_history": [h.cpu().tolist() for h in prober.history],
               "probe_history": [result.as_dict() for result in prober.results],
-              "resolved_history": [result.resolved.tolist() for result in prober.results]}
+              "resolved_history": [result.resolved.tolist() for result in prober.results],
+              "prefix": common.prefix_record(prober)}
     if args.task == "causal-lm":
         record["lora_rank"] = args.lora_rank
         record["adapted_modules"] = {name: groups.adapted_modules(name) for name in groups.names}

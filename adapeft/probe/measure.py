@@ -1,6 +1,7 @@
 """The probe's forward passes: each group's losses at its points and what its moves realized, measured with the
 compiled moves (eagerly, or as what a CUDA graph captures: adapeft.probe.graph) or with the plain baseline; and
 the exact slopes g.d from one backward pass."""
+import contextlib
 import math
 import warnings
 
@@ -16,15 +17,26 @@ from .points import COLUMNS, INNER, OUTER
 class ProbeLoss:
     """loss_fn(model, batch) as the probe calls it: FSDP2's shards gathered afresh, the forward passes in float32
     where compute="float32", a failure named with the group that was moved, the result checked to be one
-    floating element; `eps`: the eps of its dtype (0 until a loss was measured)."""
+    floating element; `eps`: the eps of its dtype (0 until a loss was measured). `prefix`: an
+    adapeft.probe.prefix.PrefixReuse, or None."""
 
-    def __init__(self, model, loss_fn, compute, fsdp_modules):
+    def __init__(self, model, loss_fn, compute, fsdp_modules, prefix=None):
         self.model, self.loss_fn, self.compute, self.fsdp_modules = model, loss_fn, compute, fsdp_modules
+        self.prefix = prefix
         self.eps = 0.0
         self._said_coarse = False
 
     def __call__(self, batch, group):
-        where = "on the unperturbed model" if group is None else f"with group {group!r} perturbed"
+        with self.prefix.around(group) if self.prefix is not None else contextlib.nullcontext():
+            return self._value(batch, "on the unperturbed model" if group is None else
+                               f"with group {group!r} perturbed")
+
+    def prepare_prefix(self, batch):
+        """Where the prefix reuse starts each group (once; adapeft.probe.prefix)."""
+        if self.prefix is not None:
+            self.prefix.prepare(lambda: self._value(batch, "on the unperturbed model"))
+
+    def _value(self, batch, where):
         reshard(self.fsdp_modules)
         try:
             with float32_compute(self.compute == "float32"):
@@ -45,7 +57,7 @@ class ProbeLoss:
                           f"{self.eps:.1g} of its value: more than a local probe step changes it, so b and A "
                           "are mostly rounding (at a fixed step b comes out 0). Return the loss in float32 "
                           "(cross_entropy(logits.float(), labels)); the model can stay in 16 bits.", UserWarning,
-                          stacklevel=4)
+                          stacklevel=5)
         return loss.reshape(())
 
 

@@ -23,6 +23,7 @@ from .ledgers import SharedLedgers
 from .measure import Measurement, ProbeLoss, exact_slopes
 from .plan import Notes, plan_group
 from .points import StepTable
+from .prefix import PrefixReuse
 from .rates import LearningRates
 from .result import ProbeResult
 
@@ -76,6 +77,11 @@ class Prober:
     its own shards, and the same collective sums what the moves measured (realized steps, changed
     elements), so group sizes and fits are global. "auto": the model's group under
     DistributedDataParallel or FSDP2; None: no collective; or a ProcessGroup.
+    reuse_prefix: start each group's perturbed passes at the first block of the model's block stack that uses
+    its parameters, from that block's input as the unperturbed pass computed it (adapeft.probe.prefix): the
+    same losses bit for bit, checked once at the first probe (where they are not, the probe warns and runs full
+    passes). prefix_memory: the most bytes the kept block outputs may take (None: one per distinct first block);
+    `prober.prefix` reports what was kept and the share of the blocks' work the probe still runs.
 
     (Longer than the project's other classes: it is the loop of Algorithm 1 with every option checked and the
     state kept between probes; each step of the loop lives in a module of adapeft.probe.)
@@ -84,7 +90,8 @@ class Prober:
     def __init__(self, model, groups=None, loss_fn=None, *, direction="grad", optimizer=None, backend="compiled",
                  r2_threshold=0.99, apply_lr=False, lr_ema=0.9, lr_clip=(0.5, 2.0), schedule=None, history=True,
                  cuda_graph=False, process_group="auto", require_resolved=False, step_policy="adaptive",
-                 step_range=step_rules.DEFAULT_RANGE, slope="fit", compute="model"):
+                 step_range=step_rules.DEFAULT_RANGE, slope="fit", compute="model", reuse_prefix=False,
+                 prefix_memory=None):
         groups = _checked_groups(model, groups, loss_fn)
         _check_options(backend, direction, optimizer, step_policy, step_range, slope, compute, cuda_graph)
         devices = {p.device for name in groups.names for p in groups.params(name)}
@@ -116,7 +123,10 @@ class Prober:
         self.step_range = self._points.range
         self._exact_slope = torch.full((k,), math.nan, dtype=torch.float64, device=self.device)  # g.d per group
         self._fsdp_modules = distributed.fsdp_modules(model) if self._sharded else []
-        self._loss = ProbeLoss(model, loss_fn, compute, self._fsdp_modules)
+        if prefix_memory is not None and not reuse_prefix:
+            raise ValueError("adapeft.Prober: prefix_memory caps what reuse_prefix=True keeps; it needs reuse_prefix=True")
+        self.prefix = PrefixReuse(model, groups, self.names, prefix_memory) if reuse_prefix else None
+        self._loss = ProbeLoss(model, loss_fn, compute, self._fsdp_modules, self.prefix)
         self._measurement = Measurement(self.names, self._loss, self._points.table, self.device)
         self._assess = Assessor(self.names, backend, slope, r2_threshold, self.device)
         self._ledgers = SharedLedgers(self.device)
@@ -175,6 +185,7 @@ class Prober:
         low, high, new = self._points.begin(eta, plans)
         with torch.no_grad(), model_untouched(self.model, modules, self.device), full_float32_precision():
             try:
+                self._loss.prepare_prefix(batch)
                 if self.slope == "autograd":
                     exact_slopes(self._loss, batch, plans, self.names, self._exact_slope)
                 perturbations = self._ledgers.perturbations_for(plans, self.names, self._points.table) \
@@ -195,6 +206,8 @@ class Prober:
                     measure(batch)
             finally:
                 distributed.reshard(self._fsdp_modules)  # the next forward gathers the restored shards
+                if self.prefix is not None:
+                    self.prefix.release()
         self._agree(plans)
         self._points.started.update(plans)
         return self._finish(plans, eta, low, high)
