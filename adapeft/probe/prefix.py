@@ -134,10 +134,10 @@ class PrefixReuse:
             return
         reference = full_loss()
         self.starts, self.kept = starts, (deepest,)
-        with self._recording():
+        with self.recording():
             recorded = full_loss()
         self.output_bytes = _nbytes(self._outputs[deepest - 1])
-        with self._skipping(deepest):
+        with self.skipping(deepest):
             reused = full_loss()
         self._outputs = {}
         same = [torch.equal(a, b) for a, b in ((recorded, reference), (reused, reference))]
@@ -193,14 +193,14 @@ class PrefixReuse:
             if torch.is_grad_enabled():
                 yield
             else:
-                with self._recording():
+                with self.recording():
                     yield
         else:
             boundary = self._boundary(group)
             if boundary == 0 or boundary - 1 not in self._outputs:
                 yield
             else:
-                with self._skipping(boundary):
+                with self.skipping(boundary):
                     yield
 
     def release(self):
@@ -208,7 +208,8 @@ class PrefixReuse:
         self._outputs = {}
 
     @contextlib.contextmanager
-    def _recording(self):
+    def recording(self):
+        """While inside, the forward passes keep the outputs of the blocks before the kept boundaries."""
         self._outputs = {}
 
         def keeper(i):
@@ -224,8 +225,9 @@ class PrefixReuse:
                 handle.remove()
 
     @contextlib.contextmanager
-    def _skipping(self, boundary):
-        """Blocks 0 .. boundary-1 return block boundary-1's kept output without computing."""
+    def skipping(self, boundary):
+        """While inside, blocks 0 .. boundary-1 return block boundary-1's output kept by `recording` without
+        computing (the boundary one of `kept`)."""
         kept = self._outputs[boundary - 1]
         skipped = self.blocks[:boundary]
         own = [block.__dict__.get("forward") for block in skipped]  # a wrapper's instance forward (accelerate)
