@@ -41,9 +41,11 @@ def least_squares(losses, steps):
 
 
 def through_slope(losses, steps, slope):
-    """(A, R^2) with b known (K x 5 losses and steps, K slopes): A by least squares of dL(x) + x b = x^2/2 A."""
+    """(A, R^2) with b known (K x M losses and steps, the middle column the unperturbed loss; K slopes): A by least
+    squares of dL(x) + x b = x^2/2 A."""
     x = steps.double()
-    y = losses.double() - losses.double()[:, 2:3]
+    middle = losses.shape[1] // 2
+    y = losses.double() - losses.double()[:, middle:middle + 1]
     A = 2 * (x.square() * (y + x * slope[:, None])).sum(1) / x.pow(4).sum(1)
     ss_res = (y - (-x * slope[:, None] + 0.5 * x.square() * A[:, None])).square().sum(1)
     ss_tot = (y - y.mean(1, keepdim=True)).square().sum(1)

@@ -159,10 +159,14 @@ def fit_errors(losses, steps, noise, slope_known=False):
     they stand beyond NOISE_SIGMAS of their deviations out of the noise, through the fit's answer to x^3 and
     x^4. The first falls as 1 / t^2 (1 / t for b), the second grows as t^2. The bounds add to the noise's part
     the higher terms as measured, at least one deviation of theirs: a term hidden in the noise moves b and A
-    too (for b, by up to about ten times the noise's own part at symmetric steps)."""
+    too (for b, by up to about ten times the noise's own part at symmetric steps). Three points (K x 3, with the
+    exact slope) leave one number besides b and A, no cubic and quartic term apart: their part is left out."""
     weight_b, weight_A = fit_weights(steps, slope_known)
     x = steps.double()
-    c3, c4, sd3, sd4 = higher_terms(losses, steps)
+    if x.shape[1] == 5:
+        c3, c4, sd3, sd4 = higher_terms(losses, steps)
+    else:
+        c3 = c4 = sd3 = sd4 = torch.zeros_like(x[:, 0])
     known_noise = torch.nan_to_num(noise, nan=0.0)
     # What stands out of the noise, shrunk by it (continuous in the losses, so that ranks that sum in other
     # orders choose the same steps).
@@ -185,6 +189,19 @@ def noise_samples(losses, steps):
     which is the noise where the loss's quartic term is negligible (at small steps)."""
     _, c4, _, sd4 = higher_terms(losses, steps)
     return c4.abs() / sd4
+
+
+def residual_samples(losses, steps, slope):
+    """Three points and the exact slope (K x 3 losses and realized steps, the middle column unperturbed; K slopes):
+    one sample per group of a loss's noise in its own units (float64, K), from what the fit of A through the slope
+    leaves: z_i = dL(x_i) + x_i b, projected on the direction orthogonal to the curvature's (x_-^2, x_+^2), over
+    that projection's deviation per unit of noise (each z_i holds the unperturbed loss's error too). It is the
+    noise where the loss's cubic term is negligible (at small steps), as `noise_samples` is for five points."""
+    x = torch.stack([steps[:, 0], steps[:, 2]], 1).double()
+    z = torch.stack([losses[:, 0], losses[:, 2]], 1).double() - losses[:, 1:2].double() + x * slope[:, None]
+    across = torch.stack([x[:, 1].square(), -x[:, 0].square()], 1)
+    across = across / across.norm(dim=1, keepdim=True)
+    return (across * z).sum(1).abs() / (1 + across.sum(1).square()).sqrt()
 
 
 def pooled_noise(pool, samples, usable):

@@ -78,6 +78,14 @@ def test_reused_prefixes_give_the_full_probe_bit_for_bit(architecture, granulari
     assert prober.prefix.nbytes == len(prober.prefix.kept) * 3 * 11 * 16 * 8
 
 
+def test_three_points_reuse_prefixes_bit_for_bit():
+    model, groups, batch = probed_model("qwen2", "module")
+    _, full = probes(model, groups, batch, points=3, slope="autograd")
+    _, reused = probes(model, groups, batch, points=3, slope="autograd", reuse_prefix=True)
+    for got, want in zip(reused, full):
+        assert all(same_bits(getattr(got, field), getattr(want, field)) for field in FIELDS)
+
+
 def test_blocks_are_really_skipped_and_the_slope_pass_is_whole():
     """Each block computes once per unperturbed pass and once per perturbed pass of a group that starts at or
     before it (counted by its attention's calls); slope='autograd''s backward pass runs every block."""
@@ -212,12 +220,15 @@ def test_a_failure_mid_probe_restores_the_blocks_and_the_weights():
 @requires_cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("cuda_graph", [False, True], ids=["eager", "graphed"])
-def test_cuda_reused_prefixes_give_the_same_losses(dtype, cuda_graph):
+@pytest.mark.parametrize("points", [5, 3])
+def test_cuda_reused_prefixes_give_the_same_losses(dtype, cuda_graph, points):
     """On CUDA (deterministic kernels for one shape) the losses are the full probe's bit for bit, eager and
-    replayed from a CUDA graph; the realized steps are float64 atomic sums (to rounding)."""
+    replayed from a CUDA graph, with five points and with three; the realized steps are float64 atomic sums (to
+    rounding)."""
     model, groups, batch = probed_model("llama", "module", dtype, "cuda")
-    full = adapeft.Prober(model, groups, causal_lm_loss)
-    reused = adapeft.Prober(model, groups, causal_lm_loss, reuse_prefix=True, cuda_graph=cuda_graph)
+    options = {"points": points, "slope": "autograd"} if points == 3 else {}
+    full = adapeft.Prober(model, groups, causal_lm_loss, **options)
+    reused = adapeft.Prober(model, groups, causal_lm_loss, reuse_prefix=True, cuda_graph=cuda_graph, **options)
     for _ in range(3):
         got, want = reused.step(batch, 1e-2), full.step(batch, 1e-2)
         assert same_bits(got.losses, want.losses) and torch.equal(got.verdict, want.verdict)

@@ -100,6 +100,39 @@ def test_b_and_A_match_autograd_in_float64(make, backend):
             assert result.eta_star[k].item() == pytest.approx(b / A, rel=1e-3)
 
 
+@pytest.mark.parametrize("make, backend", [(mlp, "compiled"), (mlp, "torch"), (tiny_gpt2, "compiled")],
+                         ids=["mlp-compiled", "mlp-torch", "gpt2-compiled"])
+def test_three_points_match_autograd_in_float64_from_2k_plus_1_passes(make, backend):
+    """points=3: b is the exact slope (the five-point probe's with slope='autograd', bit for bit), A from +-t alone
+    matches d.H.d, at 2K+1 forward passes and one backward a probe (the adaptive first probe brackets first); the
+    outer columns are nan."""
+    model, batch, loss_fn = make()
+    with_gradient(model, batch, loss_fn)
+    groups = adapeft.group_parameters(model)
+    passes = [0]
+
+    def counted(model, batch):
+        passes[0] += not torch.is_grad_enabled()
+        return loss_fn(model, batch)
+
+    prober = adapeft.Prober(model, groups, counted, slope="autograd", points=3, backend=backend)
+    five = adapeft.Prober(model, groups, loss_fn, slope="autograd", backend=backend)
+    for _ in range(2):
+        passes[0] = 0
+        result, full = prober.step(batch, 1e-4), five.step(batch, 1e-4)
+    assert passes[0] == 2 * len(groups) + 1
+    assert torch.equal(result.b, full.b) and torch.equal(result.accepted, full.accepted)
+    assert torch.isnan(result.losses[:, [0, 4]]).all() and torch.isnan(result.steps[:, [0, 4]]).all()
+    assert torch.isfinite(result.losses[:, 1:4]).all()
+    for k, (b, A) in enumerate(autograd_b_and_A(model, batch, loss_fn, groups)):
+        assert result.b[k].item() == pytest.approx(b, rel=1e-9)
+        assert result.A[k].item() == pytest.approx(A, rel=1e-4, abs=1e-4 * abs(b)), groups.names[k]
+    for bad, message in ((4, "points must be one of"), (True, "points must be one of"),
+                         (3, "points=3 needs slope='autograd'")):
+        with pytest.raises(ValueError, match=message):
+            adapeft.Prober(model, groups, loss_fn, points=bad, slope="autograd" if bad != 3 else "fit")
+
+
 @pytest.mark.parametrize("slope", ["fit", "autograd"])
 def test_float32_error_is_within_what_the_probe_reports(slope):
     """In float32, with the default steps, b and A agree with float64 autograd to within the errors the probe

@@ -215,3 +215,24 @@ def test_outer_points_do_not_chase_noise_that_looks_like_curvature():
                           generator=generator)
     ratio = steps.outer_ratio(losses, torch.full((k,), 2.4e-7, **F64), torch.tensor(noise, **F64))
     assert float((ratio == steps.OUTER_MOST).double().mean()) > 0.99
+
+
+def test_three_points_fit_errors_match_the_spread_of_noisy_fits_through_the_slope():
+    """With the exact slope, A from +-t alone: the noise's part of its error is the spread of many noisy fits, and
+    the residual's samples measure the noise (no cubic term here); no higher term is claimed seen."""
+    from adapeft.fit import through_slope
+    torch.manual_seed(2)
+    t, noise, trials = 1e-2, 1e-7, 20000
+    clean, x = polynomial_losses(t, 0.3, 2.0, 0.0, 0.0, points=(-0.98, 0.0, 1.03))  # uneven realized steps
+    noisy = clean + noise * torch.randn(trials, 3, **F64)
+    slope = torch.full((trials,), 0.3, **F64)
+    A, _ = through_slope(noisy, x.expand(trials, 3), slope)
+    errors = steps.fit_errors(clean, x, torch.tensor(noise, **F64), slope_known=True)
+    assert errors.A_noise.item() == pytest.approx(A.std().item(), rel=0.03)
+    assert errors.A_noise.item() == pytest.approx(math.sqrt(6) * noise / t**2, rel=0.05)  # sqrt(2 + 4) / t^2
+    assert errors.b_noise.item() == 0 and errors.A_higher.item() == 0 and errors.A_bound.item() == errors.A_noise.item()
+    samples = steps.residual_samples(noisy, x.expand(trials, 3), slope)
+    assert samples.square().mean().sqrt().item() == pytest.approx(noise, rel=0.03)
+    # a cubic term shows in the residual: the samples grow with it
+    cubic = clean + 1e3 * x.pow(3)
+    assert steps.residual_samples(cubic, x, slope[:1]).item() > 100 * noise

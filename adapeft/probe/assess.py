@@ -19,8 +19,11 @@ RELIABLE_STEP_TOLERANCE = 0.1
 
 @dataclass
 class Assessment:
-    """What a measurement tells of each group: the report rows, realized steps, the fit, and verdicts."""
+    """What a measurement tells of each group: the report rows, realized steps, the fit, and verdicts. `losses`,
+    `steps`: the measured points' columns (five, or three), the unperturbed one in the middle; `report` and
+    `at_points` (the perturbed points measured) as the moves wrote them."""
 
+    losses: torch.Tensor
     report: torch.Tensor
     steps: torch.Tensor
     at_points: torch.Tensor
@@ -84,10 +87,11 @@ class Assessor:
         StepTable; sample_noise: the groups were measured at eta, where their fourth differences sample the
         loss's noise."""
         k = len(self.names)
-        losses = measurement.losses
         counts, probed = self._counts_of(plans)
         report = measurement.report.view(k, 5, len(L.REPORT_FIELDS))
-        steps = report[:, :, L.REPORT_STEP]
+        losses, steps = measurement.losses[:, points.measured], report[:, points.measured, L.REPORT_STEP]
+        middle = losses.shape[1] // 2
+        base = losses[:, middle]
         if self.backend == "compiled":
             fit = ops.quadratic_fit(losses, steps, counts, None, self.r2_threshold)
         else:
@@ -98,31 +102,33 @@ class Assessor:
                                 self.r2_threshold)
         at_points = report.index_select(1, points.point_columns)
         moved_share = at_points[:, :, L.REPORT_CHANGED] / counts.clamp(min=1)[:, None]
-        on_course = (at_points[:, :, L.REPORT_STEP] / points.table.double() - 1).abs() <= RELIABLE_STEP_TOLERANCE
+        on_course = (at_points[:, :, L.REPORT_STEP] / points.table[:, points.measured_in_table].double() - 1).abs() \
+            <= RELIABLE_STEP_TOLERANCE
         moved = ((moved_share >= RELIABLE_CHANGED_SHARE) | on_course).all(1)
         unmoved = at_points[:, :, L.REPORT_UNMOVED].sum(1)
         reliable = moved & (unmoved == 0) & probed
-        samples = step_rules.noise_samples(losses, steps)
-        largest_change = (losses - losses[:, 2:3]).abs().amax(1)
+        samples = step_rules.noise_samples(losses, steps) if points.points == 5 else \
+            step_rules.residual_samples(losses, steps, exact_slope)
+        largest_change = (losses - base[:, None]).abs().amax(1)
         # A loss that did not change at all (lora_A's while lora_B is 0) is no sample of its noise.
         usable = reliable & (largest_change > 0) & torch.isfinite(samples) & torch.isfinite(losses).all(1)
         if sample_noise:
             self.noise.sample(samples, usable)
         else:
             self.noise.stand_in(samples, usable & (points.scale <= step_rules.NEAR_ETA * eta))
-        rounding = step_rules.resolution(losses[:, 2], loss_eps, self.noise.value)
+        rounding = step_rules.resolution(base, loss_eps, self.noise.value)
         # The noise as large as the loss's rounding where it was not measured (or measured below it).
         noise = rounding / step_rules.ROUNDINGS_PER_NOISE
         errors = step_rules.fit_errors(losses, steps, noise, slope_known=self.slope == "autograd")
-        return Assessment(report=report, steps=steps, at_points=at_points, fit=fit, b_fit=b_fit, counts=counts,
+        return Assessment(losses=losses, report=report, steps=steps, at_points=at_points, fit=fit, b_fit=b_fit, counts=counts,
                           probed=probed, moved=moved, unmoved=unmoved, reliable=reliable, rounding=rounding,
                           resolved=errors.A_noise <= step_rules.RESOLVED_SHARE * fit.A.abs(), errors=errors,
-                          loss_change=largest_change / losses[:, 2].abs())
+                          loss_change=largest_change / base.abs())
 
 
-def verdicts(found, losses, accepted, r2_threshold):
+def verdicts(found, accepted, r2_threshold):
     """VERDICTS' index of each group: accepted, or the first reason that applies."""
-    fit, at_points = found.fit, found.at_points
+    fit, at_points, losses = found.fit, found.at_points, found.losses
     realized = at_points[:, :, L.REPORT_STEP]
     nonfinite_direction = at_points[:, :, L.REPORT_NONFINITE].sum(1) > 0
     inputs_finite = torch.isfinite(losses).all(1) & ~nonfinite_direction

@@ -11,7 +11,7 @@ from ..ops import layout as L
 from ..ops import reference
 from ..upcast import float32_compute
 from .distributed import reshard
-from .points import COLUMNS, INNER, OUTER
+from .points import COLUMNS, OUTER
 
 
 class ProbeLoss:
@@ -64,10 +64,11 @@ class ProbeLoss:
 class Measurement:
     """The K x 5 losses of a probe (column 2 the unperturbed loss) and its K * 5 report rows (adapeft.REPORT_FIELDS),
     filled by measuring the inner points of every group, then, where `place_outer` is given (a callable run while
-    every group is at its unperturbed values), placing the outer points from them, then the outer points."""
+    every group is at its unperturbed values), placing the outer points from them, then the outer points (`rounds`:
+    the points of each round, adapeft.probe.points.StepTable.rounds; a three-point probe has no outer ones)."""
 
-    def __init__(self, names, loss, steps, device):
-        self.names, self.loss, self.steps = names, loss, steps
+    def __init__(self, names, loss, steps, device, rounds):
+        self.names, self.loss, self.steps, self.rounds = names, loss, steps, rounds
         self.losses = torch.empty(len(names), 5, dtype=torch.float64, device=device)
         self.report = torch.zeros(len(names) * 5, len(L.REPORT_FIELDS), dtype=torch.float64, device=device)
 
@@ -79,7 +80,7 @@ class Measurement:
     def _rounds(self, batch, place_outer):
         """The unperturbed loss, then the inner points to measure, then (placed) the outer ones."""
         self._start(batch)
-        for points in (INNER, OUTER):
+        for points in self.rounds:
             if place_outer is not None and points is OUTER:
                 place_outer()
             yield points

@@ -1,5 +1,6 @@
 """Where each group is probed: its step t_k, and the K x 4 table of the steps the moves read (adapeft.steps
-holds the rules that choose them)."""
+holds the rules that choose them). A five-point probe measures all four perturbed points; a three-point one
+(exact slopes) only the inner two, +-t_k, and its results' outer columns stay nan."""
 import math
 
 import torch
@@ -12,6 +13,7 @@ COLUMNS = (0, 1, 3, 4)  # where the four perturbed points sit in a row of five; 
 # The points in the order they are measured: the inner ones first, from which the outer ones may be placed
 # (adapeft.steps.outer_ratio).
 INNER, OUTER = (1, 2), (0, 3)
+POINT_COUNTS = (5, 3)
 
 
 class StepTable:
@@ -22,14 +24,20 @@ class StepTable:
     the outer points (s_k) from the inner ones; "fixed" probes every group at {-2,-1,1,2} eta, as the paper does.
     """
 
-    def __init__(self, num_groups, policy, step_range, device):
-        self.policy, self.range = policy, (float(step_range[0]), float(step_range[1]))
-        self.places_outer = policy == "adaptive"  # the paper's fixed steps keep their points at +-2 eta
+    def __init__(self, num_groups, policy, step_range, device, points=5):
+        self.policy, self.range, self.points = policy, (float(step_range[0]), float(step_range[1])), points
+        # the paper's fixed steps keep their points at +-2 eta; three points have no outer ones
+        self.places_outer = policy == "adaptive" and points == 5
+        # The points measured: the inner ones first, from which the outer ones may be placed (adapeft.steps.outer_ratio)
+        self.rounds = (INNER, OUTER) if points == 5 else (INNER,)
+        # Their columns as slices of a row of five (losses, steps; the unperturbed one among them) and of the table
+        self.measured = slice(0, 5) if points == 5 else slice(1, 4)
+        self.measured_in_table = slice(0, 4) if points == 5 else slice(1, 3)
         self.scale = torch.full((num_groups,), math.nan, dtype=torch.float64, device=device)
         self.table = torch.empty(num_groups, len(POINTS), dtype=torch.float32, device=device)
         self._points = torch.tensor(POINTS, dtype=torch.float32, device=device)
         # A device index (a Python list used as an index would be copied to the device and wait for it).
-        self.point_columns = torch.tensor(COLUMNS, device=device)
+        self.point_columns = torch.tensor(COLUMNS if points == 5 else (COLUMNS[1], COLUMNS[2]), device=device)
         self.started = set()  # groups probed before
 
     def begin(self, eta, names):

@@ -22,7 +22,7 @@ from .guards import check_eta, full_float32_precision, model_untouched
 from .ledgers import SharedLedgers
 from .measure import Measurement, ProbeLoss, exact_slopes
 from .plan import Notes, plan_group
-from .points import StepTable
+from .points import POINT_COUNTS, StepTable
 from .prefix import PrefixReuse
 from .rates import LearningRates
 from .result import ProbeResult
@@ -77,6 +77,11 @@ class Prober:
     its own shards, and the same collective sums what the moves measured (realized steps, changed
     elements), so group sizes and fits are global. "auto": the model's group under
     DistributedDataParallel or FSDP2; None: no collective; or a ProcessGroup.
+    points: 5 (default), the paper's five points; 3: with slope="autograd" (b exact), A from the inner points
+    +-t_k alone, 2K+1 forward passes and one backward pass a probe instead of 4K+1 forward passes (and the
+    outer points are not placed: ProbeResult's losses and steps in columns 0 and 4 are nan). R^2 then has one
+    degree of freedom: how far the two points' own slope is from the exact one (a cubic term); the noise is
+    sampled from that residual, and a quartic term, which five points see, goes unseen.
     reuse_prefix: start each group's perturbed passes at the first block of the model's block stack that uses
     its parameters, from that block's input as the unperturbed pass computed it (adapeft.probe.prefix): the
     same losses bit for bit, checked once at the first probe (where they are not, the probe warns and runs full
@@ -90,10 +95,10 @@ class Prober:
     def __init__(self, model, groups=None, loss_fn=None, *, direction="grad", optimizer=None, backend="compiled",
                  r2_threshold=0.99, apply_lr=False, lr_ema=0.9, lr_clip=(0.5, 2.0), schedule=None, history=True,
                  cuda_graph=False, process_group="auto", require_resolved=False, step_policy="adaptive",
-                 step_range=step_rules.DEFAULT_RANGE, slope="fit", compute="model", reuse_prefix=False,
+                 step_range=step_rules.DEFAULT_RANGE, slope="fit", compute="model", points=5, reuse_prefix=False,
                  prefix_memory=None):
         groups = _checked_groups(model, groups, loss_fn)
-        _check_options(backend, direction, optimizer, step_policy, step_range, slope, compute, cuda_graph)
+        _check_options(backend, direction, optimizer, step_policy, step_range, slope, compute, cuda_graph, points)
         devices = {p.device for name in groups.names for p in groups.params(name)}
         if len(devices) != 1:
             raise ValueError(f"adapeft.Prober: the model's parameters are on several devices {sorted(map(str, devices))}"
@@ -119,7 +124,8 @@ class Prober:
         self.results = [] if history else None  # the ProbeResult of every probe
         self.require_resolved = bool(require_resolved)
         self.step_policy, self.slope, self.compute = step_policy, slope, compute
-        self._points = StepTable(k, step_policy, step_range, self.device)
+        self.points = points
+        self._points = StepTable(k, step_policy, step_range, self.device, points)
         self.step_range = self._points.range
         self._exact_slope = torch.full((k,), math.nan, dtype=torch.float64, device=self.device)  # g.d per group
         self._fsdp_modules = distributed.fsdp_modules(model) if self._sharded else []
@@ -127,7 +133,7 @@ class Prober:
             raise ValueError("adapeft.Prober: prefix_memory caps what reuse_prefix=True keeps; it needs reuse_prefix=True")
         self.prefix = PrefixReuse(model, groups, self.names, prefix_memory) if reuse_prefix else None
         self._loss = ProbeLoss(model, loss_fn, compute, self._fsdp_modules, self.prefix)
-        self._measurement = Measurement(self.names, self._loss, self._points.table, self.device)
+        self._measurement = Measurement(self.names, self._loss, self._points.table, self.device, self._points.rounds)
         self._assess = Assessor(self.names, backend, slope, r2_threshold, self.device)
         self._ledgers = SharedLedgers(self.device)
         self._last_probe = LastProbe(self._ledgers, step_policy)
@@ -237,7 +243,7 @@ class Prober:
         fit, reliable, resolved, probed = found.fit, found.reliable, found.resolved, found.probed
         scale = self._points.scale.clone()
         accepted = fit.accepted & reliable & (resolved if self.require_resolved else True)
-        verdict = verdicts(found, self._measurement.losses, accepted, self.r2_threshold)
+        verdict = verdicts(found, accepted, self.r2_threshold)
         ppi = torch.where(accepted, fit.ppi, torch.zeros_like(fit.ppi))
         eta_star = torch.where(accepted, fit.eta_star, torch.full_like(fit.eta_star, math.nan))
         self.appi += ppi
@@ -253,7 +259,7 @@ class Prober:
             torch.full_like(fit.b, math.nan)
         result = ProbeResult(names=list(self.names), b=fit.b, A=fit.A, r2=fit.r2, accepted=accepted, ppi=ppi,
                              eta_star=eta_star, reliable=reliable, resolved=resolved, probed=probed.clone(),
-                             losses=self._measurement.losses.clone(), steps=found.steps.clone(),
+                             losses=self._measurement.losses.clone(), steps=self._reported_steps(found),
                              changed=found.report[:, :, L.REPORT_CHANGED].clone(), scale=scale, verdict=verdict,
                              eta=eta, b_fit=found.b_fit, slope_error=slope_error, noise=self.noise.clone(),
                              resolution=found.rounding[0].clone(), b_error=found.errors.b_bound,
@@ -265,6 +271,13 @@ class Prober:
         if self.device.type != "cuda":
             self._last_probe.learn(stacklevel=3)
         return result
+
+    def _reported_steps(self, found):
+        """The realized steps, K x 5 (nan where a three-point probe measured nothing)."""
+        steps = found.report[:, :, L.REPORT_STEP].clone()
+        if self.points == 3:
+            steps[:, 0], steps[:, 4] = math.nan, math.nan
+        return steps
 
     def flush(self):
         """Wait for the last probe and emit its warnings now (a host synchronisation on CUDA)."""
@@ -291,7 +304,7 @@ def _checked_groups(model, groups, loss_fn):
     return groups
 
 
-def _check_options(backend, direction, optimizer, step_policy, step_range, slope, compute, cuda_graph):
+def _check_options(backend, direction, optimizer, step_policy, step_range, slope, compute, cuda_graph, points):
     if backend not in BACKENDS:
         raise ValueError(f"adapeft.Prober: backend must be one of {BACKENDS}, got {backend!r}")
     if not (direction in ("grad", "optimizer") or isinstance(direction, dict) or callable(direction)):
@@ -310,6 +323,11 @@ def _check_options(backend, direction, optimizer, step_policy, step_range, slope
         raise ValueError(f"adapeft.Prober: compute must be one of {COMPUTES}, got {compute!r}")
     if cuda_graph and backend != "compiled":
         raise ValueError("adapeft.Prober: cuda_graph=True needs backend='compiled'")
+    if isinstance(points, bool) or points not in POINT_COUNTS:
+        raise ValueError(f"adapeft.Prober: points must be one of {POINT_COUNTS}, got {points!r}")
+    if points == 3 and slope != "autograd":
+        raise ValueError("adapeft.Prober: points=3 needs slope='autograd': three points fit A only through the exact "
+                         "slope")
     if direction == "optimizer" and not isinstance(optimizer, torch.optim.Optimizer):
         raise ValueError("adapeft.Prober: direction='optimizer' needs the optimizer (optimizer=...)")
 
