@@ -41,12 +41,15 @@ def equip_lora(model, target_modules, r=8, alpha=16, dropout=0.0, train_all=True
 
 @dataclass
 class ProbeRun:
-    """What phase 2 leaves: the prober (APPI, history), the losses of the steps, and the time spent."""
+    """What phase 2 leaves: the prober (APPI, history), the losses of the steps, and the time spent; `compared`:
+    {label: the Prober of other settings run beside it}, `compared_seconds`: {label: their probes' seconds}."""
 
     prober: Prober
     losses: list = field(default_factory=list)
     seconds: float = 0.0
     probe_seconds: float = 0.0
+    compared: dict = field(default_factory=dict)
+    compared_seconds: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -63,36 +66,41 @@ class AdaPEFT:
     cuda_graph (replay the probe's forward passes from a CUDA graph), slope ("fit" or "autograd": b from
     the five points or from one backward pass), compute ("model" or "float32": the probe's forward passes of a
     16-bit model in float32), step_policy ("adaptive": each group's own step; "fixed": every group at eta, as
-    in the paper), reuse_prefix (start each group's perturbed passes at its first block: the same numbers, fewer
-    blocks computed); see adapeft.Prober."""
+    in the paper), points (5, or 3 with slope="autograd": 2K+1 forward passes a probe), reuse_prefix (start each
+    group's perturbed passes at its first block: the same numbers, fewer blocks computed); see adapeft.Prober."""
 
     def __init__(self, budget=0.01, method="exact", probe_fraction=0.1, probe_every=None, eta=None,
                  granularity="type", direction="optimizer", cuda_graph=False, slope="fit", compute="model",
-                 step_policy="adaptive", reuse_prefix=False):
+                 step_policy="adaptive", points=5, reuse_prefix=False):
         if not 0 < probe_fraction <= 1:
             raise ValueError(f"adapeft.AdaPEFT: probe_fraction must be in (0, 1], got {probe_fraction}")
         self.budget, self.method, self.probe_fraction = budget, method, probe_fraction
         self.probe_every, self.eta, self.granularity, self.direction = probe_every, eta, granularity, direction
         self.cuda_graph, self.slope, self.compute, self.step_policy = cuda_graph, slope, compute, step_policy
-        self.reuse_prefix = reuse_prefix
+        self.points, self.reuse_prefix = points, reuse_prefix
 
     def probe_steps(self, horizon):
         return max(1, math.ceil(self.probe_fraction * horizon))
 
     def probe_train(self, model, batches, loss_fn, steps, lr, optimizer_cls=torch.optim.AdamW, on_step=None,
-                    on_probe=None, groups=None):
+                    on_probe=None, groups=None, compare=None):
         """Phase 2: full fine-tuning of `model` for `steps` steps, probing on schedule; on_probe(batch) runs
         after each probe, with the training gradients still in p.grad. groups: the ParameterGroups of `model` to
-        train and probe (default: group_parameters(model, granularity) of these settings)."""
+        train and probe (default: group_parameters(model, granularity) of these settings). compare: {label:
+        Prober options} of other probes run at every probe on the same batch, step and direction, to compare
+        settings on one training run (ProbeRun.compared)."""
         if groups is None:
             groups = group_parameters(model, granularity=self.granularity)
         optimizer = optimizer_cls(param_groups(groups, lr=lr))
         interval = self.probe_every or max(1, min(4 * len(groups), steps // 4))
-        prober = Prober(model, groups, loss_fn, direction=self.direction, optimizer=optimizer,
-                        schedule=ProbeSchedule(len(groups), interval=interval), cuda_graph=self.cuda_graph,
-                        slope=self.slope, compute=self.compute, step_policy=self.step_policy,
+        settings = dict(direction=self.direction, optimizer=optimizer, cuda_graph=self.cuda_graph, slope=self.slope,
+                        compute=self.compute, step_policy=self.step_policy, points=self.points,
                         reuse_prefix=self.reuse_prefix)
+        prober = Prober(model, groups, loss_fn, schedule=ProbeSchedule(len(groups), interval=interval), **settings)
         run = ProbeRun(prober)
+        for label, options in (compare or {}).items():
+            run.compared[label] = Prober(model, groups, loss_fn, **{**settings, **options})
+            run.compared_seconds[label] = 0.0
         eta = self.eta or lr
 
         def probe(step, batch):
@@ -100,6 +108,10 @@ class AdaPEFT:
                 probe_start = time.perf_counter()
                 prober.step(batch, eta)
                 run.probe_seconds += time.perf_counter() - probe_start
+                for label, other in run.compared.items():
+                    probe_start = time.perf_counter()
+                    other.step(batch, eta)
+                    run.compared_seconds[label] += time.perf_counter() - probe_start
                 if on_probe is not None:
                     on_probe(batch)
 

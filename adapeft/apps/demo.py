@@ -27,8 +27,9 @@ from ..algorithm import AdaPEFT, equip_lora
 from ..groups import group_parameters
 from ..select import select
 from ..selection import Selection
+from . import compare_points as points
 from . import plot
-from .common import (InputError, Progress, batches, check_model_folder, check_tokenizer_files, counting_probe_passes,
+from .common import (InputError, Progress, batches, check_model_folder, check_tokenizer_files,
                      evaluate, load_pretrained, load_tokenizer, loss_fn, paired_difference, seed_everything)
 from .data import LABELS, stdlib_docstrings, train_test_split
 
@@ -104,9 +105,10 @@ def train_target(folder, trained, train, test, settings, seed, device, label):
 
 
 def run(out_dir="adapeft-demo", quick=False, compare=False, model=None, budget=DEMO_BUDGET, seeds=(0, 1, 2),
-        device=None, direction="optimizer", log=print):
+        device=None, direction="optimizer", compare_points=False, log=print):
     """Run the demo and write its report folder; returns the results as a dict. direction: what the probe moves
-    each group along (adapeft.Prober's)."""
+    each group along (adapeft.Prober's); compare_points: also run a three- and a five-point probe beside it and
+    report how their answers differ (adapeft.apps.compare_points)."""
     settings = dict(SETTINGS["quick" if quick else "full"])
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     folder = model_folder(model)
@@ -129,17 +131,22 @@ def run(out_dir="adapeft-demo", quick=False, compare=False, model=None, budget=D
     # With --compare, the cheap signals are measured on the same proxy and run (weight SNR before training,
     # as Spectrum scores the pretrained model).
     recorder, cheap = (_cheap_signals(proxy) if compare else (None, None))
-    probe_passes = [0]
     progress = Progress(steps, "1/3 probe (proxy, full fine-tuning)")
     probe_run = algorithm.probe_train(proxy, batches(train, settings["batch"], seeds[0], device),
-                                      counting_probe_passes(loss_fn, probe_passes), steps, settings["lr_full"],
-                                      on_step=progress, on_probe=recorder.observe if recorder else None)
+                                      loss_fn, steps, settings["lr_full"],
+                                      on_step=progress, on_probe=recorder.observe if recorder else None,
+                                      compare=points.PROBES if compare_points else None)
     progress.close()
     prober = probe_run.prober
     prober.flush()
     history = [h.cpu().tolist() for h in prober.history]
     log(f"1/3 probed {len(prober.names)} groups {len(history)} times in {steps} steps of the 3-layer proxy "
         f"({probe_run.probe_seconds:.1f} s of probing, {probe_run.seconds:.1f} s in all)")
+
+    if compare_points:
+        results_points = points.agreement(probe_run, prober.groups.numel, budget)
+        for line in points.describe(results_points):
+            log(line)
 
     # 2. Select under the budget, and the whole frontier.
     selection = algorithm.select(probe_run)
@@ -166,10 +173,12 @@ def run(out_dir="adapeft-demo", quick=False, compare=False, model=None, budget=D
                "probe_history": [result.as_dict() for result in prober.results],
                "resolved_history": [result.resolved.tolist() for result in prober.results],
                "selection": selection.as_dict(), "frontier": frontier.as_dict()["frontier"], "target": target}
+    if compare_points:
+        results["points"] = results_points
     if compare:
         cheap.update({name: {"values": recorder.values[name], "seconds": recorder.seconds[name],
                              "passes": recorder.passes[name]} for name in recorder.values})
-        cheap["AdaPEFT"] = {"seconds": probe_run.probe_seconds, "passes": probe_passes[0]}
+        cheap["AdaPEFT"] = {"seconds": probe_run.probe_seconds, "passes": prober.forward_passes}
         results["comparison"] = compare_methods(folder, frontier, selection, train, test, settings, seeds, device, log,
                                                 cheap=cheap, budget=budget)
     plot.report(results, out_dir, budget=budget,

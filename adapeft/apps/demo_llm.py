@@ -37,12 +37,13 @@ import time
 import torch
 
 from .. import signals
+from . import compare_points as points
 from ..algorithm import AdaPEFT, equip_lora
 from ..groups import group_parameters
 from ..llm import causal_lm_loss, lora_config, lora_targets
 from ..select import select
 from ..selection import Selection
-from .common import (Progress, batches, counting_probe_passes, load_pretrained, load_tokenizer, paired_difference,
+from .common import (Progress, batches, load_pretrained, load_tokenizer, paired_difference,
                      prefix_record, seed_everything)
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -169,9 +170,10 @@ def train_and_test(base, targets, units, chosen, data, settings, seed, device, l
 
 
 def run(out_dir="adapeft-demo-llm", quick=False, model=None, gguf_file=None, budget=DEMO_BUDGET, seeds=(0,),
-        device=None, direction="optimizer", log=print):
+        device=None, direction="optimizer", compare_points=False, log=print):
     """Run the LLM demo and write results.json (a probe record `adapeft select` reads, with the comparison).
-    direction: what the probe moves each unit along (adapeft.Prober's)."""
+    direction: what the probe moves each unit along (adapeft.Prober's); compare_points: also run a three- and a
+    five-point probe beside it and report how their answers differ (adapeft.apps.compare_points)."""
     settings = dict(SETTINGS["quick" if quick else "full"])
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if model is None:
@@ -197,21 +199,26 @@ def run(out_dir="adapeft-demo-llm", quick=False, model=None, gguf_file=None, bud
     groups = unit_groups(probed, settings["units"], layers)
     recorder = signals.SignalRecorder(probed, groups, causal_lm_loss, lambda batch: [
         {"input_ids": batch["input_ids"][i:i + 1]} for i in range(len(batch["input_ids"]))])
-    passes = [0]
     algorithm = AdaPEFT(probe_every=settings["probe_every"], eta=settings["lr"], direction=direction,
                         reuse_prefix=True)
     progress = Progress(probe_steps, "1/3 probe")
     probe_run = algorithm.probe_train(probed, batches({"input_ids": train}, settings["batch"], seeds[0], device),
-                                      counting_probe_passes(causal_lm_loss, passes), probe_steps, settings["lr"],
-                                      on_step=progress, on_probe=recorder.observe, groups=groups)
+                                      causal_lm_loss, probe_steps, settings["lr"],
+                                      on_step=progress, on_probe=recorder.observe, groups=groups,
+                                      compare=points.PROBES if compare_points else None)
     progress.close()
     prober = probe_run.prober
     prober.flush()
     verdicts = collections.Counter(verdict for result in prober.results for verdict in result.reasons())
     prefix = prefix_record(prober)
-    log(f"1/3 probed {len(groups)} units {len(prober.results)} times ({passes[0]} forward passes, "
+    log(f"1/3 probed {len(groups)} units {len(prober.results)} times ({prober.forward_passes} forward passes, "
         f"{probe_run.probe_seconds:.1f} s; they ran {prefix['block_share']:.0%} of the blocks' work of full passes, "
         f"reusing {len(prefix['kept_boundaries'])} kept block outputs); verdicts: {dict(verdicts)}")
+
+    if compare_points:
+        results_points = points.agreement(probe_run, groups.numel, budget)
+        for line in points.describe(results_points):
+            log(line)
 
     # 2. Every method's units under the same count.
     values = {"AdaPEFT": (prober.appi.cpu() * torch.tensor(groups.numel, dtype=torch.float64)).tolist(),
@@ -224,7 +231,7 @@ def run(out_dir="adapeft-demo-llm", quick=False, model=None, gguf_file=None, bud
         f"{', '.join(chosen) or '(nothing)'}")
 
     # 3. Train and test each choice.
-    costs = {"AdaPEFT": {"passes": passes[0], "seconds": probe_run.probe_seconds},
+    costs = {"AdaPEFT": {"passes": prober.forward_passes, "seconds": probe_run.probe_seconds},
              **{f"{name} (knapsack)": {"passes": recorder.passes[name], "seconds": recorder.seconds[name]}
                 for name in ("squared gradient", "Fisher")}}
     rows, reference = [], None
@@ -252,6 +259,8 @@ def run(out_dir="adapeft-demo-llm", quick=False, model=None, gguf_file=None, bud
                "resolved_history": [result.resolved.tolist() for result in prober.results],
                "lora_rank": LORA_RANK, "adapted_modules": {name: groups.adapted_modules(name) for name in groups.names},
                "lora_config": config, "prefix": prefix, "comparison": rows}
+    if compare_points:
+        results["points"] = results_points
     results["seconds"] = time.perf_counter() - started
     with open(os.path.join(out_dir, "results.json"), "w") as handle:
         json.dump(results, handle, indent=2)

@@ -21,6 +21,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def run(args):
+    if args.points == 3 and args.slope != "autograd":
+        raise InputError("--points 3 needs --slope autograd: three points fit the curvature through the exact slope")
     if args.gguf_file is not None and args.task != "causal-lm":
         raise InputError("--gguf-file: a GGUF file holds a causal language model; give --task causal-lm too")
     _check_model(args)
@@ -52,7 +54,7 @@ def run(args):
     # A causal LM trains its adapters only: the frozen base is no group (its counts would swamp any budget).
     groups = group_parameters(model, granularity=granularity, trainable_only=args.task == "causal-lm")
     algorithm = AdaPEFT(probe_every=args.every, eta=args.eta, slope=args.slope, compute=args.compute,
-                        direction=args.direction, reuse_prefix=args.reuse_prefix)
+                        direction=args.direction, points=args.points, reuse_prefix=args.reuse_prefix)
     progress = common.Progress(args.steps, "probe")
     probe_run = algorithm.probe_train(model, common.batches(data, args.batch, args.seed, run_on), loss_fn, args.steps,
                                       args.lr, on_step=progress, groups=groups)
@@ -60,7 +62,8 @@ def run(args):
     prober = probe_run.prober
     prober.flush()
     record = {"format": "adapeft.probe/1", "task": args.task, "model": args.model, "granularity": granularity,
-              "direction": args.direction,
+              "direction": args.direction, "points": args.points, "slope": args.slope,
+              "forward_passes": prober.forward_passes, "backward_passes": prober.backward_passes,
               "groups": prober.names, "counts": prober.groups.numel, "appi": prober.appi.cpu().tolist(),
               "ppi_history": [h.cpu().tolist() for h in prober.history],
               "probe_history": [result.as_dict() for result in prober.results],

@@ -9,11 +9,13 @@ class GraphedMeasurement:
 
     The first step with a new key runs eagerly on the capture stream (the warm-up PyTorch needs before a
     capture, and that step's result), then captures. Capture runs no kernel, so a failed capture leaves
-    the model as it was; the groups' bookkeeping is put back either way.
+    the model as it was; the groups' bookkeeping is put back either way. passes(): the forward passes counted so
+    far (ProbeLoss.forward_passes); `uncounted_passes`: those the replays ran less those the captures counted.
     """
 
-    def __init__(self, device):
-        self.device = device
+    def __init__(self, device, passes):
+        self.device, self.passes = device, passes
+        self.uncounted_passes = self._passes_per_replay = 0
         self.stream = torch.cuda.Stream(device)
         self.key = self.graph = self.static = None
         self.disabled = None
@@ -57,6 +59,7 @@ class GraphedMeasurement:
                 if isinstance(leaf, torch.Tensor):
                     static.copy_(leaf)
             self.graph.replay()
+            self.uncounted_passes += self._passes_per_replay
             return True
         self.key = self.graph = self.static = None  # free the old graph's memory before the new capture
         static_batch = torch.utils._pytree.tree_map(
@@ -70,6 +73,7 @@ class GraphedMeasurement:
             current.wait_stream(self.stream)  # also the restore that follows a failed loss_fn
         positions = {name: group.state for name, group in perturbations.items()}
         graph = torch.cuda.CUDAGraph()
+        counted = self.passes()
         try:
             with torch.cuda.graph(graph, stream=self.stream):
                 measure(static_batch)
@@ -80,6 +84,8 @@ class GraphedMeasurement:
         finally:
             for name, group in perturbations.items():
                 group.state = positions[name]
+            self._passes_per_replay = self.passes() - counted
+            self.uncounted_passes -= self._passes_per_replay  # a capture runs nothing
         self.key, self.graph = key, graph
         self.captures += 1
         self.static = [leaf for leaf in torch.utils._pytree.tree_leaves(static_batch)]

@@ -18,11 +18,13 @@ class ProbeLoss:
     """loss_fn(model, batch) as the probe calls it: FSDP2's shards gathered afresh, the forward passes in float32
     where compute="float32", a failure named with the group that was moved, the result checked to be one
     floating element; `eps`: the eps of its dtype (0 until a loss was measured). `prefix`: an
-    adapeft.probe.prefix.PrefixReuse, or None."""
+    adapeft.probe.prefix.PrefixReuse, or None. `forward_passes` and `backward_passes`: how many losses it computed
+    without autograd and with it (a CUDA graph's capture counts as passes, though it runs none)."""
 
     def __init__(self, model, loss_fn, compute, fsdp_modules, prefix=None):
         self.model, self.loss_fn, self.compute, self.fsdp_modules = model, loss_fn, compute, fsdp_modules
         self.prefix = prefix
+        self.forward_passes = self.backward_passes = 0
         self.eps = 0.0
         self._said_coarse = False
 
@@ -37,6 +39,10 @@ class ProbeLoss:
             self.prefix.prepare(lambda: self._value(batch, "on the unperturbed model"))
 
     def _value(self, batch, where):
+        if torch.is_grad_enabled():
+            self.backward_passes += 1
+        else:
+            self.forward_passes += 1
         reshard(self.fsdp_modules)
         try:
             with float32_compute(self.compute == "float32"):

@@ -138,7 +138,8 @@ class Prober:
         self._ledgers = SharedLedgers(self.device)
         self._last_probe = LastProbe(self._ledgers, step_policy)
         self._notes = Notes()
-        self._graph = GraphedMeasurement(self.device) if cuda_graph and self.device.type == "cuda" else None
+        self._graph = GraphedMeasurement(self.device, lambda: self._loss.forward_passes) \
+            if cuda_graph and self.device.type == "cuda" else None
         if cuda_graph and self._graph is None:
             warnings.warn(f"adapeft.Prober: cuda_graph=True has no effect on {self.device}; probing eagerly",
                           UserWarning, stacklevel=2)
@@ -157,6 +158,16 @@ class Prober:
     def graph_disabled(self):
         """Why cuda_graph=True fell back to eager probing, or None."""
         return self._graph.disabled if self._graph is not None else None
+
+    @property
+    def forward_passes(self):
+        """The forward passes (without autograd) this prober's probes ran, replays of a CUDA graph included."""
+        return self._loss.forward_passes + (self._graph.uncounted_passes if self._graph is not None else 0)
+
+    @property
+    def backward_passes(self):
+        """The forward and backward passes of exact slopes (slope="autograd") its probes ran."""
+        return self._loss.backward_passes
 
     @property
     def ledger_bytes(self):
