@@ -159,22 +159,25 @@ def _default_type(tensor, head_ids, fallback_head_ids):
     return "others"
 
 
-def _stack_and_index(path):
-    """(path of the ModuleList, index in it) of the first list a parameter is in, or None."""
-    for i, part in enumerate(path):
+def block_position(path):
+    """Where a qualified name ("model.layers.3.mlp.up_proj") or a path of its parts sits in a stack of blocks:
+    (the stack's name, the block's index, the parts inside the block), or None outside one. The first part
+    that is a number is the index in the first ModuleList on the way."""
+    parts = path.split(".") if isinstance(path, str) else tuple(path)
+    for i, part in enumerate(parts):
         if part.isdigit():
-            return ".".join(path[:i]), part
+            return ".".join(parts[:i]), int(part), parts[i + 1:]
     return None
 
 
 def _block_of(path, stacks):
     """The transformer block a parameter belongs to: the index after a ModuleList, qualified by the
     list's path when the model has several (an encoder and a decoder)."""
-    found = _stack_and_index(path)
+    found = block_position(path)
     if found is None:
         return None
-    stack, index = found
-    return f"{_short_stack(stack, stacks)}.{index}" if len(stacks) > 1 else index
+    stack, index, _ = found
+    return f"{_short_stack(stack, stacks)}.{index}" if len(stacks) > 1 else str(index)
 
 
 def _short_stack(stack, stacks):
@@ -188,8 +191,8 @@ def _short_stack(stack, stacks):
 
 def _stacks(paths):
     """The ModuleLists that hold blocks, in model order."""
-    found = [_stack_and_index(path) for path in paths]
-    return list(OrderedDict.fromkeys(stack for stack, _ in filter(None, found)))
+    found = [block_position(path) for path in paths]
+    return list(OrderedDict.fromkeys(stack for stack, _, _ in filter(None, found)))
 
 
 def _rule_matcher(rule_name, pattern):
@@ -291,8 +294,7 @@ def _module_in_block(tensor, adapted):
     """The path inside its block of the module a tensor belongs to (for an adapter's weight, the adapted
     module; for the own weights of an adapted module, its base_layer)."""
     module = tensor.adapted if tensor.adapted is not None else tensor.path[:-1]
-    index_at = next(i for i, part in enumerate(tensor.path) if part.isdigit())  # as _stack_and_index finds it
-    inside = module[index_at + 1:]
+    inside = block_position(module)[2]
     if tensor.adapted is None and module in adapted:
         inside += ("base_layer",)
     return ".".join(inside) or tensor.path[-1]  # a tensor of the block module itself: its own name

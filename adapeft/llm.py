@@ -18,7 +18,7 @@ import re
 
 import torch
 
-from .groups import ParameterGroups
+from .groups import ParameterGroups, block_position
 from .selection import Selection
 
 IGNORED = -100  # the target of a position that is not scored (padding), as torch and transformers take it
@@ -49,14 +49,6 @@ def causal_lm_loss(model, batch):
                                              ignore_index=IGNORED)
 
 
-def _inside_block(name):
-    """The part of a module's qualified name after its block index ('self_attn.q_proj' of
-    'model.layers.3.self_attn.q_proj'), or None outside a block stack."""
-    parts = name.split(".")
-    index = next((i for i, part in enumerate(parts) if part.isdigit()), None)
-    return None if index is None or index == len(parts) - 1 else ".".join(parts[index + 1:])
-
-
 def lora_targets(model):
     """The linear layers of the model's blocks (torch Linear, and transformers' Conv1D of GPT-2), named by
     their path inside a block, in model order: ['self_attn.q_proj', ..., 'mlp.down_proj'] for Llama. Each is
@@ -64,8 +56,9 @@ def lora_targets(model):
     found = []
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D":
-            inside = _inside_block(name)
-            if inside is not None and "lora_" not in inside and "base_layer" not in inside:
+            position = block_position(name)
+            inside = ".".join(position[2]) if position is not None else ""
+            if inside and "lora_" not in inside and "base_layer" not in inside:
                 found.append(inside)
     if not found:
         raise ValueError("adapeft.lora_targets: the model has no linear layer inside a stack of blocks "

@@ -67,15 +67,17 @@ def matrix_snr(weight):
     return float(singular[~below].sum() / noise) / float(largest)
 
 
+def mean_snr(tensors):
+    """The SNR of the matrices among `tensors`, their mean weighted by their sizes (0 without a matrix)."""
+    scored = [(matrix_snr(p), p.numel()) for p in tensors if p.dim() >= 2]
+    weight = sum(n for _, n in scored)
+    return sum(s * n for s, n in scored) / weight if weight else 0.0
+
+
 def weight_snr(groups):
     """Each group's value from its matrices' SNR: their parameter-weighted mean times the group's size."""
-    values = []
-    for name, count in zip(groups.names, groups.numel):
-        scored = [(matrix_snr(p), p.numel()) for p in groups.params(name) if p.dim() >= 2]
-        weight = sum(n for _, n in scored)
-        mean = sum(s * n for s, n in scored) / weight if weight else 0.0
-        values.append(mean * count)
-    return torch.tensor(values, dtype=torch.float64)
+    return torch.tensor([mean_snr(groups.params(name)) * count for name, count in zip(groups.names, groups.numel)],
+                        dtype=torch.float64)
 
 
 def random_values(count, seed):

@@ -39,7 +39,7 @@ import torch
 from .. import signals
 from . import compare_points as points
 from ..algorithm import AdaPEFT, equip_lora
-from ..groups import group_parameters
+from ..groups import block_position, group_parameters
 from ..llm import causal_lm_loss, lora_config, lora_targets
 from ..select import select
 from ..selection import Selection
@@ -92,7 +92,8 @@ def stdlib_source(tokenizer, tokens, train_rows, test_rows, files_per_side=16):
 
 
 def _block(name):
-    return next((int(part) for part in name.split(".") if part.isdigit()), None)
+    position = block_position(name)
+    return None if position is None else position[1]
 
 
 def unit_groups(model, units, layers):
@@ -113,8 +114,7 @@ def block_snr(base, layers):
     """Spectrum's score of each block: the weight SNR of its matrices, their mean weighted by their sizes."""
     scores = []
     for block in range(layers):
-        matrices = [p for name, p in base.named_parameters() if _block(name) == block and p.dim() >= 2]
-        scores.append(sum(signals.matrix_snr(p) * p.numel() for p in matrices) / sum(p.numel() for p in matrices))
+        scores.append(signals.mean_snr([p for name, p in base.named_parameters() if _block(name) == block]))
     return scores
 
 
