@@ -55,12 +55,13 @@ class Selection:
                                              ", no budget: the set of most value overall") +
                  ("" if self.proven else " (not proven optimal)"),
                  f"chosen: {', '.join(self.chosen) or '(none)'}; {self.count:,} of {self.total:,} parameters "
-                 f"({self.share:.3%}), predicted loss reduction {self.value:.4g}"]
+                 f"({self.share:.3%}), value {self.value:.4g} (APPI x parameters: b^2/A summed over the "
+                 "probes; it ranks sets and is no loss in nats)"]
         lines += [f"note: {note}" for note in self.notes]
         if self.frontier is not None:
             points = list(self.frontier)
             digits = _digits_to_tell_apart([value for _, value, _ in points])
-            lines.append(f"{'parameters':>14} {'share':>8} {'loss reduction':>15}  {'how':14} groups")
+            lines.append(f"{'parameters':>14} {'share':>8} {'value':>15}  {'how':14} groups")
             for (count, value, mask), label in zip(points, self.labels):
                 groups = ", ".join(n for n, m in zip(self.names, mask) if m) or "(none)"
                 lines.append(f"{count:14,d} {count / self.total:8.3%} {value:15.{digits}g}  {label:14} {groups}")

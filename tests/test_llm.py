@@ -299,8 +299,13 @@ def test_smollm2_from_its_gguf_file_is_probed_by_module_and_layer(tmp_path):
                            "--max-length", "32", "--batch", "2", "--steps", "1", "--out", tmp_path, timeout=600)
     assert done.returncode == 0, done.stderr
     record = json.loads((tmp_path / "probe.json").read_text())
+    assert record["lr"] == 3e-4  # causal-lm's default: LoRA only
     assert len(record["groups"]) == 60 and record["groups"][:2] == ["self_attn.q_proj@0", "self_attn.v_proj@0"]
     assert record["adapted_modules"]["self_attn.v_proj@29"] == ["model.layers.29.self_attn.v_proj"]
+    # the GGUF file's context length is read before the corpus is tokenised or the model loaded
+    refused(adapeft_command("probe", "--task", "causal-lm", "--model", folder, "--gguf-file",
+                            "SmolLM2-135M-Instruct.Q4_1.gguf", "--data", text, "--max-length", "8193", timeout=120),
+            "--max-length 8193 is more than the 8192 positions of --gguf-file SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
 # The LLM demo ------------------------------------------------------------------------------------------

@@ -215,9 +215,9 @@ def parser():
     demo_command.set_defaults(run=_demo)
 
     about = "probe a sequence classifier or a causal language model on your data"
-    probe = sub.add_parser("probe", help=about, description=about.capitalize() + ": train it for --steps steps, "
-                           "probing every group every --every\nsteps; writes probe.json. A classifier trains in full "
-                           "with its new head and LoRA on --lora;\na causal LM trains LoRA only, each adapter of each "
+    probe = sub.add_parser("probe", help=about, description=about.capitalize() + ":\ntrain it for --steps steps, "
+                           "probing every group every --every steps, and write probe.json.\nA classifier trains in full "
+                           "with its new head and LoRA on --lora; a causal LM trains LoRA only,\neach adapter of each "
                            "layer a group ('self_attn.q_proj@3').",
                            epilog="examples:\n  adapeft probe --model ./bert --data train.csv --out probe/\n"
                                   "  adapeft probe --task causal-lm --model ./llm --gguf-file model.gguf --data corpus.txt",
@@ -244,13 +244,15 @@ def parser():
                        help="rows a step; data with fewer rows trains on all of them, with a warning")
     probe.add_argument("--max-length", type=positive_int, default=64,
                        help="tokens a text is cut or padded to (classification), or a sequence's tokens (causal-lm)")
-    probe.add_argument("--lr", type=positive_float, default=5e-5, help="AdamW learning rate")
+    probe.add_argument("--lr", type=positive_float, default=None,
+                       help="AdamW learning rate (default: 5e-05 for classification, which trains the whole model; "
+                            "3e-04 for causal-lm, which trains LoRA only)")
     probe.add_argument("--eta", type=positive_float, default=None,
                        help="probe step size, in learning-rate units along the AdamW update: where each group's "
                             "own step starts and the least it is probed at (default: the --lr value)")
     probe.add_argument("--slope", choices=("fit", "autograd"), default="fit",
                        help="b from the five losses' fit, or exactly from one more backward pass per probe")
-    probe.add_argument("--points", type=int, choices=(5, 3), default=5,
+    probe.add_argument("--points", type=positive_int, choices=(5, 3), default=5,
                        help="losses a group is probed at: the paper's five, or three (needs --slope autograd: A from "
                             "the two points through the exact slope, 2K+1 forward passes a probe instead of 4K+1)")
     probe.add_argument("--compute", choices=("model", "float32"), default="model",
@@ -259,7 +261,7 @@ def parser():
     probe.add_argument("--reuse-prefix", action=argparse.BooleanOptionalAction, default=True,
                        help="start each group's perturbed forward passes at the first block it is used in, from "
                             "the unperturbed pass's output of the block before: the same losses bit for bit, "
-                            "checked at the first probe (default: on)")
+                            "checked at the first probe")
     probe.add_argument("--device", type=device, default=None,
                        help="cpu, cuda or cuda:N (default: cuda when there is one)")
     probe.add_argument("--dtype", choices=tuple(probe_command.DTYPES), default="float32",

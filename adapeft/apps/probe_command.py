@@ -17,6 +17,7 @@ from .inputs import json_error, label_warnings, read_table, read_texts
 TASKS = ("classification", "causal-lm")
 DEFAULT_GRANULARITY = {"classification": "type", "causal-lm": "module"}
 DEFAULT_LORA = {"classification": ("query", "value"), "causal-lm": None}  # None: every linear layer of the blocks
+DEFAULT_LR = {"classification": 5e-5, "causal-lm": 3e-4}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -53,16 +54,17 @@ def run(args):
     granularity = args.granularity or DEFAULT_GRANULARITY[args.task]
     # A causal LM trains its adapters only: the frozen base is no group (its counts would swamp any budget).
     groups = group_parameters(model, granularity=granularity, trainable_only=args.task == "causal-lm")
+    lr = args.lr or DEFAULT_LR[args.task]
     algorithm = AdaPEFT(probe_every=args.every, eta=args.eta, slope=args.slope, compute=args.compute,
                         direction=args.direction, points=args.points, reuse_prefix=args.reuse_prefix)
     progress = common.Progress(args.steps, "probe")
     probe_run = algorithm.probe_train(model, common.batches(data, args.batch, args.seed, run_on), loss_fn, args.steps,
-                                      args.lr, on_step=progress, groups=groups)
+                                      lr, on_step=progress, groups=groups)
     progress.close()
     prober = probe_run.prober
     prober.flush()
     record = {"format": "adapeft.probe/1", "task": args.task, "model": args.model, "granularity": granularity,
-              "direction": args.direction, "points": args.points, "slope": args.slope,
+              "direction": args.direction, "lr": lr, "points": args.points, "slope": args.slope,
               "forward_passes": prober.forward_passes, "backward_passes": prober.backward_passes,
               "groups": prober.names, "counts": prober.groups.numel, "appi": prober.appi.cpu().tolist(),
               "ppi_history": [h.cpu().tolist() for h in prober.history],
@@ -83,12 +85,13 @@ def run(args):
 def _check_model(args):
     if args.gguf_file is None:
         common.check_model_folder(args.model, "--model")
-        positions = _positions(args.model)
-        if positions is not None and args.max_length > positions:
-            raise InputError(f"--max-length {args.max_length} is more than the {positions} positions of --model "
-                             f"{args.model}; give at most {positions}")
-        return
-    check_gguf_file(args.model, args.gguf_file)
+        positions, where = _positions(args.model), f"--model {args.model}"
+    else:
+        check_gguf_file(args.model, args.gguf_file)
+        positions, where = _gguf_positions(os.path.join(args.model, args.gguf_file)), f"--gguf-file {args.gguf_file}"
+    if positions is not None and args.max_length > positions:
+        raise InputError(f"--max-length {args.max_length} is more than the {positions} positions of {where}; give at "
+                         f"most {positions}")
 
 
 def check_gguf_file(folder, name):
@@ -111,6 +114,21 @@ def _positions(folder):
             raise InputError(f"--model {folder}: config.json is not JSON ({json_error(error)})") from None
     found = config.get("max_position_embeddings", config.get("n_positions")) if isinstance(config, dict) else None
     return found if isinstance(found, int) and found > 0 else None
+
+
+def _gguf_positions(path):
+    """The context length a GGUF file's metadata gives ("<architecture>.context_length"), where the gguf package is
+    there to read it (transformers needs it to load the file anyway) and the file says."""
+    try:
+        from gguf import GGUFReader
+    except ImportError:
+        return None
+    try:
+        fields = GGUFReader(path).fields
+        architecture = fields["general.architecture"].contents()
+        return int(fields[f"{architecture}.context_length"].contents())
+    except (KeyError, ValueError, OSError):
+        return None
 
 
 def _tokenizer_source(args):
