@@ -31,6 +31,7 @@ from .unwrap import trainable_tensors
 
 TYPES = ("lora_A", "lora_B", "head", "norm", "bias", "embed", "others")
 GRANULARITIES = ("type", "layer", "module", "tensor")
+LORA_FACTORS = ("lora_A", "lora_B")
 
 # Module names that hold a model's output head, in Hugging Face and torchvision models.
 HEAD_MODULE_NAMES = {"classifier", "score", "lm_head", "qa_outputs", "cls", "head", "heads", "fc",
@@ -72,6 +73,32 @@ class ParameterGroups:
         the like) have weights in this group, in model order; [] for a group of no adapter's weights."""
         self._check(name)
         return list(dict.fromkeys(".".join(t.adapted) for t in self._members[name] if t.adapted is not None))
+
+    def split_factors(self):
+        """These groups with each LoRA factor apart: "self_attn.q_proj@3/lora_A" and ".../lora_B" (a group's other
+        tensors stay under its own name), in this order. Probing both factors of an adapter as one group adds the
+        product's cross term to the curvature, and along a descent direction, once B is no longer 0, that term
+        is negative (it made the LLM demo's quick probe find A <= 0 for all 30 blocks); each factor alone has
+        none. `whole(part)` names the group a part came from."""
+        members = {}
+        for name in self.names:
+            for tensor in self._members[name]:
+                factor = next((part for part in tensor.path if part in LORA_FACTORS), None)
+                members.setdefault(name if factor is None else f"{name}/{factor}", []).append(tensor)
+        return ParameterGroups(self.model, members, f"{self.granularity}/factors")
+
+    @staticmethod
+    def whole(part):
+        """The group a part of `split_factors` came from."""
+        return part.rpartition("/")[0] if part.endswith(tuple(f"/{f}" for f in LORA_FACTORS)) else part
+
+    def values_from_parts(self, parts, values):
+        """Each group's value as the sum of its parts' (`parts`: group names of `split_factors`, or these groups'
+        own; `values`: one per part), in `names` order."""
+        totals = dict.fromkeys(self.names, 0.0)
+        for part, value in zip(parts, values):
+            totals[self.whole(part)] += value
+        return [totals[name] for name in self.names]
 
     def _check(self, name):
         if name not in self._members:

@@ -316,7 +316,10 @@ def test_the_llm_demo_trains_every_choice_at_one_count(corpus, tmp_path):
     lines = []
     results = demo_llm.run(out_dir=tmp_path, quick=True, model=str(corpus["llama"]), seeds=(0, 1), compare_points=True,
                            log=lines.append)
-    assert_points_compared(results, "\n".join(lines), len(results["probe_history"]))
+    assert_points_compared(results, "\n".join(lines), len(results["ppi_history"]))
+    # the units' factors probed apart, valued together
+    assert results["parts"]["groups"][:2] == ["layer@0/lora_A", "layer@0/lora_B"]
+    assert len(results["parts"]["probe_history"]) == len(results["ppi_history"])
     rows = {row["method"]: row for row in results["comparison"]}
     assert list(rows) == ["AdaPEFT", "squared gradient (knapsack)", "Fisher (knapsack)", "random units",
                           "first 1 blocks", "last 1 blocks", "LISA: 1 random blocks", "Spectrum: 1 blocks by SNR",
@@ -356,3 +359,19 @@ def test_the_llm_demo_refuses_what_it_cannot_use(corpus):
             "--gguf-file: a GGUF file holds a causal language model; give --task causal-lm too")
     refused(adapeft_command("demo", "--task", "causal-lm", "--model", corpus["llama"], "--gguf-file", "m.gguf"),
             "--gguf-file m.gguf: no such file in --model")
+
+
+def test_lora_factors_are_split_apart_and_their_values_fold_back():
+    model = with_lora_everywhere(tiny("qwen2"))
+    units = group_parameters(model, "module", trainable_only=True)
+    parts = units.split_factors()
+    assert parts.names[:3] == ["self_attn.q_proj@0/lora_A", "self_attn.q_proj@0/lora_B", "self_attn.k_proj@0/lora_A"]
+    assert len(parts) == 2 * len(units) and sum(parts.numel) == sum(units.numel)
+    for part in parts.names:
+        factor = part.rpartition("/")[2]
+        assert all(f".{factor}." in name for name in parts.tensor_names(part))
+        assert set(map(id, parts.params(part))) <= set(map(id, units.params(parts.whole(part))))
+    assert units.values_from_parts(parts.names, range(len(parts)))[:2] == [0 + 1, 2 + 3]
+    # a group holding no factor keeps its name
+    plain = group_parameters(tiny("qwen2"), "type")
+    assert plain.split_factors().names == plain.names and plain.whole("norm") == "norm"

@@ -11,11 +11,11 @@ from ..select import select
 PROBES = {"five points": {"slope": "autograd", "points": 5}, "three points": {"slope": "autograd", "points": 3}}
 
 
-def agreement(run, counts, budget):
+def agreement(run, units, budget):
     """{per probe: accepted by each, by both, the same verdict; A's relative difference where both accept
     (median, largest); each one's selection at `budget` and their overlap; their seconds, forward passes and
-    backward passes (of the exact slopes) in all}. run: the ProbeRun with PROBES compared; counts: the groups'
-    sizes."""
+    backward passes (of the exact slopes) in all}. run: the ProbeRun with PROBES compared; units: the
+    ParameterGroups chosen from (the probed groups, or those they are parts of: ParameterGroups.split_factors)."""
     five, three = run.compared["five points"], run.compared["three points"]
     probes = []
     for r5, r3 in zip(five.results, three.results):
@@ -28,8 +28,10 @@ def agreement(run, counts, budget):
                        "A_difference_largest": max(difference) if difference else None})
     chosen = {}
     for label, prober in (("five points", five), ("three points", three)):
-        values = (prober.appi.cpu() * torch.tensor(counts, dtype=torch.float64)).tolist()
-        chosen[label] = select(values=values, counts=counts, names=prober.names, budget=budget, method="exact").chosen
+        parts = (prober.appi.cpu() * torch.tensor(prober.groups.numel, dtype=torch.float64)).tolist()
+        values = units.values_from_parts(prober.names, parts)
+        chosen[label] = select(values=values, counts=units.numel, names=units.names, budget=budget,
+                               method="exact").chosen
     shared = set(chosen["five points"]) & set(chosen["three points"])
     union = set(chosen["five points"]) | set(chosen["three points"])
     return {"probes": probes, "chosen": chosen, "chosen_shared": len(shared),

@@ -144,7 +144,7 @@ def run(out_dir="adapeft-demo", quick=False, compare=False, model=None, budget=D
         f"({probe_run.probe_seconds:.1f} s of probing, {probe_run.seconds:.1f} s in all)")
 
     if compare_points:
-        results_points = points.agreement(probe_run, prober.groups.numel, budget)
+        results_points = points.agreement(probe_run, prober.groups, budget)
         for line in points.describe(results_points):
             log(line)
 

@@ -106,6 +106,12 @@ def unit_groups(model, units, layers):
     return group_parameters(model, "module", rules=rules, trainable_only=True)
 
 
+def unit_ppi(units, parts, ppi):
+    """A probe's PPI of each unit from its parts': their loss reductions summed, per parameter of the unit."""
+    reductions = units.values_from_parts(parts.names, (ppi.cpu() * torch.tensor(parts.numel, dtype=torch.float64)).tolist())
+    return [value / count for value, count in zip(reductions, units.numel)]
+
+
 def _units_of_blocks(groups, blocks):
     return [name for name in groups.names if "@" in name and int(name.rpartition("@")[2]) in blocks]
 
@@ -197,6 +203,8 @@ def run(out_dir="adapeft-demo-llm", quick=False, model=None, gguf_file=None, bud
     seed_everything(seeds[0])
     probed = equip_lora(copy.deepcopy(base), targets, r=LORA_RANK, alpha=2 * LORA_RANK, train_all=False).to(device)
     groups = unit_groups(probed, settings["units"], layers)
+    # Each adapter's factors probed apart (their product's cross term would make A <= 0), chosen together.
+    parts = groups.split_factors()
     recorder = signals.SignalRecorder(probed, groups, causal_lm_loss, lambda batch: [
         {"input_ids": batch["input_ids"][i:i + 1]} for i in range(len(batch["input_ids"]))])
     algorithm = AdaPEFT(probe_every=settings["probe_every"], eta=settings["lr"], direction=direction,
@@ -204,7 +212,7 @@ def run(out_dir="adapeft-demo-llm", quick=False, model=None, gguf_file=None, bud
     progress = Progress(probe_steps, "1/3 probe")
     probe_run = algorithm.probe_train(probed, batches({"input_ids": train}, settings["batch"], seeds[0], device),
                                       causal_lm_loss, probe_steps, settings["lr"],
-                                      on_step=progress, on_probe=recorder.observe, groups=groups,
+                                      on_step=progress, on_probe=recorder.observe, groups=parts,
                                       compare=points.PROBES if compare_points else None)
     progress.close()
     prober = probe_run.prober
@@ -216,12 +224,13 @@ def run(out_dir="adapeft-demo-llm", quick=False, model=None, gguf_file=None, bud
         f"reusing {len(prefix['kept_boundaries'])} kept block outputs); verdicts: {dict(verdicts)}")
 
     if compare_points:
-        results_points = points.agreement(probe_run, groups.numel, budget)
+        results_points = points.agreement(probe_run, groups, budget)
         for line in points.describe(results_points):
             log(line)
 
     # 2. Every method's units under the same count.
-    values = {"AdaPEFT": (prober.appi.cpu() * torch.tensor(groups.numel, dtype=torch.float64)).tolist(),
+    probed_values = (prober.appi.cpu() * torch.tensor(parts.numel, dtype=torch.float64)).tolist()
+    values = {"AdaPEFT": groups.values_from_parts(parts.names, probed_values),
               **{name: recorder.values[name].tolist() for name in ("squared gradient", "Fisher")}}
     sets = choices(groups, values, block_snr(base, layers), budget, layers, seeds)
     chosen = sets["AdaPEFT"][0]
@@ -252,11 +261,14 @@ def run(out_dir="adapeft-demo-llm", quick=False, model=None, gguf_file=None, bud
 
     results = {"format": "adapeft.demo/1", "task": "causal-lm", "model": type(base).__name__,
                "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-               "settings": settings, "direction": direction, "budget": budget, "seeds": list(seeds), "groups": groups.names,
-               "counts": groups.numel, "appi": prober.appi.cpu().tolist(),
-               "ppi_history": [h.cpu().tolist() for h in prober.history],
-               "probe_history": [result.as_dict() for result in prober.results],
-               "resolved_history": [result.resolved.tolist() for result in prober.results],
+               "settings": settings, "direction": direction, "budget": budget, "seeds": list(seeds),
+               # the units, valued as their factors' sum (`adapeft select` and `adapeft plot` read these)
+               "groups": groups.names, "counts": groups.numel,
+               "appi": [value / count for value, count in zip(values["AdaPEFT"], groups.numel)],
+               "ppi_history": [unit_ppi(groups, parts, ppi) for ppi in prober.history],
+               # what the probe measured, factor by factor
+               "parts": {"groups": parts.names, "counts": parts.numel,
+                         "probe_history": [result.as_dict() for result in prober.results]},
                "lora_rank": LORA_RANK, "adapted_modules": {name: groups.adapted_modules(name) for name in groups.names},
                "lora_config": config, "prefix": prefix, "comparison": rows}
     if compare_points:
