@@ -237,6 +237,9 @@ def test_probe_and_select_a_causal_lm_as_a_user(corpus, architecture, data, flag
         assert record["prefix"] == {"blocks": 4, "kept_boundaries": [1, 2, 3], "kept_bytes": 3 * 4 * 16 * 16 * 4,
                                     "block_share": 0.625, "disabled": None}
         assert record["granularity"] == "module"
+        # each adapter's factors probed apart, the adapter chosen whole
+        assert record["parts"]["groups"][:2] == ["self_attn.q_proj@0/lora_A", "self_attn.q_proj@0/lora_B"]
+        assert "probe_history" not in record and len(record["parts"]["probe_history"]) == 3
         assert record["groups"] == [f"{kind}@{layer}" for layer in range(4) for kind in kinds]
         assert record["adapted_modules"]["mlp.up_proj@2"] == [f"{stack}.2.mlp.up_proj"]
     else:  # layer: LoRA's A and B of every module of a block apart

@@ -153,6 +153,23 @@ def evaluate(model, data, device, size=64):
     return {"accuracy": correct / n, "loss": total_loss / n}
 
 
+def probe_record(prober, units):
+    """A record's probe fields for the groups chosen from, `units`: their names, sizes, APPI and PPI of every
+    probe, each a sum over the groups the prober probed (`units` themselves, or their parts from
+    ParameterGroups.split_factors, whose own verdicts then go under "parts")."""
+    def per_unit(ppi):
+        reductions = (ppi.cpu() * torch.tensor(prober.groups.numel, dtype=torch.float64)).tolist()
+        return [value / count for value, count in zip(units.values_from_parts(prober.names, reductions), units.numel)]
+
+    fields = {"groups": units.names, "counts": units.numel, "appi": per_unit(prober.appi),
+              "ppi_history": [per_unit(ppi) for ppi in prober.history]}
+    measured = {"probe_history": [result.as_dict() for result in prober.results],
+                "resolved_history": [result.resolved.tolist() for result in prober.results]}
+    if prober.names == units.names:
+        return {**fields, **measured}
+    return {**fields, "parts": {"groups": prober.names, "counts": prober.groups.numel, **measured}}
+
+
 def prefix_record(prober):
     """What prefix reuse kept and saved, for a record (None where it was not asked for)."""
     prefix = prober.prefix

@@ -30,7 +30,8 @@ from ..selection import Selection
 from . import compare_points as points
 from . import plot
 from .common import (InputError, Progress, batches, check_model_folder, check_tokenizer_files,
-                     evaluate, load_pretrained, load_tokenizer, loss_fn, paired_difference, seed_everything)
+                     evaluate, load_pretrained, load_tokenizer, loss_fn, paired_difference, probe_record,
+                     seed_everything)
 from .data import LABELS, stdlib_docstrings, train_test_split
 
 LORA_TARGETS = ("query", "value")
@@ -139,8 +140,7 @@ def run(out_dir="adapeft-demo", quick=False, compare=False, model=None, budget=D
     progress.close()
     prober = probe_run.prober
     prober.flush()
-    history = [h.cpu().tolist() for h in prober.history]
-    log(f"1/3 probed {len(prober.names)} groups {len(history)} times in {steps} steps of the 3-layer proxy "
+    log(f"1/3 probed {len(prober.names)} groups {len(prober.history)} times in {steps} steps of the 3-layer proxy "
         f"({probe_run.probe_seconds:.1f} s of probing, {probe_run.seconds:.1f} s in all)")
 
     if compare_points:
@@ -168,10 +168,7 @@ def run(out_dir="adapeft-demo", quick=False, compare=False, model=None, budget=D
         f"{target['test_accuracy']:.3f}, final train loss {target['final_train_loss']:.3f}")
 
     results = {"format": "adapeft.demo/1", "device": str(torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"),
-               "settings": settings, "direction": direction, "budget": budget, "groups": prober.names, "counts": prober.groups.numel,
-               "appi": prober.appi.cpu().tolist(), "ppi_history": history,
-               "probe_history": [result.as_dict() for result in prober.results],
-               "resolved_history": [result.resolved.tolist() for result in prober.results],
+               "settings": settings, "direction": direction, "budget": budget, **probe_record(prober, prober.groups),
                "selection": selection.as_dict(), "frontier": frontier.as_dict()["frontier"], "target": target}
     if compare_points:
         results["points"] = results_points

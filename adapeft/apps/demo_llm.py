@@ -44,7 +44,7 @@ from ..llm import causal_lm_loss, lora_config, lora_targets
 from ..select import select
 from ..selection import Selection
 from .common import (Progress, batches, load_pretrained, load_tokenizer, paired_difference,
-                     prefix_record, seed_everything)
+                     prefix_record, probe_record, seed_everything)
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 LORA_RANK = 8
@@ -104,12 +104,6 @@ def unit_groups(model, units, layers):
     rules = [(f"layer@{block}", lambda name, param, module, block=block: _block(name) == block)
              for block in range(layers)]
     return group_parameters(model, "module", rules=rules, trainable_only=True)
-
-
-def unit_ppi(units, parts, ppi):
-    """A probe's PPI of each unit from its parts': their loss reductions summed, per parameter of the unit."""
-    reductions = units.values_from_parts(parts.names, (ppi.cpu() * torch.tensor(parts.numel, dtype=torch.float64)).tolist())
-    return [value / count for value, count in zip(reductions, units.numel)]
 
 
 def _units_of_blocks(groups, blocks):
@@ -229,8 +223,8 @@ def run(out_dir="adapeft-demo-llm", quick=False, model=None, gguf_file=None, bud
             log(line)
 
     # 2. Every method's units under the same count.
-    probed_values = (prober.appi.cpu() * torch.tensor(parts.numel, dtype=torch.float64)).tolist()
-    values = {"AdaPEFT": groups.values_from_parts(parts.names, probed_values),
+    unit_appi = probe_record(prober, groups)["appi"]
+    values = {"AdaPEFT": [appi * count for appi, count in zip(unit_appi, groups.numel)],
               **{name: recorder.values[name].tolist() for name in ("squared gradient", "Fisher")}}
     sets = choices(groups, values, block_snr(base, layers), budget, layers, seeds)
     chosen = sets["AdaPEFT"][0]
@@ -262,13 +256,7 @@ def run(out_dir="adapeft-demo-llm", quick=False, model=None, gguf_file=None, bud
     results = {"format": "adapeft.demo/1", "task": "causal-lm", "model": type(base).__name__,
                "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                "settings": settings, "direction": direction, "budget": budget, "seeds": list(seeds),
-               # the units, valued as their factors' sum (`adapeft select` and `adapeft plot` read these)
-               "groups": groups.names, "counts": groups.numel,
-               "appi": [value / count for value, count in zip(values["AdaPEFT"], groups.numel)],
-               "ppi_history": [unit_ppi(groups, parts, ppi) for ppi in prober.history],
-               # what the probe measured, factor by factor
-               "parts": {"groups": parts.names, "counts": parts.numel,
-                         "probe_history": [result.as_dict() for result in prober.results]},
+               **probe_record(prober, groups),
                "lora_rank": LORA_RANK, "adapted_modules": {name: groups.adapted_modules(name) for name in groups.names},
                "lora_config": config, "prefix": prefix, "comparison": rows}
     if compare_points:

@@ -54,30 +54,29 @@ def run(args):
     granularity = args.granularity or DEFAULT_GRANULARITY[args.task]
     # A causal LM trains its adapters only: the frozen base is no group (its counts would swamp any budget).
     groups = group_parameters(model, granularity=granularity, trainable_only=args.task == "causal-lm")
+    # LoRA's factors probed apart (together, their product's cross term bends the curvature negative), chosen
+    # together: a no-op where the granularity already keeps them apart.
+    parts = groups.split_factors()
     lr = args.lr or DEFAULT_LR[args.task]
     algorithm = AdaPEFT(probe_every=args.every, eta=args.eta, slope=args.slope, compute=args.compute,
                         direction=args.direction, points=args.points, reuse_prefix=args.reuse_prefix)
     progress = common.Progress(args.steps, "probe")
     probe_run = algorithm.probe_train(model, common.batches(data, args.batch, args.seed, run_on), loss_fn, args.steps,
-                                      lr, on_step=progress, groups=groups)
+                                      lr, on_step=progress, groups=parts)
     progress.close()
     prober = probe_run.prober
     prober.flush()
     record = {"format": "adapeft.probe/1", "task": args.task, "model": args.model, "granularity": granularity,
               "direction": args.direction, "lr": lr, "points": args.points, "slope": args.slope,
               "forward_passes": prober.forward_passes, "backward_passes": prober.backward_passes,
-              "groups": prober.names, "counts": prober.groups.numel, "appi": prober.appi.cpu().tolist(),
-              "ppi_history": [h.cpu().tolist() for h in prober.history],
-              "probe_history": [result.as_dict() for result in prober.results],
-              "resolved_history": [result.resolved.tolist() for result in prober.results],
-              "prefix": common.prefix_record(prober)}
+              **common.probe_record(prober, groups), "prefix": common.prefix_record(prober)}
     if args.task == "causal-lm":
         record["lora_rank"] = args.lora_rank
         record["adapted_modules"] = {name: groups.adapted_modules(name) for name in groups.names}
     path = os.path.join(args.out, "probe.json")
     with open(path, "w") as handle:
         json.dump(record, handle, indent=2)
-    print(prober.groups.summary())
+    print(groups.summary())
     probes = len(prober.history)
     print(f"probed {probes} time{'s' if probes > 1 else ''}; wrote {path}")
 
