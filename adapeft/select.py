@@ -158,13 +158,19 @@ def capacity_of(budget, total):
 
 
 def select(prober_or_values=None, counts=None, *, values=None, budget=None, method="greedy", names=None,
-           budgets=DEFAULT_BUDGETS, max_exact_groups=MAX_EXACT_GROUPS):
-    """Choose groups to train (see the module docstring)."""
+           budgets=DEFAULT_BUDGETS, max_exact_groups=MAX_EXACT_GROUPS, units=None):
+    """Choose groups to train (see the module docstring). units: with a Prober that probed the parts of these
+    groups (ParameterGroups.split_factors), choose among `units`, each valued as the sum of its parts'."""
     if isinstance(prober_or_values, Prober):
         prober = prober_or_values
         counts = prober.groups.numel if counts is None else counts
         values = (prober.appi.cpu() * torch.tensor(counts, dtype=torch.float64)).tolist()
         names = prober.names if names is None else names
+        if units is not None:
+            values, counts, names = units.values_from_parts(names, values), units.numel, units.names
+    elif units is not None:
+        raise TypeError("adapeft.select: units= folds a Prober's groups into the units they are parts of; give the "
+                        "Prober")
     elif prober_or_values is not None:
         if values is not None:
             raise TypeError("adapeft.select: give values either positionally or as values=, not both")

@@ -375,6 +375,19 @@ def test_lora_factors_are_split_apart_and_their_values_fold_back():
         assert all(f".{factor}." in name for name in parts.tensor_names(part))
         assert set(map(id, parts.params(part))) <= set(map(id, units.params(parts.whole(part))))
     assert units.values_from_parts(parts.names, range(len(parts)))[:2] == [0 + 1, 2 + 3]
+    # probed apart, chosen whole: each unit's value is its parts' sum
+    for p in model.parameters():
+        if p.requires_grad:
+            torch.nn.init.normal_(p, std=0.1)
+    batch = torch.randint(0, 40, (3, 12), generator=torch.Generator().manual_seed(0))
+    causal_lm_loss(model, batch).backward()
+    prober = adapeft.Prober(model, parts, causal_lm_loss)
+    prober.step(batch, 1e-3)
+    chosen = adapeft.select(prober, units=units, budget=0.25, method="exact")
+    parts_values = (prober.appi * torch.tensor(parts.numel, dtype=torch.float64)).tolist()
+    assert chosen.names == units.names and chosen.values == units.values_from_parts(parts.names, parts_values)
+    with pytest.raises(TypeError, match="units= folds a Prober's groups"):
+        adapeft.select(values=[1.0], counts=[1], units=units, budget=0.5)
     # a group holding no factor keeps its name
     plain = group_parameters(tiny("qwen2"), "type")
     assert plain.split_factors().names == plain.names and plain.whole("norm") == "norm"
