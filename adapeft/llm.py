@@ -39,7 +39,9 @@ def causal_lm_loss(model, batch):
     if ids.dim() != 2 or ids.shape[1] < 2:
         raise ValueError("adapeft.causal_lm_loss: batch['input_ids'] must be sequences x positions with at least "
                          f"2 positions, got shape {tuple(ids.shape)}")
-    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+    # No key-value cache: a loss needs none, and building one costs memory (and host work a CUDA graph capture
+    # may not take).
+    logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1]
     targets = ids[:, 1:]
     if mask is not None:
         targets = targets.masked_fill(mask[:, 1:] == 0, IGNORED)
