@@ -76,15 +76,17 @@ class ParameterGroups:
 
     def split_factors(self):
         """These groups with each LoRA factor apart: "self_attn.q_proj@3/lora_A" and ".../lora_B" (a group's other
-        tensors stay under its own name), in this order. Probing both factors of an adapter as one group adds the
+        tensors stay under its own name; a group of one factor's tensors, as the "lora_A" type, stays whole). Probing both factors of an adapter as one group adds the
         product's cross term to the curvature, and along a descent direction, once B is no longer 0, that term
         is negative (it made the LLM demo's quick probe find A <= 0 for all 30 blocks); each factor alone has
         none. `whole(part)` names the group a part came from."""
         members = {}
         for name in self.names:
-            for tensor in self._members[name]:
-                factor = next((part for part in tensor.path if part in LORA_FACTORS), None)
-                members.setdefault(name if factor is None else f"{name}/{factor}", []).append(tensor)
+            factors = [next((part for part in tensor.path if part in LORA_FACTORS), None)
+                       for tensor in self._members[name]]
+            whole = len(set(factors)) == 1  # one factor only (the "lora_A" type group), or none
+            for tensor, factor in zip(self._members[name], factors):
+                members.setdefault(name if whole or factor is None else f"{name}/{factor}", []).append(tensor)
         return ParameterGroups(self.model, members, f"{self.granularity}/factors")
 
     @staticmethod

@@ -391,3 +391,6 @@ def test_lora_factors_are_split_apart_and_their_values_fold_back():
     # a group holding no factor keeps its name
     plain = group_parameters(tiny("qwen2"), "type")
     assert plain.split_factors().names == plain.names and plain.whole("norm") == "norm"
+    # and so does a group of one factor's tensors
+    types = group_parameters(model, "type")
+    assert types.split_factors().names == types.names and types.names[:2] == ["lora_A", "lora_B"]
