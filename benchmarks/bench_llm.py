@@ -5,8 +5,9 @@ sdpa attention, peft LoRA (r=8, alpha 16) on every linear layer of the blocks wi
 drawn from N(0, 0.02) (a zero B would leave lora_A without a gradient), gradients from one backward pass of
 adapeft.causal_lm_loss on random token ids, groups from group_parameters(model, GRANULARITY, trainable_only=True).
 A case is SHAPE:GRANULARITY:SEQSxTOKENS. Modes (MODES: name -> Prober options): today {}, prefix
-{reuse_prefix: True}, three {points: 3, slope: "autograd"}, three prefix (both), on CUDA today graphed / prefix
-graphed / three prefix graphed (the same with cuda_graph=True), torch {backend: "torch"}. Every mode probes at
+{reuse_prefix: True}, three {points: 3, slope: "autograd"}, three prefix (both), on CUDA today graphed and three
+graphed (the same with cuda_graph=True; prefix reuse is refused with CUDA graphs until verified), torch {backend:
+"torch"}. Every mode probes at
 fixed steps (step_policy="fixed"): an adaptive probe's later steps run the same passes, and its first one's
 bracketing rounds would only lengthen the warm-up. Each mode: one warm-up step (graphed: the capture), then the
 median of --repeats steps. Columns:
@@ -19,16 +20,16 @@ median of --repeats steps. Columns:
              group's passes start from (prober.prefix.starts and .kept)
   pfl/fl     the prefix floor over today's floor: the most prefix reuse can save
   pre/tod    prefix s / today s
-  g.tod s    today graphed; g.pre s: prefix graphed (CUDA only); gpre/gtod: their ratio
+  g.tod s    today graphed; g.3 s: three graphed (CUDA only); g3/gtod: their ratio
   torch/tod  Prober(backend="torch").step / today s
-  3pre s     three prefix; 3pre/tod: over today s; g3pre s: three prefix graphed (the target: 0.35 of today)
+  3pre s     three prefix; 3pre/tod: over today s (the target: 0.35)
   passes     forward passes of one step (Prober.forward_passes, replays included): today / prefix / three
              (4K+1, 4K+1, 2K+1 and one backward)
   same       the last timed step's losses (K x 5), prefix against today and three prefix against three, equal bit
              for bit
   blocks     prober.prefix.block_share(): the share of the blocks' work the prefix probe's perturbed passes run
   kept MB    prober.prefix.nbytes: the kept block outputs (the boundaries are listed under the row)
-  syncs      host synchronisations of one step (CUDA: today / prefix / today graphed / prefix graphed),
+  syncs      host synchronisations of one step (CUDA: today / prefix / today graphed / three graphed),
              torch.cuda.set_sync_debug_mode("warn"), those of the model's own forward passes excluded
   extra MB   peak memory over a forward pass's, one step (CUDA: today / prefix / torch)
 A mode that fails prints "error" in its cells and its message under the table; "-" is a value not measured.
@@ -65,8 +66,8 @@ SHAPES = {  # the published configs' shapes
 }
 THREE = {"points": 3, "slope": "autograd"}
 MODES = {"today": {}, "prefix": {"reuse_prefix": True}, "three": THREE, "three prefix": {**THREE, "reuse_prefix": True},
-         "today graphed": {"cuda_graph": True}, "prefix graphed": {"reuse_prefix": True, "cuda_graph": True},
-         "three prefix graphed": {**THREE, "reuse_prefix": True, "cuda_graph": True}, "torch": {"backend": "torch"}}
+         "today graphed": {"cuda_graph": True}, "three graphed": {**THREE, "cuda_graph": True},
+         "torch": {"backend": "torch"}}
 DEFAULT_CASES = "smollm2:module:8x512,llama-1b:module:8x512,llama-1b:type:8x512"
 LORA_R, LORA_ALPHA, ETA = 8, 16, 1e-2  # fixed steps: 1e-4 leaves bfloat16 LoRA weights unmoved
 ERROR = "error"
@@ -230,7 +231,7 @@ def floors(row, with_grad):
         row["pre/pfl"] = prefix["seconds"] / row["prefix floor"]
         if "floor" in row:
             row["pfl/fl"] = row["prefix floor"] / row["floor"]
-    for key, top, bottom in (("pre/tod", "prefix", "today"), ("gpre/gtod", "prefix graphed", "today graphed"),
+    for key, top, bottom in (("pre/tod", "prefix", "today"), ("g3/gtod", "three graphed", "today graphed"),
                              ("torch/tod", "torch", "today"), ("3pre/tod", "three prefix", "today")):
         if isinstance(row.get(top), dict) and isinstance(row.get(bottom), dict):
             row[key] = row[top]["seconds"] / row[bottom]["seconds"]
@@ -248,17 +249,16 @@ COLUMNS = [  # (header, width, the cell's text from the row)
     ("pfl/fl", 7, lambda r: ratio(r, "pfl/fl")),
     ("pre/tod", 7, lambda r: ratio(r, "pre/tod")),
     ("g.tod s", 8, lambda r: mode_value(r, "today graphed", "seconds", "{:.3f}")),
-    ("g.pre s", 8, lambda r: mode_value(r, "prefix graphed", "seconds", "{:.3f}")),
-    ("gpre/gtod", 9, lambda r: ratio(r, "gpre/gtod")),
+    ("g.3 s", 8, lambda r: mode_value(r, "three graphed", "seconds", "{:.3f}")),
+    ("g3/gtod", 9, lambda r: ratio(r, "g3/gtod")),
     ("torch/tod", 9, lambda r: ratio(r, "torch/tod")),
     ("3pre s", 8, lambda r: mode_value(r, "three prefix", "seconds", "{:.3f}")),
     ("3pre/tod", 8, lambda r: ratio(r, "3pre/tod")),
-    ("g3pre s", 8, lambda r: mode_value(r, "three prefix graphed", "seconds", "{:.3f}")),
     ("passes", 13, lambda r: joined(r, ("today", "prefix", "three"), "passes", "{}")),
     ("same", 7, lambda r: joined(r, ("prefix", "three prefix"), "same", "{}")),
     ("blocks", 6, lambda r: mode_value(r, "prefix", "blocks", "{:.3f}")),
     ("kept MB", 7, lambda r: mode_value(r, "prefix", "kept MB", "{:.1f}")),
-    ("syncs", 11, lambda r: joined(r, ("today", "prefix", "today graphed", "prefix graphed"), "syncs", "{}")),
+    ("syncs", 11, lambda r: joined(r, ("today", "prefix", "today graphed", "three graphed"), "syncs", "{}")),
     ("extra MB", 14, lambda r: joined(r, ("today", "prefix", "torch"), "extra MB", "{:.0f}")),
 ]
 

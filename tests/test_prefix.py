@@ -219,20 +219,22 @@ def test_a_failure_mid_probe_restores_the_blocks_and_the_weights():
 
 @requires_cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("cuda_graph", [False, True], ids=["eager", "graphed"])
 @pytest.mark.parametrize("points", [5, 3])
-def test_cuda_reused_prefixes_give_the_same_losses(dtype, cuda_graph, points):
-    """On CUDA (deterministic kernels for one shape) the losses are the full probe's bit for bit, eager and
-    replayed from a CUDA graph, with five points and with three; the realized steps are float64 atomic sums (to
-    rounding)."""
+def test_cuda_reused_prefixes_give_the_same_losses(dtype, points):
+    """On CUDA (deterministic kernels for one shape) the losses are the full probe's bit for bit, with five points
+    and with three; the realized steps are float64 atomic sums (to rounding)."""
     model, groups, batch = probed_model("llama", "module", dtype, "cuda")
     options = {"points": points, "slope": "autograd"} if points == 3 else {}
     full = adapeft.Prober(model, groups, causal_lm_loss, **options)
-    reused = adapeft.Prober(model, groups, causal_lm_loss, reuse_prefix=True, cuda_graph=cuda_graph, **options)
+    reused = adapeft.Prober(model, groups, causal_lm_loss, reuse_prefix=True, **options)
     for _ in range(3):
         got, want = reused.step(batch, 1e-2), full.step(batch, 1e-2)
         assert same_bits(got.losses, want.losses) and torch.equal(got.verdict, want.verdict)
         torch.testing.assert_close(got.steps, want.steps, rtol=1e-12, atol=0, equal_nan=True)
     assert reused.prefix.kept == (1, 2, 3) and reused.prefix.disabled is None
-    if cuda_graph:
-        assert reused.graph_captures == 1 and reused.graph_disabled is None
+
+
+def test_reuse_with_cuda_graphs_is_refused_until_verified():
+    model, groups, _ = probed_model("llama", "module")
+    with pytest.raises(ValueError, match="reuse_prefix=True with cuda_graph=True is not supported yet"):
+        adapeft.Prober(model, groups, causal_lm_loss, reuse_prefix=True, cuda_graph=True)
