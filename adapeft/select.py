@@ -163,11 +163,12 @@ def select(prober_or_values=None, counts=None, *, values=None, budget=None, meth
     groups (ParameterGroups.split_factors), choose among `units`, each valued as the sum of its parts'."""
     if isinstance(prober_or_values, Prober):
         prober = prober_or_values
-        counts = prober.groups.numel if counts is None else counts
-        values = (prober.appi.cpu() * torch.tensor(counts, dtype=torch.float64)).tolist()
-        names = prober.names if names is None else names
         if units is not None:
-            values, counts, names = units.values_from_parts(names, values), units.numel, units.names
+            values, counts, names = prober_values(prober, units), units.numel, units.names
+        else:
+            counts = prober.groups.numel if counts is None else counts
+            values = (prober.appi.cpu() * torch.tensor(counts, dtype=torch.float64)).tolist()
+            names = prober.names if names is None else names
     elif units is not None:
         raise TypeError("adapeft.select: units= folds a Prober's groups into the units they are parts of; give the "
                         "Prober")
@@ -203,6 +204,13 @@ def select(prober_or_values=None, counts=None, *, values=None, budget=None, meth
     if method == "exact":
         return _exact(problem, budget)
     return _pareto(problem, budget, budgets, max_exact_groups)
+
+
+def prober_values(prober, units=None):
+    """The knapsack's values from a prober: each group's APPI x its parameters, or, with `units` (whose parts the
+    prober probed: ParameterGroups.split_factors), each unit's parts' sum."""
+    values = (prober.appi.cpu() * torch.tensor(prober.groups.numel, dtype=torch.float64)).tolist()
+    return values if units is None else units.values_from_parts(prober.names, values)
 
 
 def _greedy(problem, budget):

@@ -162,9 +162,7 @@ def run_mode(name, model, groups, ids, repeats, device, forward_peak):
     if prefix is not None:
         out.update(blocks=prefix.block_share(), kept=list(prefix.kept))
         out["kept MB"] = prefix.nbytes / 2**20
-        starts = prefix.starts if prefix.starts is not None and not prefix.disabled else {}
-        out["boundaries"] = {g: max((b for b in prefix.kept if b <= starts[g]), default=0) if g in starts else 0
-                             for g in groups.names}
+        out["boundaries"] = {g: prefix.boundary(g) for g in groups.names}
         if prefix.disabled:
             out["note"] = f"prefix reuse disabled: {prefix.disabled}"
     prober.flush()

@@ -3,8 +3,6 @@ demo's probe on the same batches, steps and directions, and how far their answer
 accepts, their A where both accept, and the groups the knapsack chooses from each one's APPI."""
 import statistics
 
-import torch
-
 from ..select import select
 
 # The probes compared, as AdaPEFT.probe_train's `compare` takes them.
@@ -28,10 +26,7 @@ def agreement(run, units, budget):
                        "A_difference_largest": max(difference) if difference else None})
     chosen = {}
     for label, prober in (("five points", five), ("three points", three)):
-        parts = (prober.appi.cpu() * torch.tensor(prober.groups.numel, dtype=torch.float64)).tolist()
-        values = units.values_from_parts(prober.names, parts)
-        chosen[label] = select(values=values, counts=units.numel, names=units.names, budget=budget,
-                               method="exact").chosen
+        chosen[label] = select(prober, units=units, budget=budget, method="exact").chosen
     shared = set(chosen["five points"]) & set(chosen["three points"])
     union = set(chosen["five points"]) | set(chosen["three points"])
     return {"probes": probes, "chosen": chosen, "chosen_shared": len(shared),

@@ -41,7 +41,7 @@ from . import compare_points as points
 from ..algorithm import AdaPEFT, equip_lora
 from ..groups import block_position, group_parameters
 from ..llm import causal_lm_loss, lora_config, lora_targets
-from ..select import select
+from ..select import prober_values, select
 from ..selection import Selection
 from .common import (Progress, batches, load_pretrained, load_tokenizer, paired_difference,
                      prefix_record, probe_record, seed_everything)
@@ -223,8 +223,7 @@ def run(out_dir="adapeft-demo-llm", quick=False, model=None, gguf_file=None, bud
             log(line)
 
     # 2. Every method's units under the same count.
-    unit_appi = probe_record(prober, groups)["appi"]
-    values = {"AdaPEFT": [appi * count for appi, count in zip(unit_appi, groups.numel)],
+    values = {"AdaPEFT": prober_values(prober, groups),
               **{name: recorder.values[name].tolist() for name in ("squared gradient", "Fisher")}}
     sets = choices(groups, values, block_snr(base, layers), budget, layers, seeds)
     chosen = sets["AdaPEFT"][0]

@@ -7,8 +7,9 @@ run in one forward pass (a tied embedding and head is used before block 0: such 
 used only after the stack, a final norm or an untied head, recomputes no block). Before reusing anything the
 probe checks, once, that the loss computed from a kept block output equals the full pass's bit for bit; where it
 does not (a loss that reads every block's output, a residual added outside the blocks: anything that makes a
-block's input more than the previous block's output) the probe warns and runs full passes. A skipped block's `forward` is replaced for the pass (its module hooks
-still run, so FSDP2 gathers and frees its shards on every rank alike), which adds nothing to a CUDA graph.
+block's input more than the previous block's output) the probe warns and runs full passes. A skipped block's
+`forward` is replaced for the pass (its module hooks still run, so FSDP2 gathers and frees its shards on every rank
+alike).
 """
 import contextlib
 import math
@@ -101,11 +102,14 @@ class PrefixReuse:
         if self.disabled or not names:
             return 1.0
         total = len(self.blocks)
-        return sum(total - self._boundary(name) for name in names) / (total * len(names))
+        return sum(total - self.boundary(name) for name in names) / (total * len(names))
 
-    def _boundary(self, name):
-        start = self.starts[name]
-        return max((b for b in self.kept if b <= start), default=0)
+    def boundary(self, name):
+        """The block group `name`'s perturbed passes start at: the largest kept boundary at or below its first
+        block (0: the whole pass, also where nothing is reused)."""
+        if self.disabled or self.starts is None:
+            return 0
+        return max((b for b in self.kept if b <= self.starts[name]), default=0)
 
     def _disable(self, why):
         self.disabled = why
@@ -196,7 +200,7 @@ class PrefixReuse:
                 with self.recording():
                     yield
         else:
-            boundary = self._boundary(group)
+            boundary = self.boundary(group)
             if boundary == 0 or boundary - 1 not in self._outputs:
                 yield
             else:
