@@ -1,0 +1,101 @@
+"""The probing phase a training-framework callback runs: probe every few optimizer steps on that step's batch,
+select when the phase ends, write the reports. adapeft.hf (the Hugging Face Trainer) and adapeft.lightning
+(PyTorch Lightning) hand it their framework's model, batch, optimizer and step; it owns what they share.
+"""
+import json
+import math
+import os
+import warnings
+
+from .groups import group_parameters
+from .probe import Prober, ProbeSchedule
+from .probe.distributed import is_sharded
+
+
+class ProbingPhase:
+    """See adapeft.hf.AdaPEFTCallback for the options. `owner`: the callback's name for messages."""
+
+    def __init__(self, owner, budget, method, probe_fraction, every, eta, direction, granularity, rules,
+                 reuse_prefix):
+        if not 0 < probe_fraction <= 1:
+            raise ValueError(f"{owner}: probe_fraction must be in (0, 1], got {probe_fraction!r}")
+        if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
+            raise ValueError(f"{owner}: every must be a whole number of steps >= 1 or None, got {every!r}")
+        if direction not in ("optimizer", "grad"):
+            raise ValueError(f"{owner}: direction must be 'optimizer' or 'grad', got {direction!r}")
+        self.owner, self.budget, self.method, self.probe_fraction, self.every = owner, budget, method, probe_fraction, every
+        self.eta, self.direction, self.granularity, self.rules = eta, direction, granularity, rules
+        self.reuse_prefix = reuse_prefix
+        self.prober = self.selection = self.groups = self.schedule = None
+        self.last_step = 0
+        self.done = False
+        self.why_not = []
+
+    def begin(self, model, max_steps):
+        """At the start of training: the groups and the schedule (the phase is the first probe_fraction of
+        max_steps optimizer steps)."""
+        self.groups = group_parameters(model, granularity=self.granularity, rules=self.rules)
+        self.last_step = max(1, math.ceil(self.probe_fraction * max(max_steps, 1)))
+        every = self.every or max(1, min(4 * len(self.groups), self.last_step // 4))
+        self.schedule = ProbeSchedule(len(self.groups), interval=every, stop=self.last_step)
+
+    def due(self, step):
+        return self.schedule is not None and not self.done and self.schedule(step)
+
+    def probe(self, model, loss_fn, batch, optimizer, eta):
+        """One probe at this optimizer step (gradients ready, the optimizer not yet stepped): the metrics to log,
+        {"adapeft/ppi/<group>": ..., "adapeft/appi/<group>": ...}, or None where it could not probe."""
+        if batch is None:
+            self.why_not.append("no training batch was seen before the optimizer step")
+            return None
+        if self.prober is None:
+            self.prober = Prober(model, self.groups, loss_fn, direction=self.direction,
+                                 optimizer=optimizer if self.direction == "optimizer" else None,
+                                 schedule=self.schedule, process_group=data_parallel_group(model),
+                                 reuse_prefix=self.reuse_prefix)
+        try:
+            result = self.prober.step(batch, self.eta or eta)
+        except RuntimeError as error:
+            if "no group has a direction" not in str(error):
+                raise
+            self.why_not.append("no parameter had a gradient at the probe steps")
+            return None
+        metrics = {}
+        for name, ppi, total in zip(self.prober.names, result.ppi.cpu().tolist(), self.prober.appi.cpu().tolist()):
+            metrics[f"adapeft/ppi/{name}"] = ppi
+            metrics[f"adapeft/appi/{name}"] = total
+        return metrics
+
+    def finish(self, output_dir, writes_reports=True):
+        """End the phase: select (self.selection) and, where writes_reports, write adapeft_selection.json and
+        adapeft_probe.json into output_dir; warn instead where no probe ran."""
+        self.done = True
+        if self.prober is None or not self.prober.history:
+            why = "; ".join(dict.fromkeys(self.why_not)) or "no probe step was reached (is the number of steps set?)"
+            warnings.warn(f"{self.owner} never probed: {why}. Check that loss.backward() leaves gradients in the "
+                          "parameters at the optimizer step, and that the probing phase "
+                          f"(probe_fraction={self.probe_fraction}) holds a probe step.", UserWarning, stacklevel=3)
+            return None
+        from .select import select
+        self.prober.flush()
+        self.selection = select(self.prober, budget=self.budget, method=self.method)
+        if output_dir and writes_reports:  # every rank holds the same selection; one writes it
+            os.makedirs(output_dir, exist_ok=True)
+            self.selection.save(os.path.join(output_dir, "adapeft_selection.json"))
+            history = [h.cpu().tolist() for h in self.prober.history]
+            with open(os.path.join(output_dir, "adapeft_probe.json"), "w") as handle:
+                json.dump({"format": "adapeft.probe/1", "groups": self.prober.names,
+                           "counts": self.prober.groups.numel, "appi": self.prober.appi.cpu().tolist(),
+                           "ppi_history": history}, handle, indent=2)
+        return self.selection
+
+
+def data_parallel_group(model):
+    """Frameworks hand callbacks the unwrapped model, also under data parallelism, where every rank sees its own
+    batch: probe with the whole world then (FSDP2's sharded parameters name their own group)."""
+    import torch.distributed as dist
+    if any(is_sharded(p) for p in model.parameters()):
+        return "auto"
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return dist.group.WORLD
+    return "auto"
