@@ -2,7 +2,7 @@
 // Kernels live one op per file per backend in cpu/ and cuda/; adapeft/ops/reference.py holds the
 // pure-PyTorch twin of every op and adapeft/ops/fake.py the fake (meta) implementations.
 #include <ATen/Parallel.h>
-#include <torch/extension.h>
+#include <torch/csrc/utils/pybind.h>
 #include <torch/library.h>
 
 #include <mutex>

@@ -1,5 +1,7 @@
 #include "fit_args.h"
 
+#include <ATen/ops/empty.h>
+
 #include "fit_math.h"
 
 namespace adapeft {

@@ -1,7 +1,7 @@
 // Argument checks and outputs of adapeft::quadratic_fit, shared by its CPU and CUDA kernels.
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 
 #include <optional>
 

@@ -1,5 +1,6 @@
 #include "group_table.h"
 
+#include <ATen/ops/zeros.h>
 #include <algorithm>
 #include <utility>
 #include <vector>

@@ -1,7 +1,7 @@
 // Host-side description of a parameter group: validation, the group table and its fingerprint.
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 
 #include <cstdint>
 

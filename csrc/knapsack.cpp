@@ -1,5 +1,6 @@
 #include "knapsack.h"
 
+#include <ATen/ops/equal.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>

@@ -2,7 +2,7 @@
 // order. adapeft/ops/reference.py computes the same answers with Python fractions.
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>

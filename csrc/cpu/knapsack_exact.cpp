@@ -7,6 +7,8 @@
 // programming over Pareto states (weight, value), expanding from the break item outward as in
 // Pisinger's minknap, pruned by dominance and by bounds. All arithmetic is exact (integer scales of the
 // values, knapsack.h), so ties are exact.
+#include <ATen/ops/tensor.h>
+#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <algorithm>

@@ -2,6 +2,7 @@
 // (bit i: group i), for K <= 24: the oracle of the tests and the "all subsets" of the paper's Figure 5.
 // Sums are exact (see knapsack.h), each rounded once to a double; blocks of subsets run in parallel, each
 // walking a Gray code.
+#include <ATen/ops/empty.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 

@@ -1,5 +1,7 @@
 // CPU kernel of adapeft::knapsack_greedy: the paper's greedy order (APPI = value per parameter) and the
 // value of each nested set along it, summed exactly and rounded once.
+#include <ATen/ops/empty.h>
+#include <ATen/ops/tensor.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 

@@ -1,6 +1,7 @@
 // CPU kernel of adapeft::knapsack_pareto: every non-dominated (parameters, value) subset, by the
 // Nemhauser-Ullmann recursion (merge the list with itself shifted by one item, drop dominated states).
 // Exact (see knapsack.h); its size grows quickly with K, so it stops with an empty answer past its limit.
+#include <ATen/ops/empty.h>
 #include <torch/library.h>
 
 #include "knapsack.h"

@@ -1,12 +1,13 @@
-// The move kernel of adapeft::perturb_ (see perturb.cu): the pipeline that moves a group's chunks, its shared
-// memory, and the reduction of its report. Included by perturb.cu only.
+// The move kernel of adapeft::perturb_ (see perturb.cpp): the pipeline that moves a group's chunks, its shared
+// memory, and the reduction of its report. Included by move_launch.cuh only.
 #pragma once
 
 #include <algorithm>
 #include <cstdint>
 #include <type_traits>
 
-#include "group_table.h"
+#include "layout.h"
+#include "move_launch.h"
 #include "ptx.cuh"
 #include "step_math.h"
 
@@ -31,23 +32,6 @@ constexpr int kQuarterShift = kChunkShift - 2;
 constexpr int kWordRing = 4;  // words of the previous, current, next and next-but-one chunk
 static_assert(kWords == kWriters, "each writer owns one bitmap word");
 static_assert((kChunkElements >> kQuarterShift) == kQuarters, "a quarter is a quarter of a chunk");
-enum TotalWord { kTotalDotDirStep, kTotalDotDirDir, kTotalChanged, kTotalUnmoved, kTotalNonfinite, kTotalSaved,
-                 kTotalWords };
-
-struct MoveArgs {
-  const int64_t* table;
-  int64_t num_tensors;
-  int64_t num_chunks;
-  const float* steps;
-  int from_step;
-  int to_step;
-  const int64_t* ledger_in;
-  int64_t* ledger_out;
-  unsigned long long capacity;
-  double* report_row;
-  const double* hyper;
-  int64_t* block_totals;  // kTotalWords per block
-};
 
 // A thread's counts stay below the number of elements its block sees, so 32 bits hold them (and
 // keep registers free); a block's and the grid's are 64 bits.

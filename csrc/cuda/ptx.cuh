@@ -1,5 +1,5 @@
 // Device helpers of the move kernel that speak PTX or move bytes in packs: shared-memory addresses, asynchronous
-// word copies, vectorized global loads and stores, fused float64 products, warp sums. Included by perturb.cu only.
+// word copies, vectorized global loads and stores, fused float64 products, warp sums. Included by move_chunk.cuh only.
 #pragma once
 
 #include <cstdint>

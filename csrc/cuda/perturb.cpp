@@ -7,9 +7,12 @@
 // slots in block order, so the report (the realized step above all) is the same bits on every run and
 // on every rank of a data-parallel job; floating-point atomics would add in arrival order.
 //
-// The kernel itself is in move_chunk.cuh (with the PTX helpers of ptx.cuh); this file holds the launch policy:
-// which instantiation a group takes, how many blocks it runs, and the op's entry point.
+// The kernel itself is in move_chunk.cuh (with the PTX helpers of ptx.cuh), launched by move_launch.cuh and
+// compiled once per instantiation in the move_*.cu files; this file holds the launch policy (which
+// instantiation a group takes) and the op's entry point.
+#include <ATen/ops/empty.h>
 #include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
@@ -18,18 +21,12 @@
 #include <cstdlib>
 #include <cstring>
 #include <mutex>
-#include <type_traits>
 
 #include "group_table.h"
-#include "move_chunk.cuh"
-#include "step_math.h"
+#include "move_launch.h"
 
 namespace adapeft {
 namespace {
-
-// The dynamic shared memory a block of an instantiation is launched with.
-template <int kParamBits, bool kStage>
-constexpr size_t kSharedBytes = sizeof(MoveShared<kParamBits, kStage>);
 
 // How many blocks of an instantiation fit on `device` at once (and lets it use its shared memory).
 template <bool kWithRules, int kParamBits, bool kStage>
@@ -38,43 +35,40 @@ int64_t resident_blocks(int device) {
   static std::mutex mutex;
   const std::lock_guard<std::mutex> lock(mutex);
   if (device < 64 && cached[device] > 0) return cached[device];
-  constexpr size_t bytes = kSharedBytes<kParamBits, kStage>;
+  const size_t bytes = move_shared_bytes<kWithRules, kParamBits, kStage>();
   const cudaDeviceProp* props = at::cuda::getDeviceProperties(device);
   TORCH_CHECK(bytes <= props->sharedMemPerBlockOptin, "adapeft.perturb_: the CUDA move kernel needs ", bytes,
               " bytes of shared memory per block", kParamBits == 64 ? " for a group with float64" : "", ", and ",
               props->name, " allows ", props->sharedMemPerBlockOptin);
-  const auto kernel = move_kernel<kWithRules, kParamBits, kStage>;
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
   int per_sm = 0;
-  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreadsOf<kParamBits>, bytes));
+  C10_CUDA_CHECK((move_blocks_per_sm<kWithRules, kParamBits, kStage>(&per_sm)));
   const int64_t blocks = static_cast<int64_t>(std::max(1, per_sm)) * props->multiProcessorCount;
   if (device < 64) cached[device] = blocks;
   return blocks;
+}
+
+template <bool kWithRules, int kParamBits, bool kStage>
+void move(MoveArgs a, int device) {
+  const int64_t blocks =
+      std::max<int64_t>(1, std::min(a.num_chunks, resident_blocks<kWithRules, kParamBits, kStage>(device)));
+  const at::Tensor block_totals =
+      at::empty({blocks * kTotalWords}, at::TensorOptions().dtype(at::kLong).device(at::kCUDA, device));
+  a.block_totals = block_totals.data_ptr<int64_t>();
+  C10_CUDA_CHECK((launch_move<kWithRules, kParamBits, kStage>(a, blocks, at::cuda::getCurrentCUDAStream())));
 }
 
 // Whether moves on `device` stage chunks in shared memory: on Hopper and later GPUs with room for the
 // stage buffers, and not under ADAPEFT_CUDA_STAGE=0 (which launches as other GPUs do, for tests and
 // benchmarks). Groups with float64 are not staged: with their 64-bit ledger values the buffers would
 // take 206 KB a block.
+template <bool kWithRules>
 bool stages_chunks(int device) {
   static const bool allowed = [] {
     const char* setting = std::getenv("ADAPEFT_CUDA_STAGE");
     return setting == nullptr || std::strcmp(setting, "0") != 0;
   }();
   const cudaDeviceProp* props = at::cuda::getDeviceProperties(device);
-  return allowed && props->major >= 9 && kSharedBytes<32, true> <= props->sharedMemPerBlockOptin;
-}
-
-template <bool kWithRules, int kParamBits, bool kStage>
-void launch_move(MoveArgs a, int device) {
-  const int64_t blocks =
-      std::max<int64_t>(1, std::min(a.num_chunks, resident_blocks<kWithRules, kParamBits, kStage>(device)));
-  const at::Tensor block_totals =
-      at::empty({blocks * kTotalWords}, at::TensorOptions().dtype(at::kLong).device(at::kCUDA, device));
-  a.block_totals = block_totals.data_ptr<int64_t>();
-  move_kernel<kWithRules, kParamBits, kStage><<<static_cast<unsigned>(blocks), kThreadsOf<kParamBits>,
-                                                kSharedBytes<kParamBits, kStage>, at::cuda::getCurrentCUDAStream()>>>(a);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return allowed && props->major >= 9 && move_shared_bytes<kWithRules, 32, true>() <= props->sharedMemPerBlockOptin;
 }
 
 // Stage buffers pay where a block moves several chunks: the fetch of its next chunk overlaps the move
@@ -82,11 +76,11 @@ void launch_move(MoveArgs a, int device) {
 // no fetch to overlap and goes unstaged, where the 16-bit kernel's element-strided chunks take two
 // passes, not eight (faster on the biases of GPT-2-large shapes: benchmarks/HISTORY.md, 2026-11-24).
 template <bool kWithRules, int kParamBits>
-void launch_move_staged_if_it_pays(MoveArgs a, int device) {
-  if (stages_chunks(device) && a.num_chunks > resident_blocks<kWithRules, kParamBits, true>(device)) {
-    launch_move<kWithRules, kParamBits, true>(a, device);
+void move_staged_if_it_pays(MoveArgs a, int device) {
+  if (stages_chunks<kWithRules>(device) && a.num_chunks > resident_blocks<kWithRules, kParamBits, true>(device)) {
+    move<kWithRules, kParamBits, true>(a, device);
   } else {
-    launch_move<kWithRules, kParamBits, false>(a, device);
+    move<kWithRules, kParamBits, false>(a, device);
   }
 }
 
@@ -94,13 +88,13 @@ void launch_move_staged_if_it_pays(MoveArgs a, int device) {
 // they have no optimizer rules: with the rules' state in 64 registers they would spill. With rules they
 // share the 32-bit kernels.
 template <bool kWithRules>
-void launch_move(MoveArgs a, int device, int64_t param_bits) {
+void move_widest(MoveArgs a, int device, int64_t param_bits) {
   if (param_bits == 64) {
-    launch_move<kWithRules, 64, false>(a, device);
+    move<kWithRules, 64, false>(a, device);
   } else if (kWithRules || param_bits == 32) {
-    launch_move_staged_if_it_pays<kWithRules, 32>(a, device);
+    move_staged_if_it_pays<kWithRules, 32>(a, device);
   } else if constexpr (!kWithRules) {
-    launch_move_staged_if_it_pays<kWithRules, 16>(a, device);
+    move_staged_if_it_pays<kWithRules, 16>(a, device);
   }
 }
 
@@ -126,7 +120,7 @@ void perturb_cuda(at::TensorList params, at::TensorList directions, at::TensorLi
   const int device = table.get_device();
   int64_t param_bits = 16;
   for (const at::Tensor& p : params) param_bits = std::max<int64_t>(param_bits, 8 * p.element_size());
-  call.hyper != nullptr ? launch_move<true>(a, device, param_bits) : launch_move<false>(a, device, param_bits);
+  call.hyper != nullptr ? move_widest<true>(a, device, param_bits) : move_widest<false>(a, device, param_bits);
 }
 
 }  // namespace

@@ -1,0 +1,4 @@
+// The move kernel for given directions, widest param 32-bit, chunks staged in shared memory.
+#include "move_launch.cuh"
+
+ADAPEFT_INSTANTIATE_MOVE(false, 32, true)

@@ -1,0 +1,4 @@
+// The move kernel for directions formed by optimizer rules, widest param 64-bit, unstaged.
+#include "move_launch.cuh"
+
+ADAPEFT_INSTANTIATE_MOVE(true, 64, false)
