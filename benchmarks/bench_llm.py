@@ -7,7 +7,7 @@ adapeft.causal_lm_loss on random token ids, groups from group_parameters(model, 
 A case is SHAPE:GRANULARITY:SEQSxTOKENS. Modes (MODES: name -> Prober options): today {}, prefix
 {reuse_prefix: True}, three {points: 3, slope: "autograd"}, three prefix (both), on CUDA today graphed and three
 graphed (the same with cuda_graph=True; prefix reuse is refused with CUDA graphs until verified), torch {backend:
-"torch"}. Every mode probes at
+"torch"}, batched {backend: "batched"}. Every mode probes at
 fixed steps (step_policy="fixed"): an adaptive probe's later steps run the same passes, and its first one's
 bracketing rounds would only lengthen the warm-up. Each mode: one warm-up step (graphed: the capture), then the
 median of --repeats steps. Columns:
@@ -23,6 +23,7 @@ median of --repeats steps. Columns:
   g.tod s    today graphed; g.3 s: three graphed (CUDA only); g3/gtod: their ratio
   torch/tod  Prober(backend="torch").step / today s
   3pre s     three prefix; 3pre/tod: over today s (the target: 0.35)
+  bat/tod    Prober(backend="batched").step (each group's points of a round in one vmapped pass) / today s
   passes     forward passes of one step (Prober.forward_passes, replays included): today / prefix / three
              (4K+1, 4K+1, 2K+1 and one backward)
   same       the last timed step's losses (K x 5), prefix against today and three prefix against three, equal bit
@@ -67,7 +68,7 @@ SHAPES = {  # the published configs' shapes
 THREE = {"points": 3, "slope": "autograd"}
 MODES = {"today": {}, "prefix": {"reuse_prefix": True}, "three": THREE, "three prefix": {**THREE, "reuse_prefix": True},
          "today graphed": {"cuda_graph": True}, "three graphed": {**THREE, "cuda_graph": True},
-         "torch": {"backend": "torch"}}
+         "torch": {"backend": "torch"}, "batched": {"backend": "batched"}}
 DEFAULT_CASES = "smollm2:module:8x512,llama-1b:module:8x512,llama-1b:type:8x512"
 LORA_R, LORA_ALPHA, ETA = 8, 16, 1e-2  # fixed steps: 1e-4 leaves bfloat16 LoRA weights unmoved
 ERROR = "error"
@@ -230,7 +231,8 @@ def floors(row, with_grad):
         if "floor" in row:
             row["pfl/fl"] = row["prefix floor"] / row["floor"]
     for key, top, bottom in (("pre/tod", "prefix", "today"), ("g3/gtod", "three graphed", "today graphed"),
-                             ("torch/tod", "torch", "today"), ("3pre/tod", "three prefix", "today")):
+                             ("torch/tod", "torch", "today"), ("3pre/tod", "three prefix", "today"),
+                             ("bat/tod", "batched", "today")):
         if isinstance(row.get(top), dict) and isinstance(row.get(bottom), dict):
             row[key] = row[top]["seconds"] / row[bottom]["seconds"]
 
@@ -252,6 +254,7 @@ COLUMNS = [  # (header, width, the cell's text from the row)
     ("torch/tod", 9, lambda r: ratio(r, "torch/tod")),
     ("3pre s", 8, lambda r: mode_value(r, "three prefix", "seconds", "{:.3f}")),
     ("3pre/tod", 8, lambda r: ratio(r, "3pre/tod")),
+    ("bat/tod", 7, lambda r: ratio(r, "bat/tod")),
     ("passes", 13, lambda r: joined(r, ("today", "prefix", "three"), "passes", "{}")),
     ("same", 7, lambda r: joined(r, ("prefix", "three prefix"), "same", "{}")),
     ("blocks", 6, lambda r: mode_value(r, "prefix", "blocks", "{:.3f}")),

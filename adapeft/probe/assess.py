@@ -92,7 +92,7 @@ class Assessor:
         losses, steps = measurement.losses[:, points.measured], report[:, points.measured, L.REPORT_STEP]
         middle = losses.shape[1] // 2
         base = losses[:, middle]
-        if self.backend == "compiled":
+        if self.backend != "torch":
             fit = ops.quadratic_fit(losses, steps, counts, None, self.r2_threshold)
         else:
             fit = fits.filtered(*fits.row_by_row(losses, steps), counts, self.r2_threshold)

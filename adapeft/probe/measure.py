@@ -117,21 +117,63 @@ class Measurement:
         try:
             for j in points:
                 column = COLUMNS[j]
-                dot_step = dot_dir = changed = 0.0
-                for p, w0, rule in zip(plan.params, saved, rules):
-                    eta = self.steps[k, j].to(rule.a.dtype)
-                    p.view(-1).copy_(reference.step_away(w0.view(-1), eta * rule.a, rule.scale(eta)))
-                    d64 = rule.full(w0.view(-1)).double().view_as(p)
-                    dot_step += (d64 * (p.double() - w0.double())).sum().item()
-                    dot_dir += (d64 * d64).sum().item()
-                    changed += (reference.bits(p) != reference.bits(w0)).sum().item()
+                moved, dot_step, dot_dir, changed = self._point(k, j, saved, rules)
+                for p, w in zip(plan.params, moved):
+                    p.copy_(w)
                 self.losses[k, column] = self.loss(batch, name).item()
                 row = self.report[5 * k + column]
-                row[L.REPORT_STEP] = -dot_step / dot_dir if dot_dir else math.nan
-                row[L.REPORT_CHANGED] = changed
+                row[L.REPORT_STEP] = -dot_step.item() / dot_dir.item() if dot_dir.item() else math.nan
+                row[L.REPORT_CHANGED] = changed.item()
         finally:
             for p, w0 in zip(plan.params, saved):
                 p.copy_(w0)
+
+    def _point(self, k, j, saved, rules):
+        """Group k's weights at its point j (from its unperturbed ones, `saved`, in the arithmetic of the compiled
+        moves), with d.(w - w0), d.d and the elements that changed, as float64 device tensors."""
+        moved, dot_step, dot_dir, changed = [], 0, 0, 0
+        for w0, rule in zip(saved, rules):
+            eta = self.steps[k, j].to(rule.a.dtype)
+            w = reference.step_away(w0.reshape(-1), eta * rule.a, rule.scale(eta)).view_as(w0)
+            d64 = rule.full(w0.reshape(-1)).double().view_as(w0)
+            dot_step = dot_step + (d64 * (w.double() - w0.double())).sum()
+            dot_dir = dot_dir + (d64 * d64).sum()
+            changed = changed + (reference.bits(w) != reference.bits(w0)).sum().double()
+            moved.append(w)
+        return moved, dot_step, dot_dir, changed
+
+    def with_batched_points(self, batch, plans, place_outer=None):
+        """Each group's points of a round in one forward pass: torch.func.vmap over the group's weights at those
+        points, put in place of its parameters for the pass (the model itself is never moved). The weights are
+        the compiled moves' bit for bit; the losses agree with sequential passes to rounding (a batched pass
+        reduces in another order)."""
+        names = {}
+        for name, p in self.loss.model.named_parameters(remove_duplicate=False):
+            names.setdefault(id(p), []).append(name)
+        for points in self._rounds(batch, place_outer):
+            for k, name in enumerate(self.names):
+                if name in plans:
+                    self._batched_group(batch, name, k, plans[name], points, names)
+
+    def _batched_group(self, batch, name, k, plan, points, names):
+        rules = plan.direction_rules()
+        saved = [p.detach() for p in plan.params]
+        at_points = [self._point(k, j, saved, rules) for j in points]
+        stacked = [torch.stack(weights) for weights in zip(*(moved for moved, *_ in at_points))]
+        keys = [(names[id(p)], i) for i, p in enumerate(plan.params)]
+
+        def loss_at(*weights):
+            substitutes = {key: weights[i] for keys_of_p, i in keys for key in keys_of_p}
+            with torch.nn.utils.stateless._reparametrize_module(self.loss.model, substitutes):
+                return self.loss(batch, name)
+
+        losses = torch.func.vmap(loss_at, randomness="same")(*stacked)
+        for j, loss, (_, dot_step, dot_dir, changed) in zip(points, losses, at_points):
+            column = COLUMNS[j]
+            self.losses[k, column] = loss
+            row = self.report[5 * k + column]
+            row[L.REPORT_STEP] = torch.where(dot_dir > 0, -dot_step / dot_dir, math.nan)
+            row[L.REPORT_CHANGED] = changed
 
 
 def exact_slopes(loss, batch, plans, names, out):
