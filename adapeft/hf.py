@@ -13,7 +13,7 @@ AdaLoRA's `update_and_allocate` after each optimizer step (the Trainer does not,
 known pitfall), and warns if it was never able to probe.
 """
 from .groups import group_parameters
-from .phase import ProbingPhase
+from .phase import ProbingPhase, WithProbingPhase
 
 try:
     from transformers import TrainerCallback
@@ -32,7 +32,7 @@ def _is_adalora(model):
     return any(type(c).__name__ == "AdaLoraConfig" for c in config.values())
 
 
-class AdaPEFTCallback(TrainerCallback):
+class AdaPEFTCallback(WithProbingPhase, TrainerCallback):
     """Probe and select inside a Hugging Face Trainer (see the module docstring).
 
     budget, method: the selection made when probing ends; probe_fraction: share of max_steps spent
@@ -57,14 +57,6 @@ class AdaPEFTCallback(TrainerCallback):
         self._hook = None
         self._pending = None
         self._adalora = False
-
-    @property
-    def prober(self):
-        return self.phase.prober
-
-    @property
-    def selection(self):
-        return self.phase.selection
 
     def attach(self, trainer):
         """Log through trainer.log (so every logging integration sees the metrics)."""

@@ -15,7 +15,7 @@ the "loss" of the dict it returns) under the trainer's precision, with the modul
 """
 import contextlib
 
-from .phase import ProbingPhase
+from .phase import ProbingPhase, WithProbingPhase
 
 try:
     from lightning.pytorch.callbacks import Callback
@@ -26,7 +26,7 @@ except ImportError:
         raise ImportError("adapeft.lightning needs PyTorch Lightning: pip install lightning") from error
 
 
-class AdaPEFTCallback(Callback):
+class AdaPEFTCallback(WithProbingPhase, Callback):
     """Probe and select inside a Lightning Trainer (see the module docstring). The options are those of
     adapeft.hf.AdaPEFTCallback; eta defaults to the optimizer's learning rate (its first parameter group's);
     output_dir defaults to the trainer's default_root_dir. loss_fn(module, batch): see the module docstring."""
@@ -38,14 +38,6 @@ class AdaPEFTCallback(Callback):
         self.loss_fn, self.output_dir = loss_fn, output_dir
         self._batch = self._batch_idx = self._trainer = None
         self._pending = None
-
-    @property
-    def prober(self):
-        return self.phase.prober
-
-    @property
-    def selection(self):
-        return self.phase.selection
 
     def _training_step_loss(self, module, batch):
         """The module's training_step loss under the trainer's precision, its self.log calls muted."""

@@ -90,6 +90,19 @@ class ProbingPhase:
         return self.selection
 
 
+class WithProbingPhase:
+    """What a callback built on a ProbingPhase (`self.phase`) exposes: its prober and, once the phase ended, its
+    selection (None before)."""
+
+    @property
+    def prober(self):
+        return self.phase.prober
+
+    @property
+    def selection(self):
+        return self.phase.selection
+
+
 def data_parallel_group(model):
     """Frameworks hand callbacks the unwrapped model, also under data parallelism, where every rank sees its own
     batch: probe with the whole world then (FSDP2's sharded parameters name their own group)."""

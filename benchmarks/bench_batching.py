@@ -16,13 +16,11 @@ Batching pays where the ratios are below 1.
     python benchmarks/bench_batching.py --cases smollm2:8x512,smollm2:1x128,llama-1b:8x512     # CUDA, bfloat16
 """
 import argparse
-import statistics
-import time
 
 import torch
 
 import adapeft
-from bench_llm import SHAPES, build, synchronize
+from bench_llm import SHAPES, build, seconds
 
 POINTS = 4
 ETAS = (-2e-2, -1e-2, 1e-2, 2e-2)
@@ -37,15 +35,8 @@ def parse(case):
 
 
 def median_seconds(fn, repeats, device):
-    fn()
-    times = []
-    for _ in range(repeats):
-        synchronize(device)
-        start = time.perf_counter()
-        fn()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    fn()  # warm-up
+    return seconds(fn, repeats, device)
 
 
 def measure(case, dtype, device, repeats):
