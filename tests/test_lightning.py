@@ -128,3 +128,29 @@ def test_callback_warns_when_it_never_probes(tmp_path):
     with pytest.warns(UserWarning, match="never probed: no parameter had a gradient at the probe steps"):
         fit(NoGradients(), tmp_path, [callback], steps=4)
     assert callback.selection is None
+
+
+class RankReports(AdaPEFTCallback):
+    """Saves what each rank ended with (ddp_spawn runs the fit in processes of its own)."""
+
+    def on_train_end(self, trainer, pl_module):
+        super().on_train_end(trainer, pl_module)
+        torch.save({"world": trainer.world_size, "appi": self.prober.appi.clone(), "chosen": self.selection.chosen,
+                    "probes": len(self.prober.history), "batch": self._batch[0].clone()},
+                   f"{trainer.default_root_dir}/rank{trainer.global_rank}.pt")
+
+
+def test_callback_under_ddp_agrees_across_ranks(tmp_path):
+    callback = RankReports(budget=0.5, probe_fraction=0.5, every=2, granularity="module")
+    trainer = L.Trainer(max_steps=8, accelerator="cpu", devices=2, strategy="ddp_spawn", logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        default_root_dir=str(tmp_path), callbacks=[callback])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(Regressor(), loader())
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    assert all(out["world"] == 2 and out["probes"] == 2 for out in ranks)
+    assert not torch.equal(ranks[0]["batch"], ranks[1]["batch"])  # each rank probes on its own batch
+    # every rank fits the global batch's losses: the same APPI, bit for bit, and the same choice
+    assert torch.equal(ranks[0]["appi"], ranks[1]["appi"]) and ranks[0]["chosen"] == ranks[1]["chosen"]
+    assert (tmp_path / "adapeft_selection.json").exists()  # written once, by rank 0
