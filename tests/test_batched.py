@@ -9,7 +9,7 @@ import torch
 import adapeft
 from adapeft import causal_lm_loss
 from adapeft.ops import backend as _backend
-from test_prefix import probed_model, same_bits
+from test_prefix import interrupted_at, probed_model, same_bits
 
 pytestmark = pytest.mark.skipif(_backend._C is None, reason="the compiled extension is not built")
 
@@ -43,14 +43,7 @@ def test_batched_points_measure_what_sequential_passes_measure(architecture, gra
 def test_a_failing_loss_and_dropout_under_batched_points():
     model, groups, batch = probed_model("llama", "module")
     before = [p.detach().clone() for p in model.parameters()]
-    calls = {"n": 0}
-
-    def failing(model, batch):
-        calls["n"] += 1
-        if calls["n"] == 5:
-            raise KeyboardInterrupt
-        return causal_lm_loss(model, batch)
-
+    failing, calls = interrupted_at(5)
     with pytest.raises(KeyboardInterrupt):
         adapeft.Prober(model, groups, failing, backend="batched").step(batch, 1e-3)
     assert calls["n"] == 5 and all(same_bits(a, b.detach()) for a, b in zip(before, model.parameters()))

@@ -196,19 +196,25 @@ def test_a_residual_outside_the_blocks_is_caught_by_the_check():
     assert all(same_bits(getattr(got, field), getattr(want, field)) for field in FIELDS)
 
 
+def interrupted_at(n):
+    """causal_lm_loss that raises KeyboardInterrupt at its n-th call, and the calls counted so far."""
+    calls = {"n": 0}
+
+    def failing(model, batch):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise KeyboardInterrupt
+        return causal_lm_loss(model, batch)
+
+    return failing, calls
+
+
 def test_a_failure_mid_probe_restores_the_blocks_and_the_weights():
     model, groups, batch = probed_model("llama", "module")
     blocks = model.base_model.model.model.layers
     own = blocks[0].forward = blocks[0].forward  # an instance forward, as accelerate's hooks install
     before = [p.detach().clone() for p in model.parameters()]
-    calls = {"n": 0}
-
-    def failing(model, batch):
-        calls["n"] += 1
-        if calls["n"] == 40:
-            raise KeyboardInterrupt
-        return causal_lm_loss(model, batch)
-
+    failing, calls = interrupted_at(40)
     prober = adapeft.Prober(model, groups, failing, reuse_prefix=True)
     with pytest.raises(KeyboardInterrupt):
         prober.step(batch, 1e-3)
