@@ -21,13 +21,16 @@ The budget is a share of all parameters: the capacity is floor(budget x total) c
 float budget read as the decimal it prints as (0.3 is 3/10, so 0.3 of 10 equal groups is 3 of them).
 
 `Selection.proven` is true only when the chosen set is certified the refined optimum for the budget and,
-for method="pareto", the frontier holds every non-dominated point; `notes` say why when it is not.
+for method="pareto", the frontier holds every non-dominated point; `notes` say why when it is not. From a prober,
+a note also says when the accepted groups' eta* = b/A lie a median FAR_STEPS or more steps of the probes' eta away
+(far_step_note): a training at that rate gains about steps x eta x b, which ranks groups by b, not by the values.
 """
 import bisect
 import decimal
 import itertools
 import math
 import numbers
+import statistics
 from dataclasses import dataclass
 from fractions import Fraction
 
@@ -199,11 +202,31 @@ def select(prober_or_values=None, counts=None, *, values=None, budget=None, meth
     in_order = all(a < b for a, b in zip(names, names[1:]))
     rank = torch.arange(k) if in_order else torch.tensor(np.argsort(np.argsort(names, kind="stable"), kind="stable"))
     problem = _Problem(names, values, counts, torch.tensor(values, dtype=torch.float64), torch.tensor(counts), rank)
-    if method == "greedy":
-        return _greedy(problem, budget)
-    if method == "exact":
-        return _exact(problem, budget)
-    return _pareto(problem, budget, budgets, max_exact_groups)
+    solve = {"greedy": _greedy, "exact": _exact}.get(method)
+    selection = solve(problem, budget) if solve else _pareto(problem, budget, budgets, max_exact_groups)
+    note = far_step_note(prober_or_values) if isinstance(prober_or_values, Prober) else None
+    if note is not None:
+        selection.notes.append(note)
+    return selection
+
+
+# Where reaching the accepted groups' eta* takes more steps of the probes' eta than this (median), select() says so.
+FAR_STEPS = 100
+
+
+def far_step_note(prober):
+    """A note when the accepted groups' eta* = b/A lie far beyond the probes' step eta, or None. The values rank
+    groups by b^2/2A, what one step of eta* gains; a training at eta gets there only after eta*/eta steps along a
+    steady direction, and before that a group gains about (steps x eta) x b, which ranks groups by their slopes b."""
+    steps = prober.last_eta_star_steps.cpu()
+    steps = sorted(steps[torch.isfinite(steps)].tolist())
+    if not steps or statistics.median(steps) < FAR_STEPS:
+        return None
+    return (f"the values rank groups by what a step of eta* = b/A gains (b^2/2A), and the {len(steps)} accepted "
+            f"groups' eta* is a median {statistics.median(steps):.3g} times the probes' eta ({steps[0]:.3g} to "
+            f"{steps[-1]:.3g} times): a training at eta reaches it only after that many steps along a steady "
+            "direction, and until then gains about (steps x eta) x b from a group, which ranks groups by their slopes "
+            "b (along the gradient, b = |g|^2), not by these values")
 
 
 def prober_values(prober, units=None):

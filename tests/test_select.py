@@ -1,6 +1,7 @@
 """Knapsack selection: greedy, exact (refined), Pareto frontier and exhaustive, against enumeration."""
 import json
 import math
+import statistics
 import warnings
 
 import numpy as np
@@ -9,7 +10,7 @@ import torch
 
 import adapeft
 from adapeft.ops import backend as _backend
-from adapeft.select import all_subsets
+from adapeft.select import FAR_STEPS, all_subsets
 
 pytestmark = pytest.mark.skipif(_backend._C is None, reason="the compiled extension is not built")
 ops = torch.ops.adapeft
@@ -196,6 +197,40 @@ def test_select_from_a_prober():
     assert selection.names == prober.names and selection.counts == prober.groups.numel
     expected = (prober.appi * torch.tensor(prober.groups.numel, dtype=torch.float64)).tolist()
     assert selection.values == pytest.approx(expected)
+
+
+def test_a_selection_from_a_prober_notes_when_eta_star_is_many_probe_steps_away():
+    """The values b^2/2A are the gain of a step of eta*; where eta* is a median FAR_STEPS or more of the probes' eta,
+    the selection says a training at eta would not get there soon. eta*/eta is kept per group, nan until accepted."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.LayerNorm(16), torch.nn.Tanh(),
+                                torch.nn.Linear(16, 3)).double()
+    batch = (torch.randn(64, 8, dtype=torch.float64), torch.randint(0, 3, (64,)))
+
+    def loss_fn(model, batch):
+        return torch.nn.functional.cross_entropy(model(batch[0]), batch[1])
+
+    loss_fn(model, batch).backward()
+    prober = adapeft.Prober(model, None, loss_fn)
+    assert torch.isnan(prober.last_eta_star_steps).all()
+    result = prober.step(batch, 1e-4)
+    steps, accepted = prober.last_eta_star_steps, result.accepted
+    assert accepted.sum() >= 2 and torch.equal(torch.isfinite(steps), accepted)
+    torch.testing.assert_close(steps[accepted], result.eta_star[accepted] / 1e-4, rtol=1e-15, atol=0)
+
+    def notes():
+        return [n for n in adapeft.select(prober, budget=0.2, method="exact").notes if "eta*" in n]
+
+    median = statistics.median(steps[accepted].tolist())
+    assert len(notes()) == (median >= FAR_STEPS)
+    prober.last_eta_star_steps = steps / median * FAR_STEPS * 1.01
+    found = notes()
+    assert len(found) == 1 and f"median {FAR_STEPS * 1.01:.3g} times" in found[0]
+    assert f"the {int(accepted.sum())} accepted groups" in found[0]
+    prober.last_eta_star_steps = steps / median * FAR_STEPS * 0.99
+    assert notes() == []
+    prober.last_eta_star_steps = torch.full_like(steps, math.nan)
+    assert notes() == []
 
 
 def test_loading_what_is_not_a_selection_names_the_file(tmp_path):

@@ -41,7 +41,7 @@ from . import compare_points as points
 from ..algorithm import AdaPEFT, equip_lora
 from ..groups import block_position, group_parameters
 from ..llm import causal_lm_loss, lora_config, lora_targets
-from ..select import prober_values, select
+from ..select import far_step_note, prober_values, select
 from ..selection import Selection
 from .common import (Progress, batches, load_pretrained, load_tokenizer, paired_difference,
                      prefix_record, probe_record, seed_everything)
@@ -231,6 +231,9 @@ def run(out_dir="adapeft-demo-llm", quick=False, model=None, gguf_file=None, bud
     log(f"2/3 AdaPEFT chose {len(chosen)} of {len(groups)} units under the count of LoRA on "
         f"{max(1, round(budget * layers))} of the {layers} blocks: "
         f"{', '.join(chosen) or '(nothing)'}")
+    note = far_step_note(prober)
+    if note is not None:
+        log(f"    note: {note}")
 
     # 3. Train and test each choice.
     costs = {"AdaPEFT": {"passes": prober.forward_passes, "seconds": probe_run.probe_seconds},

@@ -125,6 +125,8 @@ class Prober:
         self.appi = torch.zeros(k, dtype=torch.float64, device=self.device)
         # eta* of each group at the last probe that accepted it (nan until one does)
         self.last_eta_star = torch.full((k,), math.nan, dtype=torch.float64, device=self.device)
+        # eta* over the eta of that probe: how many steps of the probes' size reach it
+        self.last_eta_star_steps = torch.full((k,), math.nan, dtype=torch.float64, device=self.device)
         self.history = [] if history else None  # PPI of every probe
         self.results = [] if history else None  # the ProbeResult of every probe
         self.require_resolved = bool(require_resolved)
@@ -272,6 +274,7 @@ class Prober:
         eta_star = torch.where(accepted, fit.eta_star, torch.full_like(fit.eta_star, math.nan))
         self.appi += ppi
         self.last_eta_star = torch.where(accepted, eta_star, self.last_eta_star)
+        self.last_eta_star_steps = torch.where(accepted, eta_star / eta, self.last_eta_star_steps)
         if self.history is not None:
             self.history.append(ppi.clone())
         if self.step_policy == "adaptive":
