@@ -137,8 +137,8 @@ class Prober:
         self._exact_slope = torch.full((k,), math.nan, dtype=torch.float64, device=self.device)  # g.d per group
         self._fsdp_modules = distributed.fsdp_modules(model) if self._sharded else []
         if reuse_prefix and cuda_graph:
-            raise ValueError("adapeft.Prober: reuse_prefix=True with cuda_graph=True is not supported yet (replays that "
-                             "reuse kept block outputs have not been verified on a GPU); use one or the other")
+            raise ValueError("adapeft.Prober: reuse_prefix=True with cuda_graph=True is not supported yet (on an H200 "
+                             "its float32 replays gave other losses than eager prefix reuse); use one or the other")
         if backend == "batched" and (reuse_prefix or self.process_group is not None):
             raise ValueError("adapeft.Prober: backend='batched' runs alone: not with reuse_prefix=True nor with a "
                              "process group (DDP, FSDP2)")
