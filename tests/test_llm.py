@@ -15,6 +15,7 @@ import torch
 import adapeft
 from adapeft import causal_lm_loss, group_parameters, lora_config, lora_targets
 from adapeft.algorithm import equip_lora
+from adapeft.apps.common import InputError
 from adapeft.ops import backend as _backend
 from test_cli import adapeft_command, refused
 from test_end_to_end import assert_points_compared
@@ -312,13 +313,34 @@ def test_smollm2_from_its_gguf_file_is_probed_by_module_and_layer(tmp_path):
 
 
 # The LLM demo ------------------------------------------------------------------------------------------
-def test_the_llm_demo_trains_every_choice_at_one_count(corpus, tmp_path):
+def test_the_llm_demo_trains_every_choice_at_one_count(corpus, tmp_path, monkeypatch):
+    """Run as a time limit would leave it (stopped in its fourth training), then resumed: the resumed run neither
+    probes again nor retrains a finished choice, and reports what one run would."""
     from fractions import Fraction
 
     from adapeft.apps import demo_llm
-    lines = []
-    results = demo_llm.run(out_dir=tmp_path, quick=True, model=str(corpus["llama"]), seeds=(0, 1), compare_points=True,
-                           log=lines.append)
+    lines, labels = [], []
+    train_and_test = demo_llm.train_and_test
+
+    def trained(*args):
+        if len(labels) == 3 and not any("resumed" in line for line in lines):
+            raise KeyboardInterrupt
+        labels.append(args[-1])
+        return train_and_test(*args)
+
+    monkeypatch.setattr(demo_llm, "train_and_test", trained)
+    options = dict(out_dir=str(tmp_path), quick=True, model=str(corpus["llama"]), seeds=(0, 1), compare_points=True,
+                   log=lines.append)
+    with pytest.raises(KeyboardInterrupt):
+        demo_llm.run(**options)
+    saved = json.loads((tmp_path / demo_llm.CHECKPOINT).read_text())
+    assert [len(runs) for runs in saved["runs"].values()] == [2, 1] and not (tmp_path / "results.json").exists()
+    with pytest.raises(InputError, match=r"--resume: .* was written by a run with other options \(seeds differ\)"):
+        demo_llm.run(**{**options, "seeds": (0,)}, resume=True)
+    monkeypatch.setattr(demo_llm, "probe_and_choose", None)  # a resumed run has no probe to run
+    results = demo_llm.run(**options, resume=True)
+    assert results["resumed"] and len(labels) == 20  # 10 choices x 2 seeds, each trained once
+    assert labels[3] == "3/3 squared gradient (knapsack) seed 1"
     assert_points_compared(results, "\n".join(lines), len(results["ppi_history"]))
     # the units' factors probed apart, valued together
     assert results["parts"]["groups"][:2] == ["layer@0/lora_A", "layer@0/lora_B"]
@@ -360,6 +382,8 @@ def test_the_llm_demo_trains_every_choice_at_one_count(corpus, tmp_path):
 def test_the_llm_demo_refuses_what_it_cannot_use(corpus):
     refused(adapeft_command("demo", "--gguf-file", "m.gguf"),
             "--gguf-file: a GGUF file holds a causal language model; give --task causal-lm too")
+    refused(adapeft_command("demo", "--resume"),
+            "--resume: only the causal-LM demo keeps a checkpoint; give --task causal-lm too")
     refused(adapeft_command("demo", "--task", "causal-lm", "--model", corpus["llama"], "--gguf-file", "m.gguf"),
             "--gguf-file m.gguf: no such file in --model")
 

@@ -107,6 +107,8 @@ def _demo(args):
     causal = args.task == "causal-lm"
     if args.gguf_file is not None and not causal:
         raise InputError("--gguf-file: a GGUF file holds a causal language model; give --task causal-lm too")
+    if args.resume and not causal:
+        raise InputError("--resume: only the causal-LM demo keeps a checkpoint; give --task causal-lm too")
     if args.model is not None:
         if args.gguf_file is not None:
             probe_command.check_gguf_file(args.model, args.gguf_file)
@@ -120,7 +122,7 @@ def _demo(args):
         seeds = args.seeds or (1 if args.quick else 3)
         demo_llm.run(out_dir=out, quick=args.quick, model=args.model, gguf_file=args.gguf_file,
                      budget=args.budget or demo_llm.DEMO_BUDGET, seeds=tuple(range(seeds)), device=args.device,
-                     direction=args.direction, compare_points=args.compare_points)
+                     direction=args.direction, compare_points=args.compare_points, resume=args.resume)
     else:
         demo.run(out_dir=out, quick=args.quick, compare=args.compare, model=args.model,
                  budget=args.budget or demo.DEMO_BUDGET, seeds=tuple(range(args.seeds or 3)), device=args.device,
@@ -212,6 +214,9 @@ def parser():
                               help="seeds for --compare (default: 3; causal-lm --quick: 1)")
     demo_command.add_argument("--device", type=device, default=None,
                               help="cpu, cuda or cuda:N (default: cuda when there is one)")
+    demo_command.add_argument("--resume", action="store_true",
+                              help="causal-lm: go on from --out's checkpoint.json (the probe's outcome and the "
+                                   "choices trained so far) of a run with the same options cut short")
     demo_command.set_defaults(run=_demo)
 
     about = "probe a sequence classifier or a causal language model on your data"

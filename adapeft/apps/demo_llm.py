@@ -43,7 +43,7 @@ from ..groups import block_position, group_parameters
 from ..llm import causal_lm_loss, lora_config, lora_targets
 from ..select import far_step_note, prober_values, select
 from ..selection import Selection
-from .common import (Progress, batches, load_pretrained, load_tokenizer, paired_difference,
+from .common import (InputError, Progress, batches, load_pretrained, load_tokenizer, paired_difference,
                      prefix_record, probe_record, seed_everything)
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -169,30 +169,48 @@ def train_and_test(base, targets, units, chosen, data, settings, seed, device, l
             "perplexity": math.exp(loss), "final_train_loss": statistics.mean(run.losses[-5:]), "seconds": run.seconds}
 
 
-def run(out_dir="adapeft-demo-llm", quick=False, model=None, gguf_file=None, budget=DEMO_BUDGET, seeds=(0,),
-        device=None, direction="optimizer", compare_points=False, log=print):
-    """Run the LLM demo and write results.json (a probe record `adapeft select` reads, with the comparison).
-    direction: what the probe moves each unit along (adapeft.Prober's); compare_points: also run a three- and a
-    five-point probe beside it and report how their answers differ (adapeft.apps.compare_points)."""
-    settings = dict(SETTINGS["quick" if quick else "full"])
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if model is None:
-        model, gguf_file = smollm2_folder(), SMOLLM2_GGUF
-    options = {"gguf_file": gguf_file} if gguf_file else {}
-    os.makedirs(out_dir, exist_ok=True)
-    started = time.perf_counter()
-    from transformers import AutoModelForCausalLM
-    tokenizer = load_tokenizer(model, "--model", **options)
-    base = load_pretrained(AutoModelForCausalLM, model, dtype=torch.float32, **options)
-    layers, targets = base.config.num_hidden_layers, lora_targets(base)
-    probe_steps = max(1, math.ceil(0.1 * settings["horizon"]))
-    train, test = stdlib_source(tokenizer, settings["tokens"], settings["batch"] * settings["horizon"],
-                                settings["test_rows"])
-    data = {"train": train, "test": test}
-    log(f"adapeft demo on {device}: {type(base).__name__} ({layers} blocks), LoRA r={LORA_RANK} on "
-        f"{', '.join(targets)}; standard-library source, {len(train)} train / {len(test)} test sequences of "
-        f"{settings['tokens']} tokens; horizon {settings['horizon']} steps of {settings['batch']}")
+CHECKPOINT = "checkpoint.json"
 
+
+class Checkpoint(dict):
+    """What a demo run has done so far ("probe": the probe's outcome, "runs": {method: its runs so far}), kept in
+    `path` for a later run with the same options (`key`) to go on from."""
+
+    def __init__(self, path, key, probe=None, runs=None, resumed=False):
+        super().__init__(format="adapeft.demo-llm-checkpoint/1", key=key, probe=probe, runs=runs or {})
+        self.path, self.resumed = path, resumed
+
+    def save(self):
+        partial = self.path + ".partial"
+        with open(partial, "w") as handle:
+            json.dump(self, handle)
+        os.replace(partial, self.path)  # a run stopped while writing leaves the last whole checkpoint
+
+
+def _checkpoint(path, key, resume, log):
+    if not resume or not os.path.exists(path):
+        if resume:
+            log(f"--resume: no {CHECKPOINT} in {os.path.dirname(path) or '.'} yet; starting afresh")
+        return Checkpoint(path, key)
+    try:
+        with open(path) as handle:
+            saved = json.load(handle)
+        if saved.get("format") != "adapeft.demo-llm-checkpoint/1":
+            raise ValueError("not a demo checkpoint")
+    except (OSError, ValueError) as error:
+        raise InputError(f"--resume: {path} cannot be read as a demo checkpoint ({error}); remove it to start "
+                         "afresh") from None
+    if saved["key"] != key:
+        differ = sorted(name for name in key if saved["key"].get(name) != key[name])
+        raise InputError(f"--resume: {path} was written by a run with other options ({', '.join(differ)} differ); "
+                         "run with the same options, or remove it to start afresh")
+    return Checkpoint(path, key, saved["probe"], saved["runs"], resumed=True)
+
+
+def probe_and_choose(base, targets, layers, data, settings, budget, seeds, device, direction, compare_points, log):
+    """Steps 1 and 2: the probe while every adapter trains, and every method's units under one count; what the
+    report needs of them, as JSON values."""
+    probe_steps = max(1, math.ceil(0.1 * settings["horizon"]))
     # 1. Probe while training every adapter.
     seed_everything(seeds[0])
     probed = equip_lora(copy.deepcopy(base), targets, r=LORA_RANK, alpha=2 * LORA_RANK, train_all=False).to(device)
@@ -204,7 +222,8 @@ def run(out_dir="adapeft-demo-llm", quick=False, model=None, gguf_file=None, bud
     algorithm = AdaPEFT(probe_every=settings["probe_every"], eta=settings["lr"], direction=direction,
                         reuse_prefix=True)
     progress = Progress(probe_steps, "1/3 probe")
-    probe_run = algorithm.probe_train(probed, batches({"input_ids": train}, settings["batch"], seeds[0], device),
+    probe_run = algorithm.probe_train(probed, batches({"input_ids": data["train"]}, settings["batch"], seeds[0],
+                                                      device),
                                       causal_lm_loss, probe_steps, settings["lr"],
                                       on_step=progress, on_probe=recorder.observe, groups=parts,
                                       compare=points.PROBES if compare_points else None)
@@ -216,10 +235,10 @@ def run(out_dir="adapeft-demo-llm", quick=False, model=None, gguf_file=None, bud
     log(f"1/3 probed {len(groups)} units {len(prober.results)} times ({prober.forward_passes} forward passes, "
         f"{probe_run.probe_seconds:.1f} s; they ran {prefix['block_share']:.0%} of the blocks' work of full passes, "
         f"reusing {len(prefix['kept_boundaries'])} kept block outputs); verdicts: {dict(verdicts)}")
-
+    outcome = {}
     if compare_points:
-        results_points = points.agreement(probe_run, groups, budget)
-        for line in points.describe(results_points):
+        outcome["points"] = points.agreement(probe_run, groups, budget)
+        for line in points.describe(outcome["points"]):
             log(line)
 
     # 2. Every method's units under the same count.
@@ -227,29 +246,71 @@ def run(out_dir="adapeft-demo-llm", quick=False, model=None, gguf_file=None, bud
               **{name: recorder.values[name].tolist() for name in ("squared gradient", "Fisher")}}
     sets = choices(groups, values, block_snr(base, layers), budget, layers, seeds)
     chosen = sets["AdaPEFT"][0]
-    config = lora_config(chosen, groups, r=LORA_RANK) if chosen else None
     log(f"2/3 AdaPEFT chose {len(chosen)} of {len(groups)} units under the count of LoRA on "
         f"{max(1, round(budget * layers))} of the {layers} blocks: "
         f"{', '.join(chosen) or '(nothing)'}")
     note = far_step_note(prober)
     if note is not None:
         log(f"    note: {note}")
-
-    # 3. Train and test each choice.
     costs = {"AdaPEFT": {"passes": prober.forward_passes, "seconds": probe_run.probe_seconds},
              **{f"{name} (knapsack)": {"passes": recorder.passes[name], "seconds": recorder.seconds[name]}
                 for name in ("squared gradient", "Fisher")}}
+    return {**outcome, "sets": sets, "costs": costs, "record": probe_record(prober, groups), "prefix": prefix,
+            "lora_config": lora_config(chosen, groups, r=LORA_RANK) if chosen else None,
+            "adapted_modules": {name: groups.adapted_modules(name) for name in groups.names}}
+
+
+def run(out_dir="adapeft-demo-llm", quick=False, model=None, gguf_file=None, budget=DEMO_BUDGET, seeds=(0,),
+        device=None, direction="optimizer", compare_points=False, resume=False, log=print):
+    """Run the LLM demo and write results.json (a probe record `adapeft select` reads, with the comparison).
+    direction: what the probe moves each unit along (adapeft.Prober's); compare_points: also run a three- and a
+    five-point probe beside it and report how their answers differ (adapeft.apps.compare_points). The probe's
+    outcome and every trained choice are kept in out_dir/checkpoint.json as they finish; resume: go on from it
+    (a run cut short by a time limit loses only the training it was in)."""
+    settings = dict(SETTINGS["quick" if quick else "full"])
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if model is None:
+        model, gguf_file = smollm2_folder(), SMOLLM2_GGUF
+    options = {"gguf_file": gguf_file} if gguf_file else {}
+    os.makedirs(out_dir, exist_ok=True)
+    key = {"quick": quick, "model": os.path.abspath(model), "gguf_file": gguf_file, "budget": float(budget),
+           "seeds": list(seeds), "device": device.type, "direction": direction, "compare_points": compare_points}
+    checkpoint = _checkpoint(os.path.join(out_dir, CHECKPOINT), key, resume, log)
+    started = time.perf_counter()
+    from transformers import AutoModelForCausalLM
+    tokenizer = load_tokenizer(model, "--model", **options)
+    base = load_pretrained(AutoModelForCausalLM, model, dtype=torch.float32, **options)
+    layers, targets = base.config.num_hidden_layers, lora_targets(base)
+    train, test = stdlib_source(tokenizer, settings["tokens"], settings["batch"] * settings["horizon"],
+                                settings["test_rows"])
+    data = {"train": train, "test": test}
+    log(f"adapeft demo on {device}: {type(base).__name__} ({layers} blocks), LoRA r={LORA_RANK} on "
+        f"{', '.join(targets)}; standard-library source, {len(train)} train / {len(test)} test sequences of "
+        f"{settings['tokens']} tokens; horizon {settings['horizon']} steps of {settings['batch']}")
+    if checkpoint["probe"] is None:
+        checkpoint["probe"] = probe_and_choose(base, targets, layers, data, settings, budget, seeds, device,
+                                               direction, compare_points, log)
+        checkpoint.save()
+    else:
+        log(f"1-2/3 resumed from {out_dir}/{CHECKPOINT}: the probe's outcome and "
+            f"{sum(len(runs) for runs in checkpoint['runs'].values())} trained choices")
+    probed = checkpoint["probe"]
+
+    # 3. Train and test each choice.
     rows, reference = [], None
-    for method, per_seed in sets.items():
-        runs = [train_and_test(base, targets, settings["units"], units, data, settings, seed, device,
-                               f"3/3 {method} seed {seed}") for units, seed in zip(per_seed, seeds)]
+    for method, per_seed in probed["sets"].items():
+        runs = checkpoint["runs"].setdefault(method, [])
+        for units, seed in list(zip(per_seed, seeds))[len(runs):]:
+            runs.append(train_and_test(base, targets, settings["units"], units, data, settings, seed, device,
+                                       f"3/3 {method} seed {seed}"))
+            checkpoint.save()
         losses = [r["test_loss"] for r in runs]
         reference = losses if reference is None else reference
         difference, half_width = paired_difference(losses, reference)
         row = {"method": method, "units": per_seed, "share": statistics.mean(r["share"] for r in runs),
                "test_loss_mean": statistics.mean(losses), "test_loss_std": statistics.pstdev(losses),
                "perplexity_mean": statistics.mean(r["perplexity"] for r in runs), "difference": difference,
-               "difference_ci95": half_width, "runs": runs, **costs.get(method, {})}
+               "difference_ci95": half_width, "runs": runs, **probed["costs"].get(method, {})}
         rows.append(row)
         log(f"  {method:28} {row['share']:7.2%} of the adapters, test loss {row['test_loss_mean']:.4f} "
             f"+- {row['test_loss_std']:.4f} (perplexity {row['perplexity_mean']:.2f}), against AdaPEFT "
@@ -258,12 +319,12 @@ def run(out_dir="adapeft-demo-llm", quick=False, model=None, gguf_file=None, bud
     results = {"format": "adapeft.demo/1", "task": "causal-lm", "model": type(base).__name__,
                "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                "settings": settings, "direction": direction, "budget": budget, "seeds": list(seeds),
-               **probe_record(prober, groups),
-               "lora_rank": LORA_RANK, "adapted_modules": {name: groups.adapted_modules(name) for name in groups.names},
-               "lora_config": config, "prefix": prefix, "comparison": rows}
+               **probed["record"], "lora_rank": LORA_RANK, "adapted_modules": probed["adapted_modules"],
+               "lora_config": probed["lora_config"], "prefix": probed["prefix"], "comparison": rows}
     if compare_points:
-        results["points"] = results_points
-    results["seconds"] = time.perf_counter() - started
+        results["points"] = probed["points"]
+    results["seconds"] = time.perf_counter() - started  # of this run alone where it resumed another
+    results["resumed"] = checkpoint.resumed
     with open(os.path.join(out_dir, "results.json"), "w") as handle:
         json.dump(results, handle, indent=2)
     log(f"report written to {out_dir}/results.json in {results['seconds']:.0f} s")
