@@ -181,7 +181,8 @@ def test_apply_save_load_and_transfer_to_a_larger_model(tmp_path):
         loaded.apply(large, layered)
 
 
-def test_select_from_a_prober():
+def mlp_prober():
+    """A Prober of a small float64 MLP with its gradient, and a batch."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.LayerNorm(16), torch.nn.Tanh(),
                                 torch.nn.Linear(16, 3)).double()
@@ -191,7 +192,11 @@ def test_select_from_a_prober():
         return torch.nn.functional.cross_entropy(model(batch[0]), batch[1])
 
     loss_fn(model, batch).backward()
-    prober = adapeft.Prober(model, None, loss_fn)
+    return adapeft.Prober(model, None, loss_fn), batch
+
+
+def test_select_from_a_prober():
+    prober, batch = mlp_prober()
     prober.step(batch, 1e-4)
     selection = adapeft.select(prober, budget=0.2, method="exact")
     assert selection.names == prober.names and selection.counts == prober.groups.numel
@@ -202,16 +207,7 @@ def test_select_from_a_prober():
 def test_a_selection_from_a_prober_notes_when_eta_star_is_many_probe_steps_away():
     """The values b^2/2A are the gain of a step of eta*; where eta* is a median FAR_STEPS or more of the probes' eta,
     the selection says a training at eta would not get there soon. eta*/eta is kept per group, nan until accepted."""
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.LayerNorm(16), torch.nn.Tanh(),
-                                torch.nn.Linear(16, 3)).double()
-    batch = (torch.randn(64, 8, dtype=torch.float64), torch.randint(0, 3, (64,)))
-
-    def loss_fn(model, batch):
-        return torch.nn.functional.cross_entropy(model(batch[0]), batch[1])
-
-    loss_fn(model, batch).backward()
-    prober = adapeft.Prober(model, None, loss_fn)
+    prober, batch = mlp_prober()
     assert torch.isnan(prober.last_eta_star_steps).all()
     result = prober.step(batch, 1e-4)
     steps, accepted = prober.last_eta_star_steps, result.accepted
