@@ -14,6 +14,7 @@ from adapeft import causal_lm_loss, group_parameters
 from adapeft.ops import backend as _backend
 from adapeft.probe.prefix import kept_boundaries
 from test_llm import tiny, with_lora_everywhere
+from test_probe import assert_same_probe
 
 pytestmark = pytest.mark.skipif(_backend._C is None, reason="the compiled extension is not built")
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -238,6 +239,22 @@ def test_cuda_reused_prefixes_give_the_same_losses(dtype, points):
         assert same_bits(got.losses, want.losses) and torch.equal(got.verdict, want.verdict)
         torch.testing.assert_close(got.steps, want.steps, rtol=1e-12, atol=0, equal_nan=True)
     assert reused.prefix.kept == (1, 2, 3) and reused.prefix.disabled is None
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_graphed_probe_of_a_lora_llama_matches_eager(dtype):
+    """Without prefix reuse: graph replays on tiny Llama with LoRA per module give the eager probe's losses over
+    steps with new batches (graphed prefix reuse in float32 did not, on an H200: this tells whether the prefix is
+    to blame)."""
+    model, groups, first = probed_model("llama", "module", dtype, "cuda")
+    graphed = adapeft.Prober(model, groups, causal_lm_loss, cuda_graph=True)
+    eager = adapeft.Prober(model, groups, causal_lm_loss)
+    generator = torch.Generator().manual_seed(5)
+    for step in range(4):
+        batch = first if step == 0 else torch.randint(0, 40, first.shape, generator=generator).cuda()
+        assert_same_probe(graphed.step(batch, 1e-2), eager.step(batch, 1e-2))
+    assert graphed.graph_disabled is None and graphed.graph_captures == 1
 
 
 def test_reuse_with_cuda_graphs_is_refused_until_verified():
