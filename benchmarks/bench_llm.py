@@ -6,7 +6,7 @@ drawn from N(0, 0.02) (a zero B would leave lora_A without a gradient), gradient
 adapeft.causal_lm_loss on random token ids, groups from group_parameters(model, GRANULARITY, trainable_only=True).
 A case is SHAPE:GRANULARITY:SEQSxTOKENS. Modes (MODES: name -> Prober options): today {}, prefix
 {reuse_prefix: True}, three {points: 3, slope: "autograd"}, three prefix (both), on CUDA today graphed and three
-graphed (the same with cuda_graph=True; prefix reuse is refused with CUDA graphs until verified), torch {backend:
+graphed (the same with cuda_graph=True; prefix reuse with graphs is not a mode here), torch {backend:
 "torch"}, batched {backend: "batched"}. Every mode probes at
 fixed steps (step_policy="fixed"): an adaptive probe's later steps run the same passes, and its first one's
 bracketing rounds would only lengthen the warm-up. Each mode: one warm-up step (graphed: the capture), then the

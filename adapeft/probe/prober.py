@@ -90,7 +90,7 @@ class Prober:
     reuse_prefix: start each group's perturbed passes at the first block of the model's block stack that uses
     its parameters, from that block's input as the unperturbed pass computed it (adapeft.probe.prefix): the
     same losses bit for bit, checked once at the first probe (where they are not, the probe warns and runs full
-    passes). Not yet with cuda_graph=True. prefix_memory: the most bytes the kept block outputs may take (None: one per distinct first block);
+    passes); with cuda_graph=True the unperturbed pass that keeps them is replayed too. prefix_memory: the most bytes the kept block outputs may take (None: one per distinct first block);
     `prober.prefix` reports what was kept and the share of the blocks' work the probe still runs.
 
     (Longer than the project's other classes: it is the loop of Algorithm 1 with every option checked and the
@@ -136,9 +136,6 @@ class Prober:
         self.step_range = self._points.range
         self._exact_slope = torch.full((k,), math.nan, dtype=torch.float64, device=self.device)  # g.d per group
         self._fsdp_modules = distributed.fsdp_modules(model) if self._sharded else []
-        if reuse_prefix and cuda_graph:
-            raise ValueError("adapeft.Prober: reuse_prefix=True with cuda_graph=True is not supported yet (on an H200 "
-                             "its float32 replays gave other losses than eager prefix reuse); use one or the other")
         if backend == "batched" and (reuse_prefix or self.process_group is not None):
             raise ValueError("adapeft.Prober: backend='batched' runs alone: not with reuse_prefix=True nor with a "
                              "process group (DDP, FSDP2)")
