@@ -837,8 +837,8 @@ def assert_same_probe(got, want):
     """The same verdicts; the same losses and moved elements but where a group's ledger ran full (which of its
     chunks then stay unmoved depends on the order the blocks reserve ledger room, on CUDA: such a group is
     rejected as "ledger full", and its losses are not reproducible); the realized steps to float64 rounding
-    (the move kernels sum them with float64 atomics, in whatever order the blocks finish), and so b and A of
-    the accepted groups (a rejected group's b can be pure rounding noise)."""
+    (the CUDA and CPU kernels add a group's float64 sums in different orders), and so b and A of the accepted
+    groups (a rejected group's b can be pure rounding noise)."""
     torch.testing.assert_close(got.verdict, want.verdict, rtol=0, atol=0)
     kept = want.verdict != VERDICT["ledger full"]
     for field in ("losses", "changed", "accepted"):
