@@ -225,17 +225,21 @@ class Stack(torch.nn.Module):
         return self.head(hidden)
 
 
-def fsdp2_prefix_worker(rank, folder, backend):
+def fsdp2_prefix_worker(rank, folder, backend, meshes):
+    """meshes "one": every fully_shard call on one DeviceMesh; "per call": none given, so each call makes its own
+    default mesh of the world, as accelerate (Trainer's fsdp settings) calls it: equal meshes, distinct objects."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     device, local = join(rank, folder, backend)
     try:
         torch.manual_seed(0)
         model = Stack().double().to(device)
-        mesh = init_device_mesh(device.type, (WORLD,))
+        mesh = {"mesh": init_device_mesh(device.type, (WORLD,))} if meshes == "one" else {}
         for block in model.blocks:
-            fully_shard(block, mesh=mesh)
-        fully_shard(model, mesh=mesh)
+            fully_shard(block, **mesh)
+        fully_shard(model, **mesh)
+        if meshes == "per call":
+            assert len({id(p.device_mesh) for p in model.parameters()}) > 1
         cross_entropy(model, local).backward()
         groups = adapeft.group_parameters(model, "layer")
         out = {}
@@ -248,11 +252,38 @@ def fsdp2_prefix_worker(rank, folder, backend):
         dist.destroy_process_group()
 
 
+@pytest.mark.parametrize("meshes", ["one", "per call"])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_fsdp2_ranks_skip_the_same_blocks_and_measure_the_same_losses(tmp_path, backend):
-    mp.spawn(fsdp2_prefix_worker, args=(str(tmp_path), backend), nprocs=WORLD, join=True)
+def test_fsdp2_ranks_skip_the_same_blocks_and_measure_the_same_losses(tmp_path, backend, meshes):
+    mp.spawn(fsdp2_prefix_worker, args=(str(tmp_path), backend, meshes), nprocs=WORLD, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", map_location="cpu") for r in range(WORLD)]
     for out in ranks:
         assert torch.equal(out[True].view(torch.int64), out[False].view(torch.int64))
         assert torch.equal(out[True].view(torch.int64), ranks[0][True].view(torch.int64))
         assert out["kept"] == (1, 2, 3) and out["share"] < 0.7
+
+
+def fsdp2_unsupported_worker(rank, folder):
+    from torch.distributed.fsdp import fully_shard
+    join(rank, folder, "gloo")
+    try:
+        model = Stack().double()
+        for block in model.blocks:
+            fully_shard(block)  # the embedding and head stay plain tensors
+        groups = adapeft.group_parameters(model, "layer")
+        try:
+            adapeft.Prober(model, groups, cross_entropy)
+            message = None
+        except NotImplementedError as error:
+            message = str(error)
+        torch.save(message, os.path.join(folder, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp2_with_plain_tensors_beside_shards_is_refused_saying_so(tmp_path):
+    mp.spawn(fsdp2_unsupported_worker, args=(str(tmp_path),), nprocs=WORLD, join=True)
+    for rank in range(WORLD):
+        assert torch.load(tmp_path / f"rank{rank}.pt") == (
+            "adapeft.Prober: parameters sharded over one 1-D device mesh (FSDP2's fully_shard) are supported; in this "
+            "model 4 of its 16 parameters are plain tensors beside sharded ones")

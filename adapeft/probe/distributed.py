@@ -33,12 +33,16 @@ def process_group_for(model, groups, requested, direction):
     params = [p for name in groups.names for p in groups.params(name)]
     sharded = [p for p in params if is_sharded(p)]
     if sharded:
-        meshes = {id(p.device_mesh) for p in sharded}
+        # Equal meshes, not one object: fully_shard without mesh= (as accelerate calls it) makes a default mesh
+        # of the whole world at every call.
         mesh = sharded[0].device_mesh
-        if len(meshes) != 1 or mesh.ndim != 1 or len(sharded) != len(params):
+        why = ("its parameters lie on different device meshes" if any(p.device_mesh != mesh for p in sharded) else
+               f"its device mesh has {mesh.ndim} dimensions" if mesh.ndim != 1 else
+               f"{len(params) - len(sharded)} of its {len(params)} parameters are plain tensors beside sharded ones"
+               if len(sharded) != len(params) else None)
+        if why is not None:
             raise NotImplementedError("adapeft.Prober: parameters sharded over one 1-D device mesh (FSDP2's "
-                                      "fully_shard) are supported; this model mixes meshes, dimensions or plain "
-                                      "tensors")
+                                      f"fully_shard) are supported; in this model {why}")
         if direction == "optimizer":
             raise NotImplementedError("adapeft.Prober: direction='optimizer' is not supported on sharded (FSDP2) "
                                       "parameters yet; use direction='grad'")
