@@ -24,6 +24,8 @@ float budget read as the decimal it prints as (0.3 is 3/10, so 0.3 of 10 equal g
 for method="pareto", the frontier holds every non-dominated point; `notes` say why when it is not. From a prober,
 a note also says when the accepted groups' eta* = b/A lie a median FAR_STEPS or more steps of the probes' eta away
 (far_step_note): a training at that rate gains about steps x eta x b, which ranks groups by b, not by the values.
+`select(prober, horizon=steps)` values each probe by what a training of that many steps at its eta reaches instead
+(horizon_appi).
 """
 import bisect
 import decimal
@@ -161,20 +163,22 @@ def capacity_of(budget, total):
 
 
 def select(prober_or_values=None, counts=None, *, values=None, budget=None, method="greedy", names=None,
-           budgets=DEFAULT_BUDGETS, max_exact_groups=MAX_EXACT_GROUPS, units=None):
+           budgets=DEFAULT_BUDGETS, max_exact_groups=MAX_EXACT_GROUPS, units=None, horizon=None):
     """Choose groups to train (see the module docstring). units: with a Prober that probed the parts of these
-    groups (ParameterGroups.split_factors), choose among `units`, each valued as the sum of its parts'."""
+    groups (ParameterGroups.split_factors), choose among `units`, each valued as the sum of its parts'.
+    horizon: with a Prober, value each probe of a group by what a training of that many steps at the probe's eta
+    can reach of it (horizon_appi) instead of by a full step to eta*."""
     if isinstance(prober_or_values, Prober):
         prober = prober_or_values
         if units is not None:
-            values, counts, names = prober_values(prober, units), units.numel, units.names
+            values, counts, names = prober_values(prober, units, horizon), units.numel, units.names
         else:
             counts = prober.groups.numel if counts is None else counts
-            values = (prober.appi.cpu() * torch.tensor(counts, dtype=torch.float64)).tolist()
+            values = prober_values(prober, horizon=horizon, counts=counts)
             names = prober.names if names is None else names
-    elif units is not None:
-        raise TypeError("adapeft.select: units= folds a Prober's groups into the units they are parts of; give the "
-                        "Prober")
+    elif units is not None or horizon is not None:
+        raise TypeError(f"adapeft.select: {'units' if units is not None else 'horizon'}= values a Prober's probes; "
+                        "give the Prober")
     elif prober_or_values is not None:
         if values is not None:
             raise TypeError("adapeft.select: give values either positionally or as values=, not both")
@@ -204,7 +208,7 @@ def select(prober_or_values=None, counts=None, *, values=None, budget=None, meth
     problem = _Problem(names, values, counts, torch.tensor(values, dtype=torch.float64), torch.tensor(counts), rank)
     solve = {"greedy": _greedy, "exact": _exact}.get(method)
     selection = solve(problem, budget) if solve else _pareto(problem, budget, budgets, max_exact_groups)
-    note = far_step_note(prober_or_values) if isinstance(prober_or_values, Prober) else None
+    note = far_step_note(prober_or_values) if isinstance(prober_or_values, Prober) and horizon is None else None
     if note is not None:
         selection.notes.append(note)
     return selection
@@ -229,11 +233,33 @@ def far_step_note(prober):
             "b (along the gradient, b = |g|^2), not by these values")
 
 
-def prober_values(prober, units=None):
-    """The knapsack's values from a prober: each group's APPI x its parameters, or, with `units` (whose parts the
-    prober probed: ParameterGroups.split_factors), each unit's parts' sum."""
-    values = (prober.appi.cpu() * torch.tensor(prober.groups.numel, dtype=torch.float64)).tolist()
+def prober_values(prober, units=None, horizon=None, counts=None):
+    """The knapsack's values from a prober: each group's APPI (horizon_appi with a horizon) x its parameters
+    (`counts`, by default its own), or, with `units` (whose parts the prober probed:
+    ParameterGroups.split_factors), each unit's parts' sum."""
+    per_parameter = prober.appi.cpu() if horizon is None else horizon_appi(prober, horizon)
+    counts = prober.groups.numel if counts is None else counts
+    values = (per_parameter * torch.tensor(counts, dtype=torch.float64)).tolist()
     return values if units is None else units.values_from_parts(prober.names, values)
+
+
+def horizon_appi(prober, horizon):
+    """APPI with each probe's PPI scaled to what a training of `horizon` steps at that probe's eta reaches: it
+    moves a group up to x = horizon x eta along the probe's direction, and the quadratic's reduction there,
+    x b - x^2 A/2, is the share u (2 - u) of the full step's b^2/2A, u = min(1, x / eta*). The paper's APPI is
+    the limit of a long horizon; a short one ranks groups by their slopes b, as a training at eta does
+    (far_step_note)."""
+    if isinstance(horizon, bool) or not isinstance(horizon, numbers.Real) or not horizon > 0:
+        raise ValueError(f"adapeft.select: horizon must be a number of training steps > 0, got {horizon!r}")
+    if prober.results is None:
+        raise ValueError("adapeft.select: horizon= needs every probe's eta and eta*, which a Prober made with "
+                         "history=False does not keep")
+    total = torch.zeros(len(prober.names), dtype=torch.float64)
+    for result in prober.results:
+        reach = (float(horizon) * result.eta / result.eta_star.cpu()).clamp(max=1.0)
+        share = torch.where(result.accepted.cpu(), reach * (2.0 - reach), torch.zeros_like(reach))
+        total += result.ppi.cpu() * share
+    return total
 
 
 def _greedy(problem, budget):

@@ -339,14 +339,15 @@ def test_the_llm_demo_trains_every_choice_at_one_count(corpus, tmp_path, monkeyp
         demo_llm.run(**{**options, "seeds": (0,)}, resume=True)
     monkeypatch.setattr(demo_llm, "probe_and_choose", None)  # a resumed run has no probe to run
     results = demo_llm.run(**options, resume=True)
-    assert results["resumed"] and len(labels) == 20  # 10 choices x 2 seeds, each trained once
-    assert labels[3] == "3/3 squared gradient (knapsack) seed 1"
+    assert results["resumed"] and len(labels) == 22  # 11 choices x 2 seeds, each trained once
+    assert labels[3] == "3/3 AdaPEFT at the horizon seed 1"
     assert_points_compared(results, "\n".join(lines), len(results["ppi_history"]))
     # the units' factors probed apart, valued together
     assert results["parts"]["groups"][:2] == ["layer@0/lora_A", "layer@0/lora_B"]
     assert len(results["parts"]["probe_history"]) == len(results["ppi_history"])
     rows = {row["method"]: row for row in results["comparison"]}
-    assert list(rows) == ["AdaPEFT", "squared gradient (knapsack)", "Fisher (knapsack)", "random units",
+    assert list(rows) == ["AdaPEFT", "AdaPEFT at the horizon", "squared gradient (knapsack)", "Fisher (knapsack)",
+                          "random units",
                           "first 1 blocks", "last 1 blocks", "LISA: 1 random blocks", "Spectrum: 1 blocks by SNR",
                           "every block", "pretrained (no training)"]
     names, counts = results["groups"], results["counts"]

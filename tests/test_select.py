@@ -10,7 +10,7 @@ import torch
 
 import adapeft
 from adapeft.ops import backend as _backend
-from adapeft.select import FAR_STEPS, all_subsets
+from adapeft.select import FAR_STEPS, all_subsets, horizon_appi
 
 pytestmark = pytest.mark.skipif(_backend._C is None, reason="the compiled extension is not built")
 ops = torch.ops.adapeft
@@ -227,6 +227,55 @@ def test_a_selection_from_a_prober_notes_when_eta_star_is_many_probe_steps_away(
     assert notes() == []
     prober.last_eta_star_steps = torch.full_like(steps, math.nan)
     assert notes() == []
+
+
+def test_a_selection_at_a_horizon_values_what_that_many_steps_of_eta_reach():
+    """horizon=T values each accepted probe by the quadratic's reduction at x = min(T eta, eta*), x b - x^2 A/2,
+    over the parameters (twice that, as APPI's b^2/A is twice a step's reduction): computed here from b and A
+    alone. A long horizon gives APPI's values; a short one ranks by b; the far-step note goes, as the values
+    then say what it warns about."""
+    prober, batch = mlp_prober()
+    for eta in (1e-4, 3e-4):
+        prober.step(batch, eta)
+    counts = torch.tensor(prober.groups.numel, dtype=torch.float64)
+    for horizon in (1, 7.5, 1e9):
+        want = torch.zeros(len(prober.names), dtype=torch.float64)
+        for result in prober.results:
+            for k in torch.nonzero(result.accepted).flatten().tolist():
+                b, A = result.b[k].item(), result.A[k].item()
+                x = min(horizon * result.eta, b / A)
+                want[k] += 2 * (x * b - x * x * A / 2) / counts[k].item()
+        selection = adapeft.select(prober, budget=0.3, method="exact", horizon=horizon)
+        torch.testing.assert_close(torch.tensor(selection.values, dtype=torch.float64), want * counts, rtol=1e-12, atol=0)
+        torch.testing.assert_close(horizon_appi(prober, horizon), want, rtol=1e-12, atol=0)
+        assert not [n for n in selection.notes if "eta*" in n]
+    accepted = prober.results[0].accepted & prober.results[1].accepted
+    assert accepted.sum() >= 2
+    torch.testing.assert_close(horizon_appi(prober, math.inf), prober.appi, rtol=1e-15, atol=0)
+    # One step short of every eta*: each probe's value is about 2 eta b per parameter, the order of b.
+    short = horizon_appi(prober, 1e-6) * counts
+    slopes = sum(torch.where(r.accepted, 2e-6 * r.eta * r.b, torch.zeros_like(r.b)) for r in prober.results)
+    torch.testing.assert_close(short, slopes, rtol=1e-5, atol=0)
+    units = prober.groups  # units of one part each: the same values
+    assert adapeft.select(prober, budget=0.3, units=units, horizon=3).values == \
+        adapeft.select(prober, budget=0.3, horizon=3).values
+
+
+@pytest.mark.parametrize("horizon", [0, -2, math.nan, True, "20"])
+def test_a_bad_horizon_is_named(horizon):
+    prober, batch = mlp_prober()
+    prober.step(batch, 1e-4)
+    with pytest.raises(ValueError, match="adapeft.select: horizon must be a number of training steps > 0"):
+        adapeft.select(prober, budget=0.2, horizon=horizon)
+
+
+def test_a_horizon_needs_a_prober_and_its_history():
+    with pytest.raises(TypeError, match="horizon= values a Prober's probes; give the Prober"):
+        adapeft.select(values=[1.0, 2.0], counts=[1, 1], budget=0.5, horizon=10)
+    prober, batch = mlp_prober()
+    prober.results = None  # as Prober(history=False) keeps them
+    with pytest.raises(ValueError, match="history=False"):
+        adapeft.select(prober, budget=0.2, horizon=10)
 
 
 def test_loading_what_is_not_a_selection_names_the_file(tmp_path):

@@ -14,7 +14,9 @@ adapters of one module of one block ("self_attn.q_proj@3", 210 on SmolLM2) or, i
 adapters of one block ("layer@3", 30).
 1. probe: the model trains for a tenth of the horizon, every unit probed on schedule (APPI);
 2. select: each method chooses units under one count, that of LoRA on `budget` of the blocks: AdaPEFT (the
-   exact knapsack over the probe's values), |g|^2 and the Fisher (the same knapsack over theirs), random units;
+   exact knapsack over the probe's values), AdaPEFT at the horizon (the same over the values a training of the
+   horizon's steps at the probe's rate reaches: adapeft.select.horizon_appi), |g|^2 and the Fisher (the same
+   knapsack over theirs), random units;
    and the layer rules: the first and the last blocks, random blocks (LISA's choice, drawn per seed), the blocks
    of highest weight SNR (Spectrum's choice); LoRA on every block trains too, at the whole count, and the
    pretrained model is tested as it is;
@@ -49,6 +51,7 @@ from .common import (InputError, Progress, batches, load_pretrained, load_tokeni
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 LORA_RANK = 8
 DEMO_BUDGET = 0.2  # LoRA on 6 of SmolLM2's 30 blocks
+HORIZON_METHOD = "AdaPEFT at the horizon"  # select(..., horizon=): each probe valued at what the training reaches
 SETTINGS = {
     "quick": {"units": "layer", "tokens": 32, "batch": 4, "horizon": 20, "probe_every": 1, "lr": 3e-4,
               "test_rows": 32},
@@ -126,6 +129,8 @@ def choices(groups, values, snr, budget, layers, seeds):
     knapsack = {name: select(values=v, counts=groups.numel, names=groups.names, budget=share, method="exact").chosen
                 for name, v in values.items()}
     found = {"AdaPEFT": [knapsack["AdaPEFT"]] * len(seeds)}
+    if HORIZON_METHOD in knapsack:
+        found[HORIZON_METHOD] = [knapsack[HORIZON_METHOD]] * len(seeds)
     for name in ("squared gradient", "Fisher"):
         found[f"{name} (knapsack)"] = [knapsack[name]] * len(seeds)
     found["random units"] = [select(values=signals.random_values(len(groups), seed).tolist(), counts=groups.numel,
@@ -243,6 +248,7 @@ def probe_and_choose(base, targets, layers, data, settings, budget, seeds, devic
 
     # 2. Every method's units under the same count.
     values = {"AdaPEFT": prober_values(prober, groups),
+              HORIZON_METHOD: prober_values(prober, groups, horizon=settings["horizon"]),
               **{name: recorder.values[name].tolist() for name in ("squared gradient", "Fisher")}}
     sets = choices(groups, values, block_snr(base, layers), budget, layers, seeds)
     chosen = sets["AdaPEFT"][0]
@@ -252,6 +258,8 @@ def probe_and_choose(base, targets, layers, data, settings, budget, seeds, devic
     note = far_step_note(prober)
     if note is not None:
         log(f"    note: {note}")
+    log(f"    valued at the horizon ({settings['horizon']} steps at the probe's rate: adapeft.select.horizon_appi) it "
+        f"chose {', '.join(sets[HORIZON_METHOD][0]) or '(nothing)'}")
     costs = {"AdaPEFT": {"passes": prober.forward_passes, "seconds": probe_run.probe_seconds},
              **{f"{name} (knapsack)": {"passes": recorder.passes[name], "seconds": recorder.seconds[name]}
                 for name in ("squared gradient", "Fisher")}}
