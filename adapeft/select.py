@@ -249,17 +249,26 @@ def horizon_appi(prober, horizon):
     x b - x^2 A/2, is the share u (2 - u) of the full step's b^2/2A, u = min(1, x / eta*). The paper's APPI is
     the limit of a long horizon; a short one ranks groups by their slopes b, as a training at eta does
     (far_step_note)."""
-    if isinstance(horizon, bool) or not isinstance(horizon, numbers.Real) or not horizon > 0:
-        raise ValueError(f"adapeft.select: horizon must be a number of training steps > 0, got {horizon!r}")
+    check_horizon(horizon)
     if prober.results is None:
         raise ValueError("adapeft.select: horizon= needs every probe's eta and eta*, which a Prober made with "
                          "history=False does not keep")
     total = torch.zeros(len(prober.names), dtype=torch.float64)
     for result in prober.results:
-        reach = (float(horizon) * result.eta / result.eta_star.cpu()).clamp(max=1.0)
-        share = torch.where(result.accepted.cpu(), reach * (2.0 - reach), torch.zeros_like(reach))
-        total += result.ppi.cpu() * share
+        total += result.ppi.cpu() * reached_share(horizon, result.eta, result.eta_star.cpu(), result.accepted.cpu())
     return total
+
+
+def check_horizon(horizon):
+    if isinstance(horizon, bool) or not isinstance(horizon, numbers.Real) or not horizon > 0:
+        raise ValueError(f"adapeft.select: horizon must be a number of training steps > 0, got {horizon!r}")
+
+
+def reached_share(horizon, eta, eta_star, accepted):
+    """u (2 - u), u = min(1, horizon x eta / eta*): the share of a probe's b^2/2A that `horizon` steps of `eta`
+    reach, for groups whose fit was accepted (0 for the others, whose eta* may be nan)."""
+    reach = (float(horizon) * eta / eta_star).clamp(max=1.0)
+    return torch.where(accepted, reach * (2.0 - reach), torch.zeros_like(reach))
 
 
 def _greedy(problem, budget):

@@ -410,6 +410,14 @@ def test_select_without_a_budget_shows_the_frontier_and_says_so(tmp_path):
     refused(adapeft_command("select", "--probe", path, "--out", tmp_path), "--out", "is a folder")
 
 
+def test_select_at_a_horizon_needs_each_probes_eta(tmp_path):
+    path = tmp_path / "probe.json"
+    path.write_text(json.dumps(probe_record()))
+    refused(adapeft_command("select", "--probe", path, "--horizon", "20"),
+            f"--horizon: --probe {path} does not keep every probe's eta", "probe again")
+    refused(adapeft_command("select", "--probe", path, "--horizon", "0"), "--horizon", "must be a positive finite number")
+
+
 def test_plot_takes_a_budget(tmp_path):
     path = tmp_path / "probe.json"
     path.write_text(json.dumps(probe_record()))

@@ -253,6 +253,19 @@ def test_cli_probe_select_plot_on_a_local_model(tmp_path):
                      "exact", "--out", str(tmp_path / "selection.json"))
     assert chosen.returncode == 0, chosen.stderr
     assert adapeft.Selection.load(tmp_path / "selection.json").method == "exact"
+    # At a horizon of 3 steps: each accepted probe's 2 (x b - x^2 A / 2) at x = min(3 eta, b/A), from b and A alone.
+    at_horizon = run_cli("select", "--probe", str(tmp_path / "probe" / "probe.json"), "--budget", "0.05", "--method",
+                         "exact", "--horizon", "3", "--out", str(tmp_path / "horizon.json"))
+    assert at_horizon.returncode == 0, at_horizon.stderr
+    want = [0.0] * len(record["groups"])
+    for probe in record["probe_history"]:
+        for k, (b, A, ppi) in enumerate(zip(probe["b"], probe["A"], probe["ppi"])):
+            if ppi:
+                x = min(3 * probe["eta"], b / A)
+                want[k] += 2 * (x * b - x * x * A / 2)
+    got = adapeft.Selection.load(tmp_path / "horizon.json").values
+    assert got == pytest.approx(want, rel=1e-12) and sum(v > 0 for v in want) >= 2
+    assert want != pytest.approx([a * n for a, n in zip(record["appi"], record["counts"])], rel=1e-3)
     drawn = run_cli("plot", "--probe", str(tmp_path / "probe" / "probe.json"), "--out", str(tmp_path / "plots"))
     assert drawn.returncode == 0, drawn.stderr
     for name in ("ppi_heatmap.png", "appi.png", "pareto.png"):

@@ -22,7 +22,7 @@ from ..select import METHODS
 from ..groups import GRANULARITIES
 from . import common, demo, probe_command
 from .common import InputError
-from .inputs import load_record
+from .inputs import horizon_values, load_record
 
 EXAMPLES = __doc__.split("examples:", 1)[1]
 OPTIONAL_PACKAGES = {"transformers", "peft", "matplotlib", "tqdm"}
@@ -136,7 +136,8 @@ def _select(args):
         if os.path.isdir(args.out):
             raise InputError(f"--out {args.out} is a folder; give the file to write, such as selection.json")
         common.prepare_output_folder(os.path.dirname(args.out) or ".", "--out")
-    values = [a * n for a, n in zip(record["appi"], record["counts"])]
+    values = [a * n for a, n in zip(record["appi"], record["counts"])] if args.horizon is None else \
+        horizon_values(record, args.horizon, args.probe)
     selection = select(values=values, counts=record["counts"], names=record["groups"], budget=args.budget,
                        method=args.method)
     if args.budget is None:
@@ -293,6 +294,10 @@ def parser():
                         help="LoRA ranks (records of adapeft probe --task causal-lm): each chosen adapter at the "
                              "probe's rank, or that on average, shared by value (the same total rank; the "
                              "parameters change with the modules' shapes)")
+    choose.add_argument("--horizon", type=positive_float, default=None,
+                        help="training steps: value each probe by what that many steps at its eta reach of the "
+                             "step to eta* = b/A (needs a record with its probes' history; default: the paper's "
+                             "values, a full step)")
     choose.add_argument("--out", default=None, help="a JSON file to save the selection (and the LoRA configuration) "
                                                    "to (default: none)")
     choose.set_defaults(run=_select)

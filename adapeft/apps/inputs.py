@@ -182,3 +182,29 @@ def _short(value, limit=60):
 
 
 # The commands -------------------------------------------------------------------------------------------
+
+
+def horizon_values(record, horizon, path):
+    """The knapsack's values of a probe record's groups for a training of `horizon` steps (adapeft.select's
+    horizon=), from every probe's PPI, b, A and eta (its parts', folded into the groups, where it probed parts)."""
+    import torch
+
+    from ..groups import ParameterGroups
+    from ..select import reached_share
+    probed = record.get("parts", record)
+    history = probed.get("probe_history")
+    if not history or not all(isinstance(probe, dict) and _is_number(probe.get("eta")) for probe in history):
+        raise InputError(f"--horizon: --probe {path} does not keep every probe's eta (written before records "
+                         "kept it, or without a probe history); probe again to choose at a horizon")
+    names, counts = probed.get("groups", record["groups"]), probed.get("counts", record["counts"])
+
+    def numbers(values):
+        return torch.tensor([math.nan if value is None else value for value in values], dtype=torch.float64)
+
+    totals = dict.fromkeys(record["groups"], 0.0)
+    for probe in history:
+        ppi = numbers(probe["ppi"])
+        share = reached_share(horizon, probe["eta"], numbers(probe["b"]) / numbers(probe["A"]), ppi > 0)
+        for name, value in zip(names, (ppi * share * torch.tensor(counts, dtype=torch.float64)).tolist()):
+            totals[ParameterGroups.whole(name)] += value
+    return [totals[name] for name in record["groups"]]

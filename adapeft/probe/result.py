@@ -80,7 +80,7 @@ class ProbeResult:
 
     def as_dict(self):
         """Per group (lists in `names` order): the step t, b, A, R^2, PPI, resolved and the verdict, with
-        None where a number is not finite (JSON has no nan). Synchronises with the device."""
+        None where a number is not finite (JSON has no nan), and the probe's eta. Synchronises with the device."""
         def numbers(tensor):
             return [value if math.isfinite(value) else None for value in tensor.tolist()]
         noise, resolution = (numbers(value.reshape(1))[0] for value in (self.noise, self.resolution))
@@ -88,7 +88,7 @@ class ProbeResult:
                 "ppi": numbers(self.ppi), "resolved": self.resolved.tolist(), "verdict": self.reasons(),
                 "slope_error": numbers(self.slope_error), "b_error": numbers(self.b_error),
                 "A_error": numbers(self.A_error), "noise": noise,
-                "resolution": resolution}
+                "resolution": resolution, "eta": self.eta}
 
     def table(self):
         """A printable table (synchronises with the device). "A err": A_error over |A|."""
