@@ -41,14 +41,16 @@ class AdaPEFTCallback(WithProbingPhase, TrainerCallback):
     (the optimizer's next update, read from its state) or "grad"; granularity / rules: as
     adapeft.group_parameters; loss_fn(model, batch): default `model(**batch).loss`;
     manage_adalora: "auto" calls AdaLoRA's update_and_allocate when the model uses it; reuse_prefix: as
-    adapeft.Prober's (the same numbers from fewer blocks computed).
+    adapeft.Prober's (the same numbers from fewer blocks computed); horizon: the steps the selection will train
+    for, to value each probe by what that many steps at its eta reach (adapeft.select's horizon=; None: the
+    paper's values).
     """
 
     def __init__(self, budget=0.01, method="exact", probe_fraction=0.1, every=None, eta=None, direction="optimizer",
                  granularity="type", rules=None, loss_fn=None, output_dir=None, manage_adalora="auto",
-                 reuse_prefix=False):
+                 reuse_prefix=False, horizon=None):
         self.phase = ProbingPhase("adapeft.AdaPEFTCallback", budget, method, probe_fraction, every, eta, direction,
-                                  granularity, rules, reuse_prefix)
+                                  granularity, rules, reuse_prefix, horizon)
         self.loss_fn = loss_fn or _model_loss
         self.output_dir, self.manage_adalora = output_dir, manage_adalora
         self.trainer = None

@@ -4,6 +4,7 @@ select when the phase ends, write the reports. adapeft.hf (the Hugging Face Trai
 """
 import json
 import math
+import numbers
 import os
 import warnings
 
@@ -16,7 +17,7 @@ class ProbingPhase:
     """See adapeft.hf.AdaPEFTCallback for the options. `owner`: the callback's name for messages."""
 
     def __init__(self, owner, budget, method, probe_fraction, every, eta, direction, granularity, rules,
-                 reuse_prefix):
+                 reuse_prefix, horizon=None):
         if not 0 < probe_fraction <= 1:
             raise ValueError(f"{owner}: probe_fraction must be in (0, 1], got {probe_fraction!r}")
         if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
@@ -25,7 +26,10 @@ class ProbingPhase:
             raise ValueError(f"{owner}: direction must be 'optimizer' or 'grad', got {direction!r}")
         self.owner, self.budget, self.method, self.probe_fraction, self.every = owner, budget, method, probe_fraction, every
         self.eta, self.direction, self.granularity, self.rules = eta, direction, granularity, rules
-        self.reuse_prefix = reuse_prefix
+        if horizon is not None and (isinstance(horizon, bool) or not isinstance(horizon, numbers.Real)
+                                    or not horizon > 0):
+            raise ValueError(f"{owner}: horizon must be a number of training steps > 0 or None, got {horizon!r}")
+        self.reuse_prefix, self.horizon = reuse_prefix, horizon
         self.prober = self.selection = self.groups = self.schedule = None
         self.last_step = 0
         self.done = False
@@ -78,7 +82,7 @@ class ProbingPhase:
             return None
         from .select import select
         self.prober.flush()
-        self.selection = select(self.prober, budget=self.budget, method=self.method)
+        self.selection = select(self.prober, budget=self.budget, method=self.method, horizon=self.horizon)
         if output_dir and writes_reports:  # every rank holds the same selection; one writes it
             os.makedirs(output_dir, exist_ok=True)
             self.selection.save(os.path.join(output_dir, "adapeft_selection.json"))

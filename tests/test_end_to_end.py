@@ -88,6 +88,17 @@ def test_callback_probes_and_selects_inside_trainer(tmp_path, make, data):
     assert report["trainable_parameters"] == sum(p.numel() for p in large.parameters() if p.requires_grad)
 
 
+def test_callback_selects_at_a_horizon(tmp_path):
+    callback = AdaPEFTCallback(budget=0.05, probe_fraction=0.5, every=2, horizon=30)
+    train_with_callback(tiny_bert(), Tokens(97, classes=3), tmp_path, callback)
+    at_horizon = adapeft.select(callback.prober, budget=0.05, method="exact", horizon=30)
+    assert callback.selection.values == at_horizon.values and callback.selection.chosen == at_horizon.chosen
+    assert callback.selection.values != adapeft.select(callback.prober, budget=0.05, method="exact").values
+    for horizon in (0, "rest", True):
+        with pytest.raises(ValueError, match="adapeft.AdaPEFTCallback: horizon must be a number of training steps"):
+            AdaPEFTCallback(horizon=horizon)
+
+
 def test_callback_manages_adalora_and_warns_when_it_cannot_probe(tmp_path, monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
