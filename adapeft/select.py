@@ -176,9 +176,11 @@ def select(prober_or_values=None, counts=None, *, values=None, budget=None, meth
             counts = prober.groups.numel if counts is None else counts
             values = prober_values(prober, horizon=horizon, counts=counts)
             names = prober.names if names is None else names
-    elif units is not None or horizon is not None:
-        raise TypeError(f"adapeft.select: {'units' if units is not None else 'horizon'}= values a Prober's probes; "
-                        "give the Prober")
+    elif units is not None:
+        raise TypeError("adapeft.select: units= folds a Prober's groups into the units they are parts of; give the "
+                        "Prober")
+    elif horizon is not None:
+        raise TypeError("adapeft.select: horizon= values a Prober's probes; give the Prober")
     elif prober_or_values is not None:
         if values is not None:
             raise TypeError("adapeft.select: give values either positionally or as values=, not both")
