@@ -1,5 +1,6 @@
 """Probing under torch.distributed: DDP and FSDP2 on 2 processes, on CPU (gloo) and, where there are two
 GPUs, on one GPU each (NCCL), against one CPU process on the global batch."""
+import json
 import os
 
 import pytest
@@ -287,3 +288,55 @@ def test_fsdp2_with_plain_tensors_beside_shards_is_refused_saying_so(tmp_path):
         assert torch.load(tmp_path / f"rank{rank}.pt") == (
             "adapeft.Prober: parameters sharded over one 1-D device mesh (FSDP2's fully_shard) are supported; in this "
             "model 4 of its 16 parameters are plain tensors beside sharded ones")
+
+
+TRAINER_FSDP2 = '''
+import json, sys, warnings
+import torch, transformers
+from adapeft.algorithm import equip_lora
+from adapeft.hf import AdaPEFTCallback
+
+mode, out, folder = sys.argv[1:4]
+torch.manual_seed(0)
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    model = equip_lora(transformers.BertForSequenceClassification(transformers.BertConfig(
+        num_hidden_layers=2, hidden_size=32, num_attention_heads=2, intermediate_size=64, vocab_size=97,
+        num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)), ["query", "value"], r=4)
+generator = torch.Generator().manual_seed(0)
+inputs, labels = torch.randint(0, 97, (64, 12), generator=generator), torch.randint(0, 3, (64,), generator=generator)
+callback = AdaPEFTCallback(budget=0.05, probe_fraction=0.5, every=2, direction="grad")
+fsdp = dict(fsdp="full_shard", fsdp_config={"fsdp_version": 2, "transformer_layer_cls_to_wrap": ["BertLayer"]})
+args = transformers.TrainingArguments(output_dir=folder, max_steps=8, per_device_train_batch_size=4, learning_rate=1e-3,
+                                      report_to=[], save_strategy="no", disable_tqdm=True,
+                                      **(fsdp if mode == "fsdp" else {}))
+trainer = transformers.Trainer(model=model, args=args, callbacks=[callback],
+                               train_dataset=[{"input_ids": x, "labels": y} for x, y in zip(inputs, labels)])
+callback.attach(trainer)
+trainer.train()
+sharded = sum(type(p).__name__ == "DTensor" for p in trainer.model_wrapped.parameters())
+json.dump({"sharded": sharded, "appi": callback.prober.appi.tolist(), "chosen": callback.selection.chosen,
+           "probes": len(callback.prober.history)}, open(out, "w"))
+'''
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="Trainer applies its fsdp settings on GPUs only")
+def test_trainer_callback_under_trainers_own_fsdp2_settings(tmp_path):
+    """Trainer's fsdp settings (accelerate's fully_shard, one default mesh a call), one process on one GPU: the
+    callback probes the sharded model and chooses as it does without FSDP."""
+    import subprocess
+    import sys
+    script = tmp_path / "train.py"
+    script.write_text(TRAINER_FSDP2)
+    found = {}
+    for mode in ("fsdp", "plain"):
+        out = tmp_path / f"{mode}.json"
+        done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", str(script),
+                               mode, str(out), str(tmp_path / mode)], capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        found[mode] = json.loads(out.read_text())
+    assert found["fsdp"]["sharded"] > 0 and found["plain"]["sharded"] == 0
+    assert found["fsdp"]["probes"] == found["plain"]["probes"] == 4
+    assert found["fsdp"]["chosen"] == found["plain"]["chosen"]
+    torch.testing.assert_close(torch.tensor(found["fsdp"]["appi"]), torch.tensor(found["plain"]["appi"]), rtol=1e-5,
+                               atol=0)
