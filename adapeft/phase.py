@@ -27,8 +27,9 @@ class ProbingPhase:
         self.owner, self.budget, self.method, self.probe_fraction, self.every = owner, budget, method, probe_fraction, every
         self.eta, self.direction, self.granularity, self.rules = eta, direction, granularity, rules
         if horizon is not None and (isinstance(horizon, bool) or not isinstance(horizon, numbers.Real)
-                                    or not horizon > 0):
-            raise ValueError(f"{owner}: horizon must be a number of training steps > 0 or None, got {horizon!r}")
+                                    or not 0 < horizon < math.inf):
+            raise ValueError(f"{owner}: horizon must be a finite number of training steps > 0 or None, got "
+                             f"{horizon!r}")
         self.reuse_prefix, self.horizon = reuse_prefix, horizon
         self.prober = self.selection = self.groups = self.schedule = None
         self.last_step = 0

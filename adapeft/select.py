@@ -180,7 +180,8 @@ def select(prober_or_values=None, counts=None, *, values=None, budget=None, meth
         raise TypeError("adapeft.select: units= folds a Prober's groups into the units they are parts of; give the "
                         "Prober")
     elif horizon is not None:
-        raise TypeError("adapeft.select: horizon= values a Prober's probes; give the Prober")
+        raise TypeError("adapeft.select: horizon= applies to a Prober's probes (their eta, b and A); give the "
+                        "Prober")
     elif prober_or_values is not None:
         if values is not None:
             raise TypeError("adapeft.select: give values either positionally or as values=, not both")
@@ -213,6 +214,7 @@ def select(prober_or_values=None, counts=None, *, values=None, budget=None, meth
     note = far_step_note(prober_or_values) if isinstance(prober_or_values, Prober) and horizon is None else None
     if note is not None:
         selection.notes.append(note)
+    selection.horizon = horizon
     return selection
 
 
@@ -262,8 +264,9 @@ def horizon_appi(prober, horizon):
 
 
 def check_horizon(horizon):
-    if isinstance(horizon, bool) or not isinstance(horizon, numbers.Real) or not horizon > 0:
-        raise ValueError(f"adapeft.select: horizon must be a number of training steps > 0, got {horizon!r}")
+    if isinstance(horizon, bool) or not isinstance(horizon, numbers.Real) or not 0 < horizon < math.inf:
+        raise ValueError(f"adapeft.select: horizon must be a finite number of training steps > 0, got "
+                         f"{horizon!r}")
 
 
 def reached_share(horizon, eta, eta_star, accepted):

@@ -13,7 +13,8 @@ from .groups import ParameterGroups
 class Selection:
     """Which groups to train. `mask` has one bool per group in input order; `value` is the predicted loss
     reduction (sum of the chosen values), `count` the chosen parameters. For method="pareto", `frontier`
-    is a list of (count, value, mask) sorted by count and `labels` says how each point was found."""
+    is a list of (count, value, mask) sorted by count and `labels` says how each point was found. `horizon`: the
+    training steps its values were taken at (adapeft.select's horizon=), or None for the paper's values."""
 
     names: list
     values: list
@@ -25,6 +26,7 @@ class Selection:
     frontier: list = None
     labels: list = None
     notes: list = field(default_factory=list)
+    horizon: float = None
 
     @property
     def value(self):
@@ -55,8 +57,8 @@ class Selection:
                                              ", no budget: the set of most value overall") +
                  ("" if self.proven else " (not proven optimal)"),
                  f"chosen: {', '.join(self.chosen) or '(none)'}; {self.count:,} of {self.total:,} parameters "
-                 f"({self.share:.3%}), value {self.value:.4g} (APPI x parameters: b^2/A summed over the "
-                 "probes; it ranks sets and is no loss in nats)"]
+                 f"({self.share:.3%}), value {self.value:.4g} ({self._what_values_are()}; it ranks sets and is no loss "
+                 "in nats)"]
         lines += [f"note: {note}" for note in self.notes]
         if self.frontier is not None:
             points = list(self.frontier)
@@ -68,6 +70,12 @@ class Selection:
         return "\n".join(lines)
 
     __str__ = table
+
+    def _what_values_are(self):
+        if self.horizon is None:
+            return "APPI x parameters: b^2/A summed over the probes"
+        return (f"at a horizon of {self.horizon:g} steps: b^2/A times the share u(2 - u) that many steps of each "
+                "probe's eta reach, summed over the probes")
 
     def apply(self, model, groups):
         """Make exactly the chosen groups trainable (requires_grad), freezing every other parameter of the model;
@@ -100,7 +108,7 @@ class Selection:
         return {"format": "adapeft.selection/1", "method": self.method, "budget": budget, "proven": self.proven,
                 "names": list(self.names), "values": [float(v) for v in self.values],
                 "counts": [int(c) for c in self.counts], "chosen": self.chosen, "value": self.value,
-                "count": self.count, "notes": list(self.notes),
+                "count": self.count, "notes": list(self.notes), "horizon": self.horizon,
                 "frontier": None if self.frontier is None else [
                     {"count": c, "value": v, "groups": [n for n, x in zip(self.names, m) if x], "how": label}
                     for (c, v, m), label in zip(self.frontier, self.labels)]}
@@ -144,7 +152,8 @@ class Selection:
             labels = [p["how"] for p in data["frontier"]]
         return cls(names=names, values=data["values"], counts=data["counts"],
                    mask=np.array([n in data["chosen"] for n in names]), method=data["method"], budget=data["budget"],
-                   proven=data["proven"], frontier=frontier, labels=labels, notes=data.get("notes", []))
+                   proven=data["proven"], frontier=frontier, labels=labels, notes=data.get("notes", []),
+                   horizon=data.get("horizon"))
 
 
 class Frontier(Sequence):

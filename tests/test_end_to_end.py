@@ -94,8 +94,8 @@ def test_callback_selects_at_a_horizon(tmp_path):
     at_horizon = adapeft.select(callback.prober, budget=0.05, method="exact", horizon=30)
     assert callback.selection.values == at_horizon.values and callback.selection.chosen == at_horizon.chosen
     assert callback.selection.values != adapeft.select(callback.prober, budget=0.05, method="exact").values
-    for horizon in (0, "rest", True):
-        with pytest.raises(ValueError, match="adapeft.AdaPEFTCallback: horizon must be a number of training steps"):
+    for horizon in (0, "rest", True, float("inf")):
+        with pytest.raises(ValueError, match="adapeft.AdaPEFTCallback: horizon must be a finite number of training steps"):
             AdaPEFTCallback(horizon=horizon)
 
 
@@ -274,7 +274,10 @@ def test_cli_probe_select_plot_on_a_local_model(tmp_path):
             if ppi:
                 x = min(3 * probe["eta"], b / A)
                 want[k] += 2 * (x * b - x * x * A / 2)
-    got = adapeft.Selection.load(tmp_path / "horizon.json").values
+    saved = adapeft.Selection.load(tmp_path / "horizon.json")
+    got = saved.values
+    assert saved.horizon == 3 and "at a horizon of 3 steps" in at_horizon.stdout
+    assert adapeft.Selection.load(tmp_path / "selection.json").horizon is None
     assert got == pytest.approx(want, rel=1e-12) and sum(v > 0 for v in want) >= 2
     assert want != pytest.approx([a * n for a, n in zip(record["appi"], record["counts"])], rel=1e-3)
     drawn = run_cli("plot", "--probe", str(tmp_path / "probe" / "probe.json"), "--out", str(tmp_path / "plots"))

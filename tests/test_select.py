@@ -249,28 +249,31 @@ def test_a_selection_at_a_horizon_values_what_that_many_steps_of_eta_reach():
         torch.testing.assert_close(torch.tensor(selection.values, dtype=torch.float64), want * counts, rtol=1e-12, atol=0)
         torch.testing.assert_close(horizon_appi(prober, horizon), want, rtol=1e-12, atol=0)
         assert not [n for n in selection.notes if "eta*" in n]
+        assert selection.horizon == horizon and f"at a horizon of {horizon:g} steps" in selection.table()
     accepted = prober.results[0].accepted & prober.results[1].accepted
     assert accepted.sum() >= 2
-    torch.testing.assert_close(horizon_appi(prober, math.inf), prober.appi, rtol=1e-15, atol=0)
+    torch.testing.assert_close(horizon_appi(prober, 1e300), prober.appi, rtol=1e-15, atol=0)
     # One step short of every eta*: each probe's value is about 2 eta b per parameter, the order of b.
     short = horizon_appi(prober, 1e-6) * counts
     slopes = sum(torch.where(r.accepted, 2e-6 * r.eta * r.b, torch.zeros_like(r.b)) for r in prober.results)
     torch.testing.assert_close(short, slopes, rtol=1e-5, atol=0)
+    plain = adapeft.select(prober, budget=0.3)
+    assert plain.horizon is None and "APPI x parameters" in plain.table()
     units = prober.groups  # units of one part each: the same values
     assert adapeft.select(prober, budget=0.3, units=units, horizon=3).values == \
         adapeft.select(prober, budget=0.3, horizon=3).values
 
 
-@pytest.mark.parametrize("horizon", [0, -2, math.nan, True, "20"])
+@pytest.mark.parametrize("horizon", [0, -2, math.nan, math.inf, True, "20"])
 def test_a_bad_horizon_is_named(horizon):
     prober, batch = mlp_prober()
     prober.step(batch, 1e-4)
-    with pytest.raises(ValueError, match="adapeft.select: horizon must be a number of training steps > 0"):
+    with pytest.raises(ValueError, match="adapeft.select: horizon must be a finite number of training steps > 0"):
         adapeft.select(prober, budget=0.2, horizon=horizon)
 
 
 def test_a_horizon_needs_a_prober_and_its_history():
-    with pytest.raises(TypeError, match="horizon= values a Prober's probes; give the Prober"):
+    with pytest.raises(TypeError, match="horizon= applies to a Prober's probes"):
         adapeft.select(values=[1.0, 2.0], counts=[1, 1], budget=0.5, horizon=10)
     prober, batch = mlp_prober()
     prober.results = None  # as Prober(history=False) keeps them

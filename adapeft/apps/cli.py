@@ -140,6 +140,7 @@ def _select(args):
         horizon_values(record, args.horizon, args.probe)
     selection = select(values=values, counts=record["counts"], names=record["groups"], budget=args.budget,
                        method=args.method)
+    selection.horizon = args.horizon
     if args.budget is None:
         print(f"no --budget given, so the table is the whole {args.method} frontier (a row for every budget) and "
               "'chosen' is its set of most predicted loss reduction; give --budget SHARE (0.01 for 1%) to choose "

@@ -15,7 +15,7 @@ adapters of one block ("layer@3", 30).
 1. probe: the model trains for a tenth of the horizon, every unit probed on schedule (APPI);
 2. select: each method chooses units under one count, that of LoRA on `budget` of the blocks: AdaPEFT (the
    exact knapsack over the probe's values), AdaPEFT at the horizon (the same over the values a training of the
-   horizon's steps at the probe's rate reaches: adapeft.select.horizon_appi), |g|^2 and the Fisher (the same
+   horizon's steps at the probe's rate reaches: horizon_appi of adapeft.select), |g|^2 and the Fisher (the same
    knapsack over theirs), random units;
    and the layer rules: the first and the last blocks, random blocks (LISA's choice, drawn per seed), the blocks
    of highest weight SNR (Spectrum's choice); LoRA on every block trains too, at the whole count, and the
@@ -258,7 +258,7 @@ def probe_and_choose(base, targets, layers, data, settings, budget, seeds, devic
     note = far_step_note(prober)
     if note is not None:
         log(f"    note: {note}")
-    log(f"    valued at the horizon ({settings['horizon']} steps at the probe's rate: adapeft.select.horizon_appi) it "
+    log(f"    valued at the horizon ({settings['horizon']} steps at the probe's rate: select's horizon=) it "
         f"chose {', '.join(sets[HORIZON_METHOD][0]) or '(nothing)'}")
     costs = {"AdaPEFT": {"passes": prober.forward_passes, "seconds": probe_run.probe_seconds},
              **{f"{name} (knapsack)": {"passes": recorder.passes[name], "seconds": recorder.seconds[name]}
