@@ -33,7 +33,8 @@ median of --repeats steps. Columns:
   syncs      host synchronisations of one step (CUDA: today / prefix / today graphed / three graphed),
              torch.cuda.set_sync_debug_mode("warn"), those of the model's own forward passes excluded
   extra MB   peak memory over a forward pass's, one step (CUDA: today / prefix / today graphed / three graphed /
-             torch; a graphed mode's at its capture step, where the graph's memory is allocated)
+             torch; a graphed mode's at its capture step, where the graph's memory is allocated; an eager mode's at
+             the step after the timed ones, which counts its syncs too)
 A mode that fails prints "error" in its cells and its message under the table; "-" is a value not measured.
 
     python benchmarks/bench_llm.py                                         # smollm2 and llama-1b, bfloat16
@@ -160,10 +161,13 @@ def run_mode(name, model, groups, ids, repeats, device, forward_peak):
     out.update(seconds=statistics.median(times), passes=prober.forward_passes - passes, losses=result.losses.clone())
     if MODES[name].get("cuda_graph") and (prober.graph_disabled is not None or not prober.graph_captures):
         out["note"] = f"no CUDA graph, probed eagerly: {prober.graph_disabled}"
-    if device.type == "cuda" and name != "torch":
-        out["syncs"] = syncs(lambda: prober.step(ids, ETA))
+    # One more step counts the host syncs and, eager, the peak memory too (a step fewer a mode: LLM steps are long).
+    step = lambda: prober.step(ids, ETA)  # noqa: E731
+    counted = step if name == "torch" else lambda: out.__setitem__("syncs", syncs(step))
     if device.type == "cuda" and not graphed:
-        out["extra MB"] = extra_peak_mb(lambda: prober.step(ids, ETA), forward_peak)
+        out["extra MB"] = extra_peak_mb(counted, forward_peak)
+    elif device.type == "cuda":
+        counted()
     prefix = prober.prefix
     if prefix is not None:
         out.update(blocks=prefix.block_share(), kept=list(prefix.kept))
