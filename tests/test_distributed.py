@@ -159,15 +159,14 @@ def test_process_group_checks():
     assert adapeft.Prober(model, None, cross_entropy).process_group is None
 
 
-def trainer_worker(rank, folder, port):
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
+def train_tiny_bert(callback, output_dir, **settings):
+    """Trains a tiny BERT classifier with LoRA for 8 steps under `callback`, with TrainingArguments `settings`; the
+    Trainer."""
     import warnings
 
     import transformers
 
     from adapeft.algorithm import equip_lora
-    from adapeft.hf import AdaPEFTCallback
     torch.manual_seed(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -177,13 +176,21 @@ def trainer_worker(rank, folder, port):
     generator = torch.Generator().manual_seed(0)
     inputs, labels = torch.randint(0, 97, (64, 12), generator=generator), torch.randint(0, 3, (64,), generator=generator)
     data = [{"input_ids": x, "labels": y} for x, y in zip(inputs, labels)]
-    callback = AdaPEFTCallback(budget=0.05, probe_fraction=0.5, every=2)
-    args = transformers.TrainingArguments(output_dir=os.path.join(folder, "out"), max_steps=8,
-                                          per_device_train_batch_size=4, learning_rate=1e-3, report_to=[],
-                                          use_cpu=True, ddp_backend="gloo", save_strategy="no", disable_tqdm=True)
+    args = transformers.TrainingArguments(output_dir=output_dir, max_steps=8, per_device_train_batch_size=4,
+                                          learning_rate=1e-3, report_to=[], save_strategy="no", disable_tqdm=True,
+                                          **settings)
     trainer = transformers.Trainer(model=model, args=args, train_dataset=data, callbacks=[callback])
     callback.attach(trainer)
     trainer.train()
+    return trainer
+
+
+def trainer_worker(rank, folder, port):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    from adapeft.hf import AdaPEFTCallback
+    callback = AdaPEFTCallback(budget=0.05, probe_fraction=0.5, every=2)
+    train_tiny_bert(callback, os.path.join(folder, "out"), use_cpu=True, ddp_backend="gloo")
     torch.save({"world": dist.get_world_size(), "appi": callback.prober.appi.clone(),
                 "chosen": callback.selection.chosen, "probes": len(callback.prober.history)},
                os.path.join(folder, f"rank{rank}.pt"))
@@ -291,29 +298,15 @@ def test_fsdp2_with_plain_tensors_beside_shards_is_refused_saying_so(tmp_path):
 
 
 TRAINER_FSDP2 = '''
-import json, sys, warnings
-import torch, transformers
-from adapeft.algorithm import equip_lora
+import json, sys
+sys.path.insert(0, sys.argv[4])
 from adapeft.hf import AdaPEFTCallback
+from test_distributed import train_tiny_bert
 
 mode, out, folder = sys.argv[1:4]
-torch.manual_seed(0)
-with warnings.catch_warnings():
-    warnings.simplefilter("ignore")
-    model = equip_lora(transformers.BertForSequenceClassification(transformers.BertConfig(
-        num_hidden_layers=2, hidden_size=32, num_attention_heads=2, intermediate_size=64, vocab_size=97,
-        num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)), ["query", "value"], r=4)
-generator = torch.Generator().manual_seed(0)
-inputs, labels = torch.randint(0, 97, (64, 12), generator=generator), torch.randint(0, 3, (64,), generator=generator)
 callback = AdaPEFTCallback(budget=0.05, probe_fraction=0.5, every=2, direction="grad")
 fsdp = dict(fsdp="full_shard", fsdp_config={"fsdp_version": 2, "transformer_layer_cls_to_wrap": ["BertLayer"]})
-args = transformers.TrainingArguments(output_dir=folder, max_steps=8, per_device_train_batch_size=4, learning_rate=1e-3,
-                                      report_to=[], save_strategy="no", disable_tqdm=True,
-                                      **(fsdp if mode == "fsdp" else {}))
-trainer = transformers.Trainer(model=model, args=args, callbacks=[callback],
-                               train_dataset=[{"input_ids": x, "labels": y} for x, y in zip(inputs, labels)])
-callback.attach(trainer)
-trainer.train()
+trainer = train_tiny_bert(callback, folder, **(fsdp if mode == "fsdp" else {}))
 sharded = sum(type(p).__name__ == "DTensor" for p in trainer.model_wrapped.parameters())
 json.dump({"sharded": sharded, "appi": callback.prober.appi.tolist(), "chosen": callback.selection.chosen,
            "probes": len(callback.prober.history)}, open(out, "w"))
@@ -332,7 +325,8 @@ def test_trainer_callback_under_trainers_own_fsdp2_settings(tmp_path):
     for mode in ("fsdp", "plain"):
         out = tmp_path / f"{mode}.json"
         done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", str(script),
-                               mode, str(out), str(tmp_path / mode)], capture_output=True, text=True, timeout=300)
+                               mode, str(out), str(tmp_path / mode), os.path.dirname(__file__)],
+                              capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr[-3000:]
         found[mode] = json.loads(out.read_text())
     assert found["fsdp"]["sharded"] > 0 and found["plain"]["sharded"] == 0
