@@ -330,7 +330,7 @@ def test_trainer_callback_under_trainers_own_fsdp2_settings(tmp_path):
         assert done.returncode == 0, done.stderr[-3000:]
         found[mode] = json.loads(out.read_text())
     assert found["fsdp"]["sharded"] > 0 and found["plain"]["sharded"] == 0
-    assert found["fsdp"]["probes"] == found["plain"]["probes"] == 4
+    assert found["fsdp"]["probes"] == found["plain"]["probes"] == 2  # steps 0 and 2 of the 4-step phase
     assert found["fsdp"]["chosen"] == found["plain"]["chosen"]
     torch.testing.assert_close(torch.tensor(found["fsdp"]["appi"]), torch.tensor(found["plain"]["appi"]), rtol=1e-5,
                                atol=0)
