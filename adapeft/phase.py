@@ -4,7 +4,6 @@ select when the phase ends, write the reports. adapeft.hf (the Hugging Face Trai
 """
 import json
 import math
-import numbers
 import os
 import warnings
 
@@ -26,10 +25,9 @@ class ProbingPhase:
             raise ValueError(f"{owner}: direction must be 'optimizer' or 'grad', got {direction!r}")
         self.owner, self.budget, self.method, self.probe_fraction, self.every = owner, budget, method, probe_fraction, every
         self.eta, self.direction, self.granularity, self.rules = eta, direction, granularity, rules
-        if horizon is not None and (isinstance(horizon, bool) or not isinstance(horizon, numbers.Real)
-                                    or not 0 < horizon < math.inf):
-            raise ValueError(f"{owner}: horizon must be a finite number of training steps > 0 or None, got "
-                             f"{horizon!r}")
+        if horizon is not None:
+            from .select import check_horizon
+            check_horizon(horizon, owner)
         self.reuse_prefix, self.horizon = reuse_prefix, horizon
         self.prober = self.selection = self.groups = self.schedule = None
         self.last_step = 0

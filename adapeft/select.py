@@ -263,10 +263,9 @@ def horizon_appi(prober, horizon):
     return total
 
 
-def check_horizon(horizon):
+def check_horizon(horizon, owner="adapeft.select"):
     if isinstance(horizon, bool) or not isinstance(horizon, numbers.Real) or not 0 < horizon < math.inf:
-        raise ValueError(f"adapeft.select: horizon must be a finite number of training steps > 0, got "
-                         f"{horizon!r}")
+        raise ValueError(f"{owner}: horizon must be a finite number of training steps > 0, got {horizon!r}")
 
 
 def reached_share(horizon, eta, eta_star, accepted):
