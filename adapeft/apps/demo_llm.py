@@ -128,9 +128,7 @@ def choices(groups, values, snr, budget, layers, seeds):
     share = fractions.Fraction(blocks, layers)  # exactly: a float 1/3 of the count is one parameter short
     knapsack = {name: select(values=v, counts=groups.numel, names=groups.names, budget=share, method="exact").chosen
                 for name, v in values.items()}
-    found = {"AdaPEFT": [knapsack["AdaPEFT"]] * len(seeds)}
-    if HORIZON_METHOD in knapsack:
-        found[HORIZON_METHOD] = [knapsack[HORIZON_METHOD]] * len(seeds)
+    found = {name: [knapsack[name]] * len(seeds) for name in ("AdaPEFT", HORIZON_METHOD)}
     for name in ("squared gradient", "Fisher"):
         found[f"{name} (knapsack)"] = [knapsack[name]] * len(seeds)
     found["random units"] = [select(values=signals.random_values(len(groups), seed).tolist(), counts=groups.numel,
