@@ -80,6 +80,18 @@ constexpr int kBlocksPerSm = kParamBits == 16 ? 2 : 1;
 template <int kParamBits>
 constexpr int kThreadsOf = kParamBits == 16 ? 256 : 512;
 
+// Where one chunk lives, decoded from the group table. `dir_in` is the chunk's ledger directory word.
+struct ChunkView {
+  const int64_t* row;
+  char* param;
+  const char* direction;
+  int64_t start;
+  int len;
+  int64_t param_code;
+  int64_t direction_code;
+  int64_t dir_in;
+};
+
 // Each buffer comes twice: one for the chunk being moved, one for the chunk before or after it.
 template <int kParamBits, bool kStage>
 struct MoveShared : StageBuffers<kStage ? kStageBytesOf<kParamBits> : 0> {
@@ -99,24 +111,15 @@ struct MoveShared : StageBuffers<kStage ? kStageBytesOf<kParamBits> : 0> {
   uint32_t out_quarter[2][kQuarters];
   int64_t staged_entries[kThreads * 2];  // the next chunk's entries, one (of one or two words) a thread
   int64_t chunk_words[kWordRing][2];     // a chunk's table word and ledger directory word
+  // The same chunks decoded once, by the thread that fetches their data, for every thread to read (decoding
+  // in every thread took a tenth of a round's instructions and waited on the table's loads).
+  ChunkView views[kWordRing];
   int moved[2];
   unsigned long long out_offset;
   double dot_dir_step[kWarps];
   double dot_dir_dir[kWarps];
   unsigned long long counts[4][kWarps];
   int is_last;
-};
-
-// Where one chunk lives, decoded from the group table. `dir_in` is the chunk's ledger directory word.
-struct ChunkView {
-  const int64_t* row;
-  char* param;
-  const char* direction;
-  int64_t start;
-  int len;
-  int64_t param_code;
-  int64_t direction_code;
-  int64_t dir_in;
 };
 
 __device__ __forceinline__ const int64_t* table_word_of(const MoveArgs& a, int64_t chunk) {
@@ -157,7 +160,7 @@ __device__ bool packable(const ChunkView& v) {
 
 // A chunk whose bytes the copy engine puts in shared memory: packable (so also 16-byte aligned, as the
 // engine needs) and within a stage buffer. Decided by the thread that starts the copy and, one round
-// later, by every thread that reads it, from the same chunk words.
+// later, by every thread that reads it, from the same view.
 template <typename Shared>
 __device__ bool staged_in_shared(const ChunkView& v) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
@@ -183,15 +186,17 @@ __device__ void init_stage_barriers(Shared& sh) {
 #endif
 }
 
-// Starts bringing a chunk's param and direction bytes closer a round before its move loads them:
-// loaded when needed, each round waited a whole memory round trip. A staged chunk is copied into
-// `buffer` and completes that buffer's barrier phase when it lands; any other chunk completes the
-// phase at once and is prefetched into L2 where its runs are whole 16-byte units, 16-byte aligned.
+// Decodes the chunk of ring slot `slot` into sh.views[slot] and starts bringing its param and direction
+// bytes closer a round before its move loads them: loaded when needed, each round waited a whole memory
+// round trip. A staged chunk is copied into `buffer` and completes that buffer's barrier phase when it
+// lands; any other chunk completes the phase at once and is prefetched into L2 where its runs are whole
+// 16-byte units, 16-byte aligned. The view is read by the other threads after the round's barrier.
 template <typename Shared>
-__device__ void fetch_chunk_data(const MoveArgs& a, const int64_t* words, Shared& sh, int buffer) {
+__device__ void fetch_chunk_data(const MoveArgs& a, int slot, Shared& sh, int buffer) {
   if (threadIdx.x != kFetcher) return;
+  const ChunkView v = view_chunk(a, sh.chunk_words[slot]);
+  sh.views[slot] = v;
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  const ChunkView v = view_chunk(a, words);
   const unsigned landed = shared_address(&sh.stage_landed[buffer]);
   const auto param_bytes = static_cast<uint32_t>(v.len * dtype_bytes(v.param_code));
   const auto direction_bytes = static_cast<uint32_t>(v.len * dtype_bytes(v.direction_code));
@@ -386,13 +391,15 @@ struct Lanes {
 // One step for one chunk: rebuild w0 (from the filed entries where the previous step was not
 // invertible), store the next point, and file the elements whose step is not invertible. kStaged: the
 // current values and directions are read from stage buffer `buffer`; the next values still go to param.
+// kRebase: the chunk goes from one point to another (the previous step moved it and this one moves it
+// again), the common case, compiled without the tests the others need.
 // kPasses: the thread's packs are loaded and moved in that many passes (a loop not unrolled), each
 // pass's loads in flight together. One pass keeps the most loads in flight; in the 16-bit kernels (two
 // blocks an SM) element-strided chunks take more passes, as their unrolled code spilled at 512 threads and
 // 64 registers: two passes unstaged (where groups of small tensors go, see
 // launch_move_staged_if_it_pays), and one element a pass staged, where two passes cost large groups time
 // and such chunks are few (benchmarks/HISTORY.md, 2026-11-24).
-template <typename T, typename D, int Vec, bool kStaged, int kPasses = 1, typename Shared>
+template <typename T, typename D, int Vec, bool kStaged, bool kRebase, int kPasses = 1, typename Shared>
 __device__ void move_chunk(T* param, const D* direction, const ChunkView& v, const StepOf<typename Storage<T>::Arith>& st,
                            bool has_from, bool has_to, Shared& sh, int buffer, ThreadTotals& totals,
                            ChunkShare& share) {
@@ -406,7 +413,6 @@ __device__ void move_chunk(T* param, const D* direction, const ChunkView& v, con
   constexpr int kLanes = L::kCount;
   constexpr int kPackWords = Vec / kLanes;
   constexpr uint32_t kPackMask = (1u << Vec) - 1u;
-  constexpr uint32_t kLaneMask = (1u << kLanes) - 1u;
   static_assert(Shared::kItems % Vec == 0 && 32 % Vec == 0, "a pack lies within one bitmap word");
   static_assert(kPacks % kPasses == 0, "passes of whole packs");
   static_assert(!kWhole || sizeof(Pack<T, Vec>) == kPackWords * sizeof(Word), "a pack is whole words");
@@ -442,7 +448,8 @@ __device__ void move_chunk(T* param, const D* direction, const ChunkView& v, con
 
     // w0 is the current value stepped back, except where the previous step saved it or left the chunk.
     const int count_in = static_cast<int>(v.dir_in & kDirectoryCountMask);
-    const bool rebuild = has_from && count_in != kChunkUnmoved;
+    const bool rebuild = kRebase || (has_from && count_in != kChunkUnmoved);
+    const bool moves = kRebase || has_to;
     const bool lookup = rebuild && count_in > 0;
 #pragma unroll
     for (int q = 0; q < kPassPacks; ++q) {
@@ -455,9 +462,10 @@ __device__ void move_chunk(T* param, const D* direction, const ChunkView& v, con
         // Cleared as read: the chunk after next files into this buffer.
         if (in_pack != 0) atomicAnd(&sh.in_bits[buffer][word], ~(in_pack << (base & 31)));
       }
-      uint32_t out_pack = 0;
+      uint32_t out_pack = 0, changed_pack = 0;
       bool pack_changed = false;
-      double pack_dot_dir_dir = 0.0;
+      // The pack's sums are their own short chains, so that a thread's packs overlap.
+      double pack_dot_dir_dir = 0.0, pack_dot_dir_step = 0.0;
       Word w0[kPackWords], out[kPackWords];
 #pragma unroll
       for (int j = 0; j < kPackWords; ++j) {
@@ -472,7 +480,7 @@ __device__ void move_chunk(T* param, const D* direction, const ChunkView& v, con
             back[l] = back_value(L::value(now, l), mul_rn(st.eta_from, dj[l]), st.c_from);
           }
           w0[j] = L::round(back);
-          const uint32_t saved = (in_pack >> first) & kLaneMask;
+          const uint32_t saved = (in_pack >> first) & ((1u << kLanes) - 1u);
           if (saved != 0) {
 #pragma unroll
             for (int l = 0; l < kLanes; ++l) {
@@ -490,7 +498,7 @@ __device__ void move_chunk(T* param, const D* direction, const ChunkView& v, con
           pack_dot_dir_dir = add_product(pack_dot_dir_dir, full[l], full[l]);
         }
         out[j] = w0[j];
-        if (has_to) {
+        if (moves) {
           A s[kLanes], away[kLanes], back[kLanes], next_value[kLanes];
 #pragma unroll
           for (int l = 0; l < kLanes; ++l) {
@@ -515,13 +523,14 @@ __device__ void move_chunk(T* param, const D* direction, const ChunkView& v, con
           }
 #pragma unroll
           for (int l = 0; l < kLanes; ++l) {
-            share.changed += L::bits(out[j], l) != L::bits(w0[j], l);
+            changed_pack |= static_cast<uint32_t>(L::bits(out[j], l) != L::bits(w0[j], l)) << (first + l);
             const double dw = static_cast<double>(next_value[l]) - static_cast<double>(w0_value[l]);
-            share.dot_dir_step = add_product(share.dot_dir_step, full[l], dw);
+            pack_dot_dir_step = add_product(pack_dot_dir_step, full[l], dw);
           }
         }
         pack_changed |= out[j] != now;
       }
+      share.changed += __popc(changed_pack);
       // A non-finite factor makes the pack's sum of squares non-finite, so only such packs are counted.
       if (!is_finite(pack_dot_dir_dir)) {
 #pragma unroll
@@ -530,6 +539,7 @@ __device__ void move_chunk(T* param, const D* direction, const ChunkView& v, con
         }
       }
       totals.dot_dir_dir += pack_dot_dir_dir;
+      share.dot_dir_step += pack_dot_dir_step;
       if (out_pack != 0) {
         atomicOr(&sh.out_bits[buffer][word], out_pack << (base & 31));
         atomicAdd(&sh.out_quarter[buffer][base >> kQuarterShift], static_cast<uint32_t>(__popc(out_pack)));
@@ -570,13 +580,13 @@ __device__ void put_back_chunk(T* param, const D* direction, const ChunkView& v,
 // at `offset`. Writes the chunk's directory word and entries (in increasing position), or puts the
 // chunk back to w0 where they do not fit, and clears the chunk's bitmap.
 template <bool kWithRules, int kParamBits, typename Shared>
-__device__ void finish_chunk(const MoveArgs& a, int64_t chunk, const int64_t* words, float eta_to, uint32_t count,
+__device__ void finish_chunk(const MoveArgs& a, int64_t chunk, int slot, float eta_to, uint32_t count,
                              unsigned long long offset, Shared& sh, int buffer, ThreadTotals& totals) {
   const int tid = threadIdx.x;
   const int quarter = tid / 32, lane = tid % 32;
   uint32_t before = 0;  // entries of the quarters before this thread's
   for (int q = 0; q < quarter; ++q) before += sh.out_quarter[buffer][q];
-  const ChunkView v = view_chunk(a, words);
+  const ChunkView v = sh.views[slot];
   const int width = entry_width<kParamBits == 64>(v.param_code);
   if (tid == 0) {
     // A chunk whose entries do not fit stays exactly at w0: a full ledger costs coverage, never bits.
@@ -737,7 +747,7 @@ __global__ void __launch_bounds__(kThreadsOf<kParamBits>, kBlocksPerSm<kParamBit
   init_stage_barriers(sh);
   __syncthreads();
   if (n > 0) {
-    fetch_chunk_data(a, sh.chunk_words[0], sh, 0);
+    fetch_chunk_data(a, 0, sh, 0);
     file_entries(entries_in_of<kWithDouble>(a, sh.chunk_words[0]), false, sh, 0);
   }
   __syncthreads();
@@ -760,7 +770,7 @@ __global__ void __launch_bounds__(kThreadsOf<kParamBits>, kBlocksPerSm<kParamBit
       for (int q = 0; q < kQuarters; ++q) count += sh.out_quarter[other][q];
       if (count > 0) {
         const int width =
-            kWithDouble ? entry_width<kWithDouble>(view_chunk(a, sh.chunk_words[(k - 1) % kWordRing]).param_code) : 1;
+            kWithDouble ? entry_width<kWithDouble>(sh.views[(k - 1) % kWordRing].param_code) : 1;
         offset = atomicAdd(reinterpret_cast<unsigned long long*>(a.ledger_out + kLedgerDemand),
                            static_cast<unsigned long long>(count) * width);
       }
@@ -768,12 +778,12 @@ __global__ void __launch_bounds__(kThreadsOf<kParamBits>, kBlocksPerSm<kParamBit
     if (tid == 0 && k + 2 < n) prefetch_chunk_words(a, first + (k + 2) * stride, sh.chunk_words[(k + 2) % kWordRing]);
     EntriesIn next_entries;
     if (k + 1 < n) {
-      fetch_chunk_data(a, sh.chunk_words[(k + 1) % kWordRing], sh, other);
+      fetch_chunk_data(a, (k + 1) % kWordRing, sh, other);
       next_entries = entries_in_of<kWithDouble>(a, sh.chunk_words[(k + 1) % kWordRing]);
       stage_entries(next_entries, sh);
     }
     if (k < n) {
-      const ChunkView v = view_chunk(a, sh.chunk_words[k % kWordRing]);
+      const ChunkView v = sh.views[k % kWordRing];
       wait_chunk_data(sh, k);
       with_chunk_types<kParamBits>(v, [&](auto* param, const auto* direction) {
         using T = std::remove_pointer_t<decltype(param)>;
@@ -781,15 +791,30 @@ __global__ void __launch_bounds__(kThreadsOf<kParamBits>, kBlocksPerSm<kParamBit
         constexpr int kVec = 16 / sizeof(T);
         const auto st = step_of<typename Storage<T>::Arith, kWithRules>(a, v, eta_from, eta_to);
         constexpr bool kCanStage = kStage && (sizeof(T) + sizeof(D)) * kChunkElements <= Shared::kStageBytes;
-        if (kCanStage && staged_in_shared<Shared>(v)) {
-          if constexpr (kCanStage) {
-            move_chunk<T, D, kVec, true>(param, direction, v, st, has_from, has_to, sh, buffer, totals, younger);
+        const bool rebase = has_from && has_to && (v.dir_in & kDirectoryCountMask) != kChunkUnmoved;
+        // The rebase case gets its own code on the launch's main path alone (staged chunks in a staged launch,
+        // aligned whole ones otherwise), for given directions up to 32 bits: a copy on every path, or in the
+        // kernels with direction rules or float64, spilled registers.
+        const auto move_packs = [&](auto staged) {
+          constexpr bool kStagedPath = decltype(staged)::value;
+          if constexpr (kStagedPath == kStage && !kWithRules && kParamBits != 64) {
+            if (rebase) {
+              move_chunk<T, D, kVec, kStagedPath, true>(param, direction, v, st, has_from, has_to, sh, buffer, totals,
+                                                        younger);
+              return;
+            }
           }
+          move_chunk<T, D, kVec, kStagedPath, false>(param, direction, v, st, has_from, has_to, sh, buffer, totals,
+                                                     younger);
+        };
+        if (kCanStage && staged_in_shared<Shared>(v)) {
+          if constexpr (kCanStage) move_packs(std::true_type{});
         } else if (packable(v)) {
-          move_chunk<T, D, kVec, false>(param, direction, v, st, has_from, has_to, sh, buffer, totals, younger);
+          move_packs(std::false_type{});
         } else {
           constexpr int kPasses = kBlocksPerSm<kParamBits> == 1 ? 1 : kStage ? Shared::kItems : 2;
-          move_chunk<T, D, 1, false, kPasses>(param, direction, v, st, has_from, has_to, sh, buffer, totals, younger);
+          move_chunk<T, D, 1, false, false, kPasses>(param, direction, v, st, has_from, has_to, sh, buffer, totals,
+                                                     younger);
         }
       });
     }
@@ -798,8 +823,8 @@ __global__ void __launch_bounds__(kThreadsOf<kParamBits>, kBlocksPerSm<kParamBit
       file_entries(next_entries, true, sh, other);
     }
     if (has_to && k >= 1 && tid < kWriters) {
-      finish_chunk<kWithRules, kParamBits>(a, first + (k - 1) * stride, sh.chunk_words[(k - 1) % kWordRing], eta_to,
-                                            count, offset, sh, other, totals);
+      finish_chunk<kWithRules, kParamBits>(a, first + (k - 1) * stride, (k - 1) % kWordRing, eta_to, count, offset,
+                                            sh, other, totals);
     }
     if (tid == 0) wait_async_copies();
     __syncthreads();
