@@ -80,7 +80,8 @@ constexpr int kBlocksPerSm = kParamBits == 16 ? 2 : 1;
 template <int kParamBits>
 constexpr int kThreadsOf = kParamBits == 16 ? 256 : 512;
 
-// Where one chunk lives, decoded from the group table. `dir_in` is the chunk's ledger directory word.
+// Where one chunk lives, decoded from the group table. `dir_in` is the chunk's ledger directory word;
+// `packed` and `staged` say how its move reads it (packable, staged_in_shared), set by its fetching thread.
 struct ChunkView {
   const int64_t* row;
   char* param;
@@ -90,6 +91,8 @@ struct ChunkView {
   int64_t param_code;
   int64_t direction_code;
   int64_t dir_in;
+  bool packed = false;
+  bool staged = false;
 };
 
 // Each buffer comes twice: one for the chunk being moved, one for the chunk before or after it.
@@ -159,8 +162,8 @@ __device__ bool packable(const ChunkView& v) {
 }
 
 // A chunk whose bytes the copy engine puts in shared memory: packable (so also 16-byte aligned, as the
-// engine needs) and within a stage buffer. Decided by the thread that starts the copy and, one round
-// later, by every thread that reads it, from the same view.
+// engine needs) and within a stage buffer. Decided by the thread that starts the copy, for every thread
+// that reads it a round later (ChunkView::staged).
 template <typename Shared>
 __device__ bool staged_in_shared(const ChunkView& v) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
@@ -194,14 +197,16 @@ __device__ void init_stage_barriers(Shared& sh) {
 template <typename Shared>
 __device__ void fetch_chunk_data(const MoveArgs& a, int slot, Shared& sh, int buffer) {
   if (threadIdx.x != kFetcher) return;
-  const ChunkView v = view_chunk(a, sh.chunk_words[slot]);
+  ChunkView v = view_chunk(a, sh.chunk_words[slot]);
+  v.packed = packable(v);
+  v.staged = staged_in_shared<Shared>(v);
   sh.views[slot] = v;
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   const unsigned landed = shared_address(&sh.stage_landed[buffer]);
   const auto param_bytes = static_cast<uint32_t>(v.len * dtype_bytes(v.param_code));
   const auto direction_bytes = static_cast<uint32_t>(v.len * dtype_bytes(v.direction_code));
   if constexpr (Shared::kStaged) {
-    if (staged_in_shared<Shared>(v)) {
+    if (v.staged) {
       const unsigned to = shared_address(sh.stage[buffer]);
       // The buffer's last reads, a round ago, were the generic proxy's; the copy engine writes through the
       // async one.
@@ -807,9 +812,9 @@ __global__ void __launch_bounds__(kThreadsOf<kParamBits>, kBlocksPerSm<kParamBit
           move_chunk<T, D, kVec, kStagedPath, false>(param, direction, v, st, has_from, has_to, sh, buffer, totals,
                                                      younger);
         };
-        if (kCanStage && staged_in_shared<Shared>(v)) {
+        if (kCanStage && v.staged) {
           if constexpr (kCanStage) move_packs(std::true_type{});
-        } else if (packable(v)) {
+        } else if (v.packed) {
           move_packs(std::false_type{});
         } else {
           constexpr int kPasses = kBlocksPerSm<kParamBits> == 1 ? 1 : kStage ? Shared::kItems : 2;
