@@ -523,3 +523,13 @@ def test_frozen_groups_of_a_peft_model_get_one_warning():
     assert len(frozen) >= 4 and len(said) == 1, said
     assert said[0].startswith("adapeft.Prober: tensors without a gradient (frozen or unused) are not probed: ")
     assert all(f"group {name!r}: " in said[0] for name in frozen)
+
+
+def test_a_model_folder_of_gguf_files_is_told_to_name_one(tmp_path, files):
+    folder = tmp_path / "gguf-only"
+    folder.mkdir()
+    (folder / "tiny-model.Q4_1.gguf").write_bytes(b"GGUF")
+    remedy = "it holds tiny-model.Q4_1.gguf: give --task causal-lm --gguf-file tiny-model.Q4_1.gguf"
+    refused(adapeft_command("probe", "--model", folder, "--data", files["data"]),
+            f"--model {folder} is not a Hugging Face model folder (no config.json)", remedy)
+    refused(adapeft_command("demo", "--model", folder), remedy)

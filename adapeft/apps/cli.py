@@ -113,7 +113,7 @@ def _demo(args):
         if args.gguf_file is not None:
             probe_command.check_gguf_file(args.model, args.gguf_file)
         else:
-            common.check_model_folder(args.model, "--model")
+            common.check_model_folder(args.model, "--model", common.GGUF_REMEDY)
             common.check_tokenizer_files(args.model, "--model")
     out = args.out or ("adapeft-demo-llm" if causal else "adapeft-demo")
     common.prepare_output_folder(out, "--out")

@@ -23,13 +23,20 @@ TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", 
                    "tokenizer.model")
 
 
-def check_model_folder(path, flag="model folder"):
-    """InputError unless `path` is a Hugging Face model folder (one with config.json)."""
+# What the commands tell to do with a --model folder of GGUF files and no config.json.
+GGUF_REMEDY = "give --task causal-lm --gguf-file {}"
+
+
+def check_model_folder(path, flag="model folder", gguf_remedy=None):
+    """InputError unless `path` is a Hugging Face model folder (one with config.json). gguf_remedy: what the
+    message tells to do with a folder that holds GGUF files instead (the command line's flags for them)."""
     if not os.path.isdir(path):
         raise InputError(f"{flag} {path} is a file, not a model folder" if os.path.exists(path) else
                          f"{flag} {path}: no such folder")
     if not os.path.isfile(os.path.join(path, "config.json")):
-        raise InputError(f"{flag} {path} is not a Hugging Face model folder (no config.json)")
+        gguf = sorted(name for name in os.listdir(path) if name.endswith(".gguf"))
+        hint = f"; it holds {', '.join(gguf)}: {gguf_remedy.format(gguf[0])}" if gguf and gguf_remedy else ""
+        raise InputError(f"{flag} {path} is not a Hugging Face model folder (no config.json){hint}")
 
 
 def check_tokenizer_files(folder, flag="model folder", remedy=""):

@@ -83,7 +83,7 @@ def run(args):
 
 def _check_model(args):
     if args.gguf_file is None:
-        common.check_model_folder(args.model, "--model")
+        common.check_model_folder(args.model, "--model", common.GGUF_REMEDY)
         positions, where = _positions(args.model), f"--model {args.model}"
     else:
         check_gguf_file(args.model, args.gguf_file)
