@@ -35,7 +35,9 @@ median of --repeats steps. Columns:
   extra MB   peak memory over a forward pass's, one step (CUDA: today / prefix / today graphed / three graphed /
              torch; a graphed mode's at its capture step, where the graph's memory is allocated; an eager mode's at
              the step after the timed ones, which counts its syncs too)
-A mode that fails prints "error" in its cells and its message under the table; "-" is a value not measured.
+A mode that fails prints "error" in its cells and its message under the table; "-" is a value not measured. Each
+mode's step time, passes, syncs and extra memory also go to stderr as the mode ends, so a run cut short (a GPU
+call's time limit) keeps what it measured.
 
     python benchmarks/bench_llm.py                                         # smollm2 and llama-1b, bfloat16
     python benchmarks/bench_llm.py --cases llama-8b:module:8x512 --modes today,prefix --json llm.json
@@ -45,6 +47,7 @@ import argparse
 import gc
 import json
 import statistics
+import sys
 import time
 import warnings
 
@@ -134,6 +137,10 @@ def outside_seconds(model, ids, repeats, device):
     return seconds(outside, repeats, device)
 
 
+def progress(line):
+    print(line, file=sys.stderr, flush=True)
+
+
 def free(device):
     gc.collect()
     if device.type == "cuda":
@@ -207,6 +214,8 @@ def measure(case, dtype, device, modes, repeats):
         forward_peak = torch.cuda.max_memory_allocated() - base
     row["fwd"] = seconds(forward, max(repeats, 5), device)
     row["t_out"] = outside_seconds(model, ids, max(repeats, 5), device)
+    # Each mode's figures also go to stderr as it ends, so a run cut short (a GPU call's time limit) keeps them.
+    progress(f"{case}: K {row['K']}, L {row['L']}, fwd {1e3 * row['fwd']:.2f} ms, t_out {1e3 * row['t_out']:.2f} ms")
     losses = {}
     for name in modes:
         try:
@@ -214,8 +223,11 @@ def measure(case, dtype, device, modes, repeats):
             losses[name], row[name] = out.pop("losses"), out
             if "note" in out:
                 row["errors"][name] = out["note"]
+            progress(f"{case} {name}: {out['seconds']:.3f} s a step, {out['passes']} passes, syncs "
+                     f"{out.get('syncs', '-')}, extra MB {out.get('extra MB', '-')}")
         except Exception as error:  # noqa: BLE001 - one failing mode must not end the run
             row[name], row["errors"][name] = ERROR, f"{type(error).__name__}: {error}"
+            progress(f"{case} {name}: {row['errors'][name]}")
         free(device)  # the mode's prober (and, after a failure, its traceback) is gone by now
     for full, reused in (("today", "prefix"), ("three", "three prefix")):
         if full in losses and reused in losses:  # bit for bit, nan included
