@@ -12,7 +12,9 @@ fixed steps (step_policy="fixed"): an adaptive probe's later steps run the same 
 bracketing rounds would only lengthen the warm-up. Each mode: one warm-up step (graphed: the capture), then the
 median of --repeats steps. Columns:
   K, L       groups with a gradient, blocks in the model's stack
-  fwd ms     one eager forward pass with the loss, no_grad, eval mode (median)
+  fwd ms     one eager forward pass with the loss, no_grad, eval mode: QUEUED passes queued back to back between two
+             synchronisations, as the probe queues its passes, over QUEUED (median); a pass timed alone would add
+             the host's launch time of a host-bound model to its floor
   today s    Prober.step, eager; tod/fl: over its floor, (forward passes of a step) x fwd
   prefix s   Prober(reuse_prefix=True).step; pre/pfl: over the prefix floor: the unperturbed passes x fwd plus,
              per perturbed pass, t_out + (L - b) x t_block, with t_out the time of what runs outside the blocks
@@ -75,6 +77,7 @@ MODES = {"today": {}, "prefix": {"reuse_prefix": True}, "three": THREE, "three p
          "today graphed": {"cuda_graph": True}, "three graphed": {**THREE, "cuda_graph": True},
          "torch": {"backend": "torch"}, "batched": {"backend": "batched"}}
 DEFAULT_CASES = "smollm2:module:8x512,llama-1b:module:8x512,llama-1b:type:8x512"
+QUEUED = 8  # forward passes a floor measurement queues between two synchronisations
 LORA_R, LORA_ALPHA, ETA = 8, 16, 1e-2  # fixed steps: 1e-4 leaves bfloat16 LoRA weights unmoved
 ERROR = "error"
 
@@ -118,6 +121,11 @@ def seconds(fn, repeats, device):
     return statistics.median(times)
 
 
+def queued_seconds(fn, repeats, device):
+    """One call of fn, timed over QUEUED calls queued back to back (median over repeats)."""
+    return seconds(lambda: [fn() for _ in range(QUEUED)], repeats, device) / QUEUED
+
+
 def outside_seconds(model, ids, repeats, device):
     """What a forward pass runs outside the blocks: the embedding of the batch, then the final norm, the head and
     the cross-entropy on a hidden state of the batch's shape (as causal_lm_loss computes it)."""
@@ -134,7 +142,7 @@ def outside_seconds(model, ids, repeats, device):
             torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
 
     outside()
-    return seconds(outside, repeats, device)
+    return queued_seconds(outside, repeats, device)
 
 
 def progress(line):
@@ -212,7 +220,7 @@ def measure(case, dtype, device, modes, repeats):
         torch.cuda.reset_peak_memory_stats()
         forward()
         forward_peak = torch.cuda.max_memory_allocated() - base
-    row["fwd"] = seconds(forward, max(repeats, 5), device)
+    row["fwd"] = queued_seconds(forward, max(repeats, 3), device)
     row["t_out"] = outside_seconds(model, ids, max(repeats, 5), device)
     # Each mode's figures also go to stderr as it ends, so a run cut short (a GPU call's time limit) keeps them.
     progress(f"{case}: K {row['K']}, L {row['L']}, fwd {1e3 * row['fwd']:.2f} ms, t_out {1e3 * row['t_out']:.2f} ms")
