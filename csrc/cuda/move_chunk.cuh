@@ -19,8 +19,9 @@ namespace {
 // - its table and ledger directory words arrive by cp.async two chunks ahead;
 // - its param and direction bytes are copied into shared memory by the copy engine while the chunk
 //   before it is moved (on Hopper and later; chunks that cannot be staged are prefetched into L2);
-// - its entries from the previous step are filed by position in shared memory while the chunk before
-//   it is moved;
+// - its entries from the previous step are copied to shared memory while the chunk before it is moved
+//   and then flagged by position in a bitmap, beside the rank of each bitmap word's first entry (a
+//   flagged element's entry is found by its rank: entries are stored in increasing position);
 // - its new entries are reserved (one global atomic) when the chunk after it starts, and written
 //   when that one ends, by four warps. Its next values are stored at once; a chunk whose entries
 //   then do not fit is put back to w0, and each thread adds its share of a chunk's step to the
@@ -46,8 +47,7 @@ struct ChunkShare {
 
 // A launch is compiled for the widest param dtype of its group, kParamBits (16, 32 or 64): its saved
 // bits in shared memory are that wide, and its stage buffers hold a whole chunk of such params and of
-// float32 directions (a direction is float32 or of its param's dtype). A group of 16-bit params thus
-// needs 87 KB a block where one with float32 needs 142 KB, and two of its blocks fit on an SM.
+// float32 directions (a direction is float32 or of its param's dtype).
 template <int kParamBits>
 using LedgerValue =
     std::conditional_t<kParamBits == 64, uint64_t, std::conditional_t<kParamBits == 32, uint32_t, uint16_t>>;
@@ -65,20 +65,19 @@ struct StageBuffers {
 template <>
 struct StageBuffers<0> {};
 
-// Blocks an SM a launch is compiled for. A block of 16-bit params, staged or not, leaves room in shared
-// memory for a second one, which hides the wait at the barrier that ends each round. float32 gains
-// nothing from a second unstaged block, and its staged block takes 142 KB (the figures:
-// benchmarks/HISTORY.md, 2026-11-24).
-template <int kParamBits>
-constexpr int kBlocksPerSm = kParamBits == 16 ? 2 : 1;
+// Blocks an SM a launch is compiled for. A second block hides the wait at the barrier that ends each of
+// the other's rounds (a third of a float32 block's cycles when it ran alone: benchmarks/HISTORY.md,
+// 2026-12-08). Blocks of 16-bit params, staged or not, and staged float32 blocks (110 KB) leave room
+// for one; an unstaged float32 block gained nothing from a second (2026-11-24).
+template <int kParamBits, bool kStage>
+constexpr int kBlocksPerSm = kParamBits == 16 || (kParamBits == 32 && kStage) ? 2 : 1;
 
-// Threads a block runs. Every thread repeats a round's bookkeeping (decoding the chunk, waiting for its
-// data, the loop), so a block of 16-bit params runs 256 threads of 16 elements a chunk: half the
-// bookkeeping an element, with 128 registers a thread at two blocks an SM (faster on large and on
-// medium groups). float32 with its one block an SM keeps 512 threads: 256 left it slower (the figures:
-// benchmarks/HISTORY.md, 2026-11-24).
-template <int kParamBits>
-constexpr int kThreadsOf = kParamBits == 16 ? 256 : 512;
+// Threads a block runs. Every thread repeats a round's bookkeeping (waiting for its data, the loop), so a
+// block of two an SM runs 256 threads of 16 elements a chunk: half the bookkeeping an element, with 128
+// registers a thread (faster on large and on medium groups). A block alone on its SM keeps 512 threads:
+// 256 left it slower (benchmarks/HISTORY.md, 2026-11-24).
+template <int kParamBits, bool kStage>
+constexpr int kThreadsOf = kBlocksPerSm<kParamBits, kStage> == 2 ? 256 : 512;
 
 // Where one chunk lives, decoded from the group table. `dir_in` is the chunk's ledger directory word;
 // `packed` and `staged` say how its move reads it (packable, staged_in_shared), set by its fetching thread.
@@ -99,20 +98,23 @@ struct ChunkView {
 template <int kParamBits, bool kStage>
 struct MoveShared : StageBuffers<kStage ? kStageBytesOf<kParamBits> : 0> {
   using Value = LedgerValue<kParamBits>;
-  static constexpr int kThreads = kThreadsOf<kParamBits>;
+  static constexpr int kThreads = kThreadsOf<kParamBits, kStage>;
   static constexpr int kItems = static_cast<int>(kChunkElements) / kThreads;  // a thread's elements of a chunk
   static constexpr int kWarps = kThreads / 32;
   static constexpr bool kStaged = kStage;
   static constexpr int kStageBytes = kStage ? kStageBytesOf<kParamBits> : 0;
   uint64_t stage_landed[2];  // mbarriers: a stage buffer's fetch is complete
-  // A chunk's entries from the previous step, by position: a bit, and the saved bits.
-  Value in_value[2][kChunkElements];
+  // A chunk's entries from the previous step: its first kThreads entries (one or two words each), a bit
+  // by position, and the rank of the first entry of each bitmap word that has one. Not a value by
+  // position: that took 32 KB a float32 block, which kept its block alone on an SM.
+  int64_t entries[2][kThreads * 2];
   uint32_t in_bits[2][kWords];
+  uint16_t in_first[2][kWords];
+  const int64_t* entries_in[2];  // where all of them are, in ledger_in (read from shared: rarely needed)
   // A chunk's elements whose step is not invertible, by position, and how many per quarter.
   Value out_value[2][kChunkElements];
   uint32_t out_bits[2][kWords];
   uint32_t out_quarter[2][kQuarters];
-  int64_t staged_entries[kThreads * 2];  // the next chunk's entries, one (of one or two words) a thread
   int64_t chunk_words[kWordRing][2];     // a chunk's table word and ledger directory word
   // The same chunks decoded once, by the thread that fetches their data, for every thread to read (decoding
   // in every thread took a tenth of a round's instructions and waited on the table's loads).
@@ -279,25 +281,46 @@ __device__ EntriesIn entries_in_of(const MoveArgs& a, const int64_t* words) {
   return e;
 }
 
-// Starts copying a chunk's first Shared::kThreads entries to shared memory, one a thread.
+// Starts copying a chunk's first Shared::kThreads entries to entries buffer `buffer`, one a thread.
 template <typename Shared>
-__device__ void stage_entries(const EntriesIn& e, Shared& sh) {
+__device__ void stage_entries(const EntriesIn& e, Shared& sh, int buffer) {
   const int tid = threadIdx.x;
   if (tid >= e.count) return;
-  for (int j = 0; j < e.width; ++j) copy_word_async(&sh.staged_entries[tid * 2 + j], e.first + tid * e.width + j);
+  for (int j = 0; j < e.width; ++j) copy_word_async(&sh.entries[buffer][tid * 2 + j], e.first + tid * e.width + j);
 }
 
-// Files a chunk's entries by position in the buffer its move reads. Entries past the staged ones are
-// read from memory: only chunks with more than Shared::kThreads entries have them.
+// Flags a chunk's entries by position in the bitmap its move reads, and records the rank of each word's
+// first entry; each thread's staged entry has landed (its own copy, waited for). Entries past the staged
+// ones are read from memory: only chunks with more than Shared::kThreads entries have them.
 template <typename Shared>
-__device__ void file_entries(const EntriesIn& e, bool staged, Shared& sh, int buffer) {
-  for (int i = threadIdx.x; i < e.count; i += Shared::kThreads) {
-    const bool from_stage = staged && i < Shared::kThreads;
-    const int64_t* entry = from_stage ? &sh.staged_entries[i * 2] : e.first + i * e.width;
-    const int pos = static_cast<int>(entry[0] >> kEntryPositionShift);
-    sh.in_value[buffer][pos] = static_cast<typename Shared::Value>(entry[e.width - 1]);
-    atomicOr(&sh.in_bits[buffer][pos >> 5], 1u << (pos & 31));
+__device__ void file_entries(const EntriesIn& e, Shared& sh, int buffer) {
+  const int lane = threadIdx.x % 32;
+  const auto position = [](int64_t word) { return static_cast<int>(word >> kEntryPositionShift); };
+  if (threadIdx.x == 0) sh.entries_in[buffer] = e.first;
+  // Whole warps go round together, so that an entry's predecessor comes from the lane before.
+  for (int i = threadIdx.x; i - lane < e.count; i += Shared::kThreads) {
+    const bool here = i < e.count;
+    int pos = 0;
+    if (here) {
+      pos = position(i < Shared::kThreads ? sh.entries[buffer][i * 2] : e.first[i * e.width]);
+      atomicOr(&sh.in_bits[buffer][pos >> 5], 1u << (pos & 31));
+    }
+    int before = __shfl_up_sync(0xffffffffu, pos, 1);
+    if (lane == 0 && here && i > 0) before = position(e.first[(i - 1) * e.width]);
+    if (here && (i == 0 || before >> 5 != pos >> 5)) sh.in_first[buffer][pos >> 5] = static_cast<uint16_t>(i);
   }
+}
+
+// The saved bits of the flagged element at `pos` of a chunk whose entries were filed in `buffer`: its entry's
+// rank is the word's first plus the flags below it in the word. Rarely called, and kept out of line so that
+// the move's registers do not hold what it needs.
+template <typename Bits, typename Shared>
+__device__ __noinline__ Bits saved_bits(const Shared& sh, int buffer, int pos) {
+  constexpr int kWidth = sizeof(Bits) == 8 ? 2 : 1;
+  const int rank = sh.in_first[buffer][pos >> 5] + __popc(sh.in_bits[buffer][pos >> 5] & ((1u << (pos & 31)) - 1u));
+  const int64_t word = rank < Shared::kThreads ? sh.entries[buffer][rank * 2 + kWidth - 1]
+                                               : sh.entries_in[buffer][rank * kWidth + kWidth - 1];
+  return static_cast<Bits>(word);
 }
 
 // A tensor's direction rule and step sizes in its arithmetic type.
@@ -423,6 +446,11 @@ __device__ void move_chunk(T* param, const D* direction, const ChunkView& v, con
   static_assert(!kWhole || sizeof(Pack<T, Vec>) == kPackWords * sizeof(Word), "a pack is whole words");
   const int len = v.len;
   const int tid = threadIdx.x;
+  // w0 is the current value stepped back, except where the previous step saved it or left the chunk.
+  const int count_in = static_cast<int>(v.dir_in & kDirectoryCountMask);
+  const bool rebuild = kRebase || (has_from && count_in != kChunkUnmoved);
+  const bool moves = kRebase || has_to;
+  const bool lookup = rebuild && count_in > 0;
 
 #pragma unroll 1
   for (int pass = 0; pass < kPasses; ++pass) {
@@ -451,22 +479,12 @@ __device__ void move_chunk(T* param, const D* direction, const ChunkView& v, con
       }
     }
 
-    // w0 is the current value stepped back, except where the previous step saved it or left the chunk.
-    const int count_in = static_cast<int>(v.dir_in & kDirectoryCountMask);
-    const bool rebuild = kRebase || (has_from && count_in != kChunkUnmoved);
-    const bool moves = kRebase || has_to;
-    const bool lookup = rebuild && count_in > 0;
 #pragma unroll
     for (int q = 0; q < kPassPacks; ++q) {
       const int base = pack_start<Shared::kThreads, Vec>(pass * kPassPacks + q, tid);
       if (!kWhole && base >= len) continue;
       const int word = base >> 5;
-      uint32_t in_pack = 0;
-      if (lookup) {
-        in_pack = (sh.in_bits[buffer][word] >> (base & 31)) & kPackMask;
-        // Cleared as read: the chunk after next files into this buffer.
-        if (in_pack != 0) atomicAnd(&sh.in_bits[buffer][word], ~(in_pack << (base & 31)));
-      }
+      const uint32_t in_pack = lookup ? (sh.in_bits[buffer][word] >> (base & 31)) & kPackMask : 0u;
       uint32_t out_pack = 0, changed_pack = 0;
       bool pack_changed = false;
       // The pack's sums are their own short chains, so that a thread's packs overlap.
@@ -490,7 +508,7 @@ __device__ void move_chunk(T* param, const D* direction, const ChunkView& v, con
 #pragma unroll
             for (int l = 0; l < kLanes; ++l) {
               if ((saved >> l) & 1u) {
-                w0[j] = L::with_lane(w0[j], l, static_cast<typename S::Bits>(sh.in_value[buffer][base + first + l]));
+                w0[j] = L::with_lane(w0[j], l, saved_bits<typename S::Bits>(sh, buffer, base + first + l));
               }
             }
           }
@@ -560,6 +578,16 @@ __device__ void move_chunk(T* param, const D* direction, const ChunkView& v, con
           param[base] = S::from_bits(static_cast<typename S::Bits>(out[0]));
         }
       }
+    }
+  }
+  // The bitmap is cleared for the chunk after next, which files into this buffer: a word by the thread of
+  // its first pack, once the word's threads (one warp) have all read it.
+  if (lookup) {
+    __syncwarp();
+#pragma unroll
+    for (int p = 0; p < kPacks; ++p) {
+      const int base = pack_start<Shared::kThreads, Vec>(p, tid);
+      if (base % 32 == 0) sh.in_bits[buffer][base >> 5] = 0;
     }
   }
 }
@@ -724,7 +752,7 @@ __device__ void finish_step(const MoveArgs& a, ThreadTotals totals, Shared& sh) 
 
 // kStage: the launch has the stage buffers (Hopper and later GPUs with room for them).
 template <bool kWithRules, int kParamBits, bool kStage>
-__global__ void __launch_bounds__(kThreadsOf<kParamBits>, kBlocksPerSm<kParamBits>) move_kernel(MoveArgs a) {
+__global__ void __launch_bounds__(kThreadsOf<kParamBits, kStage>, kBlocksPerSm<kParamBits, kStage>) move_kernel(MoveArgs a) {
   using Shared = MoveShared<kParamBits, kStage>;
   constexpr bool kWithDouble = kParamBits == 64;
   extern __shared__ __align__(128) unsigned char shared_bytes[];
@@ -753,7 +781,10 @@ __global__ void __launch_bounds__(kThreadsOf<kParamBits>, kBlocksPerSm<kParamBit
   __syncthreads();
   if (n > 0) {
     fetch_chunk_data(a, 0, sh, 0);
-    file_entries(entries_in_of<kWithDouble>(a, sh.chunk_words[0]), false, sh, 0);
+    const EntriesIn entries = entries_in_of<kWithDouble>(a, sh.chunk_words[0]);
+    stage_entries(entries, sh, 0);
+    wait_async_copies();
+    file_entries(entries, sh, 0);
   }
   __syncthreads();
 
@@ -785,7 +816,7 @@ __global__ void __launch_bounds__(kThreadsOf<kParamBits>, kBlocksPerSm<kParamBit
     if (k + 1 < n) {
       fetch_chunk_data(a, (k + 1) % kWordRing, sh, other);
       next_entries = entries_in_of<kWithDouble>(a, sh.chunk_words[(k + 1) % kWordRing]);
-      stage_entries(next_entries, sh);
+      stage_entries(next_entries, sh, other);
     }
     if (k < n) {
       const ChunkView v = sh.views[k % kWordRing];
@@ -817,7 +848,7 @@ __global__ void __launch_bounds__(kThreadsOf<kParamBits>, kBlocksPerSm<kParamBit
         } else if (v.packed) {
           move_packs(std::false_type{});
         } else {
-          constexpr int kPasses = kBlocksPerSm<kParamBits> == 1 ? 1 : kStage ? Shared::kItems : 2;
+          constexpr int kPasses = kBlocksPerSm<kParamBits, kStage> == 1 ? 1 : kStage ? Shared::kItems : 2;
           move_chunk<T, D, 1, false, false, kPasses>(param, direction, v, st, has_from, has_to, sh, buffer, totals,
                                                      younger);
         }
@@ -825,7 +856,7 @@ __global__ void __launch_bounds__(kThreadsOf<kParamBits>, kBlocksPerSm<kParamBit
     }
     if (k + 1 < n) {
       wait_async_copies();
-      file_entries(next_entries, true, sh, other);
+      file_entries(next_entries, sh, other);
     }
     if (has_to && k >= 1 && tid < kWriters) {
       finish_chunk<kWithRules, kParamBits>(a, first + (k - 1) * stride, (k - 1) % kWordRing, eta_to, count, offset,
