@@ -67,7 +67,7 @@ struct StageBuffers<0> {};
 
 // Blocks an SM a launch is compiled for. A second block hides the wait at the barrier that ends each of
 // the other's rounds (a third of a float32 block's cycles when it ran alone: benchmarks/HISTORY.md,
-// 2026-12-08). Blocks of 16-bit params, staged or not, and staged float32 blocks (110 KB) leave room
+// 2026-12-07). Blocks of 16-bit params, staged or not, and staged float32 blocks (107 KB) leave room
 // for one; an unstaged float32 block gained nothing from a second (2026-11-24).
 template <int kParamBits, bool kStage>
 constexpr int kBlocksPerSm = kParamBits == 16 || (kParamBits == 32 && kStage) ? 2 : 1;
