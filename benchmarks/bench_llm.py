@@ -5,8 +5,8 @@ sdpa attention, peft LoRA (r=8, alpha 16) on every linear layer of the blocks wi
 drawn from N(0, 0.02) (a zero B would leave lora_A without a gradient), gradients from one backward pass of
 adapeft.causal_lm_loss on random token ids, groups from group_parameters(model, GRANULARITY, trainable_only=True).
 A case is SHAPE:GRANULARITY:SEQSxTOKENS. Modes (MODES: name -> Prober options): today {}, prefix
-{reuse_prefix: True}, three {points: 3, slope: "autograd"}, three prefix (both), on CUDA today graphed and three
-graphed (the same with cuda_graph=True; prefix reuse with graphs is not a mode here), torch {backend:
+{reuse_prefix: True}, three {points: 3, slope: "autograd"}, three prefix (both), on CUDA today graphed, prefix
+graphed and three graphed (the same with cuda_graph=True), torch {backend:
 "torch"}, batched {backend: "batched"}. Every mode probes at
 fixed steps (step_policy="fixed"): an adaptive probe's later steps run the same passes, and its first one's
 bracketing rounds would only lengthen the warm-up. Each mode: one warm-up step (graphed: the capture), then the
@@ -22,20 +22,22 @@ median of --repeats steps. Columns:
              group's passes start from (prober.prefix.starts and .kept)
   pfl/fl     the prefix floor over today's floor: the most prefix reuse can save
   pre/tod    prefix s / today s
-  g.tod s    today graphed; g.3 s: three graphed (CUDA only); g3/gtod: their ratio
+  g.tod s    today graphed; g.pre s: prefix graphed; g.3 s: three graphed (CUDA only); gpre/gtod, g3/gtod: over
+             today graphed
   torch/tod  Prober(backend="torch").step / today s
   3pre s     three prefix; 3pre/tod: over today s (the target: 0.35)
   bat/tod    Prober(backend="batched").step (each group's points of a round in one vmapped pass) / today s
   passes     forward passes of one step (Prober.forward_passes, replays included): today / prefix / three
              (4K+1, 4K+1, 2K+1 and one backward)
-  same       the last timed step's losses (K x 5), prefix against today and three prefix against three, equal bit
-             for bit
+  same       the last timed step's losses (K x 5), prefix against today, three prefix against three and prefix
+             graphed against today graphed, equal bit for bit
   blocks     prober.prefix.block_share(): the share of the blocks' work the prefix probe's perturbed passes run
   kept MB    prober.prefix.nbytes: the kept block outputs (the boundaries are listed under the row)
-  syncs      host synchronisations of one step (CUDA: today / prefix / today graphed / three graphed),
+  syncs      host synchronisations of one step (CUDA: today / prefix / today graphed / prefix graphed / three
+             graphed),
              torch.cuda.set_sync_debug_mode("warn"), those of the model's own forward passes excluded
-  extra MB   peak memory over a forward pass's, one step (CUDA: today / prefix / today graphed / three graphed /
-             torch; a graphed mode's at its capture step, where the graph's memory is allocated; an eager mode's at
+  extra MB   peak memory over a forward pass's, one step (CUDA: today / prefix / today graphed / prefix graphed /
+             three graphed / torch; a graphed mode's at its capture step, where the graph's memory is allocated; an eager mode's at
              the step after the timed ones, which counts its syncs too)
 A mode that fails prints "error" in its cells and its message under the table; "-" is a value not measured. Each
 mode's step time, passes, syncs and extra memory also go to stderr as the mode ends, so a run cut short (a GPU
@@ -74,7 +76,8 @@ SHAPES = {  # the published configs' shapes
 }
 THREE = {"points": 3, "slope": "autograd"}
 MODES = {"today": {}, "prefix": {"reuse_prefix": True}, "three": THREE, "three prefix": {**THREE, "reuse_prefix": True},
-         "today graphed": {"cuda_graph": True}, "three graphed": {**THREE, "cuda_graph": True},
+         "today graphed": {"cuda_graph": True}, "prefix graphed": {"reuse_prefix": True, "cuda_graph": True},
+         "three graphed": {**THREE, "cuda_graph": True},
          "torch": {"backend": "torch"}, "batched": {"backend": "batched"}}
 DEFAULT_CASES = "smollm2:module:8x512,llama-1b:module:8x512,llama-1b:type:8x512"
 QUEUED = 8  # forward passes a floor measurement queues between two synchronisations
@@ -237,7 +240,7 @@ def measure(case, dtype, device, modes, repeats):
             row[name], row["errors"][name] = ERROR, f"{type(error).__name__}: {error}"
             progress(f"{case} {name}: {row['errors'][name]}")
         free(device)  # the mode's prober (and, after a failure, its traceback) is gone by now
-    for full, reused in (("today", "prefix"), ("three", "three prefix")):
+    for full, reused in (("today", "prefix"), ("three", "three prefix"), ("today graphed", "prefix graphed")):
         if full in losses and reused in losses:  # bit for bit, nan included
             same = torch.equal(losses[full].view(torch.int64), losses[reused].view(torch.int64))
             row[reused]["same"] = "yes" if same else "NO"
@@ -260,6 +263,7 @@ def floors(row, with_grad):
         if "floor" in row:
             row["pfl/fl"] = row["prefix floor"] / row["floor"]
     for key, top, bottom in (("pre/tod", "prefix", "today"), ("g3/gtod", "three graphed", "today graphed"),
+                             ("gpre/gtod", "prefix graphed", "today graphed"),
                              ("torch/tod", "torch", "today"), ("3pre/tod", "three prefix", "today"),
                              ("bat/tod", "batched", "today")):
         if isinstance(row.get(top), dict) and isinstance(row.get(bottom), dict):
@@ -278,6 +282,8 @@ COLUMNS = [  # (header, width, the cell's text from the row)
     ("pfl/fl", 7, lambda r: ratio(r, "pfl/fl")),
     ("pre/tod", 7, lambda r: ratio(r, "pre/tod")),
     ("g.tod s", 8, lambda r: mode_value(r, "today graphed", "seconds", "{:.3f}")),
+    ("g.pre s", 8, lambda r: mode_value(r, "prefix graphed", "seconds", "{:.3f}")),
+    ("gpre/gtod", 9, lambda r: ratio(r, "gpre/gtod")),
     ("g.3 s", 8, lambda r: mode_value(r, "three graphed", "seconds", "{:.3f}")),
     ("g3/gtod", 9, lambda r: ratio(r, "g3/gtod")),
     ("torch/tod", 9, lambda r: ratio(r, "torch/tod")),
@@ -285,12 +291,13 @@ COLUMNS = [  # (header, width, the cell's text from the row)
     ("3pre/tod", 8, lambda r: ratio(r, "3pre/tod")),
     ("bat/tod", 7, lambda r: ratio(r, "bat/tod")),
     ("passes", 13, lambda r: joined(r, ("today", "prefix", "three"), "passes", "{}")),
-    ("same", 7, lambda r: joined(r, ("prefix", "three prefix"), "same", "{}")),
+    ("same", 9, lambda r: joined(r, ("prefix", "three prefix", "prefix graphed"), "same", "{}")),
     ("blocks", 6, lambda r: mode_value(r, "prefix", "blocks", "{:.3f}")),
     ("kept MB", 7, lambda r: mode_value(r, "prefix", "kept MB", "{:.1f}")),
-    ("syncs", 11, lambda r: joined(r, ("today", "prefix", "today graphed", "three graphed"), "syncs", "{}")),
-    ("extra MB", 19, lambda r: joined(r, ("today", "prefix", "today graphed", "three graphed", "torch"), "extra MB",
-                                      "{:.0f}")),
+    ("syncs", 13, lambda r: joined(r, ("today", "prefix", "today graphed", "prefix graphed", "three graphed"), "syncs",
+                                   "{}")),
+    ("extra MB", 21, lambda r: joined(r, ("today", "prefix", "today graphed", "prefix graphed", "three graphed", "torch"),
+                                      "extra MB", "{:.0f}")),
 ]
 
 
