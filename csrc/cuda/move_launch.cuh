@@ -16,11 +16,7 @@ template <bool kWithRules, int kParamBits, bool kStage>
 cudaError_t move_blocks_per_sm(int* blocks) {
   const auto kernel = move_kernel<kWithRules, kParamBits, kStage>;
   constexpr int bytes = static_cast<int>(sizeof(MoveShared<kParamBits, kStage>));
-  cudaError_t error = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
-  if (error != cudaSuccess) return error;
-  // As much of the SM's unified memory as shared memory as it allows, so that two blocks of about 110 KB fit:
-  // the kernel's loads of params and directions bypass L1.
-  error = cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared);
+  const cudaError_t error = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
   if (error != cudaSuccess) return error;
   return cudaOccupancyMaxActiveBlocksPerMultiprocessor(blocks, kernel, kThreadsOf<kParamBits, kStage>, bytes);
 }
