@@ -110,6 +110,24 @@ def test_every_help_shows_the_defaults():
             assert "(default: pareto)" in helped.stdout and "adapeft.select defaults to greedy" in helped.stdout
 
 
+def test_the_probe_help_and_the_readme_give_one_quick_setting_for_a_causal_lm():
+    """The quick setting they advise is the probe's own flags, and both give it whole."""
+    quick = cli.QUICK_CAUSAL_LM.split()
+    args = cli.parser().parse_args(["probe", "--task", "causal-lm", "--model", "m", "--data", "d.txt", *quick])
+    defaults = cli.parser().parse_args(["probe", "--task", "causal-lm", "--model", "m", "--data", "d.txt"])
+    for flag in quick[::2]:  # each flag it names changes a default
+        dest = flag[2:].replace("-", "_")
+        assert getattr(args, dest) != getattr(defaults, dest), flag
+    assert cli.QUICK_CAUSAL_LM in subcommands()["probe"].format_help()
+    with open(os.path.join(ROOT, "README.md")) as readme:
+        assert cli.QUICK_CAUSAL_LM in readme.read()
+
+
+def test_durations_read_as_a_person_says_them():
+    assert [common.duration(seconds) for seconds in (0.04, 8.44, 200, 3599.6, 22320)] == \
+        ["0.0 s", "8.4 s", "3 min 20 s", "1 h 0 min", "6 h 12 min"]
+
+
 # Flags: argparse refuses bad values before anything is loaded -------------------------------------------
 PROBE = ["probe", "--model", "no-such-model", "--data", "no-such-data.csv"]
 SELECT = ["select", "--probe", "no-such-probe.json"]

@@ -7,6 +7,7 @@ import json
 import math
 import os
 import random
+import re
 import warnings
 
 import pytest
@@ -261,6 +262,36 @@ def test_probe_and_select_a_causal_lm_as_a_user(corpus, architecture, data, flag
     assert adapted_by_peft(tiny(architecture), config) == chosen_modules
     assert sum(config["rank_pattern"].values()) == 8 * len(chosen_modules)
     assert adapeft.Selection.load(saved).chosen == selection["chosen"]
+
+
+def test_probe_tells_its_cost_before_the_long_part_and_its_progress_after_each_probe(corpus, tmp_path):
+    """On stderr, in order: the passes the run will take, the wall time the probe's first forward pass gives them, a
+    line per probe; stdout says what it said before."""
+    done = adapeft_command("probe", "--task", "causal-lm", "--model", corpus["llama"], "--data", corpus["text"],
+                           "--max-length", "16", "--batch", "4", "--steps", "3", "--every", "2", "--out", tmp_path,
+                           timeout=120)
+    assert done.returncode == 0, done.stderr
+    record = json.loads((tmp_path / "probe.json").read_text())
+    parts, units = len(record["parts"]["groups"]), len(record["groups"])
+    assert (parts, units) == (56, 28)  # 4 blocks x 7 adapters, each adapter's A and B apart
+    # two probes of 4K+1 passes, the first after two rounds of them that choose each group's step
+    planned = 4 * (4 * parts + 1)
+    told = re.findall(r"(?:^|\n)adapeft probe: (?!warning)(.*)", done.stderr)
+    assert len(told) == 4, done.stderr
+    assert told[0] == (f"cost: {parts} groups probed (the {units} groups' LoRA A and B apart), {4 * parts + 1} forward "
+                       f"passes a probe (4K+1 for K groups; --points 3 --slope autograd: 2K+1 and a backward pass), "
+                       "prefix reuse on: each group's passes start at the first block that uses it; 2 probes (--steps "
+                       f"3, --every 2), the first after 2 rounds of {4 * parts + 1} passes that choose each group's "
+                       f"step: about {planned} forward passes in all, besides the training steps.")
+    # the record counts the same passes, and those of prefix reuse's check at the first probe (a few full ones)
+    assert 0 <= record["forward_passes"] - planned <= 4, record["forward_passes"]
+    assert re.fullmatch(rf"estimate: the probe's first forward pass took [0-9.e-]+ s, so its {planned} passes take "
+                        r"about [0-9.]+ s at that pace \(an estimate from one timed pass, a whole one: with prefix "
+                        r"reuse .*", told[1]), told[1]
+    assert re.fullmatch(r"probe 1 of 2: [0-9.]+ s \(with its training step\); about [0-9.]+ s left", told[2]), told[2]
+    assert re.fullmatch(r"probe 2 of 2: [0-9.]+ s \(with its training step\)", told[3]), told[3]
+    assert done.stdout.splitlines()[-1] == f"probed 2 times; wrote {tmp_path / 'probe.json'}"
+    assert "adapeft probe:" not in done.stdout
 
 
 def test_causal_lm_inputs_are_refused_with_the_flag_named(corpus, tmp_path):

@@ -60,9 +60,25 @@ def prepare_output_folder(path, flag):
         raise InputError(f"{flag} {path}: the folder cannot be written to")
 
 
+def tell(command, message):
+    """A line of the `adapeft` command `command` on stderr, where it keeps its reports (stdout is for its results)."""
+    Progress.write(f"adapeft {command}: {message}")
+
+
 def warn(command, message):
     """A warning of the `adapeft` command `command`, one line on stderr."""
-    Progress.write(f"adapeft {command}: warning: {message}")
+    tell(command, f"warning: {message}")
+
+
+def duration(seconds):
+    """A wall time as a person reads it: "8.4 s", "3 min 20 s", "6 h 12 min"."""
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, seconds = divmod(round(seconds), 60)
+    if minutes < 60:
+        return f"{minutes} min {seconds} s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes} min"
 
 
 def load_tokenizer(source, flag="tokenizer", **options):

@@ -6,10 +6,13 @@ whole model), and a causal language model (text; LoRA on every linear layer of i
 only LoRA trained, each adapter a group: "self_attn.q_proj@3"). Every input is checked before a model is loaded.
 """
 import json
+import math
 import os
+import time
 
 import torch
 
+from ..steps import BRACKET_ROUNDS
 from . import common
 from .common import InputError
 from .inputs import json_error, label_warnings, read_table, read_texts
@@ -19,6 +22,7 @@ DEFAULT_GRANULARITY = {"classification": "type", "causal-lm": "module"}
 DEFAULT_LORA = {"classification": ("query", "value"), "causal-lm": None}  # None: every linear layer of the blocks
 DEFAULT_LR = {"classification": 5e-5, "causal-lm": 3e-4}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+LONG_PROBE_SECONDS = 600  # a probe estimated to take longer is pointed to --help, which gives a quick setting
 
 
 def run(args):
@@ -61,8 +65,10 @@ def run(args):
     algorithm = AdaPEFT(probe_every=args.every, eta=args.eta, slope=args.slope, compute=args.compute,
                         direction=args.direction, points=args.points, reuse_prefix=args.reuse_prefix)
     progress = common.Progress(args.steps, "probe")
-    probe_run = algorithm.probe_train(model, common.batches(data, args.batch, args.seed, run_on), loss_fn, args.steps,
-                                      lr, on_step=progress, groups=parts)
+    clock = ProbeClock(args, len(groups), len(parts), progress)
+    probe_run = algorithm.probe_train(model, common.batches(data, args.batch, args.seed, run_on), clock.timed(loss_fn),
+                                      args.steps, lr, on_step=clock.after_step, on_probe=clock.after_probe,
+                                      groups=parts)
     progress.close()
     prober = probe_run.prober
     prober.flush()
@@ -79,6 +85,72 @@ def run(args):
     print(groups.summary())
     probes = len(prober.history)
     print(f"probed {probes} time{'s' if probes > 1 else ''}; wrote {path}")
+
+
+class ProbeClock:
+    """What the run costs, on stderr, so that a long probe says so before its long part: at once, the forward passes
+    the probes will run; after the probe's first forward pass (timed, not added), the wall time they take at its
+    pace; after each probe, its seconds and the time left at the pace so far. `progress`: the steps' bar."""
+
+    def __init__(self, args, units, parts, progress):
+        self.command, self.progress, self.reuse_prefix = args.command, progress, args.reuse_prefix
+        per_probe = (args.points - 1) * parts + 1  # each group's points but the unperturbed one, which all share
+        probes = math.ceil(args.steps / args.every)  # at steps 0, every, 2 every, ...
+        # A group's first probe starts with rounds of its points that only choose its step: all of them at the first.
+        self.passes = [(1 + BRACKET_ROUNDS) * per_probe] + [per_probe] * (probes - 1)
+        factors = f" (the {units} groups' LoRA A and B apart)" if parts != units else ""
+        autograd = " and a backward pass" if args.slope == "autograd" else ""
+        cheaper = "; --points 3 --slope autograd: 2K+1 and a backward pass" if args.points == 5 else ""
+        prefix = "on: each group's passes start at the first block that uses it" if args.reuse_prefix else \
+            "off: every pass runs the whole model"
+        common.tell(self.command, f"cost: {parts} groups probed{factors}, {per_probe} forward passes{autograd} a probe "
+                                  f"({args.points - 1}K+1 for K groups{cheaper}), prefix reuse {prefix}; {probes} "
+                                  f"probe{'s' if probes > 1 else ''} (--steps {args.steps}, --every {args.every}), the "
+                                  f"first after {BRACKET_ROUNDS} rounds of {per_probe} passes that choose each group's "
+                                  f"step: about {sum(self.passes)} forward passes in all, besides the training steps.")
+        self.first_pass_seconds = None
+        self.probed = 0
+        self.started = self.step_ended = time.perf_counter()
+
+    def timed(self, loss_fn):
+        """loss_fn, its first call in eval mode timed: the probe's first forward pass (the probe runs loss_fn in eval
+        mode, the training in train mode, whose first pass pays for warming up)."""
+        def loss(model, batch):
+            if self.first_pass_seconds is not None or model.training:
+                return loss_fn(model, batch)
+            started = time.perf_counter()
+            value = loss_fn(model, batch)
+            if value.is_cuda:
+                torch.cuda.synchronize(value.device)  # the pass itself, not its launch
+            self.first_pass_seconds = time.perf_counter() - started
+            self._estimate()
+            return value
+        return loss
+
+    def _estimate(self):
+        total = sum(self.passes)
+        seconds = total * self.first_pass_seconds
+        # The first pass runs the whole model, which the others do too only without prefix reuse.
+        whole = ", a whole one: with prefix reuse the others start at their group's first block, so they may take " \
+            "less" if self.reuse_prefix else ""
+        quick = " For a quick setting see adapeft probe --help." if seconds > LONG_PROBE_SECONDS else ""
+        common.tell(self.command, f"estimate: the probe's first forward pass took {self.first_pass_seconds:.3g} s, so "
+                                  f"its {total} passes take about {common.duration(seconds)} at that pace (an estimate "
+                                  f"from one timed pass{whole}); a line after each probe says how it goes.{quick}")
+
+    def after_step(self, step, loss):
+        self.step_ended = time.perf_counter()
+        self.progress(step, loss)
+
+    def after_probe(self, batch):
+        # From the end of the step before: the probe's seconds and its own training step's forward and backward.
+        now = time.perf_counter()
+        self.probed += 1
+        done, left = sum(self.passes[:self.probed]), sum(self.passes[self.probed:])
+        pace = (now - self.started) / done  # training steps included
+        remaining = f"; about {common.duration(pace * left)} left" if left else ""
+        common.tell(self.command, f"probe {self.probed} of {len(self.passes)}: {now - self.step_ended:.1f} s (with its "
+                                  f"training step){remaining}")
 
 
 def _check_model(args):
