@@ -7,7 +7,7 @@ them on every device, falling back to the pure-PyTorch reference where a kernel 
 from importlib import metadata as _metadata
 
 from .groups import ParameterGroups, group_parameters
-from .llm import causal_lm_loss, lora_config, lora_targets
+from .llm import adapter_groups, causal_lm_loss, lora_config, lora_targets
 from .optim import OptimizerDirection, optimizer_direction
 from .ops import FitResult, group_fingerprint, new_ledger, new_report, pack_group, perturb_, quadratic_fit
 from .ops.backend import BACKENDS, BUILD_INFO
@@ -38,6 +38,7 @@ __all__ = [
     "causal_lm_loss",
     "group_fingerprint",
     "group_parameters",
+    "adapter_groups",
     "lora_config",
     "lora_targets",
     "new_ledger",

@@ -18,7 +18,7 @@ import re
 
 import torch
 
-from .groups import ParameterGroups, block_position
+from .groups import ParameterGroups, block_position, group_parameters
 from .selection import Selection
 
 IGNORED = -100  # the target of a position that is not scored (padding), as torch and transformers take it
@@ -66,6 +66,31 @@ def lora_targets(model):
         raise ValueError("adapeft.lora_targets: the model has no linear layer inside a stack of blocks "
                          "(a ModuleList such as model.layers)")
     return list(dict.fromkeys(found))
+
+
+ADAPTER_UNITS = ("module", "layer")
+
+
+def adapter_groups(model, units="module"):
+    """A causal LM's LoRA adapters (its trainable parameters: equip_lora(..., train_all=False)) as units of choice that
+    peft can train: units="module", each adapter of each block ("self_attn.q_proj@3"); "layer", every adapter of one
+    block ("layer@3"). A unit holds both of an adapter's factors, since a LoraConfig trains both: a choice of one
+    factor alone would count half the parameters its config trains. Probe them apart with `.split_factors()`."""
+    if units not in ADAPTER_UNITS:
+        raise ValueError(f"adapeft.adapter_groups: units must be one of {ADAPTER_UNITS}, got {units!r}")
+    if units == "module":
+        return group_parameters(model, "module", trainable_only=True)
+    blocks = sorted({found[1] for name, param in model.named_parameters()
+                     if param.requires_grad and (found := block_position(name)) is not None})
+    rules = [(f"layer@{block}", lambda name, param, module, block=block: block_index(name) == block)
+             for block in blocks]
+    return group_parameters(model, "module", rules=rules, trainable_only=True)
+
+
+def block_index(name):
+    """The index of the block a qualified parameter or module name sits in, or None outside a stack of blocks."""
+    found = block_position(name)
+    return None if found is None else found[1]
 
 
 def lora_config(chosen, groups, r=8, ranks="uniform", alpha=None):

@@ -126,6 +126,31 @@ def test_module_groups_hold_one_adapter_each_named_by_module_and_layer(architect
     assert f"{kinds[0]}@2" in plain and plain.adapted_modules(f"{kinds[0]}@2") == []
 
 
+@pytest.mark.parametrize("architecture", sorted(ARCHITECTURES))
+def test_adapter_units_hold_both_factors_so_a_lora_config_trains_what_was_counted(architecture):
+    kinds, stack = ARCHITECTURES[architecture][1:]
+    base = tiny(architecture)
+    model = with_lora_everywhere(copy.deepcopy(base))
+    assert adapeft.adapter_groups(model, "module").names == group_parameters(model, "module", trainable_only=True).names
+    blocks = adapeft.adapter_groups(model, "layer")
+    assert blocks.names == [f"layer@{block}" for block in range(4)]
+    assert blocks.total == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert blocks.split_factors().names[:2] == ["layer@0/lora_A", "layer@0/lora_B"]
+    for name in blocks.names:
+        block = name.split("@")[1]
+        assert sorted({n.split(".")[-3] for n in blocks.tensor_names(name)}) == ["lora_A", "lora_B"]
+        assert blocks.adapted_modules(name) == [f"{stack}.{block}.{kind}" for kind in kinds]
+    config = lora_config(["layer@1", "layer@3"], blocks)
+    assert adapted_by_peft(base, config) == sorted(f"{stack}.{b}.{kind}" for b in (1, 3) for kind in kinds)
+    # peft trains what the units counted
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tuned = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**config))
+    assert sum(p.numel() for p in tuned.parameters() if p.requires_grad) == blocks.numel[1] + blocks.numel[3]
+    with pytest.raises(ValueError, match="adapeft.adapter_groups: units must be one of"):
+        adapeft.adapter_groups(model, "type")
+
+
 def test_trainable_only_leaves_frozen_parameters_out_and_says_so_when_nothing_is_left():
     model = tiny("llama")
     for p in model.parameters():
@@ -244,12 +269,13 @@ def test_probe_and_select_a_causal_lm_as_a_user(corpus, architecture, data, flag
         assert "probe_history" not in record and len(record["parts"]["probe_history"]) == 3
         assert record["groups"] == [f"{kind}@{layer}" for layer in range(4) for kind in kinds]
         assert record["adapted_modules"]["mlp.up_proj@2"] == [f"{stack}.2.mlp.up_proj"]
-    else:  # layer: LoRA's A and B of every module of a block apart
+    else:  # layer: every adapter of a block one unit, its LoRA A and B probed apart
         assert record["prefix"] is None and record["points"] == 3 and record["backward_passes"] == 3
         # three probes of 2K+1 passes, the first after two bracketing rounds of 2K+1
-        assert record["forward_passes"] == 5 * (2 * len(record["groups"]) + 1)
-        assert record["groups"][:2] == ["lora_A@0", "lora_A@1"]
-        assert record["adapted_modules"]["lora_B@3"] == [f"{stack}.3.{kind}" for kind in kinds]
+        assert record["forward_passes"] == 5 * (2 * len(record["parts"]["groups"]) + 1)
+        assert record["groups"] == [f"layer@{block}" for block in range(4)]
+        assert record["parts"]["groups"][:2] == ["layer@0/lora_A", "layer@0/lora_B"]
+        assert record["adapted_modules"]["layer@3"] == [f"{stack}.3.{kind}" for kind in kinds]
     assert len(record["ppi_history"]) == 3 and sum(record["appi"]) > 0
     saved = corpus["root"] / f"selection-{architecture}.json"
     done = adapeft_command("select", "--probe", out / "probe.json", "--budget", "0.3", "--method", "exact",
@@ -292,6 +318,15 @@ def test_probe_tells_its_cost_before_the_long_part_and_its_progress_after_each_p
     assert re.fullmatch(r"probe 2 of 2: [0-9.]+ s \(with its training step\)", told[3]), told[3]
     assert done.stdout.splitlines()[-1] == f"probed 2 times; wrote {tmp_path / 'probe.json'}"
     assert "adapeft probe:" not in done.stdout
+
+
+def test_a_causal_lm_probed_by_lora_factor_is_warned_that_its_config_trains_both(corpus, tmp_path):
+    done = adapeft_command("probe", "--task", "causal-lm", "--model", corpus["llama"], "--data", corpus["text"],
+                           "--granularity", "type", "--max-length", "16", "--batch", "4", "--steps", "1", "--out",
+                           tmp_path, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "adapeft probe: warning: --granularity type: its groups hold one LoRA factor each" in done.stderr
+    assert json.loads((tmp_path / "probe.json").read_text())["groups"] == ["lora_A", "lora_B"]
 
 
 def test_causal_lm_inputs_are_refused_with_the_flag_named(corpus, tmp_path):

@@ -174,8 +174,8 @@ cost: a probe runs 4K+1 forward passes for K groups (2K+1 and a backward pass wi
 more that choose each group's step; the command tells their count, and the time its first pass
 gives them, before the long part. With the defaults a causal LM is probed by module: SmolLM2-135M
 (30 blocks x 7 adapters, K = 420) runs 10 probes, 20172 passes of 16 x 64 tokens, about 9.5 h on
-2 CPU cores (1.7 s a pass, 2026-12-07). A quick setting, groups per block (each block's LoRA A,
-each block's LoRA B: K = 60), 2 probes and 4 x 32 tokens a step, ran in about 3 minutes there
+2 CPU cores (1.7 s a pass, 2026-12-07). A quick setting, a block's adapters one unit (its LoRA A
+and its LoRA B probed apart: K = 60), 2 probes and 4 x 32 tokens a step, ran in about 3 minutes there
 (3 min 3 s and 3 min 8 s, model loading included):
   adapeft probe --task causal-lm --model ./llm --data corpus.txt {QUICK_CAUSAL_LM}"""
 
@@ -259,8 +259,10 @@ def parser():
                             "for classification, every linear layer of the blocks for causal-lm)")
     probe.add_argument("--lora-rank", type=positive_int, default=8, help="LoRA's rank (alpha is twice it)")
     probe.add_argument("--granularity", choices=GRANULARITIES, default=None,
-                       help="groups: the paper's types, types per layer, modules per layer or tensors (default: type "
-                            "for classification, module for causal-lm)")
+                       help="groups: the paper's types, types per layer, modules per layer or tensors; for causal-lm, "
+                            "module (each adapter of each block) or layer (every adapter of a block), whose units hold "
+                            "both LoRA factors as the printed LoraConfig trains them (default: type for "
+                            "classification, module for causal-lm)")
     probe.add_argument("--steps", type=positive_int, default=40, help="training steps")
     probe.add_argument("--every", type=positive_int, default=4, help="training steps between probes")
     probe.add_argument("--batch", type=positive_int, default=16,

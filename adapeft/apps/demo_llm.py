@@ -41,8 +41,7 @@ import torch
 from .. import signals
 from . import compare_points as points
 from ..algorithm import AdaPEFT, equip_lora
-from ..groups import block_position, group_parameters
-from ..llm import causal_lm_loss, lora_config, lora_targets
+from ..llm import adapter_groups, block_index, causal_lm_loss, lora_config, lora_targets
 from ..select import far_step_note, prober_values, select
 from ..selection import Selection
 from .common import (InputError, Progress, batches, load_pretrained, load_tokenizer, paired_difference,
@@ -94,21 +93,6 @@ def stdlib_source(tokenizer, tokens, train_rows, test_rows, files_per_side=16):
     return torch.tensor(rows[False]), torch.tensor(rows[True])
 
 
-def _block(name):
-    position = block_position(name)
-    return None if position is None else position[1]
-
-
-def unit_groups(model, units, layers):
-    """The units of choice of `model` (with LoRA: its adapters; without: its weights, for their SNR): module x
-    block, or block ("layer@3")."""
-    if units == "module":
-        return group_parameters(model, "module", trainable_only=True)
-    rules = [(f"layer@{block}", lambda name, param, module, block=block: _block(name) == block)
-             for block in range(layers)]
-    return group_parameters(model, "module", rules=rules, trainable_only=True)
-
-
 def _units_of_blocks(groups, blocks):
     return [name for name in groups.names if "@" in name and int(name.rpartition("@")[2]) in blocks]
 
@@ -117,7 +101,7 @@ def block_snr(base, layers):
     """Spectrum's score of each block: the weight SNR of its matrices, their mean weighted by their sizes."""
     scores = []
     for block in range(layers):
-        scores.append(signals.mean_snr([p for name, p in base.named_parameters() if _block(name) == block]))
+        scores.append(signals.mean_snr([p for name, p in base.named_parameters() if block_index(name) == block]))
     return scores
 
 
@@ -157,7 +141,7 @@ def held_out_loss(model, rows, device, size=8):
 def train_and_test(base, targets, units, chosen, data, settings, seed, device, label):
     seed_everything(seed)
     model = equip_lora(copy.deepcopy(base), targets, r=LORA_RANK, alpha=2 * LORA_RANK, train_all=False).to(device)
-    groups = unit_groups(model, units, base.config.num_hidden_layers)
+    groups = adapter_groups(model, units)
     if not chosen:  # nothing to train: the pretrained model as it is
         loss = held_out_loss(model, data["test"], device)
         return {"seed": seed, "trainable": 0, "share": 0.0, "test_loss": loss, "perplexity": math.exp(loss),
@@ -217,7 +201,7 @@ def probe_and_choose(base, targets, layers, data, settings, budget, seeds, devic
     # 1. Probe while training every adapter.
     seed_everything(seeds[0])
     probed = equip_lora(copy.deepcopy(base), targets, r=LORA_RANK, alpha=2 * LORA_RANK, train_all=False).to(device)
-    groups = unit_groups(probed, settings["units"], layers)
+    groups = adapter_groups(probed, settings["units"])
     # Each adapter's factors probed apart (their product's cross term would make A <= 0), chosen together.
     parts = groups.split_factors()
     recorder = signals.SignalRecorder(probed, groups, causal_lm_loss, lambda batch: [

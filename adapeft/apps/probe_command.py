@@ -42,6 +42,7 @@ def run(args):
 
     from ..algorithm import AdaPEFT
     from ..groups import group_parameters
+    from ..llm import ADAPTER_UNITS, adapter_groups
     flag = "--tokenizer" if args.tokenizer else "--gguf-file" if args.gguf_file else "--model"
     tokenizer = _load_tokenizer(source, flag, options)
     common.seed_everything(args.seed)
@@ -56,8 +57,17 @@ def run(args):
     run_on = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model.to(run_on, DTYPES[args.dtype])
     granularity = args.granularity or DEFAULT_GRANULARITY[args.task]
-    # A causal LM trains its adapters only: the frozen base is no group (its counts would swamp any budget).
-    groups = group_parameters(model, granularity=granularity, trainable_only=args.task == "causal-lm")
+    if args.task == "causal-lm" and granularity in ADAPTER_UNITS:
+        # Units that hold both factors of their adapters, as the LoraConfig that `adapeft select` prints trains them.
+        groups = adapter_groups(model, granularity)
+    else:
+        if args.task == "causal-lm":
+            common.warn(args.command, f"--granularity {granularity}: its groups hold one LoRA factor each, but the "
+                                      "LoraConfig `adapeft select` prints trains both factors of a chosen adapter, so "
+                                      f"it trains more than the count chosen; --granularity {' or '.join(ADAPTER_UNITS)}"
+                                      " keeps an adapter's factors together")
+        # A causal LM trains its adapters only: the frozen base is no group (its counts would swamp any budget).
+        groups = group_parameters(model, granularity=granularity, trainable_only=args.task == "causal-lm")
     # LoRA's factors probed apart (together, their product's cross term bends the curvature negative), chosen
     # together: a no-op where the granularity already keeps them apart.
     parts = groups.split_factors()
