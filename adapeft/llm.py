@@ -80,8 +80,7 @@ def adapter_groups(model, units="module"):
         raise ValueError(f"adapeft.adapter_groups: units must be one of {ADAPTER_UNITS}, got {units!r}")
     if units == "module":
         return group_parameters(model, "module", trainable_only=True)
-    blocks = sorted({found[1] for name, param in model.named_parameters()
-                     if param.requires_grad and (found := block_position(name)) is not None})
+    blocks = sorted({block_index(name) for name, param in model.named_parameters() if param.requires_grad} - {None})
     rules = [(f"layer@{block}", lambda name, param, module, block=block: block_index(name) == block)
              for block in blocks]
     return group_parameters(model, "module", rules=rules, trainable_only=True)
