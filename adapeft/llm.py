@@ -15,6 +15,7 @@ and with ranks="values" also a `rank_pattern` that shares the rank among them by
 import collections
 import math
 import re
+import warnings
 
 import torch
 
@@ -92,7 +93,7 @@ def block_index(name):
     return None if found is None else found[1]
 
 
-def lora_config(chosen, groups, r=8, ranks="uniform", alpha=None):
+def lora_config(chosen, groups, r=8, ranks="uniform", alpha=None, counts=None):
     """Keyword arguments for peft's `LoraConfig` that put LoRA on the modules whose adapters were chosen.
 
     chosen: an adapeft.Selection or a list of group names; groups: the ParameterGroups the probe used, or a
@@ -102,7 +103,12 @@ def lora_config(chosen, groups, r=8, ranks="uniform", alpha=None):
     `rank_pattern` (the same total rank; the parameters it trains change with the modules' shapes). alpha: LoRA's
     alpha (default 2 r, as adapeft's probes use); where ranks differ, an `alpha_pattern` keeps every adapter at the
     probe's scaling alpha / r. The names are those of the model without peft's wrapper, as `get_peft_model` matches
-    them.
+    them. counts: {group name: parameters} where `groups` is a mapping (a probe record's "counts"; a ParameterGroups
+    has its own).
+
+    A config trains both factors of every adapter it names: where the groups hold one factor each (the "type" or
+    "tensor" granularity), it trains more parameters than the chosen groups count, and a warning says how many more
+    (use `adapter_groups`, whose units hold both).
     """
     if isinstance(chosen, Selection):
         values = dict(zip(chosen.names, chosen.values))
@@ -123,6 +129,10 @@ def lora_config(chosen, groups, r=8, ranks="uniform", alpha=None):
         raise ValueError("adapeft.lora_config: no chosen group holds adapter weights (LoRA's A and B); probe the "
                          f"model with LoRA on its modules and group it by module. Chosen: {names}")
     every = list(dict.fromkeys(module for found in modules.values() for module in found))
+    if isinstance(groups, ParameterGroups):
+        counts = dict(zip(groups.names, groups.numel))
+    if counts is not None:
+        _warn_of_more_trained(names, adapted, counts, set(every))
     lora_alpha = 2 * r if alpha is None else alpha
     config = {"r": r, "lora_alpha": lora_alpha, **_targets(every)}
     if ranks == "values":
@@ -131,6 +141,21 @@ def lora_config(chosen, groups, r=8, ranks="uniform", alpha=None):
         config["rank_pattern"] = _shared_ranks(modules, values, r)
         config["alpha_pattern"] = {module: _whole(lora_alpha * rank / r) for module, rank in config["rank_pattern"].items()}
     return config
+
+
+def _warn_of_more_trained(names, adapted, counts, modules):
+    """A warning where the config that adapts `modules` trains groups besides the chosen `names` (the other factor
+    of a chosen adapter): the groups all of whose adapters it puts LoRA on, counted at the probe's rank."""
+    missing = [name for name in adapted if name not in counts]
+    if missing:
+        raise ValueError(f"adapeft.lora_config: counts has no count for the groups {missing[:4]}")
+    chosen = sum(counts[name] for name in names)
+    trained = sum(counts[name] for name, found in adapted.items() if found and set(found) <= modules)
+    if trained > chosen:
+        warnings.warn(f"adapeft: the LoraConfig trains both factors of each of its {len(modules)} adapters, "
+                      f"{trained:,} parameters at the probe's rank, where the chosen groups count {chosen:,} "
+                      f"({trained / chosen:.2g}x): their groups hold one LoRA factor each; probe units that hold both "
+                      "(adapeft.adapter_groups, adapeft probe --granularity module or layer)", UserWarning, stacklevel=3)
 
 
 def _whole(number):

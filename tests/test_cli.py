@@ -18,7 +18,7 @@ import torch
 
 import adapeft
 from adapeft.ops import backend as _backend
-from adapeft.apps import cli, common, inputs
+from adapeft.apps import cli, common, inputs, probe_command
 
 pytestmark = pytest.mark.skipif(_backend._C is None, reason="the compiled extension is not built")
 transformers = pytest.importorskip("transformers")
@@ -30,9 +30,10 @@ FLAG_CHECK_SECONDS = 15  # an interpreter, torch and adapeft: a few seconds; loa
 
 
 def adapeft_command(*args, cwd=None, env=None, timeout=60):
-    """The `adapeft` command as a user runs it (the console script's entry point, in a fresh interpreter)."""
+    """The `adapeft` command as a user runs it (`python -m adapeft`, which calls the console script's entry point,
+    in a fresh interpreter)."""
     environment = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200", **(env or {})}
-    return subprocess.run([sys.executable, "-m", "adapeft.apps.cli", *map(str, args)], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "adapeft", *map(str, args)], capture_output=True, text=True,
                           cwd=cwd, env=environment, timeout=timeout)
 
 
@@ -121,6 +122,19 @@ def test_the_probe_help_and_the_readme_give_one_quick_setting_for_a_causal_lm():
     assert cli.QUICK_CAUSAL_LM in subcommands()["probe"].format_help()
     with open(os.path.join(ROOT, "README.md")) as readme:
         assert cli.QUICK_CAUSAL_LM in readme.read()
+
+
+def test_a_long_probe_is_told_the_flags_it_lacks_of_the_quick_setting():
+    def quicker(*flags, task="causal-lm"):
+        args = cli.parser().parse_args(["probe", "--task", task, "--model", "m", "--data", "d.txt", *flags])
+        return probe_command._quicker_flags(args)
+
+    assert quicker() == cli.QUICK_CAUSAL_LM + " --points 3 --slope autograd"
+    assert quicker("--steps", "4", "--max-length", "128", "--granularity", "layer") == \
+        "--batch 4 --max-length 32 --points 3 --slope autograd"
+    assert quicker(*cli.QUICK_CAUSAL_LM.split()) == "--points 3 --slope autograd"  # the quick setting: only this left
+    assert quicker(*cli.QUICK_CAUSAL_LM.split(), "--points", "3", "--slope", "autograd") == ""
+    assert quicker(task="classification") == "--points 3 --slope autograd"
 
 
 def test_durations_read_as_a_person_says_them():

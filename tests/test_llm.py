@@ -140,7 +140,9 @@ def test_adapter_units_hold_both_factors_so_a_lora_config_trains_what_was_counte
         block = name.split("@")[1]
         assert sorted({n.split(".")[-3] for n in blocks.tensor_names(name)}) == ["lora_A", "lora_B"]
         assert blocks.adapted_modules(name) == [f"{stack}.{block}.{kind}" for kind in kinds]
-    config = lora_config(["layer@1", "layer@3"], blocks)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # units of both factors: the config trains what they count, no warning
+        config = lora_config(["layer@1", "layer@3"], blocks)
     assert adapted_by_peft(base, config) == sorted(f"{stack}.{b}.{kind}" for b in (1, 3) for kind in kinds)
     # peft trains what the units counted
     with warnings.catch_warnings():
@@ -207,6 +209,25 @@ def test_ranks_from_values_share_the_rank_by_value_and_sum_to_r_per_module():
     for module, rank in ranks.items():  # each at its rank, every one at the probe's scaling alpha / r = 2
         layer = wrapped.get_submodule(f"base_model.model.{module}")
         assert layer.lora_A["default"].weight.shape[0] == rank and layer.scaling["default"] == 2.0
+
+
+def test_a_lora_config_of_one_factor_groups_is_warned_that_it_trains_both():
+    model = with_lora_everywhere(tiny("llama"))
+    for granularity, chosen in (("type", ["lora_B"]), ("tensor", None)):
+        groups = group_parameters(model, granularity, trainable_only=True)
+        chosen = chosen or [name for name in groups.names if name.endswith("q_proj.lora_A.weight")]
+        counts = dict(zip(groups.names, groups.numel))
+        # both factors of every adapter: all of them (type), or each chosen A with its B (tensor)
+        trained = groups.total if granularity == "type" else sum(
+            counts[name] + counts[name.replace("lora_A", "lora_B")] for name in chosen)
+        with pytest.warns(UserWarning, match=f"trains both factors .*, {trained:,} parameters at the probe's rank, "
+                                             f"where the chosen groups count {sum(counts[n] for n in chosen):,}"):
+            lora_config(chosen, groups)
+        adapted = {name: groups.adapted_modules(name) for name in groups.names}
+        with pytest.warns(UserWarning, match="trains both factors"):  # a record's mapping, with its counts
+            lora_config(chosen, adapted, counts=counts)
+        with pytest.raises(ValueError, match="counts has no count for the groups"):
+            lora_config(chosen, adapted, counts={})
 
 
 def test_lora_config_errors_name_the_argument():
@@ -311,9 +332,10 @@ def test_probe_tells_its_cost_before_the_long_part_and_its_progress_after_each_p
                        f"step: about {planned} forward passes in all, besides the training steps.")
     # the record counts the same passes, and those of prefix reuse's check at the first probe (a few full ones)
     assert 0 <= record["forward_passes"] - planned <= 4, record["forward_passes"]
-    assert re.fullmatch(rf"estimate: the probe's first forward pass took [0-9.e-]+ s, so its {planned} passes take "
-                        r"about [0-9.]+ s at that pace \(an estimate from one timed pass, a whole one: with prefix "
-                        r"reuse .*", told[1]), told[1]
+    assert re.fullmatch(rf"estimate: the probe's forward passes 2 to 5 took [0-9.e-]+ s each \(median; the first, a "
+                        rf"warm-up, [0-9.e-]+ s\), so its {planned} passes take about [0-9.]+ s; with prefix reuse "
+                        r"later groups' passes start at their first block and may take less; a line after each probe "
+                        r"says how it goes.", told[1]), told[1]
     assert re.fullmatch(r"probe 1 of 2: [0-9.]+ s \(with its training step\); about [0-9.]+ s left", told[2]), told[2]
     assert re.fullmatch(r"probe 2 of 2: [0-9.]+ s \(with its training step\)", told[3]), told[3]
     assert done.stdout.splitlines()[-1] == f"probed 2 times; wrote {tmp_path / 'probe.json'}"
@@ -326,7 +348,16 @@ def test_a_causal_lm_probed_by_lora_factor_is_warned_that_its_config_trains_both
                            tmp_path, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "adapeft probe: warning: --granularity type: its groups hold one LoRA factor each" in done.stderr
-    assert json.loads((tmp_path / "probe.json").read_text())["groups"] == ["lora_A", "lora_B"]
+    record = json.loads((tmp_path / "probe.json").read_text())
+    assert record["groups"] == ["lora_A", "lora_B"]
+    record["appi"] = [1.0, 1.0]  # a step's probe resolves no fit; values of a longer run, so that one is chosen
+    (tmp_path / "valued.json").write_text(json.dumps(record))
+    chosen = adapeft_command("select", "--probe", tmp_path / "valued.json", "--budget", "0.6", "--method", "exact")
+    assert chosen.returncode == 0, chosen.stderr
+    both, one = sum(record["counts"]), max(count for count in record["counts"] if count <= 0.6 * sum(record["counts"]))
+    adapters = len(record["adapted_modules"]["lora_A"])
+    assert (f"adapeft select: warning: the LoraConfig trains both factors of each of its {adapters} adapters, "
+            f"{both:,} parameters at the probe's rank, where the chosen groups count {one:,}") in chosen.stderr
 
 
 def test_causal_lm_inputs_are_refused_with_the_flag_named(corpus, tmp_path):
@@ -368,6 +399,7 @@ def test_smollm2_from_its_gguf_file_is_probed_by_module_and_layer(tmp_path):
                            "SmolLM2-135M-Instruct.Q4_1.gguf", "--data", text, "--lora", "q_proj,v_proj",
                            "--max-length", "32", "--batch", "2", "--steps", "1", "--out", tmp_path, timeout=600)
     assert done.returncode == 0, done.stderr
+    assert "de-quantizing" not in done.stderr  # transformers' own bar over the GGUF file's tensors, hidden
     record = json.loads((tmp_path / "probe.json").read_text())
     assert record["lr"] == 3e-4  # causal-lm's default: LoRA only
     assert len(record["groups"]) == 60 and record["groups"][:2] == ["self_attn.q_proj@0", "self_attn.v_proj@0"]

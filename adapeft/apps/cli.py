@@ -150,7 +150,7 @@ def _select(args):
     if record.get("adapted_modules") is not None and any(record["adapted_modules"][name] for name in selection.chosen):
         from ..llm import lora_config
         fields["lora_config"] = lora_config(selection, record["adapted_modules"], r=record.get("lora_rank") or 8,
-                                            ranks=args.lora_ranks)
+                                            ranks=args.lora_ranks, counts=dict(zip(record["groups"], record["counts"])))
         print("peft: LoraConfig(" + ", ".join(f"{key}={value!r}" for key, value in fields["lora_config"].items()) + ")")
     if args.out:
         selection.save(args.out, **fields)
@@ -165,9 +165,7 @@ def _plot(args):
     print("wrote " + ", ".join(plot.report(record, args.out, budget=budget)))
 
 
-# A first look at a causal LM in minutes on a CPU, where the defaults would take hours: `adapeft probe --help` and the
-# README give it, timed on SmolLM2-135M-Instruct (2 CPU cores, 2026-12-07).
-QUICK_CAUSAL_LM = "--granularity layer --steps 8 --batch 4 --max-length 32"
+QUICK_CAUSAL_LM = " ".join(f"{flag} {value}" for flag, value in probe_command.QUICK_CAUSAL_LM.items())
 PROBE_COST = f"""
 cost: a probe runs 4K+1 forward passes for K groups (2K+1 and a backward pass with --points 3
 --slope autograd; a causal LM's LoRA A and B are groups apart), and the first probe two rounds
@@ -239,8 +237,9 @@ def parser():
     about = "probe a sequence classifier or a causal language model on your data"
     probe = sub.add_parser("probe", help=about, description=about.capitalize() + ":\ntrain it for --steps steps, "
                            "probing every group every --every steps, and write probe.json.\nA classifier trains in full "
-                           "with its new head and LoRA on --lora; a causal LM trains LoRA only,\neach adapter of each "
-                           "layer a group ('self_attn.q_proj@3').",
+                           "with its new head and LoRA on --lora; a causal LM trains LoRA only,\nby default each adapter "
+                           "of each block a group ('self_attn.q_proj@3'; --granularity layer:\nevery adapter of a "
+                           "block, 'layer@3').",
                            epilog="examples:\n  adapeft probe --model ./bert --data train.csv --out probe/\n"
                                   "  adapeft probe --task causal-lm --model ./llm --gguf-file model.gguf --data "
                                   "corpus.txt\n" + PROBE_COST,

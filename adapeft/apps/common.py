@@ -1,5 +1,7 @@
 """What the demo and the command line share: loading a Hugging Face model and tokenizer quietly and checked,
 output folders and warnings, batching a tokenised set, a classifier's loss and accuracy, and a progress bar."""
+import contextlib
+import functools
 import math
 import os
 import random
@@ -106,7 +108,7 @@ def load_pretrained(model_class, folder, **options):
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _gguf_bar_hidden(quiet and "gguf_file" in options):
             if quiet:
                 warnings.simplefilter("ignore")
             model, info = model_class.from_pretrained(folder, output_loading_info=True, **options)
@@ -121,6 +123,25 @@ def load_pretrained(model_class, folder, **options):
                       f"random values: {', '.join(random_body[:4])}{', ...' if len(random_body) > 4 else ''}",
                       UserWarning, stacklevel=2)
     return model
+
+
+@contextlib.contextmanager
+def _gguf_bar_hidden(hide):
+    """transformers' bar over a GGUF file's tensors as it de-quantises them, hidden where `hide`: it makes its tqdm
+    bar itself, past the switch of transformers' other bars."""
+    try:
+        from transformers import modeling_gguf_pytorch_utils as gguf_loading
+    except ImportError:
+        hide = False
+    bar = getattr(gguf_loading, "tqdm", None) if hide else None
+    if bar is None:
+        yield
+        return
+    gguf_loading.tqdm = functools.partial(bar, disable=True)
+    try:
+        yield
+    finally:
+        gguf_loading.tqdm = bar
 
 
 def batches(data, size, seed, device):

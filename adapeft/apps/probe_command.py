@@ -8,6 +8,7 @@ only LoRA trained, each adapter a group: "self_attn.q_proj@3"). Every input is c
 import json
 import math
 import os
+import statistics
 import time
 
 import torch
@@ -22,7 +23,11 @@ DEFAULT_GRANULARITY = {"classification": "type", "causal-lm": "module"}
 DEFAULT_LORA = {"classification": ("query", "value"), "causal-lm": None}  # None: every linear layer of the blocks
 DEFAULT_LR = {"classification": 5e-5, "causal-lm": 3e-4}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-LONG_PROBE_SECONDS = 600  # a probe estimated to take longer is pointed to --help, which gives a quick setting
+LONG_PROBE_SECONDS = 600  # a probe estimated to take longer is told the flags that make it quicker
+TIMED_PASSES = 5  # the probe's first forward passes that its estimate times, the first of them (a warm-up) left out
+# A first look at a causal LM in minutes on a CPU, where the defaults would take hours: `adapeft probe --help` and the
+# README give it, timed on SmolLM2-135M-Instruct (2 CPU cores, 2026-12-07).
+QUICK_CAUSAL_LM = {"--granularity": "layer", "--steps": 8, "--batch": 4, "--max-length": 32}
 
 
 def run(args):
@@ -118,35 +123,42 @@ class ProbeClock:
                                   f"probe{'s' if probes > 1 else ''} (--steps {args.steps}, --every {args.every}), the "
                                   f"first after {BRACKET_ROUNDS} rounds of {per_probe} passes that choose each group's "
                                   f"step: about {sum(self.passes)} forward passes in all, besides the training steps.")
-        self.first_pass_seconds = None
+        self.quicker = _quicker_flags(args)
+        self.pass_seconds = []
         self.probed = 0
         self.started = self.step_ended = time.perf_counter()
 
     def timed(self, loss_fn):
-        """loss_fn, its first call in eval mode timed: the probe's first forward pass (the probe runs loss_fn in eval
-        mode, the training in train mode, whose first pass pays for warming up)."""
+        """loss_fn, its first TIMED_PASSES calls in eval mode timed: the probe's first forward passes (the probe runs
+        loss_fn in eval mode, the training in train mode)."""
         def loss(model, batch):
-            if self.first_pass_seconds is not None or model.training:
+            if len(self.pass_seconds) == TIMED_PASSES or model.training:
                 return loss_fn(model, batch)
             started = time.perf_counter()
             value = loss_fn(model, batch)
             if value.is_cuda:
                 torch.cuda.synchronize(value.device)  # the pass itself, not its launch
-            self.first_pass_seconds = time.perf_counter() - started
-            self._estimate()
+            self.pass_seconds.append(time.perf_counter() - started)
+            if len(self.pass_seconds) == TIMED_PASSES:
+                self._estimate()
             return value
         return loss
 
     def _estimate(self):
         total = sum(self.passes)
-        seconds = total * self.first_pass_seconds
-        # The first pass runs the whole model, which the others do too only without prefix reuse.
-        whole = ", a whole one: with prefix reuse the others start at their group's first block, so they may take " \
-            "less" if self.reuse_prefix else ""
-        quick = " For a quick setting see adapeft probe --help." if seconds > LONG_PROBE_SECONDS else ""
-        common.tell(self.command, f"estimate: the probe's first forward pass took {self.first_pass_seconds:.3g} s, so "
-                                  f"its {total} passes take about {common.duration(seconds)} at that pace (an estimate "
-                                  f"from one timed pass{whole}); a line after each probe says how it goes.{quick}")
+        first, *warm = self.pass_seconds
+        pace = statistics.median(warm)  # the first pass pays for warming up: seconds more, on a CPU, than the others
+        seconds = total * pace
+        # The first groups are used from the first block on, so these passes run the whole model, which the others
+        # do too only without prefix reuse.
+        whole = "; with prefix reuse later groups' passes start at their first block and may take less" \
+            if self.reuse_prefix else ""
+        quicker = f" Quicker: {self.quicker} (see adapeft probe --help)." \
+            if seconds > LONG_PROBE_SECONDS and self.quicker else ""
+        common.tell(self.command, f"estimate: the probe's forward passes 2 to {TIMED_PASSES} took {pace:.3g} s each "
+                                  f"(median; the first, a warm-up, {first:.3g} s), so its {total} passes take about "
+                                  f"{common.duration(seconds)}{whole}; a line after each probe says how it goes."
+                                  f"{quicker}")
 
     def after_step(self, step, loss):
         self.step_ended = time.perf_counter()
@@ -161,6 +173,21 @@ class ProbeClock:
         remaining = f"; about {common.duration(pace * left)} left" if left else ""
         common.tell(self.command, f"probe {self.probed} of {len(self.passes)}: {now - self.step_ended:.1f} s (with its "
                                   f"training step){remaining}")
+
+
+def _quicker_flags(args):
+    """The flags, with their values, that make this run cheaper: those of the quick setting (causal LMs) it does not
+    already meet, and the three-point probe; "" where it has them all."""
+    flags = []
+    if args.task == "causal-lm":
+        granularity = args.granularity or DEFAULT_GRANULARITY[args.task]
+        if granularity != QUICK_CAUSAL_LM["--granularity"]:
+            flags.append(f"--granularity {QUICK_CAUSAL_LM['--granularity']}")
+        flags += [f"{flag} {value}" for flag, value in QUICK_CAUSAL_LM.items()
+                  if flag != "--granularity" and getattr(args, flag[2:].replace("-", "_")) > value]
+    if args.points == 5:
+        flags.append("--points 3 --slope autograd")
+    return " ".join(flags)
 
 
 def _check_model(args):
