@@ -169,12 +169,12 @@ QUICK_CAUSAL_LM = " ".join(f"{flag} {value}" for flag, value in probe_command.QU
 PROBE_COST = f"""
 cost: a probe runs 4K+1 forward passes for K groups (2K+1 and a backward pass with --points 3
 --slope autograd; a causal LM's LoRA A and B are groups apart), and the first probe two rounds
-more that choose each group's step; the command tells their count, and the time its first pass
-gives them, before the long part. With the defaults a causal LM is probed by module: SmolLM2-135M
-(30 blocks x 7 adapters, K = 420) runs 10 probes, 20172 passes of 16 x 64 tokens, about 9.5 h on
-2 CPU cores (1.7 s a pass, 2026-12-07). A quick setting, a block's adapters one unit (its LoRA A
-and its LoRA B probed apart: K = 60), 2 probes and 4 x 32 tokens a step, ran in about 3 minutes there
-(3 min 3 s and 3 min 8 s, model loading included):
+more that choose each group's step; the command tells their count, and the time its passes 2
+to 5 give them, before the long part. With the defaults a causal LM is probed by module:
+SmolLM2-135M (30 blocks x 7 adapters, K = 420) runs 10 probes, 20172 passes of 16 x 64 tokens,
+about 9.5 h on 2 CPU cores (1.7 s a pass, 2026-12-07). A quick setting, a block's adapters one
+unit (its LoRA A and its LoRA B probed apart: K = 60), 2 probes and 4 x 32 tokens a step, ran
+in 3 min 42 s there, model loading included:
   adapeft probe --task causal-lm --model ./llm --data corpus.txt {QUICK_CAUSAL_LM}"""
 
 
