@@ -25,7 +25,7 @@ for method="pareto", the frontier holds every non-dominated point; `notes` say w
 a note also says when the accepted groups' eta* = b/A lie a median FAR_STEPS or more steps of the probes' eta away
 (far_step_note): a training at that rate gains about steps x eta x b, which ranks groups by b, not by the values.
 `select(prober, horizon=steps)` values each probe by what a training of that many steps at its eta reaches instead
-(horizon_appi).
+(horizon_appi), a fit rejected for its negative curvature alone by its linear gain.
 """
 import bisect
 import decimal
@@ -41,6 +41,7 @@ import torch
 
 from .ops import backend as _backend
 from .probe import Prober
+from .probe.result import VERDICT
 from .selection import Frontier, Selection
 
 METHODS = ("greedy", "exact", "pareto")
@@ -252,15 +253,36 @@ def horizon_appi(prober, horizon):
     moves a group up to x = horizon x eta along the probe's direction, and the quadratic's reduction there,
     x b - x^2 A/2, is the share u (2 - u) of the full step's b^2/2A, u = min(1, x / eta*). The paper's APPI is
     the limit of a long horizon; a short one ranks groups by their slopes b, as a training at eta does
-    (far_step_note)."""
+    (far_step_note). A fit the paper rejects for its curvature alone (b > 0, A <= 0, resolved, R^2 over the
+    prober's threshold: the loss falls faster than its slope along the direction) counts its linear term x b,
+    where the paper's values count nothing (reached_value)."""
     check_horizon(horizon)
     if prober.results is None:
         raise ValueError("adapeft.select: horizon= needs every probe's eta and eta*, which a Prober made with "
                          "history=False does not keep")
+    counts = torch.tensor(prober.groups.numel, dtype=torch.float64)
     total = torch.zeros(len(prober.names), dtype=torch.float64)
     for result in prober.results:
-        total += result.ppi.cpu() * reached_share(horizon, result.eta, result.eta_star.cpu(), result.accepted.cpu())
+        concave = concave_fits(result.verdict.cpu(), result.r2.cpu(), prober.r2_threshold)
+        total += reached_value(horizon, result.eta, result.b.cpu(), result.A.cpu(), result.ppi.cpu(),
+                               result.accepted.cpu(), concave, counts)
     return total
+
+
+def concave_fits(verdict, r2, r2_threshold):
+    """The fits rejected for their curvature alone: verdict "A <= 0" (so measured, resolved, with b > 0) and R^2 over
+    the threshold, which that verdict, coming first, left unchecked."""
+    return (verdict == VERDICT["A <= 0"]) & (r2 > r2_threshold)
+
+
+def reached_value(horizon, eta, b, A, ppi, accepted, concave, counts):
+    """Per parameter, in PPI's units (twice a reduction, as PPI's b^2/A is twice a full step's b^2/2A), what
+    `horizon` steps of `eta` reach of one probe of each group: for accepted fits PPI x u (2 - u) (reached_share);
+    for `concave` ones 2 x b over the parameters, x = horizon x eta: the linear term alone, as the quadratic's
+    negative curvature, which would add to it, is not to be trusted past the probed steps; 0 for the others."""
+    linear = 2.0 * float(horizon) * eta * b / counts
+    shared = ppi * reached_share(horizon, eta, b / A, accepted)
+    return torch.where(concave & ~accepted, linear, shared)
 
 
 def check_horizon(horizon, owner="adapeft.select"):

@@ -450,6 +450,35 @@ def test_select_at_a_horizon_needs_each_probes_eta(tmp_path):
     refused(adapeft_command("select", "--probe", path, "--horizon", "0"), "--horizon", "must be a positive finite number")
 
 
+def test_a_records_values_at_a_horizon_are_the_probers():
+    """adapeft select --horizon from a record values every probe as select(prober, horizon=) does, concave fits (the
+    LayerNorm's here: A <= 0, resolved, R^2 1) and the record's own R^2 threshold included."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.LayerNorm(16), torch.nn.Tanh(),
+                                torch.nn.Linear(16, 3)).double()
+    batch = (torch.randn(64, 8, dtype=torch.float64), torch.randint(0, 3, (64,)))
+
+    def loss_fn(model, batch):
+        return torch.nn.functional.cross_entropy(model(batch[0]), batch[1])
+
+    loss_fn(model, batch).backward()
+    for threshold in (0.99, 1.0):  # R^2 is 1 to the last bits, and not over 1: no concave fit counts
+        prober = adapeft.Prober(model, None, loss_fn, r2_threshold=threshold)
+        for eta in (1e-4, 3e-4):
+            prober.step(batch, eta)
+        record = common.probe_record(prober, prober.groups)
+        assert record["r2_threshold"] == threshold
+        assert any("A <= 0" in probe["verdict"] for probe in record["probe_history"])
+        for horizon in (0.5, 20, 1e6):
+            want = adapeft.select(prober, budget=0.5, horizon=horizon).values
+            assert inputs.horizon_values(json.loads(json.dumps(record)), horizon, "p.json") == pytest.approx(
+                want, rel=1e-12, abs=0)
+            assert (want[prober.names.index("norm")] > 0) == (threshold < 1)
+    record["r2_threshold"] = "high"
+    with pytest.raises(common.InputError, match="--probe p.json: field 'r2_threshold' must be a number"):
+        inputs.horizon_values(record, 20, "p.json")
+
+
 def test_plot_takes_a_budget(tmp_path):
     path = tmp_path / "probe.json"
     path.write_text(json.dumps(probe_record()))

@@ -264,16 +264,20 @@ def test_cli_probe_select_plot_on_a_local_model(tmp_path):
                      "exact", "--out", str(tmp_path / "selection.json"))
     assert chosen.returncode == 0, chosen.stderr
     assert adapeft.Selection.load(tmp_path / "selection.json").method == "exact"
-    # At a horizon of 3 steps: each accepted probe's 2 (x b - x^2 A / 2) at x = min(3 eta, b/A), from b and A alone.
+    # At a horizon of 3 steps: each accepted probe's 2 (x b - x^2 A / 2) at x = min(3 eta, b/A), and a probe rejected
+    # for A <= 0 alone 2 x b at x = 3 eta, from b and A alone.
     at_horizon = run_cli("select", "--probe", str(tmp_path / "probe" / "probe.json"), "--budget", "0.05", "--method",
                          "exact", "--horizon", "3", "--out", str(tmp_path / "horizon.json"))
     assert at_horizon.returncode == 0, at_horizon.stderr
     want = [0.0] * len(record["groups"])
     for probe in record["probe_history"]:
-        for k, (b, A, ppi) in enumerate(zip(probe["b"], probe["A"], probe["ppi"])):
+        for k, (b, A, ppi, r2, verdict) in enumerate(zip(probe["b"], probe["A"], probe["ppi"], probe["r2"],
+                                                          probe["verdict"])):
             if ppi:
                 x = min(3 * probe["eta"], b / A)
                 want[k] += 2 * (x * b - x * x * A / 2)
+            elif verdict == "A <= 0" and r2 > 0.99:
+                want[k] += 2 * 3 * probe["eta"] * b
     saved = adapeft.Selection.load(tmp_path / "horizon.json")
     got = saved.values
     assert saved.horizon == 3 and "at a horizon of 3 steps" in at_horizon.stdout

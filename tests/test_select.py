@@ -231,20 +231,27 @@ def test_a_selection_from_a_prober_notes_when_eta_star_is_many_probe_steps_away(
 
 def test_a_selection_at_a_horizon_values_what_that_many_steps_of_eta_reach():
     """horizon=T values each accepted probe by the quadratic's reduction at x = min(T eta, eta*), x b - x^2 A/2,
-    over the parameters (twice that, as APPI's b^2/A is twice a step's reduction): computed here from b and A
-    alone. A long horizon gives APPI's values; a short one ranks by b; the far-step note goes, as the values
-    then say what it warns about."""
+    over the parameters (twice that, as APPI's b^2/A is twice a step's reduction), and a fit rejected for A <= 0
+    alone (here the LayerNorm's, resolved, R^2 1) by its linear term x b at x = T eta: computed here from b and A
+    alone. A long horizon gives APPI's values to the groups of no concave fit; a short one ranks by b; the
+    far-step note goes, as the values then say what it warns about."""
     prober, batch = mlp_prober()
     for eta in (1e-4, 3e-4):
         prober.step(batch, eta)
     counts = torch.tensor(prober.groups.numel, dtype=torch.float64)
+    concave = [[verdict == "A <= 0" and r2 > 0.99 for verdict, r2 in zip(result.reasons(), result.r2.tolist())]
+               for result in prober.results]
+    assert [c[prober.names.index("norm")] for c in concave] == [True, True] and sum(map(sum, concave)) == 2
     for horizon in (1, 7.5, 1e9):
         want = torch.zeros(len(prober.names), dtype=torch.float64)
-        for result in prober.results:
-            for k in torch.nonzero(result.accepted).flatten().tolist():
+        for result, concave_here in zip(prober.results, concave):
+            for k in range(len(prober.names)):
                 b, A = result.b[k].item(), result.A[k].item()
-                x = min(horizon * result.eta, b / A)
-                want[k] += 2 * (x * b - x * x * A / 2) / counts[k].item()
+                if result.accepted[k]:
+                    x = min(horizon * result.eta, b / A)
+                    want[k] += 2 * (x * b - x * x * A / 2) / counts[k].item()
+                elif concave_here[k]:
+                    want[k] += 2 * horizon * result.eta * b / counts[k].item()
         selection = adapeft.select(prober, budget=0.3, method="exact", horizon=horizon)
         torch.testing.assert_close(torch.tensor(selection.values, dtype=torch.float64), want * counts, rtol=1e-12, atol=0)
         torch.testing.assert_close(horizon_appi(prober, horizon), want, rtol=1e-12, atol=0)
@@ -252,10 +259,12 @@ def test_a_selection_at_a_horizon_values_what_that_many_steps_of_eta_reach():
         assert selection.horizon == horizon and f"at a horizon of {horizon:g} steps" in selection.table()
     accepted = prober.results[0].accepted & prober.results[1].accepted
     assert accepted.sum() >= 2
-    torch.testing.assert_close(horizon_appi(prober, 1e300), prober.appi, rtol=1e-15, atol=0)
+    convex = torch.tensor([not any(c[k] for c in concave) for k in range(len(prober.names))])
+    torch.testing.assert_close(horizon_appi(prober, 1e300)[convex], prober.appi[convex], rtol=1e-15, atol=0)
     # One step short of every eta*: each probe's value is about 2 eta b per parameter, the order of b.
     short = horizon_appi(prober, 1e-6) * counts
-    slopes = sum(torch.where(r.accepted, 2e-6 * r.eta * r.b, torch.zeros_like(r.b)) for r in prober.results)
+    slopes = sum(torch.where(r.accepted | torch.tensor(c), 2e-6 * r.eta * r.b, torch.zeros_like(r.b))
+                 for r, c in zip(prober.results, concave))
     torch.testing.assert_close(short, slopes, rtol=1e-5, atol=0)
     plain = adapeft.select(prober, budget=0.3)
     assert plain.horizon is None and "APPI x parameters" in plain.table()

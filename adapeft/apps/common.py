@@ -206,6 +206,7 @@ def probe_record(prober, units):
         return [value / count for value, count in zip(units.values_from_parts(prober.names, reductions), units.numel)]
 
     fields = {"groups": units.names, "counts": units.numel, "appi": per_unit(prober.appi),
+              "r2_threshold": prober.r2_threshold,
               "ppi_history": [per_unit(ppi) for ppi in prober.history]}
     measured = {"probe_history": [result.as_dict() for result in prober.results],
                 "resolved_history": [result.resolved.tolist() for result in prober.results]}

@@ -45,6 +45,7 @@ BASELINES = {  # the PEFT methods of the paper's Table 1, as the groups they tra
 # 0.2%: the five small groups (0.32% of the proxy together) do not all fit, so the knapsack has a real choice;
 # at 1% every positive score picks them all.
 DEMO_BUDGET = 0.002
+HORIZON_METHOD = "AdaPEFT at the horizon"
 LARGE_GROUP = 0.05  # groups above this share of the parameters train at the full fine-tuning rate
 SETTINGS = {
     "quick": {"horizon": 40, "probe_every": 2, "batch": 16, "max_length": 32, "lr_full": 1e-4, "lr_peft": 2e-3},
@@ -157,8 +158,12 @@ def run(out_dir="adapeft-demo", quick=False, compare=False, model=None, budget=D
         raise InputError(f"budget {budget:.4%}: no group that lowers the loss fits in it (the smallest, {smallest!r}, "
                          f"is {smallest_count / selection.total:.4%} of the proxy's parameters); give a larger budget")
     frontier = algorithm.select(probe_run, method="pareto")
+    # The target trains every group the budget admits at the PEFT rate, for the horizon: as steps of the probe's eta.
+    horizon = settings["horizon"] * settings["lr_peft"] / settings["lr_full"]
+    at_horizon = select(prober, budget=budget, method="exact", horizon=horizon)
     log(f"2/3 selected under {budget:.1%}: {', '.join(selection.chosen) or '(nothing)'} "
-        f"({selection.share:.3%} of the proxy's parameters)")
+        f"({selection.share:.3%} of the proxy's parameters); valued at the horizon ({horizon:g} steps of the probe's "
+        f"eta: select's horizon=): {', '.join(at_horizon.chosen) or '(nothing)'}")
     selection.save(os.path.join(out_dir, "selection.json"))
 
     # 3. The target, trained with only those groups.
@@ -169,7 +174,8 @@ def run(out_dir="adapeft-demo", quick=False, compare=False, model=None, budget=D
 
     results = {"format": "adapeft.demo/1", "device": str(torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"),
                "settings": settings, "direction": direction, "budget": budget, **probe_record(prober, prober.groups),
-               "selection": selection.as_dict(), "frontier": frontier.as_dict()["frontier"], "target": target}
+               "selection": selection.as_dict(), "horizon_selection": at_horizon.as_dict(),
+               "frontier": frontier.as_dict()["frontier"], "target": target}
     if compare_points:
         results["points"] = results_points
     if compare:
@@ -177,7 +183,7 @@ def run(out_dir="adapeft-demo", quick=False, compare=False, model=None, budget=D
                              "passes": recorder.passes[name]} for name in recorder.values})
         cheap["AdaPEFT"] = {"seconds": probe_run.probe_seconds, "passes": prober.forward_passes}
         results["comparison"] = compare_methods(folder, frontier, selection, train, test, settings, seeds, device, log,
-                                                cheap=cheap, budget=budget)
+                                                cheap=cheap, budget=budget, at_horizon=at_horizon)
     plot.report(results, out_dir, budget=budget,
                 title="AdaPEFT on all-MiniLM-L6-v2 (proxy's predicted loss reduction)")
     results["seconds"] = time.perf_counter() - started
@@ -202,16 +208,22 @@ def _one_example_batches(batch):
     return [{k: v[i:i + 1] for k, v in batch.items()} for i in range(batch["labels"].numel())]
 
 
-def compare_methods(folder, frontier, selection, train, test, settings, seeds, device, log, cheap=None, budget=None):
+def compare_methods(folder, frontier, selection, train, test, settings, seeds, device, log, cheap=None, budget=None,
+                    at_horizon=None):
     """The paper's Table 3 on this task: AdaPEFT's choice and its greedy nested sets against the standard
     PEFT choices and full fine-tuning, and, with `cheap`, the sets the cheap signals choose by the same
     knapsack under the same budget (random: a set of its own for each seed), each over the seeds, with the
-    accuracy paired by seed against AdaPEFT's and each signal's cost."""
+    accuracy paired by seed against AdaPEFT's and each signal's cost; at_horizon: the same probe's choice valued
+    at the horizon (select's horizon=), beside AdaPEFT's."""
     order = sorted(range(len(frontier.names)), key=lambda i: -frontier.values[i] / frontier.counts[i])
     candidates = {"AdaPEFT (selected)": [selection.chosen] * len(seeds)}
+    if at_horizon is not None:
+        candidates[HORIZON_METHOD] = [at_horizon.chosen] * len(seeds)
     costs = {}
     if cheap is not None:
         costs["AdaPEFT (selected)"] = cheap["AdaPEFT"]
+        if at_horizon is not None:
+            costs[HORIZON_METHOD] = cheap["AdaPEFT"]  # the same probe
         for name in signals.SIGNALS:
             values = [signals.random_values(len(cheap["names"]), seed) for seed in seeds] if name == "random" \
                 else [cheap[name]["values"]] * len(seeds)

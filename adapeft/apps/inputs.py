@@ -190,7 +190,9 @@ def horizon_values(record, horizon, path):
     import torch
 
     from ..groups import ParameterGroups
-    from ..select import reached_share
+    from ..probe.prober import R2_THRESHOLD
+    from ..probe.result import VERDICT, VERDICTS
+    from ..select import concave_fits, reached_value
     probed = record.get("parts", record)
     history = probed.get("probe_history")
     if not history or not all(isinstance(probe, dict) and _is_number(probe.get("eta")) for probe in history):
@@ -201,10 +203,19 @@ def horizon_values(record, horizon, path):
     def numbers(values):
         return torch.tensor([math.nan if value is None else value for value in values], dtype=torch.float64)
 
+    counts = torch.tensor(counts, dtype=torch.float64)
+    threshold = record.get("r2_threshold", R2_THRESHOLD)
+    if not _is_number(threshold):
+        raise InputError(f"--probe {path}: field 'r2_threshold' must be a number, got {threshold!r}")
     totals = dict.fromkeys(record["groups"], 0.0)
     for probe in history:
-        ppi = numbers(probe["ppi"])
-        share = reached_share(horizon, probe["eta"], numbers(probe["b"]) / numbers(probe["A"]), ppi > 0)
-        for name, value in zip(names, (ppi * share * torch.tensor(counts, dtype=torch.float64)).tolist()):
-            totals[ParameterGroups.whole(name)] += value
+        ppi, verdict = numbers(probe["ppi"]), probe.get("verdict")
+        accepted = ppi > 0
+        # Records of before verdicts were kept value accepted fits only.
+        concave = torch.zeros_like(accepted) if verdict is None else concave_fits(
+            torch.tensor([VERDICT.get(name, len(VERDICTS)) for name in verdict]), numbers(probe["r2"]), threshold)
+        value = reached_value(horizon, probe["eta"], numbers(probe["b"]), numbers(probe["A"]),
+                              torch.where(accepted, ppi, torch.zeros_like(ppi)), accepted, concave, counts)
+        for name, reduction in zip(names, (value * counts).tolist()):
+            totals[ParameterGroups.whole(name)] += reduction
     return [totals[name] for name in record["groups"]]

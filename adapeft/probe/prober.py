@@ -28,6 +28,7 @@ from .rates import LearningRates
 from .result import ProbeResult
 
 BACKENDS = ("compiled", "torch", "batched")
+R2_THRESHOLD = 0.99  # the paper's fit filter
 SLOPES = ("fit", "autograd")
 COMPUTES = ("model", "float32")
 
@@ -98,7 +99,7 @@ class Prober:
     """
 
     def __init__(self, model, groups=None, loss_fn=None, *, direction="grad", optimizer=None, backend="compiled",
-                 r2_threshold=0.99, apply_lr=False, lr_ema=0.9, lr_clip=(0.5, 2.0), schedule=None, history=True,
+                 r2_threshold=R2_THRESHOLD, apply_lr=False, lr_ema=0.9, lr_clip=(0.5, 2.0), schedule=None, history=True,
                  cuda_graph=False, process_group="auto", require_resolved=False, step_policy="adaptive",
                  step_range=step_rules.DEFAULT_RANGE, slope="fit", compute="model", points=5, reuse_prefix=False,
                  prefix_memory=None):
