@@ -314,8 +314,9 @@ def parser():
                              "parameters change with the modules' shapes)")
     choose.add_argument("--horizon", type=positive_float, default=None,
                         help="training steps: value each probe by what that many steps at its eta reach of the "
-                             "step to eta* = b/A (needs a record with its probes' history; default: the paper's "
-                             "values, a full step)")
+                             "step to eta* = b/A, and a fit rejected for a negative curvature alone by its slope's "
+                             "gain (needs a record with its probes' history; default: the paper's values, a full "
+                             "step)")
     choose.add_argument("--out", default=None, help="a JSON file to save the selection (and the LoRA configuration) "
                                                    "to (default: none)")
     choose.set_defaults(run=_select)
