@@ -13,6 +13,7 @@ where they form a grid (these modules in these layers), else as the list of the 
 and with ranks="values" also a `rank_pattern` that shares the rank among them by their values.
 """
 import collections
+import fractions
 import math
 import re
 import warnings
@@ -156,6 +157,20 @@ def _warn_of_more_trained(names, adapted, counts, modules):
                       f"{trained:,} parameters at the probe's rank, where the chosen groups count {chosen:,} "
                       f"({trained / chosen:.2g}x): their groups hold one LoRA factor each; probe units that hold both "
                       "(adapeft.adapter_groups, adapeft probe --granularity module or layer)", UserWarning, stacklevel=3)
+
+
+def count_at_ranks(chosen, adapted, counts, config, probe_rank):
+    """The parameters the `chosen` groups' adapters hold at the ranks `config` (lora_config's) gives their modules
+    (its rank_pattern, else its r), from their `counts` at the probe's rank: a group's count scales with its modules'
+    rank. None where a chosen group's modules were given different ranks (its count cannot be split among them)."""
+    pattern = config.get("rank_pattern", {})
+    total = 0
+    for name in chosen:
+        ranks = {pattern.get(module, config["r"]) for module in adapted[name]}
+        if len(ranks) > 1:
+            return None
+        total += fractions.Fraction(counts[name] * (ranks.pop() if ranks else probe_rank), probe_rank)
+    return int(total) if total.denominator == 1 else float(total)
 
 
 def _whole(number):

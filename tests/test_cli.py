@@ -407,6 +407,7 @@ def test_select_and_plot_say_what_a_record_lacks_and_who_writes_one(tmp_path, nu
 def test_select_and_plot_on_a_missing_file(tmp_path):
     for command in ("select", "plot"):
         refused(adapeft_command(command, "--probe", tmp_path / "nothing.json"), "no such file", "`adapeft probe`")
+        refused(adapeft_command(command, "--probe", tmp_path), f"--probe {tmp_path} is a folder; give the record file")
 
 
 def test_plot_needs_a_probe_history(tmp_path):
@@ -477,6 +478,52 @@ def test_a_records_values_at_a_horizon_are_the_probers():
     record["r2_threshold"] = "high"
     with pytest.raises(common.InputError, match="--probe p.json: field 'r2_threshold' must be a number"):
         inputs.horizon_values(record, 20, "p.json")
+
+
+def parts_record():
+    """A record of two units probed as four parts, one probe: u@0's parts accepted, u@1's B concave."""
+    return {"format": "adapeft.probe/1", "groups": ["u@0", "u@1"], "counts": [20, 40], "appi": [0.5, 0.0],
+            "parts": {"groups": ["u@0/lora_A", "u@0/lora_B", "u@1/lora_A", "u@1/lora_B"], "counts": [10, 10, 20, 20],
+                      "probe_history": [{"eta": 1e-3, "b": [2.0, 1.0, None, 4.0], "A": [4.0, 0.5, None, -1.0],
+                                         "ppi": [0.1, 0.2, 0.0, 0.0], "r2": [1.0, 1.0, None, 0.999],
+                                         "verdict": ["accepted", "accepted", "zero direction", "A <= 0"],
+                                         "t": [1e-3] * 4}]}}
+
+
+def test_a_records_history_is_checked_before_a_horizon_reads_it():
+    record = parts_record()
+    # x = 5 eta = 5e-3, short of every eta* = b/A: the accepted parts 2 (x b - x^2 A/2) (PPI's b^2/A n being twice a
+    # step's reduction per parameter), the concave one 2 x b; the unit, its parts' sum
+    x = 5e-3
+    u0 = (2 * x * 2.0 - x * x * 4.0) + (2 * x * 1.0 - x * x * 0.5)
+    assert inputs.horizon_values(record, 5, "p.json") == pytest.approx([u0, 2 * x * 4.0], rel=1e-12)
+    history = "parts.probe_history[0]"
+    damaged = [(("parts", "probe_history", 0, "A", 0), "high", f"field '{history}.A' must be a list of 4 numbers"),
+               (("parts", "probe_history", 0, "ppi"), "high", f"field '{history}.ppi' must be a list of 4"),
+               (("parts", "probe_history", 0, "ppi", 1), -1.0, f"field '{history}.ppi' must be numbers >= 0"),
+               (("parts", "probe_history", 0, "b"), [1.0] * 3, f"field '{history}.b' must be a list of 4"),
+               (("parts", "probe_history", 0, "b"), None, f"field '{history}.b' must be a list of 4"),
+               (("parts", "probe_history", 0, "verdict"), "accepted", f"field '{history}.verdict' must be a list"),
+               (("parts", "probe_history", 0, "verdict", 0), "fine", f"field '{history}.verdict' must be a list"),
+               (("parts", "probe_history", 0, "r2"), None, f"field '{history}.r2' must be a list of 4"),
+               (("parts", "probe_history", 0, "eta"), -1.0, f"field '{history}.eta' must be the probe's step"),
+               (("parts", "groups", 3), "bogus@9/lora_B", "field 'parts.groups' must be parts of the record's 2"),
+               (("parts", "groups"), ["u@0/lora_A", "u@0/lora_B"], "field 'parts.groups' must be parts of the"),
+               (("parts", "groups", 1), "u@0/lora_A", "field 'parts.groups' must be a list of distinct part names"),
+               (("parts", "counts"), [10, 10, 20], "field 'parts.counts' must be a list of 4 whole numbers"),
+               (("parts",), [], "field 'parts' must be the probed parts' groups")]
+    for path, value, message in damaged:
+        broken = parts_record()
+        *inside, last = path
+        holder = broken
+        for key in inside:
+            holder = holder[key]
+        holder[last] = value
+        with pytest.raises(common.InputError, match=re.escape(f"--probe p.json: {message}")):
+            inputs.horizon_values(broken, 5, "p.json")
+    del record["parts"]["probe_history"][0]["eta"]
+    with pytest.raises(common.InputError, match="--horizon: --probe p.json does not keep every probe's eta"):
+        inputs.horizon_values(record, 5, "p.json")
 
 
 def test_plot_takes_a_budget(tmp_path):

@@ -309,6 +309,14 @@ def test_probe_and_select_a_causal_lm_as_a_user(corpus, architecture, data, flag
     assert adapted_by_peft(tiny(architecture), config) == chosen_modules
     assert sum(config["rank_pattern"].values()) == 8 * len(chosen_modules)
     assert adapeft.Selection.load(saved).chosen == selection["chosen"]
+    # the parameters those ranks hold, said and saved, are those peft trains (the count at rank 8 beside them)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tuned = peft.get_peft_model(tiny(architecture), peft.LoraConfig(**config))
+    held = sum(p.numel() for p in tuned.parameters() if p.requires_grad)
+    assert selection["lora_parameters"] == held
+    assert (f"peft: at these ranks the chosen adapters hold {held:,} parameters ({selection['count']:,} at the "
+            "probe's rank 8") in done.stdout
 
 
 def test_probe_tells_its_cost_before_the_long_part_and_its_progress_after_each_probe(corpus, tmp_path):
@@ -356,8 +364,13 @@ def test_a_causal_lm_probed_by_lora_factor_is_warned_that_its_config_trains_both
     assert chosen.returncode == 0, chosen.stderr
     both, one = sum(record["counts"]), max(count for count in record["counts"] if count <= 0.6 * sum(record["counts"]))
     adapters = len(record["adapted_modules"]["lora_A"])
-    assert (f"adapeft select: warning: the LoraConfig trains both factors of each of its {adapters} adapters, "
-            f"{both:,} parameters at the probe's rank, where the chosen groups count {one:,}") in chosen.stderr
+    warning = (f"the LoraConfig trains both factors of each of its {adapters} adapters, {both:,} parameters at the "
+               f"probe's rank, where the chosen groups count {one:,}")
+    assert f"adapeft select: warning: {warning}" in chosen.stderr
+    saved = adapeft_command("select", "--probe", tmp_path / "valued.json", "--budget", "0.6", "--method", "exact",
+                            "--out", tmp_path / "chosen.json")
+    assert saved.returncode == 0, saved.stderr
+    assert [note for note in json.loads((tmp_path / "chosen.json").read_text())["notes"] if warning in note]
 
 
 def test_causal_lm_inputs_are_refused_with_the_flag_named(corpus, tmp_path):
@@ -380,6 +393,8 @@ def test_causal_lm_inputs_are_refused_with_the_flag_named(corpus, tmp_path):
     refused(adapeft_command(*base, "--data", corpus["text"], "--points", "3"),
             "--points 3 needs --slope autograd")
     refused(adapeft_command(*base, "--data", corpus["text"], "--points", "4"), "--points")
+    refused(adapeft_command(*base, "--data", corpus["text"], "--max-length", "1"),
+            "--max-length 1: a causal LM's next-token loss needs sequences of 2 tokens at least")
     refused(adapeft_command(*base, "--data", corpus["text"], "--lora", "", timeout=120),
             "--lora '': a causal language model is probed through LoRA adapters")
     refused(adapeft_command(*base, "--data", corpus["text"], "--lora", "nothing_here", timeout=120),

@@ -147,11 +147,25 @@ def _select(args):
               "within a share")
     print(selection.table())
     fields = {}
-    if record.get("adapted_modules") is not None and any(record["adapted_modules"][name] for name in selection.chosen):
-        from ..llm import lora_config
-        fields["lora_config"] = lora_config(selection, record["adapted_modules"], r=record.get("lora_rank") or 8,
-                                            ranks=args.lora_ranks, counts=dict(zip(record["groups"], record["counts"])))
-        print("peft: LoraConfig(" + ", ".join(f"{key}={value!r}" for key, value in fields["lora_config"].items()) + ")")
+    adapted = record.get("adapted_modules")
+    if adapted is not None and any(adapted[name] for name in selection.chosen):
+        from ..llm import count_at_ranks, lora_config
+        counts, rank = dict(zip(record["groups"], record["counts"])), record.get("lora_rank") or 8
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            config = lora_config(selection, adapted, r=rank, ranks=args.lora_ranks, counts=counts)
+        for warning in caught:  # on stderr, and in the saved selection with it
+            note = str(warning.message).removeprefix("adapeft: ")
+            common.warn(args.command, note)
+            selection.notes.append(note)
+        fields["lora_config"] = config
+        print("peft: LoraConfig(" + ", ".join(f"{key}={value!r}" for key, value in config.items()) + ")")
+        if "rank_pattern" in config:
+            held = count_at_ranks(selection.chosen, adapted, counts, config, rank)
+            fields["lora_parameters"] = held
+            print(f"peft: at these ranks the chosen adapters hold {held:,} parameters ({selection.count:,} at the "
+                  f"probe's rank {rank}: a rank's parameters follow its module's shape)" if held is not None else
+                  "peft: these ranks differ among a chosen group's modules, so the parameters they hold are not counted here")
     if args.out:
         selection.save(args.out, **fields)
         print(f"wrote {args.out}")

@@ -121,6 +121,8 @@ def load_record(path, history=False):
     def problem(what):
         return InputError(f"--probe {path}{what}; {RECORD_WRITERS}")
 
+    if os.path.isdir(path):
+        raise problem(" is a folder; give the record file in it, such as probe.json")
     if not os.path.isfile(path):
         raise problem(": no such file")
     try:
@@ -186,19 +188,15 @@ def _short(value, limit=60):
 
 def horizon_values(record, horizon, path):
     """The knapsack's values of a probe record's groups for a training of `horizon` steps (adapeft.select's
-    horizon=), from every probe's PPI, b, A and eta (its parts', folded into the groups, where it probed parts)."""
+    horizon=), from every probe's PPI, b, A, R^2, verdict and eta (its parts', folded into the groups, where it probed
+    parts)."""
     import torch
 
     from ..groups import ParameterGroups
     from ..probe.prober import R2_THRESHOLD
-    from ..probe.result import VERDICT, VERDICTS
+    from ..probe.result import VERDICT
     from ..select import concave_fits, reached_value
-    probed = record.get("parts", record)
-    history = probed.get("probe_history")
-    if not history or not all(isinstance(probe, dict) and _is_number(probe.get("eta")) for probe in history):
-        raise InputError(f"--horizon: --probe {path} does not keep every probe's eta (written before records "
-                         "kept it, or without a probe history); probe again to choose at a horizon")
-    names, counts = probed.get("groups", record["groups"]), probed.get("counts", record["counts"])
+    names, counts, history = _probe_history(record, path)
 
     def numbers(values):
         return torch.tensor([math.nan if value is None else value for value in values], dtype=torch.float64)
@@ -206,16 +204,64 @@ def horizon_values(record, horizon, path):
     counts = torch.tensor(counts, dtype=torch.float64)
     threshold = record.get("r2_threshold", R2_THRESHOLD)
     if not _is_number(threshold):
-        raise InputError(f"--probe {path}: field 'r2_threshold' must be a number, got {threshold!r}")
+        raise InputError(f"--probe {path}: field 'r2_threshold' must be a number, got {_short(threshold)}")
     totals = dict.fromkeys(record["groups"], 0.0)
     for probe in history:
         ppi, verdict = numbers(probe["ppi"]), probe.get("verdict")
         accepted = ppi > 0
         # Records of before verdicts were kept value accepted fits only.
         concave = torch.zeros_like(accepted) if verdict is None else concave_fits(
-            torch.tensor([VERDICT.get(name, len(VERDICTS)) for name in verdict]), numbers(probe["r2"]), threshold)
+            torch.tensor([VERDICT[name] for name in verdict]), numbers(probe["r2"]), threshold)
         value = reached_value(horizon, probe["eta"], numbers(probe["b"]), numbers(probe["A"]),
                               torch.where(accepted, ppi, torch.zeros_like(ppi)), accepted, concave, counts)
         for name, reduction in zip(names, (value * counts).tolist()):
             totals[ParameterGroups.whole(name)] += reduction
     return [totals[name] for name in record["groups"]]
+
+
+def _probe_history(record, path):
+    """(the probed groups' names, their counts, every probe's fields) of a record, checked for what horizon values read:
+    the record's own groups, or its "parts" (each a part of one of its groups, every group with a part)."""
+    from ..groups import ParameterGroups
+    from ..probe.result import VERDICTS
+
+    def problem(field, wanted, found):
+        return InputError(f"--probe {path}: field {field!r} must be {wanted}, got {_short(found)}")
+
+    groups = record["groups"]
+    probed, prefix = (record["parts"], "parts.") if "parts" in record else (record, "")
+    if not isinstance(probed, dict):
+        raise problem("parts", "the probed parts' groups, counts and probe history", probed)
+    history = probed.get("probe_history")
+    if not (isinstance(history, list) and history and all(
+            isinstance(probe, dict) and _is_number(probe.get("eta")) for probe in history)):
+        raise InputError(f"--horizon: --probe {path} does not keep every probe's eta (written before records "
+                         "kept it, or without a probe history); probe again to choose at a horizon")
+    names, counts = probed.get("groups"), probed.get("counts")
+    if prefix:
+        if not (isinstance(names, list) and names and all(isinstance(name, str) for name in names)
+                and len(set(names)) == len(names)):
+            raise problem("parts.groups", "a list of distinct part names", names)
+        wholes = {ParameterGroups.whole(name) for name in names}
+        if wholes != set(groups):
+            raise problem("parts.groups", f"parts of the record's {len(groups)} groups, each with a part", names)
+        if not (isinstance(counts, list) and len(counts) == len(names)
+                and all(_is_number(c) and c >= 1 and c == int(c) for c in counts)):
+            raise problem("parts.counts", f"a list of {len(names)} whole numbers >= 1 (one per part)", counts)
+    k = len(names)
+    for number, probe in enumerate(history):
+        where = f"{prefix}probe_history[{number}]"
+        if probe["eta"] <= 0:
+            raise problem(f"{where}.eta", "the probe's step, a number > 0", probe["eta"])
+        verdict = probe.get("verdict")
+        for field in ("ppi", "b", "A") + (("r2",) if verdict is not None else ()):
+            values = probe.get(field)
+            if not (isinstance(values, list) and len(values) == k
+                    and all(value is None or _is_number(value) for value in values)):
+                raise problem(f"{where}.{field}", f"a list of {k} numbers or nulls (one per group probed)", values)
+        if any(value is not None and value < 0 for value in probe["ppi"]):
+            raise problem(f"{where}.ppi", "numbers >= 0 or nulls", probe["ppi"])
+        if verdict is not None and not (isinstance(verdict, list) and len(verdict) == k
+                                        and all(name in VERDICTS for name in verdict)):
+            raise problem(f"{where}.verdict", f"a list of {k} verdicts ({', '.join(VERDICTS)})", verdict)
+    return names, counts, history

@@ -35,6 +35,9 @@ def run(args):
         raise InputError("--points 3 needs --slope autograd: three points fit the curvature through the exact slope")
     if args.gguf_file is not None and args.task != "causal-lm":
         raise InputError("--gguf-file: a GGUF file holds a causal language model; give --task causal-lm too")
+    if args.task == "causal-lm" and args.max_length < 2:
+        raise InputError(f"--max-length {args.max_length}: a causal LM's next-token loss needs sequences of 2 tokens "
+                         "at least")
     _check_model(args)
     if args.task == "classification":
         texts, labels = read_table(args.data, args.text_column, args.label_column)
