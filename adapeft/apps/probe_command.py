@@ -119,13 +119,15 @@ class ProbeClock:
         factors = f" (the {units} groups' LoRA A and B apart)" if parts != units else ""
         autograd = " and a backward pass" if args.slope == "autograd" else ""
         cheaper = "; --points 3 --slope autograd: 2K+1 and a backward pass" if args.points == 5 else ""
+        check = " and the few whole passes that check prefix reuse's losses at the first probe" \
+            if args.reuse_prefix else ""
         prefix = "on: each group's passes start at the first block that uses it" if args.reuse_prefix else \
             "off: every pass runs the whole model"
         common.tell(self.command, f"cost: {parts} groups probed{factors}, {per_probe} forward passes{autograd} a probe "
                                   f"({args.points - 1}K+1 for K groups{cheaper}), prefix reuse {prefix}; {probes} "
                                   f"probe{'s' if probes > 1 else ''} (--steps {args.steps}, --every {args.every}), the "
                                   f"first after {BRACKET_ROUNDS} rounds of {per_probe} passes that choose each group's "
-                                  f"step: about {sum(self.passes)} forward passes in all, besides the training steps.")
+                                  f"step: about {sum(self.passes)} forward passes in all, besides the training steps{check}.")
         self.quicker = _quicker_flags(args)
         self.pass_seconds = []
         self.probed = 0
