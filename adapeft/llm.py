@@ -156,7 +156,8 @@ def _warn_of_more_trained(names, adapted, counts, modules):
         warnings.warn(f"adapeft: the LoraConfig trains both factors of each of its {len(modules)} adapters, "
                       f"{trained:,} parameters at the probe's rank, where the chosen groups count {chosen:,} "
                       f"({trained / chosen:.2g}x): their groups hold one LoRA factor each; probe units that hold both "
-                      "(adapeft.adapter_groups, adapeft probe --granularity module or layer)", UserWarning, stacklevel=3)
+                      "(adapeft.adapter_groups, adapeft probe --granularity module or layer)", UserWarning,
+                      stacklevel=3)
 
 
 def count_at_ranks(chosen, adapted, counts, config, probe_rank):
@@ -170,7 +171,7 @@ def count_at_ranks(chosen, adapted, counts, config, probe_rank):
         if len(ranks) > 1:
             return None
         total += fractions.Fraction(counts[name] * (ranks.pop() if ranks else probe_rank), probe_rank)
-    return int(total) if total.denominator == 1 else float(total)
+    return _whole(float(total))
 
 
 def _whole(number):

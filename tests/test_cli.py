@@ -19,6 +19,7 @@ import torch
 import adapeft
 from adapeft.ops import backend as _backend
 from adapeft.apps import cli, common, inputs, probe_command
+from test_select import mlp_prober
 
 pytestmark = pytest.mark.skipif(_backend._C is None, reason="the compiled extension is not built")
 transformers = pytest.importorskip("transformers")
@@ -454,17 +455,8 @@ def test_select_at_a_horizon_needs_each_probes_eta(tmp_path):
 def test_a_records_values_at_a_horizon_are_the_probers():
     """adapeft select --horizon from a record values every probe as select(prober, horizon=) does, concave fits (the
     LayerNorm's here: A <= 0, resolved, R^2 1) and the record's own R^2 threshold included."""
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.LayerNorm(16), torch.nn.Tanh(),
-                                torch.nn.Linear(16, 3)).double()
-    batch = (torch.randn(64, 8, dtype=torch.float64), torch.randint(0, 3, (64,)))
-
-    def loss_fn(model, batch):
-        return torch.nn.functional.cross_entropy(model(batch[0]), batch[1])
-
-    loss_fn(model, batch).backward()
     for threshold in (0.99, 1.0):  # R^2 is 1 to the last bits, and not over 1: no concave fit counts
-        prober = adapeft.Prober(model, None, loss_fn, r2_threshold=threshold)
+        prober, batch = mlp_prober(r2_threshold=threshold)
         for eta in (1e-4, 3e-4):
             prober.step(batch, eta)
         record = common.probe_record(prober, prober.groups)

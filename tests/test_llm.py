@@ -337,8 +337,8 @@ def test_probe_tells_its_cost_before_the_long_part_and_its_progress_after_each_p
                        f"passes a probe (4K+1 for K groups; --points 3 --slope autograd: 2K+1 and a backward pass), "
                        "prefix reuse on: each group's passes start at the first block that uses it; 2 probes (--steps "
                        f"3, --every 2), the first after 2 rounds of {4 * parts + 1} passes that choose each group's "
-                       f"step: about {planned} forward passes in all, besides the training steps and the few whole passes "
-                       "that check prefix reuse's losses at the first probe.")
+                       f"step: about {planned} forward passes in all, besides the training steps and the few whole "
+                       "passes that check prefix reuse's losses at the first probe.")
     # the record counts the same passes, and those of prefix reuse's check at the first probe (a few full ones)
     assert 0 <= record["forward_passes"] - planned <= 4, record["forward_passes"]
     assert re.fullmatch(rf"estimate: the probe's forward passes 2 to 5 took [0-9.e-]+ s each \(median; the first, a "

@@ -181,8 +181,8 @@ def test_apply_save_load_and_transfer_to_a_larger_model(tmp_path):
         loaded.apply(large, layered)
 
 
-def mlp_prober():
-    """A Prober of a small float64 MLP with its gradient, and a batch."""
+def mlp_prober(**options):
+    """A Prober (with `options`) of a small float64 MLP with its gradient, and a batch."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.LayerNorm(16), torch.nn.Tanh(),
                                 torch.nn.Linear(16, 3)).double()
@@ -192,7 +192,7 @@ def mlp_prober():
         return torch.nn.functional.cross_entropy(model(batch[0]), batch[1])
 
     loss_fn(model, batch).backward()
-    return adapeft.Prober(model, None, loss_fn), batch
+    return adapeft.Prober(model, None, loss_fn, **options), batch
 
 
 def test_select_from_a_prober():

@@ -165,7 +165,8 @@ def _select(args):
             fields["lora_parameters"] = held
             print(f"peft: at these ranks the chosen adapters hold {held:,} parameters ({selection.count:,} at the "
                   f"probe's rank {rank}: a rank's parameters follow its module's shape)" if held is not None else
-                  "peft: these ranks differ among a chosen group's modules, so the parameters they hold are not counted here")
+                  "peft: these ranks differ among a chosen group's modules, so the parameters they hold are not "
+                  "counted here")
     if args.out:
         selection.save(args.out, **fields)
         print(f"wrote {args.out}")

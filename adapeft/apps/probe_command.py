@@ -127,7 +127,8 @@ class ProbeClock:
                                   f"({args.points - 1}K+1 for K groups{cheaper}), prefix reuse {prefix}; {probes} "
                                   f"probe{'s' if probes > 1 else ''} (--steps {args.steps}, --every {args.every}), the "
                                   f"first after {BRACKET_ROUNDS} rounds of {per_probe} passes that choose each group's "
-                                  f"step: about {sum(self.passes)} forward passes in all, besides the training steps{check}.")
+                                  f"step: about {sum(self.passes)} forward passes in all, besides the training "
+                                  f"steps{check}.")
         self.quicker = _quicker_flags(args)
         self.pass_seconds = []
         self.probed = 0
