@@ -1,22 +1,33 @@
 """One perturbation step of a parameter group: adapeft against PyTorch, and against the hardware floor.
 
 Groups shaped like GPT-2 small/large at a relative step |eta d| / |w| of 1e-3 (norm and bias groups: ~100-150 small tensors; a large "others"
-group), float32 and bfloat16 parameters with float32 directions. Columns (median microseconds per step):
+group). Parameter and direction dtypes (--dtypes): float32; bfloat16 and float16 with directions of their own
+dtype, as the probe moves a 16-bit model (its gradients and AdamW's moments are 16-bit); and bfloat16 with
+float32 directions ("bf16/f32d", as where a user passes float32 directions). Columns (median microseconds a step):
   adapeft     one rebase (rebuild w0, write w0 - eta_j d, keep the ledger), GPU time from CUDA-graph replays
   loop        a Python loop of per-tensor `p.add_(d, alpha=-eta)`, eager
   foreach     `torch._foreach_add_(params, directions, alpha=-eta)` with directions in the parameter dtype
               (its one-launch path needs one dtype), GPU time from CUDA-graph replays
-  floor       bytes moved (read w, read d, write w) / measured copy bandwidth, or one empty launch if larger
+  floor       bytes moved (read w, read d, write w, in their dtypes) / measured copy bandwidth, or one empty
+              launch if larger
   saved       share of elements the step saved in the ledger
   eager       adapeft called from Python without a graph (host overhead included)
 
-    python benchmarks/bench_perturb.py [--quick] [--groups large.others ...]
+    python benchmarks/bench_perturb.py [--quick] [--groups large.others ...] [--dtypes float32 bfloat16 ...]
 """
 import argparse
 
 import torch
 
 import adapeft
+
+# label: (param dtype, direction dtype)
+DTYPES = {
+    "float32": (torch.float32, torch.float32),
+    "bfloat16": (torch.bfloat16, torch.bfloat16),
+    "float16": (torch.float16, torch.float16),
+    "bf16/f32d": (torch.bfloat16, torch.float32),
+}
 
 SHAPES = {
     # name: (tensor sizes) -- GPT-2 small has 12 blocks of hidden 768; large 36 blocks of 1280.
@@ -74,6 +85,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--groups", nargs="+", choices=sorted(SHAPES), help="only these groups (default: all)")
+    parser.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=list(DTYPES),
+                        help="parameter and direction dtypes (default: all)")
     parser.add_argument("--relative-step", type=float, default=1e-3, help="|eta d| / |w| (default 1e-3)")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -86,9 +99,10 @@ def main():
     for name, sizes in SHAPES.items():
         if args.quick and "others" in name and "large" in name or args.groups and name not in args.groups:
             continue
-        for dtype in (torch.float32, torch.bfloat16):
+        for label in args.dtypes:
+            dtype, direction_dtype = DTYPES[label]
             params = [torch.randn(n, device="cuda", dtype=dtype) * 0.02 for n in sizes]
-            directions = [torch.randn(n, device="cuda") for n in sizes]
+            directions = [torch.randn(n, device="cuda", dtype=direction_dtype) for n in sizes]
             numel = sum(sizes)
             eta = args.relative_step * 0.02  # |w| ~ 0.02, |d| ~ 1
             steps = torch.tensor([-2 * eta, -eta, eta, 2 * eta], device="cuda")
@@ -113,9 +127,9 @@ def main():
             same = [d.to(dtype) for d in directions]
             t_foreach = graph_us(lambda: torch._foreach_add_(params, same, alpha=-eta), 20,
                                  repeats=5 if numel > 10**8 else 20)
-            bytes_moved = numel * (2 * params[0].element_size() + 4)
+            bytes_moved = numel * (2 * params[0].element_size() + directions[0].element_size())
             floor = max(bytes_moved / bandwidth * 1e6, launch)
-            print(f"{name:14} {str(dtype).split('.')[1]:9} {len(sizes):7d} {numel:11d} {t_adapeft:9.1f} "
+            print(f"{name:14} {label:9} {len(sizes):7d} {numel:11d} {t_adapeft:9.1f} "
                   f"{t_loop:9.1f} {t_foreach:9.1f} {floor:8.1f} {t_foreach / t_adapeft:10.2f} "
                   f"{floor / t_adapeft:13.2f} {saved:8.1e} {t_eager:8.1f}")
             del group, params, directions, same
