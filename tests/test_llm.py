@@ -332,7 +332,7 @@ def test_probe_tells_its_cost_before_the_long_part_and_its_progress_after_each_p
     # two probes of 4K+1 passes, the first after two rounds of them that choose each group's step
     planned = 4 * (4 * parts + 1)
     told = re.findall(r"(?:^|\n)adapeft probe: (?!warning)(.*)", done.stderr)
-    assert len(told) == 4, done.stderr
+    assert len(told) == 5, done.stderr
     assert told[0] == (f"cost: {parts} groups probed (the {units} groups' LoRA A and B apart), {4 * parts + 1} forward "
                        f"passes a probe (4K+1 for K groups; --points 3 --slope autograd: 2K+1 and a backward pass), "
                        "prefix reuse on: each group's passes start at the first block that uses it; 2 probes (--steps "
@@ -343,10 +343,15 @@ def test_probe_tells_its_cost_before_the_long_part_and_its_progress_after_each_p
     assert 0 <= record["forward_passes"] - planned <= 4, record["forward_passes"]
     assert re.fullmatch(rf"estimate: the probe's forward passes 2 to 5 took [0-9.e-]+ s each \(median; the first, a "
                         rf"warm-up, [0-9.e-]+ s\), so its {planned} passes take about [0-9.]+ s; with prefix reuse "
-                        r"later groups' passes start at their first block and may take less; a line after each probe "
-                        r"says how it goes.", told[1]), told[1]
-    assert re.fullmatch(r"probe 1 of 2: [0-9.]+ s \(with its training step\); about [0-9.]+ s left", told[2]), told[2]
-    assert re.fullmatch(r"probe 2 of 2: [0-9.]+ s \(with its training step\)", told[3]), told[3]
+                        rf"later groups' passes start at their first block and may take less \(a line after "
+                        rf"{4 * parts + 1} more passes says\); a line after each probe says how it goes.", told[1]), told[1]
+    # the pace of the passes after the timed ones, shortened by prefix reuse, and the time the rest take at it
+    paced = 5 + 4 * parts + 1
+    assert re.fullmatch(rf"pace: with prefix reuse the probe's passes 6 to {paced} took [0-9.e-]+ s each \([0-9]+% "
+                        rf"of a whole pass\), so its other {planned - paced} passes take about [0-9.]+ s\.", told[2]), \
+        told[2]
+    assert re.fullmatch(r"probe 1 of 2: [0-9.]+ s \(with its training step\); about [0-9.]+ s left", told[3]), told[3]
+    assert re.fullmatch(r"probe 2 of 2: [0-9.]+ s \(with its training step\)", told[4]), told[4]
     assert done.stdout.splitlines()[-1] == f"probed 2 times; wrote {tmp_path / 'probe.json'}"
     assert "adapeft probe:" not in done.stdout
 

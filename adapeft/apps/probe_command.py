@@ -107,8 +107,10 @@ def run(args):
 
 class ProbeClock:
     """What the run costs, on stderr, so that a long probe says so before its long part: at once, the forward passes
-    the probes will run; after the probe's first forward pass (timed, not added), the wall time they take at its
-    pace; after each probe, its seconds and the time left at the pace so far. `progress`: the steps' bar."""
+    the probes will run; after the probe's first TIMED_PASSES forward passes (whole passes), the wall time they take
+    at their pace; with prefix reuse, after as many passes again as a probe runs (most of them shortened), the time
+    left at their pace; after each probe, its seconds and the time left at the pace so far. `progress`: the steps'
+    bar."""
 
     def __init__(self, args, units, parts, progress):
         self.command, self.progress, self.reuse_prefix = args.command, progress, args.reuse_prefix
@@ -130,25 +132,40 @@ class ProbeClock:
                                   f"step: about {sum(self.passes)} forward passes in all, besides the training "
                                   f"steps{check}.")
         self.quicker = _quicker_flags(args)
+        self.per_probe = per_probe
         self.pass_seconds = []
+        self.probe_passes = 0  # eval-mode calls of loss_fn so far: the probe's forward passes
+        self.paced_from = None  # when the first TIMED_PASSES passes ended
         self.probed = 0
         self.started = self.step_ended = time.perf_counter()
 
     def timed(self, loss_fn):
-        """loss_fn, its first TIMED_PASSES calls in eval mode timed: the probe's first forward passes (the probe runs
-        loss_fn in eval mode, the training in train mode)."""
+        """loss_fn, its first TIMED_PASSES calls in eval mode timed one by one (the probe runs loss_fn in eval mode,
+        the training in train mode), and with prefix reuse the next per_probe calls timed together."""
         def loss(model, batch):
-            if len(self.pass_seconds) == TIMED_PASSES or model.training:
+            if model.training:
                 return loss_fn(model, batch)
+            self.probe_passes += 1
+            if len(self.pass_seconds) == TIMED_PASSES:
+                value = loss_fn(model, batch)
+                if self.reuse_prefix and self.probe_passes == TIMED_PASSES + self.per_probe:
+                    self._synchronize(value)
+                    self._pace()
+                return value
             started = time.perf_counter()
             value = loss_fn(model, batch)
-            if value.is_cuda:
-                torch.cuda.synchronize(value.device)  # the pass itself, not its launch
+            self._synchronize(value)
             self.pass_seconds.append(time.perf_counter() - started)
             if len(self.pass_seconds) == TIMED_PASSES:
                 self._estimate()
+                self.paced_from = time.perf_counter()
             return value
         return loss
+
+    @staticmethod
+    def _synchronize(value):
+        if value.is_cuda:
+            torch.cuda.synchronize(value.device)  # the passes themselves, not their launches
 
     def _estimate(self):
         total = sum(self.passes)
@@ -157,14 +174,23 @@ class ProbeClock:
         seconds = total * pace
         # The first groups are used from the first block on, so these passes run the whole model, which the others
         # do too only without prefix reuse.
-        whole = "; with prefix reuse later groups' passes start at their first block and may take less" \
-            if self.reuse_prefix else ""
+        whole = f"; with prefix reuse later groups' passes start at their first block and may take less (a line " \
+                f"after {self.per_probe} more passes says)" if self.reuse_prefix else ""
         quicker = f" Quicker: {self.quicker} (see adapeft probe --help)." \
             if seconds > LONG_PROBE_SECONDS and self.quicker else ""
         common.tell(self.command, f"estimate: the probe's forward passes 2 to {TIMED_PASSES} took {pace:.3g} s each "
                                   f"(median; the first, a warm-up, {first:.3g} s), so its {total} passes take about "
                                   f"{common.duration(seconds)}{whole}; a line after each probe says how it goes."
                                   f"{quicker}")
+
+    def _pace(self):
+        total = sum(self.passes)
+        pace = (time.perf_counter() - self.paced_from) / self.per_probe
+        whole = statistics.median(self.pass_seconds[1:])
+        left = max(total - self.probe_passes, 0)
+        common.tell(self.command, f"pace: with prefix reuse the probe's passes {TIMED_PASSES + 1} to "
+                                  f"{self.probe_passes} took {pace:.3g} s each ({pace / whole:.0%} of a whole pass), so "
+                                  f"its other {left} passes take about {common.duration(left * pace)}.")
 
     def after_step(self, step, loss):
         self.step_ended = time.perf_counter()
