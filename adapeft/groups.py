@@ -234,6 +234,11 @@ def _rule_matcher(rule_name, pattern):
                     f"(name, param, module) -> bool, got {type(pattern).__name__}")
 
 
+def check_granularity(granularity, owner="adapeft.group_parameters"):
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"{owner}: granularity must be one of {GRANULARITIES}, got {granularity!r}")
+
+
 def group_parameters(model, granularity="type", rules=None, trainable_only=False):
     """Split `model`'s parameters into named groups.
 
@@ -252,8 +257,7 @@ def group_parameters(model, granularity="type", rules=None, trainable_only=False
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"adapeft.group_parameters: model must be a torch.nn.Module, got {type(model).__name__}")
-    if granularity not in GRANULARITIES:
-        raise ValueError(f"adapeft.group_parameters: granularity must be one of {GRANULARITIES}, got {granularity!r}")
+    check_granularity(granularity)
     rules = list(rules or [])
     rule_names = [r[0] if isinstance(r, (tuple, list)) and len(r) == 2 else None for r in rules]
     if None in rule_names:

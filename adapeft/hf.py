@@ -43,14 +43,16 @@ class AdaPEFTCallback(WithProbingPhase, TrainerCallback):
     manage_adalora: "auto" calls AdaLoRA's update_and_allocate when the model uses it; reuse_prefix: as
     adapeft.Prober's (the same numbers from fewer blocks computed); horizon: the steps the selection will train
     for, to value each probe by what that many steps at its eta reach (adapeft.select's horizon=; None: the
-    paper's values).
+    paper's values); trainable_only: group only the parameters that train (as group_parameters'), so that on a
+    peft model the budget is a share of the adapters rather than of the whole model. Bad settings are refused here,
+    not when the phase ends; a selection of nothing is warned of, with why.
     """
 
     def __init__(self, budget=0.01, method="exact", probe_fraction=0.1, every=None, eta=None, direction="optimizer",
                  granularity="type", rules=None, loss_fn=None, output_dir=None, manage_adalora="auto",
-                 reuse_prefix=False, horizon=None):
+                 reuse_prefix=False, horizon=None, trainable_only=False):
         self.phase = ProbingPhase("adapeft.AdaPEFTCallback", budget, method, probe_fraction, every, eta, direction,
-                                  granularity, rules, reuse_prefix, horizon)
+                                  granularity, rules, reuse_prefix, horizon, trainable_only)
         self.loss_fn = loss_fn or _model_loss
         self.output_dir, self.manage_adalora = output_dir, manage_adalora
         self.trainer = None

@@ -32,9 +32,10 @@ class AdaPEFTCallback(WithProbingPhase, Callback):
     output_dir defaults to the trainer's default_root_dir. loss_fn(module, batch): see the module docstring."""
 
     def __init__(self, budget=0.01, method="exact", probe_fraction=0.1, every=None, eta=None, direction="optimizer",
-                 granularity="type", rules=None, loss_fn=None, output_dir=None, reuse_prefix=False, horizon=None):
+                 granularity="type", rules=None, loss_fn=None, output_dir=None, reuse_prefix=False, horizon=None,
+                 trainable_only=False):
         self.phase = ProbingPhase("adapeft.lightning.AdaPEFTCallback", budget, method, probe_fraction, every, eta,
-                                  direction, granularity, rules, reuse_prefix, horizon)
+                                  direction, granularity, rules, reuse_prefix, horizon, trainable_only)
         self.loss_fn, self.output_dir = loss_fn, output_dir
         self._batch = self._batch_idx = self._trainer = None
         self._pending = None

@@ -9,6 +9,7 @@ import warnings
 
 from .groups import group_parameters
 from .probe import Prober, ProbeSchedule
+from .select import check_settings, nothing_fits_note
 from .probe.distributed import is_sharded
 
 
@@ -16,7 +17,8 @@ class ProbingPhase:
     """See adapeft.hf.AdaPEFTCallback for the options. `owner`: the callback's name for messages."""
 
     def __init__(self, owner, budget, method, probe_fraction, every, eta, direction, granularity, rules,
-                 reuse_prefix, horizon=None):
+                 reuse_prefix, horizon=None, trainable_only=False):
+        check_settings(owner, budget, method, granularity, eta)
         if not 0 < probe_fraction <= 1:
             raise ValueError(f"{owner}: probe_fraction must be in (0, 1], got {probe_fraction!r}")
         if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
@@ -28,7 +30,7 @@ class ProbingPhase:
         if horizon is not None:
             from .select import check_horizon
             check_horizon(horizon, owner)
-        self.reuse_prefix, self.horizon = reuse_prefix, horizon
+        self.reuse_prefix, self.horizon, self.trainable_only = reuse_prefix, horizon, trainable_only
         self.prober = self.selection = self.groups = self.schedule = None
         self.last_step = 0
         self.done = False
@@ -37,7 +39,8 @@ class ProbingPhase:
     def begin(self, model, max_steps):
         """At the start of training: the groups and the schedule (the phase is the first probe_fraction of
         max_steps optimizer steps)."""
-        self.groups = group_parameters(model, granularity=self.granularity, rules=self.rules)
+        self.groups = group_parameters(model, granularity=self.granularity, rules=self.rules,
+                                       trainable_only=self.trainable_only)
         self.last_step = max(1, math.ceil(self.probe_fraction * max(max_steps, 1)))
         every = self.every or max(1, min(4 * len(self.groups), self.last_step // 4))
         self.schedule = ProbeSchedule(len(self.groups), interval=every, stop=self.last_step)
@@ -82,6 +85,13 @@ class ProbingPhase:
         from .select import select
         self.prober.flush()
         self.selection = select(self.prober, budget=self.budget, method=self.method, horizon=self.horizon)
+        if not self.selection.chosen:
+            frozen = "" if self.trainable_only else (" (the budget is a share of every parameter, frozen ones too: "
+                                                     "trainable_only=True makes it a share of those that train)")
+            why = None if self.budget is None else nothing_fits_note(self.selection.values, self.selection.counts,
+                                                                     self.selection.names, self.budget)
+            warnings.warn(f"{self.owner}: the selection trains no group: {why or 'no group has a positive value'}"
+                          f"{frozen}", UserWarning, stacklevel=3)
         if output_dir and writes_reports:  # every rank holds the same selection; one writes it
             os.makedirs(output_dir, exist_ok=True)
             self.selection.save(os.path.join(output_dir, "adapeft_selection.json"))

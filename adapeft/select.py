@@ -39,8 +39,10 @@ from fractions import Fraction
 import numpy as np
 import torch
 
+from .groups import check_granularity
 from .ops import backend as _backend
 from .probe import Prober
+from .probe.guards import check_eta
 from .probe.result import VERDICT
 from .selection import Frontier, Selection
 
@@ -140,7 +142,7 @@ def _checked(values, counts):
     return values.tolist(), counts.astype(np.int64).tolist()
 
 
-def budget_share(budget, argument="budget"):
+def budget_share(budget, argument="budget", owner="adapeft.select"):
     """A budget as an exact fraction of the parameters, checked to lie in [0, 1]. A float is read as the
     decimal it prints as (0.3 is 3/10, not the double just below it); ints, Fractions and Decimals as they are."""
     share = None
@@ -153,8 +155,27 @@ def budget_share(budget, argument="budget"):
                 else repr(float(budget)))
         share = Fraction(text)
     if share is None or not 0 <= share <= 1:
-        raise ValueError(f"adapeft.select: {argument} must be a share of the parameters in [0, 1], got {budget!r}")
+        raise ValueError(f"{owner}: {argument} must be a share of the parameters in [0, 1], got {budget!r}")
     return share
+
+
+def check_settings(owner, budget, method, granularity, eta):
+    """The errors a probing run's selection settings would give at its end, at once: those of select() for
+    `budget` and `method`, group_parameters' for `granularity`, the probe's for `eta` (None: the learning rate)."""
+    check_budget_and_method(budget, method, owner)
+    check_granularity(granularity, owner)
+    if eta is not None:
+        check_eta(eta, owner)
+
+
+def check_budget_and_method(budget, method, owner="adapeft.select"):
+    """The errors select() would give for `budget` and `method`, named for `owner`, which selects later."""
+    if method not in METHODS:
+        raise ValueError(f"{owner}: method must be one of {METHODS}, got {method!r}")
+    if budget is not None:
+        budget_share(budget, owner=owner)
+    elif method == "exact":
+        raise ValueError(f"{owner}: method='exact' needs a budget")
 
 
 def capacity_of(budget, total):
@@ -199,12 +220,7 @@ def select(prober_or_values=None, counts=None, *, values=None, budget=None, meth
     names = [f"group{i:0{len(str(k - 1))}d}" for i in range(k)] if names is None else [str(n) for n in names]
     if len(names) != k or len(set(names)) != k:
         raise ValueError(f"adapeft.select: names must be {k} distinct strings")
-    if method not in METHODS:
-        raise ValueError(f"adapeft.select: method must be one of {METHODS}, got {method!r}")
-    if budget is not None:
-        budget_share(budget)
-    if method == "exact" and budget is None:
-        raise ValueError("adapeft.select: method='exact' needs a budget")
+    check_budget_and_method(budget, method)
     for share in budgets:
         budget_share(share, "every entry of budgets")
     in_order = all(a < b for a, b in zip(names, names[1:]))
@@ -215,8 +231,22 @@ def select(prober_or_values=None, counts=None, *, values=None, budget=None, meth
     note = far_step_note(prober_or_values) if isinstance(prober_or_values, Prober) and horizon is None else None
     if note is not None:
         selection.notes.append(note)
+    if budget is not None and not selection.chosen:
+        note = nothing_fits_note(values, counts, names, budget)
+        if note is not None:
+            selection.notes.append(note)
     selection.horizon = horizon
     return selection
+
+
+def nothing_fits_note(values, counts, names, budget):
+    """Why a budget chose nothing where some group has a positive value: the smallest such is over it."""
+    useful = [(count, name) for value, count, name in zip(values, counts, names) if value > 0]
+    if not useful:
+        return None
+    count, name = min(useful)
+    return (f"no group of positive value fits in the budget of {float(budget):.3%} of the parameters: the smallest, "
+            f"{name!r}, is {count / sum(counts):.3%} of them")
 
 
 # Where reaching the accepted groups' eta* takes more steps of the probes' eta than this (median), select() says so.
@@ -242,6 +272,13 @@ def prober_values(prober, units=None, horizon=None, counts=None):
     """The knapsack's values from a prober: each group's APPI (horizon_appi with a horizon) x its parameters
     (`counts`, by default its own), or, with `units` (whose parts the prober probed:
     ParameterGroups.split_factors), each unit's parts' sum."""
+    if units is not None:
+        strays = [name for name in prober.names if units.whole(name) not in units]
+        if strays:
+            raise ValueError(f"adapeft.select: units= must be the groups the Prober probed, or those whose parts it "
+                             f"probed (ParameterGroups.split_factors); its groups {strays[:3]}"
+                             f"{' and more' if len(strays) > 3 else ''} are in none of units' groups {units.names[:6]}"
+                             f"{'...' if len(units.names) > 6 else ''}")
     per_parameter = prober.appi.cpu() if horizon is None else horizon_appi(prober, horizon)
     counts = prober.groups.numel if counts is None else counts
     values = (per_parameter * torch.tensor(counts, dtype=torch.float64)).tolist()

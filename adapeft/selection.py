@@ -14,7 +14,9 @@ class Selection:
     """Which groups to train. `mask` has one bool per group in input order; `value` is the predicted loss
     reduction (sum of the chosen values), `count` the chosen parameters. For method="pareto", `frontier`
     is a list of (count, value, mask) sorted by count and `labels` says how each point was found. `horizon`: the
-    training steps its values were taken at (adapeft.select's horizon=), or None for the paper's values."""
+    training steps its values were taken at (adapeft.select's horizon=), or None for the paper's values. `signal`:
+    "squared gradient" where its values are the training gradient's |g|^2 instead of the probe's (`adapeft select
+    --values squared-gradient`), or None."""
 
     names: list
     values: list
@@ -27,6 +29,7 @@ class Selection:
     labels: list = None
     notes: list = field(default_factory=list)
     horizon: float = None
+    signal: str = None
 
     @property
     def value(self):
@@ -72,6 +75,8 @@ class Selection:
     __str__ = table
 
     def _what_values_are(self):
+        if self.signal == "squared gradient":
+            return "the training gradient's |g|^2 summed over the probe steps"
         if self.horizon is None:
             return "APPI x parameters: b^2/A summed over the probes"
         return (f"at a horizon of {self.horizon:g} steps: b^2/A times the share u(2 - u) that many steps of each "
@@ -109,7 +114,7 @@ class Selection:
                 "names": list(self.names), "values": [float(v) for v in self.values],
                 "counts": [int(c) for c in self.counts], "chosen": self.chosen, "value": self.value,
                 "count": self.count, "notes": list(self.notes), "horizon": self.horizon,
-                "frontier": None if self.frontier is None else [
+                "signal": self.signal, "frontier": None if self.frontier is None else [
                     {"count": c, "value": v, "groups": [n for n, x in zip(self.names, m) if x], "how": label}
                     for (c, v, m), label in zip(self.frontier, self.labels)]}
 
@@ -153,7 +158,7 @@ class Selection:
         return cls(names=names, values=data["values"], counts=data["counts"],
                    mask=np.array([n in data["chosen"] for n in names]), method=data["method"], budget=data["budget"],
                    proven=data["proven"], frontier=frontier, labels=labels, notes=data.get("notes", []),
-                   horizon=data.get("horizon"))
+                   horizon=data.get("horizon"), signal=data.get("signal"))
 
 
 class Frontier(Sequence):

@@ -444,6 +444,22 @@ def test_select_without_a_budget_shows_the_frontier_and_says_so(tmp_path):
     refused(adapeft_command("select", "--probe", path, "--out", tmp_path), "--out", "is a folder")
 
 
+def test_select_says_why_it_chose_nothing_and_refuses_what_it_cannot_do(tmp_path):
+    path = tmp_path / "probe.json"
+    path.write_text(json.dumps(probe_record()))
+    done = adapeft_command("select", "--probe", path, "--budget", "0.005", "--method", "exact")
+    assert done.returncode == 0, done.stderr
+    assert "chosen: (none)" in done.stdout
+    assert ("note: no group of positive value fits in the budget of 0.500% of the parameters: the smallest, 'head', "
+            "is 0.901% of them") in done.stdout
+    # ranks shared by value need a record of LoRA adapters
+    refused(adapeft_command("select", "--probe", path, "--budget", "0.1", "--lora-ranks", "values"),
+            f"--lora-ranks values: --probe {path} names no LoRA adapters' modules")
+    if os.path.isdir("/proc"):  # a folder even root cannot create files in
+        refused(adapeft_command("select", "--probe", path, "--budget", "0.1", "--out", "/proc/selection.json"),
+                "--out /proc/selection.json: cannot write the selection there")
+
+
 def test_select_at_a_horizon_needs_each_probes_eta(tmp_path):
     path = tmp_path / "probe.json"
     path.write_text(json.dumps(probe_record()))

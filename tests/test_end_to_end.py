@@ -99,6 +99,39 @@ def test_callback_selects_at_a_horizon(tmp_path):
             AdaPEFTCallback(horizon=horizon)
 
 
+def test_callback_on_a_peft_model_budgets_what_trains_and_says_why_it_chose_nothing(tmp_path):
+    def peft_bert():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return peft.get_peft_model(tiny_bert(lora=False), peft.LoraConfig(target_modules=["query", "value"], r=4))
+
+    whole = AdaPEFTCallback(budget=0.005, probe_fraction=0.5, every=2)
+    with pytest.warns(UserWarning, match=r"adapeft.AdaPEFTCallback: the selection trains no group: no group of "
+                                         r"positive value fits in the budget of 0.500% of the parameters: the smallest, "
+                                         r"'lora_[AB]', is [0-9.]+% of them \(the budget is a share of every parameter, "
+                                         r"frozen ones too: trainable_only=True"):
+        train_with_callback(peft_bert(), Tokens(97, classes=3), tmp_path / "whole", whole)
+    assert whole.selection.chosen == []
+    # Grouping what trains: the adapters' two groups, the budget a share of them.
+    trained = AdaPEFTCallback(budget=0.5, probe_fraction=0.5, every=2, trainable_only=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train_with_callback(peft_bert(), Tokens(97, classes=3), tmp_path / "trained", trained)
+    assert not [w for w in caught if "trains no group" in str(w.message)]
+    assert trained.prober.names == ["lora_A", "lora_B"] and trained.selection.total == 1024
+    assert len(trained.selection.chosen) == 1
+
+
+def test_settings_are_refused_when_made_not_when_the_phase_ends():
+    for options, argument in (({"budget": 5}, "budget"), ({"method": "best"}, "method"),
+                              ({"budget": None}, "method='exact' needs a budget"), ({"granularity": "row"}, "granularity"),
+                              ({"eta": -1e-3}, "eta")):
+        with pytest.raises(ValueError, match=f"adapeft.AdaPEFTCallback: {argument}"):
+            AdaPEFTCallback(**options)
+        with pytest.raises(ValueError, match=f"adapeft.AdaPEFT: {argument}"):
+            AdaPEFT(**options)
+
+
 def test_callback_manages_adalora_and_warns_when_it_cannot_probe(tmp_path, monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

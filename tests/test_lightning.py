@@ -112,8 +112,11 @@ def test_callback_with_a_loss_fn_and_the_errors_it_gives(tmp_path):
 
     with pytest.raises(RuntimeError, match="training_step returned no loss to probe"):
         fit(NoLoss(), tmp_path / "none", [AdaPEFTCallback(every=1, probe_fraction=1.0)])
+    # every setting refused when the callback is made, not when its phase ends
     for options, argument in (({"probe_fraction": 0}, "probe_fraction"), ({"every": 0}, "every"),
-                              ({"direction": "adam"}, "direction")):
+                              ({"direction": "adam"}, "direction"), ({"budget": 5}, "budget"),
+                              ({"method": "best"}, "method"), ({"budget": None}, "method='exact' needs a budget"),
+                              ({"granularity": "row"}, "granularity"), ({"eta": 0.0}, "eta")):
         with pytest.raises(ValueError, match=f"adapeft.lightning.AdaPEFTCallback: {argument}"):
             AdaPEFTCallback(**options)
 

@@ -319,6 +319,43 @@ def test_probe_and_select_a_causal_lm_as_a_user(corpus, architecture, data, flag
             "probe's rank 8") in done.stdout
 
 
+def test_the_record_keeps_the_training_gradients_norms_and_select_chooses_by_them(corpus, tmp_path):
+    """Along the gradient the probe's exact slope of a group is its |g|^2 (no dropout here): the record's
+    squared_gradient, taken from the training's p.grad, equals its units' parts' slopes summed over the probes; select
+    --values squared-gradient runs the knapsack over it."""
+    done = adapeft_command("probe", "--task", "causal-lm", "--model", corpus["llama"], "--data", corpus["text"],
+                           "--granularity", "layer", "--direction", "grad", "--slope", "autograd", "--max-length", "16",
+                           "--batch", "4", "--steps", "2", "--every", "1", "--out", tmp_path, timeout=300)
+    assert done.returncode == 0, done.stderr
+    record = json.loads((tmp_path / "probe.json").read_text())
+    slopes = dict.fromkeys(record["groups"], 0.0)
+    for probe in record["parts"]["probe_history"]:
+        for part, b in zip(record["parts"]["groups"], probe["b"]):
+            slopes[part.split("/")[0]] += b
+    assert len(record["parts"]["probe_history"]) == 2 and min(slopes.values()) > 0
+    assert record["squared_gradient"] == pytest.approx([slopes[name] for name in record["groups"]], rel=1e-4)
+
+    saved = tmp_path / "by-gradient.json"
+    chosen = adapeft_command("select", "--probe", tmp_path / "probe.json", "--values", "squared-gradient", "--budget",
+                             "0.5", "--method", "exact", "--out", saved)
+    assert chosen.returncode == 0, chosen.stderr
+    expected = adapeft.select(values=record["squared_gradient"], counts=record["counts"], names=record["groups"],
+                              budget=0.5, method="exact")
+    selection = adapeft.Selection.load(saved)
+    assert selection.chosen == expected.chosen and selection.signal == "squared gradient"
+    assert "the training gradient's |g|^2 summed over the probe steps" in chosen.stdout
+    refused(adapeft_command("select", "--probe", tmp_path / "probe.json", "--values", "squared-gradient",
+                            "--horizon", "10"), "--horizon values the probes' fits; --values squared-gradient has none")
+    del record["squared_gradient"]
+    (tmp_path / "older.json").write_text(json.dumps(record))
+    refused(adapeft_command("select", "--probe", tmp_path / "older.json", "--values", "squared-gradient"),
+            f"--values squared-gradient: --probe {tmp_path / 'older.json'} has no field 'squared_gradient'")
+    record["squared_gradient"] = [1.0]
+    (tmp_path / "damaged.json").write_text(json.dumps(record))
+    refused(adapeft_command("select", "--probe", tmp_path / "damaged.json", "--values", "squared-gradient"),
+            "field 'squared_gradient' must be a list of 4 numbers >= 0 (one per group), got [1.0]")
+
+
 def test_probe_tells_its_cost_before_the_long_part_and_its_progress_after_each_probe(corpus, tmp_path):
     """On stderr, in order: the passes the run will take, the wall time the probe's first forward pass gives them, a
     line per probe; stdout says what it said before."""
@@ -390,6 +427,8 @@ def test_causal_lm_inputs_are_refused_with_the_flag_named(corpus, tmp_path):
     refused(adapeft_command(*base, "--data", empty), f"--data {empty} holds no text")
     refused(adapeft_command(*base, "--data", tmp_path / "missing.txt"), "no such file")
     refused(adapeft_command(*base, "--data", corpus["rows"]), "has no column 'text'", "--text-column")
+    refused(adapeft_command(*base, "--data", corpus["text"], "--text-column", "body"),
+            f"--text-column body: --data {corpus['text']} is a .txt file, one text without columns")
     refused(adapeft_command(*base, "--data", corpus["text"], "--max-length", "65"),
             "--max-length 65 is more than the 64 positions")
     short = tmp_path / "short.txt"
@@ -532,6 +571,11 @@ def test_lora_factors_are_split_apart_and_their_values_fold_back():
     assert chosen.names == units.names and chosen.values == units.values_from_parts(parts.names, parts_values)
     with pytest.raises(TypeError, match="units= folds a Prober's groups"):
         adapeft.select(values=[1.0], counts=[1], units=units, budget=0.5)
+    # units that are not what the prober probed are named as such
+    wrong = group_parameters(model, "type")
+    with pytest.raises(ValueError, match=r"units= must be the groups the Prober probed, or those whose parts it "
+                                         r"probed \(ParameterGroups.split_factors\); its groups \['self_attn.q_proj@0/"):
+        adapeft.select(prober, units=wrong, budget=0.25)
     # a group holding no factor keeps its name
     plain = group_parameters(tiny("qwen2"), "type")
     assert plain.split_factors().names == plain.names and plain.whole("norm") == "norm"

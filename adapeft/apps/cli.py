@@ -22,7 +22,7 @@ from ..select import METHODS
 from ..groups import GRANULARITIES
 from . import common, demo, probe_command
 from .common import InputError
-from .inputs import horizon_values, load_record
+from .inputs import horizon_values, load_record, squared_gradient_values
 
 EXAMPLES = __doc__.split("examples:", 1)[1]
 OPTIONAL_PACKAGES = {"transformers", "peft", "matplotlib", "tqdm"}
@@ -132,22 +132,34 @@ def _demo(args):
 def _select(args):
     from ..select import select
     record = load_record(args.probe)
+    adapted = record.get("adapted_modules")
+    if args.lora_ranks == "values" and not adapted:
+        raise InputError(f"--lora-ranks values: --probe {args.probe} names no LoRA adapters' modules (records of "
+                         "adapeft probe --task causal-lm and adapeft demo --task causal-lm do), so there are no ranks "
+                         "to share")
     if args.out is not None:
         if os.path.isdir(args.out):
             raise InputError(f"--out {args.out} is a folder; give the file to write, such as selection.json")
         common.prepare_output_folder(os.path.dirname(args.out) or ".", "--out")
-    values = [a * n for a, n in zip(record["appi"], record["counts"])] if args.horizon is None else \
-        horizon_values(record, args.horizon, args.probe)
+    if args.values == "squared-gradient":
+        if args.horizon is not None:
+            raise InputError("--horizon values the probes' fits; --values squared-gradient has none to value (give "
+                             "one of the two)")
+        values = squared_gradient_values(record, args.probe)
+    elif args.horizon is None:
+        values = [a * n for a, n in zip(record["appi"], record["counts"])]
+    else:
+        values = horizon_values(record, args.horizon, args.probe)
     selection = select(values=values, counts=record["counts"], names=record["groups"], budget=args.budget,
                        method=args.method)
     selection.horizon = args.horizon
+    selection.signal = "squared gradient" if args.values == "squared-gradient" else None
     if args.budget is None:
         print(f"no --budget given, so the table is the whole {args.method} frontier (a row for every budget) and "
               "'chosen' is its set of most predicted loss reduction; give --budget SHARE (0.01 for 1%) to choose "
               "within a share")
     print(selection.table())
     fields = {}
-    adapted = record.get("adapted_modules")
     if adapted is not None and any(adapted[name] for name in selection.chosen):
         from ..llm import count_at_ranks, lora_config
         counts, rank = dict(zip(record["groups"], record["counts"])), record.get("lora_rank") or 8
@@ -168,7 +180,10 @@ def _select(args):
                   "peft: these ranks differ among a chosen group's modules, so the parameters they hold are not "
                   "counted here")
     if args.out:
-        selection.save(args.out, **fields)
+        try:
+            selection.save(args.out, **fields)
+        except OSError as error:
+            raise InputError(f"--out {args.out}: cannot write the selection there ({error.strerror})") from None
         print(f"wrote {args.out}")
 
 
@@ -266,7 +281,7 @@ def parser():
                             "the --gguf-file's)")
     probe.add_argument("--data", required=True,
                        help="a .csv, .tsv, .jsonl or .json file, or for causal-lm also a .txt file (required)")
-    probe.add_argument("--text-column", default="text", help="the column of the texts")
+    probe.add_argument("--text-column", default=None, help="the column of the texts in a table (default: text)")
     probe.add_argument("--label-column", default="label",
                        help="the column of the labels (classification); two labels at least")
     probe.add_argument("--lora", type=module_names, default=None,
@@ -333,6 +348,11 @@ def parser():
                              "step to eta* = b/A, and a fit rejected for a negative curvature alone by its slope's "
                              "gain (needs a record with its probes' history; default: the paper's values, a full "
                              "step)")
+    choose.add_argument("--values", choices=("appi", "squared-gradient"), default="appi",
+                        help="what the knapsack values a group by: appi, the probe's (b^2/A summed over the probes, "
+                             "or at --horizon); squared-gradient, the training gradient's |g|^2 at the same probe "
+                             "steps, which the record keeps beside them: the free signal, to train beside the probe's "
+                             "choice (on the demos it did about as well)")
     choose.add_argument("--out", default=None, help="a JSON file to save the selection (and the LoRA configuration) "
                                                    "to, its folder created where missing (default: none)")
     choose.set_defaults(run=_select)

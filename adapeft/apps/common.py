@@ -197,10 +197,12 @@ def evaluate(model, data, device, size=64):
     return {"accuracy": correct / n, "loss": total_loss / n}
 
 
-def probe_record(prober, units):
+def probe_record(prober, units, squared_gradient=None):
     """A record's probe fields for the groups chosen from, `units`: their names, sizes, APPI and PPI of every
     probe, each a sum over the groups the prober probed (`units` themselves, or their parts from
-    ParameterGroups.split_factors, whose own verdicts then go under "parts")."""
+    ParameterGroups.split_factors, whose own verdicts then go under "parts"); and where given, `squared_gradient`,
+    each unit's training-gradient |g|^2 summed over the probe steps (adapeft.signals), which `adapeft select
+    --values squared-gradient` chooses by."""
     def per_unit(ppi):
         reductions = (ppi.cpu() * torch.tensor(prober.groups.numel, dtype=torch.float64)).tolist()
         return [value / count for value, count in zip(units.values_from_parts(prober.names, reductions), units.numel)]
@@ -208,6 +210,8 @@ def probe_record(prober, units):
     fields = {"groups": units.names, "counts": units.numel, "appi": per_unit(prober.appi),
               "r2_threshold": prober.r2_threshold,
               "ppi_history": [per_unit(ppi) for ppi in prober.history]}
+    if squared_gradient is not None:
+        fields["squared_gradient"] = [float(value) for value in squared_gradient]
     measured = {"probe_history": [result.as_dict() for result in prober.results],
                 "resolved_history": [result.resolved.tolist() for result in prober.results]}
     if prober.names == units.names:

@@ -173,7 +173,8 @@ def run(out_dir="adapeft-demo", quick=False, compare=False, model=None, budget=D
         f"{target['test_accuracy']:.3f}, final train loss {target['final_train_loss']:.3f}")
 
     results = {"format": "adapeft.demo/1", "device": str(torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"),
-               "settings": settings, "direction": direction, "budget": budget, **probe_record(prober, prober.groups),
+               "settings": settings, "direction": direction, "budget": budget,
+               **probe_record(prober, prober.groups, recorder.values["squared gradient"] if recorder else None),
                "selection": selection.as_dict(), "horizon_selection": at_horizon.as_dict(),
                "frontier": frontier.as_dict()["frontier"], "target": target}
     if compare_points:

@@ -245,7 +245,8 @@ def probe_and_choose(base, targets, layers, data, settings, budget, seeds, devic
     costs = {"AdaPEFT": {"passes": prober.forward_passes, "seconds": probe_run.probe_seconds},
              **{f"{name} (knapsack)": {"passes": recorder.passes[name], "seconds": recorder.seconds[name]}
                 for name in ("squared gradient", "Fisher")}}
-    return {**outcome, "sets": sets, "costs": costs, "record": probe_record(prober, groups), "prefix": prefix,
+    record = probe_record(prober, groups, recorder.values["squared gradient"])
+    return {**outcome, "sets": sets, "costs": costs, "record": record, "prefix": prefix,
             "lora_config": lora_config(chosen, groups, r=LORA_RANK) if chosen else None,
             "adapted_modules": {name: groups.adapted_modules(name) for name in groups.names}}
 

@@ -12,6 +12,7 @@ from .common import InputError
 
 DATA_FORMATS = (".csv", ".tsv", ".jsonl", ".json")
 TEXT_FORMATS = (".txt",) + DATA_FORMATS
+TEXT_COLUMN = "text"  # the column of the texts in a table, unless --text-column names another
 RECORD_FORMATS = ("adapeft.probe/1", "adapeft.demo/1")
 RECORD_WRITERS = "`adapeft probe` writes probe records as probe.json, `adapeft demo` as results.json"
 # Imported only by the commands that need them; a missing one is an installation matter, not a bug.
@@ -60,11 +61,15 @@ def read_table(path, text_column, label_column):
 
 def read_texts(path, text_column):
     """The documents of a language model's data file: a .txt file's whole text as one, or the column
-    `text_column` of every row of a table."""
+    `text_column` (None: TEXT_COLUMN) of every row of a table."""
     if not path.endswith(".txt"):
         if os.path.isfile(path) and not path.endswith(DATA_FORMATS):
             raise InputError(f"--data {path}: not a {', '.join(TEXT_FORMATS)} file (the format is read from the name)")
-        return [str(row[text_column]) for row in _rows_with(path, (text_column, "--text-column"))]
+        column = text_column or TEXT_COLUMN
+        return [str(row[column]) for row in _rows_with(path, (column, "--text-column"))]
+    if text_column is not None:
+        raise InputError(f"--text-column {text_column}: --data {path} is a .txt file, one text without columns; give "
+                         f"a {', '.join(DATA_FORMATS)} table to read a column of")
     if not os.path.isfile(path):
         raise InputError(f"--data {path}: no such file")
     try:
@@ -184,6 +189,20 @@ def _short(value, limit=60):
 
 
 # The commands -------------------------------------------------------------------------------------------
+
+
+def squared_gradient_values(record, path):
+    """A record's |g|^2 values (field squared_gradient), checked: one number >= 0 a group."""
+    values = record.get("squared_gradient")
+    if values is None:
+        raise InputError(f"--values squared-gradient: --probe {path} has no field 'squared_gradient' (records of "
+                         "adapeft probe keep it, and those of adapeft demo --task causal-lm or --compare; probe again "
+                         "to have it)")
+    if not (isinstance(values, list) and len(values) == len(record["groups"])
+            and all(_is_number(value) and value >= 0 for value in values)):
+        raise InputError(f"--probe {path}: field 'squared_gradient' must be a list of {len(record['groups'])} numbers "
+                         f">= 0 (one per group), got {_short(values)}")
+    return values
 
 
 def horizon_values(record, horizon, path):

@@ -78,17 +78,28 @@ def ppi_heatmap(history, names, path, relative_to="others", title="PPI relative 
     return _save(plt, fig, path)
 
 
+LABELLED_CURVES = 10  # more groups than this: the rest drawn thin and grey, unlabelled, so the legend stays readable
+
+
 def appi_curves(history, names, path, title="APPI: accumulated per-parameter influence"):
     plt = _pyplot()
-    smooth = clean(ppi_series(history))
-    fig, ax = plt.subplots(figsize=(6.0, 4.0))
-    for name, row in zip(names, smooth):
-        ax.plot(np.cumsum(np.nan_to_num(row)), label=name)
+    curves = np.cumsum(np.nan_to_num(clean(ppi_series(history))), axis=1)
+    # the groups of largest final APPI labelled
+    labelled = set(np.argsort(-curves[:, -1], kind="stable")[:LABELLED_CURVES].tolist())
+    fig, ax = plt.subplots(figsize=(7.5, 4.0))
+    for k, (name, curve) in enumerate(zip(names, curves)):
+        if k in labelled:
+            ax.plot(curve, label=name)
+        else:
+            ax.plot(curve, color="0.75", linewidth=0.6)
     ax.set_yscale("symlog", linthresh=1e-12)
+    ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
     ax.set_xlabel("probe step")
     ax.set_ylabel("APPI")
-    ax.set_title(title)
-    ax.legend(fontsize=8)
+    others = len(names) - len(labelled)
+    ax.set_title(title + (f"\n(the {len(labelled)} of largest APPI named; {others} others in grey)" if others else ""),
+                 fontsize=10)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
     return _save(plt, fig, path)
 
 

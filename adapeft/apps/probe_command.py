@@ -16,7 +16,7 @@ import torch
 from ..steps import BRACKET_ROUNDS
 from . import common
 from .common import InputError
-from .inputs import json_error, label_warnings, read_table, read_texts
+from .inputs import TEXT_COLUMN, json_error, label_warnings, read_table, read_texts
 
 TASKS = ("classification", "causal-lm")
 DEFAULT_GRANULARITY = {"classification": "type", "causal-lm": "module"}
@@ -40,7 +40,7 @@ def run(args):
                          "at least")
     _check_model(args)
     if args.task == "classification":
-        texts, labels = read_table(args.data, args.text_column, args.label_column)
+        texts, labels = read_table(args.data, args.text_column or TEXT_COLUMN, args.label_column)
         for warning in label_warnings(labels, args.batch, args.data, args.label_column):
             common.warn(args.command, warning)
     else:
@@ -48,6 +48,7 @@ def run(args):
     source, options = _tokenizer_source(args)
     common.prepare_output_folder(args.out, "--out")
 
+    from .. import signals
     from ..algorithm import AdaPEFT
     from ..groups import group_parameters
     from ..llm import ADAPTER_UNITS, adapter_groups
@@ -84,16 +85,22 @@ def run(args):
                         direction=args.direction, points=args.points, reuse_prefix=args.reuse_prefix)
     progress = common.Progress(args.steps, "probe")
     clock = ProbeClock(args, len(groups), len(parts), progress)
+    # The free signal beside the probe's values: the training gradient's |g|^2 a unit at every probe step.
+    squared_gradient = torch.zeros(len(groups.names), dtype=torch.float64)
+
+    def after_probe(batch):
+        squared_gradient.add_(signals.squared_gradient(groups))
+        clock.after_probe(batch)
+
     probe_run = algorithm.probe_train(model, common.batches(data, args.batch, args.seed, run_on), clock.timed(loss_fn),
-                                      args.steps, lr, on_step=clock.after_step, on_probe=clock.after_probe,
-                                      groups=parts)
+                                      args.steps, lr, on_step=clock.after_step, on_probe=after_probe, groups=parts)
     progress.close()
     prober = probe_run.prober
     prober.flush()
     record = {"format": "adapeft.probe/1", "task": args.task, "model": args.model, "granularity": granularity,
               "direction": args.direction, "lr": lr, "points": args.points, "slope": args.slope,
               "forward_passes": prober.forward_passes, "backward_passes": prober.backward_passes,
-              **common.probe_record(prober, groups), "prefix": common.prefix_record(prober)}
+              **common.probe_record(prober, groups, squared_gradient), "prefix": common.prefix_record(prober)}
     if args.task == "causal-lm":
         record["lora_rank"] = args.lora_rank
         record["adapted_modules"] = {name: groups.adapted_modules(name) for name in groups.names}

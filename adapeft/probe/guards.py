@@ -6,18 +6,18 @@ import numbers
 import torch
 
 
-def check_eta(eta):
-    """eta as a positive finite float, or a TypeError or ValueError naming it."""
+def check_eta(eta, owner="adapeft.Prober.step"):
+    """eta as a positive finite float, or a TypeError or ValueError naming it and `owner`."""
     if isinstance(eta, torch.Tensor):
         if eta.numel() != 1 or eta.device.type != "cpu":
-            raise TypeError("adapeft.Prober.step: eta must be a positive number (a Python float, or a one-element CPU "
-                            "tensor); a device tensor would need a host synchronisation to check")
+            raise TypeError(f"{owner}: eta must be a positive number (a Python float, or a one-element CPU tensor); "
+                            "a device tensor would need a host synchronisation to check")
         eta = eta.item()
     if isinstance(eta, bool) or not isinstance(eta, numbers.Real):
-        raise TypeError(f"adapeft.Prober.step: eta must be a positive number, got {type(eta).__name__}")
+        raise TypeError(f"{owner}: eta must be a positive number, got {type(eta).__name__}")
     eta = float(eta)
     if not math.isfinite(eta) or eta <= 0:
-        raise ValueError(f"adapeft.Prober.step: eta must be positive and finite, got {eta}")
+        raise ValueError(f"{owner}: eta must be positive and finite, got {eta}")
     return eta
 
 
