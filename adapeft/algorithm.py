@@ -74,7 +74,7 @@ class AdaPEFT:
                  step_policy="adaptive", points=5, reuse_prefix=False):
         if not 0 < probe_fraction <= 1:
             raise ValueError(f"adapeft.AdaPEFT: probe_fraction must be in (0, 1], got {probe_fraction}")
-        check_settings("adapeft.AdaPEFT", budget, method, granularity, eta)
+        check_settings("adapeft.AdaPEFT", budget, method, granularity, eta, budget_given_later=True)
         self.budget, self.method, self.probe_fraction = budget, method, probe_fraction
         self.probe_every, self.eta, self.granularity, self.direction = probe_every, eta, granularity, direction
         self.cuda_graph, self.slope, self.compute, self.step_policy = cuda_graph, slope, compute, step_policy

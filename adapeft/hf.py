@@ -44,8 +44,9 @@ class AdaPEFTCallback(WithProbingPhase, TrainerCallback):
     adapeft.Prober's (the same numbers from fewer blocks computed); horizon: the steps the selection will train
     for, to value each probe by what that many steps at its eta reach (adapeft.select's horizon=; None: the
     paper's values); trainable_only: group only the parameters that train (as group_parameters'), so that on a
-    peft model the budget is a share of the adapters rather than of the whole model. Bad settings are refused here,
-    not when the phase ends; a selection of nothing is warned of, with why.
+    peft model the budget is a share of the adapters rather than of the whole model (freeze_to then takes
+    trainable_only=True too). A bad budget, method, granularity, eta, probe_fraction, every, direction or horizon is
+    refused here, not when the phase ends; a selection of nothing is warned of, with why.
     """
 
     def __init__(self, budget=0.01, method="exact", probe_fraction=0.1, every=None, eta=None, direction="optimizer",
@@ -116,7 +117,9 @@ class AdaPEFTCallback(WithProbingPhase, TrainerCallback):
             self._hook = None
 
 
-def freeze_to(selection, model, granularity="type", rules=None):
-    """Apply a selection to a (larger) model before training it: exactly the chosen groups train."""
-    return selection.apply(model, group_parameters(model, granularity=granularity, rules=rules))
+def freeze_to(selection, model, granularity="type", rules=None, trainable_only=False):
+    """Apply a selection to a (larger) model before training it: exactly the chosen groups train. Group it as
+    the selection's model was (granularity, rules, trainable_only: that of a callback with trainable_only=True)."""
+    return selection.apply(model, group_parameters(model, granularity=granularity, rules=rules,
+                                                   trainable_only=trainable_only))
 

@@ -9,7 +9,7 @@ import warnings
 
 from .groups import group_parameters
 from .probe import Prober, ProbeSchedule
-from .select import check_settings, nothing_fits_note
+from .select import check_horizon, check_settings, nothing_fits_note, select
 from .probe.distributed import is_sharded
 
 
@@ -28,7 +28,6 @@ class ProbingPhase:
         self.owner, self.budget, self.method, self.probe_fraction, self.every = owner, budget, method, probe_fraction, every
         self.eta, self.direction, self.granularity, self.rules = eta, direction, granularity, rules
         if horizon is not None:
-            from .select import check_horizon
             check_horizon(horizon, owner)
         self.reuse_prefix, self.horizon, self.trainable_only = reuse_prefix, horizon, trainable_only
         self.prober = self.selection = self.groups = self.schedule = None
@@ -82,16 +81,16 @@ class ProbingPhase:
                           "parameters at the optimizer step, and that the probing phase "
                           f"(probe_fraction={self.probe_fraction}) holds a probe step.", UserWarning, stacklevel=3)
             return None
-        from .select import select
         self.prober.flush()
         self.selection = select(self.prober, budget=self.budget, method=self.method, horizon=self.horizon)
-        if not self.selection.chosen:
-            frozen = "" if self.trainable_only else (" (the budget is a share of every parameter, frozen ones too: "
-                                                     "trainable_only=True makes it a share of those that train)")
+        if not self.selection.chosen and writes_reports:
             why = None if self.budget is None else nothing_fits_note(self.selection.values, self.selection.counts,
                                                                      self.selection.names, self.budget)
+            frozen = why is not None and not self.trainable_only and not all(p.requires_grad for p in
+                                                                             self.prober.model.parameters())
             warnings.warn(f"{self.owner}: the selection trains no group: {why or 'no group has a positive value'}"
-                          f"{frozen}", UserWarning, stacklevel=3)
+                          + (" (the budget is a share of every parameter, frozen ones too: trainable_only=True "
+                             "makes it a share of those that train)" if frozen else ""), UserWarning, stacklevel=3)
         if output_dir and writes_reports:  # every rank holds the same selection; one writes it
             os.makedirs(output_dir, exist_ok=True)
             self.selection.save(os.path.join(output_dir, "adapeft_selection.json"))

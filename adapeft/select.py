@@ -159,10 +159,14 @@ def budget_share(budget, argument="budget", owner="adapeft.select"):
     return share
 
 
-def check_settings(owner, budget, method, granularity, eta):
+def check_settings(owner, budget, method, granularity, eta, budget_given_later=False):
     """The errors a probing run's selection settings would give at its end, at once: those of select() for
-    `budget` and `method`, group_parameters' for `granularity`, the probe's for `eta` (None: the learning rate)."""
-    check_budget_and_method(budget, method, owner)
+    `budget` and `method` (budget_given_later: a missing budget may still come), group_parameters' for
+    `granularity`, the probe's for `eta` (None: the learning rate)."""
+    if budget is None and budget_given_later:
+        check_budget_and_method(budget, "greedy" if method == "exact" else method, owner)  # all but the budget
+    else:
+        check_budget_and_method(budget, method, owner)
     check_granularity(granularity, owner)
     if eta is not None:
         check_eta(eta, owner)
@@ -240,13 +244,20 @@ def select(prober_or_values=None, counts=None, *, values=None, budget=None, meth
 
 
 def nothing_fits_note(values, counts, names, budget):
-    """Why a budget chose nothing where some group has a positive value: the smallest such is over it."""
-    useful = [(count, name) for value, count, name in zip(values, counts, names) if value > 0]
+    """Why a choice under `budget` holds nothing though some group has a positive value (None where none has):
+    the smallest such group is over the budget, or, where it fits, the method's choice (greedy's nested sets by
+    value per parameter) stopped before it."""
+    useful = [(int(count), name) for value, count, name in zip(values, counts, names) if value > 0]
     if not useful:
         return None
     count, name = min(useful)
-    return (f"no group of positive value fits in the budget of {float(budget):.3%} of the parameters: the smallest, "
-            f"{name!r}, is {count / sum(counts):.3%} of them")
+    total = int(sum(counts))
+    capacity = capacity_of(budget, total)
+    if count > capacity:
+        return (f"no group of positive value fits in the budget of {float(budget):.3%} of the parameters "
+                f"({capacity:,} of {total:,}): the smallest, {name!r}, holds {count:,}")
+    return (f"the nested sets by value per parameter hold none within the budget ({capacity:,} of {total:,} "
+            f"parameters), though {name!r} ({count:,}) fits in it; method='exact' chooses the best set within it")
 
 
 # Where reaching the accepted groups' eta* takes more steps of the probes' eta than this (median), select() says so.

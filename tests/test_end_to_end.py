@@ -107,9 +107,9 @@ def test_callback_on_a_peft_model_budgets_what_trains_and_says_why_it_chose_noth
 
     whole = AdaPEFTCallback(budget=0.005, probe_fraction=0.5, every=2)
     with pytest.warns(UserWarning, match=r"adapeft.AdaPEFTCallback: the selection trains no group: no group of "
-                                         r"positive value fits in the budget of 0.500% of the parameters: the smallest, "
-                                         r"'lora_[AB]', is [0-9.]+% of them \(the budget is a share of every parameter, "
-                                         r"frozen ones too: trainable_only=True"):
+                                         r"positive value fits in the budget of 0.500% of the parameters \(194 of "
+                                         r"38,883\): the smallest, 'lora_A', holds 512 \(the budget is a share of every "
+                                         r"parameter, frozen ones too: trainable_only=True"):
         train_with_callback(peft_bert(), Tokens(97, classes=3), tmp_path / "whole", whole)
     assert whole.selection.chosen == []
     # Grouping what trains: the adapters' two groups, the budget a share of them.
@@ -120,16 +120,24 @@ def test_callback_on_a_peft_model_budgets_what_trains_and_says_why_it_chose_noth
     assert not [w for w in caught if "trains no group" in str(w.message)]
     assert trained.prober.names == ["lora_A", "lora_B"] and trained.selection.total == 1024
     assert len(trained.selection.chosen) == 1
+    # and applies to a model grouped the same way
+    target = peft_bert()
+    report = adapeft.hf.freeze_to(trained.selection, target, trainable_only=True)
+    assert report["trainable_parameters"] == 512 == sum(p.numel() for p in target.parameters() if p.requires_grad)
 
 
 def test_settings_are_refused_when_made_not_when_the_phase_ends():
     for options, argument in (({"budget": 5}, "budget"), ({"method": "best"}, "method"),
-                              ({"budget": None}, "method='exact' needs a budget"), ({"granularity": "row"}, "granularity"),
+                              ({"budget": None, "method": "best"}, "method"), ({"granularity": "row"}, "granularity"),
                               ({"eta": -1e-3}, "eta")):
         with pytest.raises(ValueError, match=f"adapeft.AdaPEFTCallback: {argument}"):
             AdaPEFTCallback(**options)
         with pytest.raises(ValueError, match=f"adapeft.AdaPEFT: {argument}"):
             AdaPEFT(**options)
+    # the callback selects when its phase ends, with its own budget; AdaPEFT.select may still be given one
+    with pytest.raises(ValueError, match="adapeft.AdaPEFTCallback: method='exact' needs a budget"):
+        AdaPEFTCallback(budget=None)
+    assert AdaPEFT(budget=None).budget is None
 
 
 def test_callback_manages_adalora_and_warns_when_it_cannot_probe(tmp_path, monkeypatch):

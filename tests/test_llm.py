@@ -428,7 +428,7 @@ def test_causal_lm_inputs_are_refused_with_the_flag_named(corpus, tmp_path):
     refused(adapeft_command(*base, "--data", tmp_path / "missing.txt"), "no such file")
     refused(adapeft_command(*base, "--data", corpus["rows"]), "has no column 'text'", "--text-column")
     refused(adapeft_command(*base, "--data", corpus["text"], "--text-column", "body"),
-            f"--text-column body: --data {corpus['text']} is a .txt file, one text without columns")
+            f"--text-column 'body': --data {corpus['text']} is a .txt file, one text without columns")
     refused(adapeft_command(*base, "--data", corpus["text"], "--max-length", "65"),
             "--max-length 65 is more than the 64 positions")
     short = tmp_path / "short.txt"

@@ -109,6 +109,24 @@ def test_all_zero_values_select_nothing():
     assert [p[0] for p in greedy.frontier] == [0, 1, 4, 9]  # ties: fewer parameters first
 
 
+def test_a_choice_of_nothing_says_why():
+    for method in ("greedy", "exact", "pareto"):  # every group of positive value over the budget
+        nothing = adapeft.select(values=[1.0, 2.0, 0.0], counts=[30, 20, 1], names=["a", "b", "c"], budget=0.3,
+                                 method=method)
+        assert nothing.chosen == [] and nothing.notes[-1] == (
+            "no group of positive value fits in the budget of 30.000% of the parameters (15 of 51): the smallest, "
+            "'b', holds 20")
+    # greedy's nested sets by value per parameter stop at 'big', though 'small' fits; exact takes it
+    greedy = adapeft.select(values=[20.0, 1.0], counts=[100, 10], names=["big", "small"], budget=0.1, method="greedy")
+    assert greedy.chosen == [] and greedy.notes[-1] == (
+        "the nested sets by value per parameter hold none within the budget (11 of 110 parameters), though 'small' "
+        "(10) fits in it; method='exact' chooses the best set within it")
+    assert adapeft.select(values=[20.0, 1.0], counts=[100, 10], names=["big", "small"], budget=0.1,
+                          method="exact").chosen == ["small"]
+    # nothing of positive value: no note
+    assert adapeft.select(values=[0.0, 0.0], counts=[1, 1], budget=0.5, method="exact").notes == []
+
+
 @pytest.mark.parametrize("kwargs, error, message", [
     (dict(values=[1.0, math.nan], counts=[1, 1], budget=0.5), ValueError, r"values\[1\] = nan"),
     (dict(values=[1.0, math.inf], counts=[1, 1], budget=0.5), ValueError, r"values\[1\] = inf.*finite and >= 0"),

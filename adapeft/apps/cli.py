@@ -156,8 +156,8 @@ def _select(args):
     selection.signal = "squared gradient" if args.values == "squared-gradient" else None
     if args.budget is None:
         print(f"no --budget given, so the table is the whole {args.method} frontier (a row for every budget) and "
-              "'chosen' is its set of most predicted loss reduction; give --budget SHARE (0.01 for 1%) to choose "
-              "within a share")
+              f"'chosen' is its set of most {'value' if args.values == 'squared-gradient' else 'predicted loss reduction'}"
+              "; give --budget SHARE (0.01 for 1%) to choose within a share")
     print(selection.table())
     fields = {}
     if adapted is not None and any(adapted[name] for name in selection.chosen):

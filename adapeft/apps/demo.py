@@ -25,7 +25,7 @@ import torch
 from .. import signals
 from ..algorithm import AdaPEFT, equip_lora
 from ..groups import group_parameters
-from ..select import select
+from ..select import nothing_fits_note, select
 from ..selection import Selection
 from . import compare_points as points
 from . import plot
@@ -151,12 +151,10 @@ def run(out_dir="adapeft-demo", quick=False, compare=False, model=None, budget=D
 
     # 2. Select under the budget, and the whole frontier.
     selection = algorithm.select(probe_run)
-    useful = [(count, name) for count, name, value in zip(selection.counts, selection.names, selection.values)
-              if value > 0]
-    if not selection.chosen and useful:
-        smallest_count, smallest = min(useful)
-        raise InputError(f"budget {budget:.4%}: no group that lowers the loss fits in it (the smallest, {smallest!r}, "
-                         f"is {smallest_count / selection.total:.4%} of the proxy's parameters); give a larger budget")
+    empty = None if selection.chosen else nothing_fits_note(selection.values, selection.counts, selection.names,
+                                                            budget)
+    if empty is not None:
+        raise InputError(f"budget {budget:.4%}: {empty} (of the proxy's groups); give a larger budget")
     frontier = algorithm.select(probe_run, method="pareto")
     # The target trains every group the budget admits at the PEFT rate, for the horizon: as steps of the probe's eta.
     horizon = settings["horizon"] * settings["lr_peft"] / settings["lr_full"]

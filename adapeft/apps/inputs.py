@@ -54,7 +54,9 @@ def json_error(error):
 
 
 def read_table(path, text_column, label_column):
-    """(texts, labels as strings) of a data file, every row checked for both columns."""
+    """(texts, labels as strings) of a data file, every row checked for both columns (text_column None:
+    TEXT_COLUMN)."""
+    text_column = TEXT_COLUMN if text_column is None else text_column
     rows = _rows_with(path, (text_column, "--text-column"), (label_column, "--label-column"))
     return [str(row[text_column]) for row in rows], [str(row[label_column]) for row in rows]
 
@@ -65,10 +67,10 @@ def read_texts(path, text_column):
     if not path.endswith(".txt"):
         if os.path.isfile(path) and not path.endswith(DATA_FORMATS):
             raise InputError(f"--data {path}: not a {', '.join(TEXT_FORMATS)} file (the format is read from the name)")
-        column = text_column or TEXT_COLUMN
+        column = TEXT_COLUMN if text_column is None else text_column
         return [str(row[column]) for row in _rows_with(path, (column, "--text-column"))]
     if text_column is not None:
-        raise InputError(f"--text-column {text_column}: --data {path} is a .txt file, one text without columns; give "
+        raise InputError(f"--text-column {text_column!r}: --data {path} is a .txt file, one text without columns; give "
                          f"a {', '.join(DATA_FORMATS)} table to read a column of")
     if not os.path.isfile(path):
         raise InputError(f"--data {path}: no such file")

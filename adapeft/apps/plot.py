@@ -83,9 +83,10 @@ LABELLED_CURVES = 10  # more groups than this: the rest drawn thin and grey, unl
 
 def appi_curves(history, names, path, title="APPI: accumulated per-parameter influence"):
     plt = _pyplot()
-    curves = np.cumsum(np.nan_to_num(clean(ppi_series(history))), axis=1)
-    # the groups of largest final APPI labelled
-    labelled = set(np.argsort(-curves[:, -1], kind="stable")[:LABELLED_CURVES].tolist())
+    series = ppi_series(history)
+    curves = np.cumsum(np.nan_to_num(clean(series)), axis=1)
+    # the groups of largest APPI (the record's sum of PPI, not the smoothed curves) labelled
+    labelled = set(np.argsort(-np.nansum(series, axis=1), kind="stable")[:LABELLED_CURVES].tolist())
     fig, ax = plt.subplots(figsize=(7.5, 4.0))
     for k, (name, curve) in enumerate(zip(names, curves)):
         if k in labelled:

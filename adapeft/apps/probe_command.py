@@ -16,7 +16,7 @@ import torch
 from ..steps import BRACKET_ROUNDS
 from . import common
 from .common import InputError
-from .inputs import TEXT_COLUMN, json_error, label_warnings, read_table, read_texts
+from .inputs import json_error, label_warnings, read_table, read_texts
 
 TASKS = ("classification", "causal-lm")
 DEFAULT_GRANULARITY = {"classification": "type", "causal-lm": "module"}
@@ -40,7 +40,7 @@ def run(args):
                          "at least")
     _check_model(args)
     if args.task == "classification":
-        texts, labels = read_table(args.data, args.text_column or TEXT_COLUMN, args.label_column)
+        texts, labels = read_table(args.data, args.text_column, args.label_column)
         for warning in label_warnings(labels, args.batch, args.data, args.label_column):
             common.warn(args.command, warning)
     else:
