@@ -196,6 +196,12 @@ def select(prober_or_values=None, counts=None, *, values=None, budget=None, meth
     can reach of it (horizon_appi) instead of by a full step to eta*."""
     if isinstance(prober_or_values, Prober):
         prober = prober_or_values
+        if values is not None:
+            raise TypeError("adapeft.select: a Prober brings its own values (APPI x parameters); give values= with "
+                            "counts= instead of the Prober to choose by other values")
+        if counts is not None and len(counts) != len(prober.names):
+            raise ValueError(f"adapeft.select: counts has {len(counts)} entries but the Prober has "
+                             f"{len(prober.names)} groups")
         if units is not None:
             values, counts, names = prober_values(prober, units, horizon), units.numel, units.names
         else:
@@ -299,8 +305,8 @@ def prober_values(prober, units=None, horizon=None, counts=None):
 def horizon_appi(prober, horizon):
     """APPI with each probe's PPI scaled to what a training of `horizon` steps at that probe's eta reaches: it
     moves a group up to x = horizon x eta along the probe's direction, and the quadratic's reduction there,
-    x b - x^2 A/2, is the share u (2 - u) of the full step's b^2/2A, u = min(1, x / eta*). The paper's APPI is
-    the limit of a long horizon; a short one ranks groups by their slopes b, as a training at eta does
+    x b - x^2 A/2, is the share u (2 - u) of the full step's b^2/2A, u = min(1, x / eta*). For accepted fits the
+    paper's APPI is the limit of a long horizon (a concave fit's linear term, below, grows with it); a short one ranks groups by their slopes b, as a training at eta does
     (far_step_note). A fit the paper rejects for its curvature alone (b > 0, A <= 0, resolved, R^2 over the
     prober's threshold: the loss falls faster than its slope along the direction) counts its linear term x b,
     where the paper's values count nothing (reached_value)."""

@@ -206,6 +206,15 @@ def test_probe_refuses_data_with_a_single_label(files):
     assert time.perf_counter() - started < FLAG_CHECK_SECONDS and not (files["root"] / "single").exists()
 
 
+def test_a_table_saved_with_a_byte_order_mark_reads_as_without(tmp_path):
+    from adapeft.apps.inputs import read_table
+    for suffix, content in ((".csv", "text,label\ntea,a\nrain,b\n"), (".tsv", "text\tlabel\ntea\ta\nrain\tb\n"),
+                            (".jsonl", '{"text": "tea", "label": "a"}\n{"text": "rain", "label": "b"}\n')):
+        path = tmp_path / f"bom{suffix}"
+        path.write_text(content, encoding="utf-8-sig")  # as a spreadsheet's "CSV UTF-8" saves it
+        assert read_table(str(path), None, "label") == (["tea", "rain"], ["a", "b"])
+
+
 @pytest.mark.parametrize("content, suffix, message", [
     ('{"text": "tea", "label": "a"}\n{"text": oops}\n', ".jsonl", "line 2 is not JSON"),
     ("[1, 2", ".json", "is not JSON (Expecting"),

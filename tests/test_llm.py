@@ -384,9 +384,9 @@ def test_probe_tells_its_cost_before_the_long_part_and_its_progress_after_each_p
                         rf"{4 * parts + 1} more passes says\); a line after each probe says how it goes.", told[1]), told[1]
     # the pace of the passes after the timed ones, shortened by prefix reuse, and the time the rest take at it
     paced = 5 + 4 * parts + 1
-    assert re.fullmatch(rf"pace: with prefix reuse the probe's passes 6 to {paced} took [0-9.e-]+ s each \([0-9]+% "
-                        rf"of a whole pass\), so its other {planned - paced} passes take about [0-9.]+ s\.", told[2]), \
-        told[2]
+    assert re.fullmatch(rf"pace: the probe's passes 6 to {paced} took [0-9.e-]+ s each with prefix reuse and the "
+                        rf"probe's own work between them \([0-9]+% of a whole pass timed alone\), so its other "
+                        rf"{planned - paced} passes take about [0-9.]+ s\.", told[2]), told[2]
     assert re.fullmatch(r"probe 1 of 2: [0-9.]+ s \(with its training step\); about [0-9.]+ s left", told[3]), told[3]
     assert re.fullmatch(r"probe 2 of 2: [0-9.]+ s \(with its training step\)", told[4]), told[4]
     assert done.stdout.splitlines()[-1] == f"probed 2 times; wrote {tmp_path / 'probe.json'}"
@@ -571,6 +571,11 @@ def test_lora_factors_are_split_apart_and_their_values_fold_back():
     assert chosen.names == units.names and chosen.values == units.values_from_parts(parts.names, parts_values)
     with pytest.raises(TypeError, match="units= folds a Prober's groups"):
         adapeft.select(values=[1.0], counts=[1], units=units, budget=0.5)
+    # a Prober brings its values; counts must match its groups
+    with pytest.raises(TypeError, match="a Prober brings its own values"):
+        adapeft.select(prober, values=[1.0] * len(parts), budget=0.25)
+    with pytest.raises(ValueError, match=f"counts has 2 entries but the Prober has {len(parts)} groups"):
+        adapeft.select(prober, counts=[1, 2], budget=0.25)
     # units that are not what the prober probed are named as such
     wrong = group_parameters(model, "type")
     with pytest.raises(ValueError, match=r"units= must be the groups the Prober probed, or those whose parts it "

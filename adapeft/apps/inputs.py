@@ -26,7 +26,7 @@ def _read_rows(path):
     if not path.endswith(DATA_FORMATS):
         raise InputError(f"{where}: not a {', '.join(DATA_FORMATS)} file (the format is read from the name)")
     try:
-        with open(path, encoding="utf-8", newline="") as handle:
+        with open(path, encoding="utf-8-sig", newline="") as handle:  # -sig: a spreadsheet's byte-order mark
             if path.endswith(".jsonl"):
                 return [_json_row(line, where, number) for number, line in enumerate(handle, 1) if line.strip()]
             if path.endswith(".json"):

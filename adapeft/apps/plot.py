@@ -81,7 +81,7 @@ def ppi_heatmap(history, names, path, relative_to="others", title="PPI relative 
 LABELLED_CURVES = 10  # more groups than this: the rest drawn thin and grey, unlabelled, so the legend stays readable
 
 
-def appi_curves(history, names, path, title="APPI: accumulated per-parameter influence"):
+def appi_curves(history, names, path, title="APPI: accumulated PPI, cleaned and smoothed"):
     plt = _pyplot()
     series = ppi_series(history)
     curves = np.cumsum(np.nan_to_num(clean(series)), axis=1)

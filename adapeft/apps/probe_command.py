@@ -195,9 +195,10 @@ class ProbeClock:
         pace = (time.perf_counter() - self.paced_from) / self.per_probe
         whole = statistics.median(self.pass_seconds[1:])
         left = max(total - self.probe_passes, 0)
-        common.tell(self.command, f"pace: with prefix reuse the probe's passes {TIMED_PASSES + 1} to "
-                                  f"{self.probe_passes} took {pace:.3g} s each ({pace / whole:.0%} of a whole pass), so "
-                                  f"its other {left} passes take about {common.duration(left * pace)}.")
+        common.tell(self.command, f"pace: the probe's passes {TIMED_PASSES + 1} to {self.probe_passes} took "
+                                  f"{pace:.3g} s each with prefix reuse and the probe's own work between them "
+                                  f"({pace / whole:.0%} of a whole pass timed alone), so its other {left} passes take "
+                                  f"about {common.duration(left * pace)}.")
 
     def after_step(self, step, loss):
         self.step_ended = time.perf_counter()
