@@ -163,22 +163,20 @@ def check_settings(owner, budget, method, granularity, eta, budget_given_later=F
     """The errors a probing run's selection settings would give at its end, at once: those of select() for
     `budget` and `method` (budget_given_later: a missing budget may still come), group_parameters' for
     `granularity`, the probe's for `eta` (None: the learning rate)."""
-    if budget is None and budget_given_later:
-        check_budget_and_method(budget, "greedy" if method == "exact" else method, owner)  # all but the budget
-    else:
-        check_budget_and_method(budget, method, owner)
+    check_budget_and_method(budget, method, owner, budget_needed=not budget_given_later)
     check_granularity(granularity, owner)
     if eta is not None:
         check_eta(eta, owner)
 
 
-def check_budget_and_method(budget, method, owner="adapeft.select"):
-    """The errors select() would give for `budget` and `method`, named for `owner`, which selects later."""
+def check_budget_and_method(budget, method, owner="adapeft.select", budget_needed=True):
+    """The errors select() would give for `budget` and `method`, named for `owner`, which selects later
+    (budget_needed=False: a missing budget may still be given to it)."""
     if method not in METHODS:
         raise ValueError(f"{owner}: method must be one of {METHODS}, got {method!r}")
     if budget is not None:
         budget_share(budget, owner=owner)
-    elif method == "exact":
+    elif method == "exact" and budget_needed:
         raise ValueError(f"{owner}: method='exact' needs a budget")
 
 
@@ -306,10 +304,10 @@ def horizon_appi(prober, horizon):
     """APPI with each probe's PPI scaled to what a training of `horizon` steps at that probe's eta reaches: it
     moves a group up to x = horizon x eta along the probe's direction, and the quadratic's reduction there,
     x b - x^2 A/2, is the share u (2 - u) of the full step's b^2/2A, u = min(1, x / eta*). For accepted fits the
-    paper's APPI is the limit of a long horizon (a concave fit's linear term, below, grows with it); a short one ranks groups by their slopes b, as a training at eta does
-    (far_step_note). A fit the paper rejects for its curvature alone (b > 0, A <= 0, resolved, R^2 over the
-    prober's threshold: the loss falls faster than its slope along the direction) counts its linear term x b,
-    where the paper's values count nothing (reached_value)."""
+    paper's APPI is the limit of a long horizon (a concave fit's linear term, below, grows with it); a short one
+    ranks groups by their slopes b, as a training at eta does (far_step_note). A fit the paper rejects for its
+    curvature alone (b > 0, A <= 0, resolved, R^2 over the prober's threshold: the loss falls faster than its slope
+    along the direction) counts its linear term x b, where the paper's values count nothing (reached_value)."""
     check_horizon(horizon)
     if prober.results is None:
         raise ValueError("adapeft.select: horizon= needs every probe's eta and eta*, which a Prober made with "

@@ -141,7 +141,8 @@ def _select(args):
         if os.path.isdir(args.out):
             raise InputError(f"--out {args.out} is a folder; give the file to write, such as selection.json")
         common.prepare_output_folder(os.path.dirname(args.out) or ".", "--out")
-    if args.values == "squared-gradient":
+    by_gradient = args.values == "squared-gradient"
+    if by_gradient:
         if args.horizon is not None:
             raise InputError("--horizon values the probes' fits; --values squared-gradient has none to value (give "
                              "one of the two)")
@@ -153,11 +154,11 @@ def _select(args):
     selection = select(values=values, counts=record["counts"], names=record["groups"], budget=args.budget,
                        method=args.method)
     selection.horizon = args.horizon
-    selection.signal = "squared gradient" if args.values == "squared-gradient" else None
+    selection.signal = "squared gradient" if by_gradient else None
     if args.budget is None:
         print(f"no --budget given, so the table is the whole {args.method} frontier (a row for every budget) and "
-              f"'chosen' is its set of most {'value' if args.values == 'squared-gradient' else 'predicted loss reduction'}"
-              "; give --budget SHARE (0.01 for 1%) to choose within a share")
+              f"'chosen' is its set of most {'value' if by_gradient else 'predicted loss reduction'}; give --budget "
+              "SHARE (0.01 for 1%) to choose within a share")
     print(selection.table())
     fields = {}
     if adapted is not None and any(adapted[name] for name in selection.chosen):
