@@ -224,19 +224,45 @@ def _stacks(paths):
     return list(OrderedDict.fromkeys(stack for stack, _, _ in filter(None, found)))
 
 
-def _rule_matcher(rule_name, pattern):
+def _rule_matcher(pattern):
     if callable(pattern):
         return pattern
-    if isinstance(pattern, str):
-        compiled = re.compile(pattern)
-        return lambda name, param, module: compiled.search(name) is not None
-    raise TypeError(f"adapeft.group_parameters: rule {rule_name!r} must be a regex string or a callable "
-                    f"(name, param, module) -> bool, got {type(pattern).__name__}")
+    compiled = re.compile(pattern)
+    return lambda name, param, module: compiled.search(name) is not None
 
 
 def check_granularity(granularity, owner="adapeft.group_parameters"):
     if granularity not in GRANULARITIES:
         raise ValueError(f"{owner}: granularity must be one of {GRANULARITIES}, got {granularity!r}")
+
+
+def check_grouping(granularity, rules=None, trainable_only=False, owner="adapeft.group_parameters"):
+    """The errors group_parameters gives for its arguments before it looks at a model, so that those who group
+    later (the callbacks, when training starts) can give them when made. Returns the rules as a list."""
+    check_granularity(granularity, owner)
+    if not isinstance(trainable_only, bool):  # any object is truthy: "no" would group only what trains
+        raise TypeError(f"{owner}: trainable_only must be True or False, got {trainable_only!r}")
+    # A string or a dict iterates as characters or keys, so it is refused as a whole, not pair by pair.
+    if rules is not None and not isinstance(rules, (list, tuple)):
+        raise TypeError(f"{owner}: rules must be a list of (group name, pattern) pairs, got "
+                        f"{type(rules).__name__} {rules!r}")
+    rules = list(rules or [])
+    for rule in rules:
+        if not (isinstance(rule, (tuple, list)) and len(rule) == 2 and isinstance(rule[0], str) and rule[0]):
+            raise TypeError(f"{owner}: rules must be (group name, pattern) pairs with a non-empty name, got {rule!r}")
+        name, pattern = rule
+        if not (callable(pattern) or isinstance(pattern, str)):
+            raise TypeError(f"{owner}: rule {name!r} must be a regex string or a callable (name, param, module) -> "
+                            f"bool, got {type(pattern).__name__}")
+        if isinstance(pattern, str):
+            try:
+                re.compile(pattern)
+            except re.error as error:
+                raise ValueError(f"{owner}: rule {name!r}: {pattern!r} is not a regex ({error})") from None
+    names = [name for name, _ in rules]
+    if len(set(names)) != len(names):
+        raise ValueError(f"{owner}: rule names must be unique, got {names}")
+    return rules
 
 
 def group_parameters(model, granularity="type", rules=None, trainable_only=False):
@@ -257,14 +283,9 @@ def group_parameters(model, granularity="type", rules=None, trainable_only=False
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"adapeft.group_parameters: model must be a torch.nn.Module, got {type(model).__name__}")
-    check_granularity(granularity)
-    rules = list(rules or [])
-    rule_names = [r[0] if isinstance(r, (tuple, list)) and len(r) == 2 else None for r in rules]
-    if None in rule_names:
-        raise TypeError("adapeft.group_parameters: rules must be (group name, pattern) pairs")
-    if len(set(rule_names)) != len(rule_names):
-        raise ValueError(f"adapeft.group_parameters: rule names must be unique, got {rule_names}")
-    matchers = [(rule_name, _rule_matcher(rule_name, pattern)) for rule_name, pattern in rules]
+    rules = check_grouping(granularity, rules, trainable_only)
+    rule_names = [rule_name for rule_name, _ in rules]
+    matchers = [(rule_name, _rule_matcher(pattern)) for rule_name, pattern in rules]
 
     tensors, unwrapped = trainable_tensors(model)
     if trainable_only:

@@ -45,8 +45,8 @@ class AdaPEFTCallback(WithProbingPhase, TrainerCallback):
     for, to value each probe by what that many steps at its eta reach (adapeft.select's horizon=; None: the
     paper's values); trainable_only: group only the parameters that train (as group_parameters'), so that on a
     peft model the budget is a share of the adapters rather than of the whole model (freeze_to then takes
-    trainable_only=True too). A bad budget, method, granularity, eta, probe_fraction, every, direction or horizon is
-    refused here, not when the phase ends; a selection of nothing is warned of, with why.
+    trainable_only=True too). A bad budget, method, granularity, rules, trainable_only, eta, probe_fraction, every,
+    direction or horizon is refused here, not when the phase ends; a selection of nothing is warned of, with why.
     """
 
     def __init__(self, budget=0.01, method="exact", probe_fraction=0.1, every=None, eta=None, direction="optimizer",

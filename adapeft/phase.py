@@ -7,8 +7,12 @@ import math
 import os
 import warnings
 
+import torch
+
 from .groups import group_parameters
 from .probe import Prober, ProbeSchedule
+from .record import probe_record
+from .signals import squared_gradient
 from .select import check_horizon, check_settings, nothing_fits_note, select
 from .probe.distributed import is_sharded
 
@@ -18,7 +22,7 @@ class ProbingPhase:
 
     def __init__(self, owner, budget, method, probe_fraction, every, eta, direction, granularity, rules,
                  reuse_prefix, horizon=None, trainable_only=False):
-        check_settings(owner, budget, method, granularity, eta)
+        check_settings(owner, budget, method, granularity, eta, rules=rules, trainable_only=trainable_only)
         if not 0 < probe_fraction <= 1:
             raise ValueError(f"{owner}: probe_fraction must be in (0, 1], got {probe_fraction!r}")
         if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
@@ -30,7 +34,7 @@ class ProbingPhase:
         if horizon is not None:
             check_horizon(horizon, owner)
         self.reuse_prefix, self.horizon, self.trainable_only = reuse_prefix, horizon, trainable_only
-        self.prober = self.selection = self.groups = self.schedule = None
+        self.prober = self.selection = self.groups = self.schedule = self.squared_gradient = None
         self.last_step = 0
         self.done = False
         self.why_not = []
@@ -43,6 +47,8 @@ class ProbingPhase:
         self.last_step = max(1, math.ceil(self.probe_fraction * max(max_steps, 1)))
         every = self.every or max(1, min(4 * len(self.groups), self.last_step // 4))
         self.schedule = ProbeSchedule(len(self.groups), interval=every, stop=self.last_step)
+        # The free signal the records of `adapeft probe` keep beside the probe's: |g|^2 a group at the probe steps.
+        self.squared_gradient = torch.zeros(len(self.groups), dtype=torch.float64)
 
     def due(self, step):
         return self.schedule is not None and not self.done and self.schedule(step)
@@ -65,6 +71,8 @@ class ProbingPhase:
                 raise
             self.why_not.append("no parameter had a gradient at the probe steps")
             return None
+        # The probe leaves p.grad as the training's backward pass left it, for the optimizer step to come.
+        self.squared_gradient += squared_gradient(self.groups)
         metrics = {}
         for name, ppi, total in zip(self.prober.names, result.ppi.cpu().tolist(), self.prober.appi.cpu().tolist()):
             metrics[f"adapeft/ppi/{name}"] = ppi
@@ -94,11 +102,9 @@ class ProbingPhase:
         if output_dir and writes_reports:  # every rank holds the same selection; one writes it
             os.makedirs(output_dir, exist_ok=True)
             self.selection.save(os.path.join(output_dir, "adapeft_selection.json"))
-            history = [h.cpu().tolist() for h in self.prober.history]
             with open(os.path.join(output_dir, "adapeft_probe.json"), "w") as handle:
-                json.dump({"format": "adapeft.probe/1", "groups": self.prober.names,
-                           "counts": self.prober.groups.numel, "appi": self.prober.appi.cpu().tolist(),
-                           "ppi_history": history}, handle, indent=2)
+                json.dump({"format": "adapeft.probe/1", "granularity": self.granularity, "direction": self.direction,
+                           **probe_record(self.prober, self.groups, self.squared_gradient)}, handle, indent=2)
         return self.selection
 
 

@@ -39,7 +39,7 @@ from fractions import Fraction
 import numpy as np
 import torch
 
-from .groups import check_granularity
+from .groups import check_grouping
 from .ops import backend as _backend
 from .probe import Prober
 from .probe.guards import check_eta
@@ -159,12 +159,13 @@ def budget_share(budget, argument="budget", owner="adapeft.select"):
     return share
 
 
-def check_settings(owner, budget, method, granularity, eta, budget_given_later=False):
+def check_settings(owner, budget, method, granularity, eta, budget_given_later=False, rules=None,
+                   trainable_only=False):
     """The errors a probing run's selection settings would give at its end, at once: those of select() for
     `budget` and `method` (budget_given_later: a missing budget may still come), group_parameters' for
-    `granularity`, the probe's for `eta` (None: the learning rate)."""
+    `granularity`, `rules` and `trainable_only`, the probe's for `eta` (None: the learning rate)."""
     check_budget_and_method(budget, method, owner, budget_needed=not budget_given_later)
-    check_granularity(granularity, owner)
+    check_grouping(granularity, rules, trainable_only, owner)
     if eta is not None:
         check_eta(eta, owner)
 

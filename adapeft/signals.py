@@ -16,15 +16,24 @@ import time
 
 import torch
 
+from .probe.distributed import is_sharded, local, sum_over_ranks
+
 SIGNALS = ("squared gradient", "Fisher", "weight SNR", "random")
 IQR_TO_SIGMA = 1.349  # a normal distribution's interquartile range in units of its standard deviation
 
 
 def squared_gradient(groups):
-    """|g_k|^2 of each group from p.grad (float64, one value per group; tensors without a gradient add 0)."""
-    return torch.stack([sum((p.grad.double().square().sum() for p in groups.params(name) if p.grad is not None),
-                            torch.zeros((), dtype=torch.float64, device=_device(groups)))
-                        for name in groups.names]).cpu()
+    """|g_k|^2 of each group from p.grad (float64, one value per group; tensors without a gradient add 0). Under
+    FSDP2 each rank holds shards of the gradients: their squares are summed over the ranks of the shards' mesh,
+    so that every rank gets the whole tensors' |g|^2 (a collective: every rank must call it)."""
+    grads = [[p.grad for p in groups.params(name) if p.grad is not None] for name in groups.names]
+    values = torch.stack([sum((local(g).double().square().sum() for g in group),
+                              torch.zeros((), dtype=torch.float64, device=_device(groups))) for group in grads])
+    sharded = next((g for group in grads for g in group if is_sharded(g)), None)
+    if sharded is not None:  # every parameter sharded over one 1-D mesh (adapeft.Prober refuses others): no
+        # plain tensor, whose square every rank holds whole, is counted once a rank
+        values = sum_over_ranks(values, sharded.device_mesh.get_group())
+    return values.cpu()
 
 
 def empirical_fisher(model, groups, loss_fn, examples):

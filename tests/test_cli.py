@@ -8,6 +8,7 @@ import inspect
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -19,6 +20,7 @@ import torch
 import adapeft
 from adapeft.ops import backend as _backend
 from adapeft.apps import cli, common, inputs, probe_command
+from adapeft import record as records
 from test_select import mlp_prober
 
 pytestmark = pytest.mark.skipif(_backend._C is None, reason="the compiled extension is not built")
@@ -484,7 +486,7 @@ def test_a_records_values_at_a_horizon_are_the_probers():
         prober, batch = mlp_prober(r2_threshold=threshold)
         for eta in (1e-4, 3e-4):
             prober.step(batch, eta)
-        record = common.probe_record(prober, prober.groups)
+        record = records.probe_record(prober, prober.groups)
         assert record["r2_threshold"] == threshold
         assert any("A <= 0" in probe["verdict"] for probe in record["probe_history"])
         for horizon in (0.5, 20, 1e6):
@@ -658,3 +660,30 @@ def test_a_model_folder_of_gguf_files_is_told_to_name_one(tmp_path, files):
     refused(adapeft_command("probe", "--model", folder, "--data", files["data"]),
             f"--model {folder} is not a Hugging Face model folder (no config.json)", remedy)
     refused(adapeft_command("demo", "--model", folder), remedy)
+
+
+def test_a_model_folder_without_weights_is_refused_naming_what_is_missing(files, tmp_path):
+    """A config and a tokenizer but no weights: refused before the data are read, not by transformers' traceback
+    when it loads the model; weights it still cannot find (a sharded checkpoint's lost part) are named too."""
+    folder = tmp_path / "no-weights"
+    shutil.copytree(files["model"], folder)
+    (folder / "model.safetensors").unlink()
+    missing = f"--model {folder} has a config.json but no weight files (looked for *.safetensors, *.bin)"
+    started = time.perf_counter()
+    refused(adapeft_command("probe", "--model", folder, "--data", files["data"]), missing,
+            f"save the model there with model.save_pretrained('{folder}')")
+    assert time.perf_counter() - started < FLAG_CHECK_SECONDS
+    refused(adapeft_command("probe", "--task", "causal-lm", "--model", folder, "--data", files["data"]), missing)
+    refused(adapeft_command("demo", "--model", folder), missing)
+    (folder / "tiny.Q8_0.gguf").write_bytes(b"GGUF")
+    refused(adapeft_command("probe", "--model", folder, "--data", files["data"]), missing,
+            "it holds tiny.Q8_0.gguf: give --task causal-lm --gguf-file tiny.Q8_0.gguf")
+    sharded = tmp_path / "sharded"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        transformers.BertModel.from_pretrained(files["model"]).save_pretrained(sharded, max_shard_size="20KB")
+    shutil.copy(files["model"] / "vocab.txt", sharded)
+    lost = sorted(sharded.glob("model-*.safetensors"))[-1]
+    lost.unlink()
+    refused(adapeft_command("probe", "--model", sharded, "--data", files["data"], "--steps", "1", timeout=120),
+            f"--model {sharded}: transformers could not load the model: ", lost.name)

@@ -152,6 +152,49 @@ def test_ranks_agree_with_one_process_on_the_global_batch(tmp_path, worker, back
             torch.testing.assert_close(out["plain_b"].cpu(), single["b"][-1], rtol=1e-7, atol=b_error)
 
 
+def squared_gradient_phase_worker(rank, folder, backend, sharding):
+    """A callback's probing phase, one probe on this rank's half of the global batch: its record's |g|^2."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from adapeft.phase import ProbingPhase
+    device, local = join(rank, folder, backend)
+    try:
+        model = make_model(device)
+        if sharding == "FSDP2":
+            fully_shard(model, mesh=init_device_mesh(device.type, (WORLD,)))
+        else:
+            model = torch.nn.parallel.DistributedDataParallel(model)
+        model.eval()  # no dropout: the ranks' gradients are the global batch's
+        cross_entropy(model, local).backward()
+        phase = ProbingPhase("test", 0.5, "exact", 1.0, 1, ETA, "grad", "type", None, False)
+        phase.begin(model, 1)
+        assert phase.probe(model, cross_entropy, local, None, ETA) is not None
+        phase.finish(os.path.join(folder, "out"), rank == 0)
+        torch.save(phase.squared_gradient, os.path.join(folder, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("sharding", ["DDP", "FSDP2"])
+def test_the_callbacks_record_keeps_the_whole_tensors_squared_gradients(tmp_path, backend, sharding):
+    """Under FSDP2 each rank holds shards of the gradients: the record's |g|^2 a group is the whole tensors' (the
+    shards' squares summed over the ranks), as one process on the global batch has it, on every rank."""
+    mp.spawn(squared_gradient_phase_worker, args=(str(tmp_path), backend, sharding), nprocs=WORLD, join=True)
+    model = make_model().eval()
+    cross_entropy(model, global_batch()).backward()
+    groups = adapeft.group_parameters(model)
+    single = torch.tensor([sum(float(p.grad.square().sum()) for p in groups.params(name)) for name in groups.names],
+                          dtype=torch.float64)
+    for rank in range(WORLD):
+        torch.testing.assert_close(torch.load(tmp_path / f"rank{rank}.pt"), single, rtol=1e-12, atol=0)
+    record = json.loads((tmp_path / "out" / "adapeft_probe.json").read_text())
+    assert record["groups"] == groups.names and record["probe_history"][0]["eta"] == ETA
+    torch.testing.assert_close(torch.tensor(record["squared_gradient"], dtype=torch.float64), single, rtol=1e-12,
+                               atol=0)
+
+
 def test_process_group_checks():
     model = make_model()
     with pytest.raises(ValueError, match="torch.distributed is not initialised"):

@@ -94,6 +94,20 @@ def test_callback_selects_at_a_horizon(tmp_path):
     at_horizon = adapeft.select(callback.prober, budget=0.05, method="exact", horizon=30)
     assert callback.selection.values == at_horizon.values and callback.selection.chosen == at_horizon.chosen
     assert callback.selection.values != adapeft.select(callback.prober, budget=0.05, method="exact").values
+    # its record keeps each probe's eta and the groups' |g|^2, so that adapeft select chooses from it as the callback
+    # did, and by |g|^2
+    record = tmp_path / "adapeft_probe.json"
+    probes = json.loads(record.read_text())["probe_history"]
+    assert len(probes) == 4 and all(probe["eta"] == 1e-3 for probe in probes)  # the learning rate
+    chosen = {}
+    for values, flags in (("appi", ("--horizon", "30")), ("squared-gradient", ())):
+        done = run_cli("select", "--probe", str(record), "--budget", "0.05", "--method", "exact", "--values", values,
+                       *flags, "--out", str(tmp_path / f"{values}.json"))
+        assert done.returncode == 0, done.stderr
+        chosen[values] = adapeft.Selection.load(tmp_path / f"{values}.json")
+    assert chosen["appi"].chosen == callback.selection.chosen
+    assert chosen["appi"].values == pytest.approx(callback.selection.values, rel=1e-12, abs=0)
+    assert chosen["squared-gradient"].signal == "squared gradient" and chosen["squared-gradient"].chosen
     for horizon in (0, "rest", True, float("inf")):
         with pytest.raises(ValueError, match="adapeft.AdaPEFTCallback: horizon must be a finite number of training steps"):
             AdaPEFTCallback(horizon=horizon)
@@ -134,6 +148,14 @@ def test_settings_are_refused_when_made_not_when_the_phase_ends():
             AdaPEFTCallback(**options)
         with pytest.raises(ValueError, match=f"adapeft.AdaPEFT: {argument}"):
             AdaPEFT(**options)
+    # the grouping's arguments too, though the groups are made only when training starts
+    for options, error, message in (
+            ({"rules": "bias"}, TypeError, "rules must be a list of \\(group name, pattern\\) pairs, got str 'bias'"),
+            ({"rules": [("head", 3)]}, TypeError, "rule 'head' must be a regex string or a callable"),
+            ({"rules": [("head", "(")]}, ValueError, "rule 'head': '\\(' is not a regex"),
+            ({"trainable_only": "yes"}, TypeError, "trainable_only must be True or False, got 'yes'")):
+        with pytest.raises(error, match=f"adapeft.AdaPEFTCallback: {message}"):
+            AdaPEFTCallback(**options)
     # the callback selects when its phase ends, with its own budget; AdaPEFT.select may still be given one
     with pytest.raises(ValueError, match="adapeft.AdaPEFTCallback: method='exact' needs a budget"):
         AdaPEFTCallback(budget=None)

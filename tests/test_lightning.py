@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import adapeft
+from adapeft.apps import inputs
 from adapeft.ops import backend as _backend
 
 pytestmark = pytest.mark.skipif(_backend._C is None, reason="the compiled extension is not built")
@@ -64,13 +65,28 @@ def fit(module, folder, callbacks=(), steps=8):
     return trainer
 
 
+class SquaredGradients(L.Callback):
+    """Each group's |g|^2 summed over the optimizer steps `steps`, from the gradients the optimizer is given."""
+
+    def __init__(self, granularity, steps):
+        self.granularity, self.steps, self.totals = granularity, steps, None
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        if trainer.global_step in self.steps:
+            groups = adapeft.group_parameters(pl_module, self.granularity)
+            values = [sum(float(p.grad.double().square().sum()) for p in groups.params(name) if p.grad is not None)
+                      for name in groups.names]
+            self.totals = values if self.totals is None else [a + b for a, b in zip(self.totals, values)]
+
+
 def test_callback_probes_selects_and_leaves_training_unchanged(tmp_path):
     plain = Regressor()
     fit(plain, tmp_path / "plain")
     logs = []
     module = Regressor(logs)
     callback = AdaPEFTCallback(budget=0.5, probe_fraction=0.5, every=2, granularity="module")
-    trainer = fit(module, tmp_path / "probed", [callback])
+    gradients = SquaredGradients("module", steps=(0, 2))
+    trainer = fit(module, tmp_path / "probed", [callback, gradients])
     assert callback.prober is not None and len(callback.prober.history) == 2  # steps 0 and 2 of the first 4
     assert callback.prober.names == adapeft.group_parameters(module, "module").names
     # the probe's own training_step calls are not logged: one train_loss a training step
@@ -87,6 +103,13 @@ def test_callback_probes_selects_and_leaves_training_unchanged(tmp_path):
     assert saved.chosen == callback.selection.chosen
     probe = json.loads((tmp_path / "probed" / "adapeft_probe.json").read_text())
     assert probe["groups"] == callback.prober.names and len(probe["ppi_history"]) == 2
+    # what adapeft select --horizon and --values squared-gradient read: each probe's eta (the optimizer's rate) and
+    # the groups' |g|^2 at the probe steps
+    assert [entry["eta"] for entry in probe["probe_history"]] == [1e-2, 1e-2]
+    assert probe["squared_gradient"] == pytest.approx(gradients.totals, rel=1e-12, abs=0)
+    assert sum(value > 0 for value in probe["squared_gradient"]) >= 4  # the frozen base has none
+    assert inputs.horizon_values(probe, 20, "p.json") == pytest.approx(
+        adapeft.select(callback.prober, budget=0.5, horizon=20).values, rel=1e-12, abs=0)
 
 
 def test_callback_with_a_loss_fn_and_the_errors_it_gives(tmp_path):
@@ -118,6 +141,10 @@ def test_callback_with_a_loss_fn_and_the_errors_it_gives(tmp_path):
                               ({"method": "best"}, "method"), ({"budget": None}, "method='exact' needs a budget"),
                               ({"granularity": "row"}, "granularity"), ({"eta": 0.0}, "eta")):
         with pytest.raises(ValueError, match=f"adapeft.lightning.AdaPEFTCallback: {argument}"):
+            AdaPEFTCallback(**options)
+    for options, argument in (({"rules": "bias"}, "rules"), ({"rules": {"head": "head"}}, "rules"),
+                              ({"trainable_only": "yes"}, "trainable_only")):
+        with pytest.raises(TypeError, match=f"adapeft.lightning.AdaPEFTCallback: {argument} must be"):
             AdaPEFTCallback(**options)
 
 

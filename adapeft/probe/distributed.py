@@ -54,13 +54,18 @@ def process_group_for(model, groups, requested, direction):
     return requested, False
 
 
-def mean_over_ranks(tensor, group):
-    """The mean of `tensor` over the ranks of `group` (a new tensor)."""
+def sum_over_ranks(tensor, group):
+    """The sum of `tensor` over the ranks of `group` (a new tensor)."""
     import torch.distributed as dist
     total = tensor.clone()
     dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
-    total /= dist.get_world_size(group)
     return total
+
+
+def mean_over_ranks(tensor, group):
+    """The mean of `tensor` over the ranks of `group` (a new tensor)."""
+    import torch.distributed as dist
+    return sum_over_ranks(tensor, group) / dist.get_world_size(group)
 
 
 def agree(losses, report, plans, names, group, sharded):
