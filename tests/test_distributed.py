@@ -357,7 +357,7 @@ json.dump({"sharded": sharded, "appi": callback.prober.appi.tolist(), "chosen": 
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="Trainer applies its fsdp settings on GPUs only")
-def test_trainer_callback_under_trainers_own_fsdp2_settings(tmp_path):
+def test_trainer_callback_under_trainers_own_fsdp2_settings_on_cuda(tmp_path):
     """Trainer's fsdp settings (accelerate's fully_shard, one default mesh a call), one process on one GPU: the
     callback probes the sharded model and chooses as it does without FSDP."""
     import subprocess
