@@ -28,6 +28,7 @@ def equip_lora(model, target_modules, r=8, alpha=16, dropout=0.0, train_all=True
     import warnings
 
     from peft import LoraConfig, get_peft_model
+    check_lora_targets(model, target_modules)
     with warnings.catch_warnings():
         # peft asks transformers about gradient checkpointing through a name transformers now deprecates
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
@@ -37,6 +38,21 @@ def equip_lora(model, target_modules, r=8, alpha=16, dropout=0.0, train_all=True
         for p in peft_model.parameters():
             p.requires_grad_(True)
     return peft_model
+
+
+def check_lora_targets(model, target_modules, owner="adapeft.equip_lora"):
+    """ValueError naming every name of target_modules that no module of `model` has (peft matches a name to the
+    end of a module's path, and raises only where none of the names matches)."""
+    if isinstance(target_modules, str) or not all(isinstance(name, str) and name for name in target_modules):
+        raise TypeError(f"{owner}: target_modules must be a list of module names, got {target_modules!r}")
+    paths = [path for path, _ in model.named_modules()]
+    missing = [name for name in target_modules if not any(path == name or path.endswith("." + name) for path in paths)]
+    if missing:
+        layers = (torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv2d)
+        known = dict.fromkeys(path.rsplit(".", 1)[-1] for path, module in model.named_modules()
+                              if isinstance(module, layers) or type(module).__name__ == "Conv1D")
+        raise ValueError(f"{owner}: no module of the model is named {', '.join(missing)} (a name matches the end "
+                         f"of a module's path; its layers end in {', '.join(known) or 'none'})")
 
 
 @dataclass

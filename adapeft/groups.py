@@ -272,7 +272,8 @@ def group_parameters(model, granularity="type", rules=None, trainable_only=False
     transformer block, e.g. "norm@3"; parameters outside the blocks keep their type name), "module" (module x
     block, e.g. "self_attn.q_proj@3", the path inside the block: an adapter's weights (LoRA's A and B
     together) form the group of the module they adapt, and that module's own weights, where it has an adapter,
-    the group "self_attn.q_proj.base_layer@3"; parameters outside the blocks keep their type name) or "tensor"
+    the group "self_attn.q_proj.base_layer@3"; outside the blocks an adapter's weights form the group of its module's
+    path, "lm_head", and other parameters keep their type name) or "tensor"
     (one group per parameter, named by its path in the unwrapped model).
     trainable_only: leave out the parameters that do not require gradients (a base model peft froze), so that
     the groups and their counts are those of what is being trained.
@@ -327,7 +328,10 @@ def group_parameters(model, granularity="type", rules=None, trainable_only=False
             label, order = tensor.unwrapped_name, (position,)
         elif granularity == "module":
             block = _block_of(tensor.path, stacks)
-            label = kind if block is None else f"{_module_in_block(tensor, adapted)}@{block}"
+            if block is not None:
+                label = f"{_module_in_block(tensor, adapted)}@{block}"
+            else:  # an adapter outside the blocks (a LoRA on the embedding or the head) is its module's, as inside
+                label = kind if tensor.adapted is None else ".".join(tensor.adapted)
             order = (_block_sort_key(block, stacks), position)
         elif granularity == "layer":
             block = _block_of(tensor.path, stacks)

@@ -94,12 +94,24 @@ def block_index(name):
     return None if found is None else found[1]
 
 
-def lora_config(chosen, groups, r=8, ranks="uniform", alpha=None, counts=None):
+DEFAULT_LORA_RANK = 8  # LoRA's rank where no adapter tells it (adapeft probe's --lora-rank default)
+
+
+def lora_rank(model):
+    """The rank of a model's LoRA adapters (the most common where they differ; None where it has none): the rows of
+    their A factors."""
+    ranks = collections.Counter(param.shape[0] for name, param in model.named_parameters()
+                    if any(f".{factor}." in name for factor in ("lora_A", "lora_embedding_A")))
+    return ranks.most_common(1)[0][0] if ranks else None
+
+
+def lora_config(chosen, groups, r=None, ranks="uniform", alpha=None, counts=None):
     """Keyword arguments for peft's `LoraConfig` that put LoRA on the modules whose adapters were chosen.
 
     chosen: an adapeft.Selection or a list of group names; groups: the ParameterGroups the probe used, or a
     mapping {group name: [qualified names of the modules its adapter weights adapt]} (a probe record's
-    "adapted_modules"). r: the rank of every adapter; ranks="values" shares r per chosen module, r x their
+    "adapted_modules"). r: the rank of every adapter (None: the probed adapters' own, lora_rank, where `groups` is a
+    ParameterGroups, else 8); ranks="values" shares r per chosen module, r x their
     number in all, in proportion to the chosen groups' values (a Selection's), at least 1 each, as a
     `rank_pattern` (the same total rank; the parameters it trains change with the modules' shapes). alpha: LoRA's
     alpha (default 2 r, as adapeft's probes use); where ranks differ, an `alpha_pattern` keeps every adapter at the
@@ -121,6 +133,8 @@ def lora_config(chosen, groups, r=8, ranks="uniform", alpha=None, counts=None):
     unknown = [name for name in names if name not in adapted]
     if unknown:
         raise ValueError(f"adapeft.lora_config: chosen groups {unknown} are not groups of `groups`")
+    if r is None:
+        r = (lora_rank(groups.model) if isinstance(groups, ParameterGroups) else None) or DEFAULT_LORA_RANK
     if not (isinstance(r, int) and r >= 1):
         raise ValueError(f"adapeft.lora_config: r must be a positive whole number, got {r!r}")
     if ranks not in ("uniform", "values"):

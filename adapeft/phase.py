@@ -10,6 +10,7 @@ import warnings
 import torch
 
 from .groups import group_parameters
+from .llm import lora_rank
 from .probe import Prober, ProbeSchedule
 from .record import probe_record
 from .signals import squared_gradient
@@ -34,7 +35,7 @@ class ProbingPhase:
         if horizon is not None:
             check_horizon(horizon, owner)
         self.reuse_prefix, self.horizon, self.trainable_only = reuse_prefix, horizon, trainable_only
-        self.prober = self.selection = self.groups = self.schedule = self.squared_gradient = None
+        self.prober = self.selection = self.groups = self.parts = self.schedule = self.squared_gradient = None
         self.last_step = 0
         self.done = False
         self.why_not = []
@@ -44,9 +45,12 @@ class ProbingPhase:
         max_steps optimizer steps)."""
         self.groups = group_parameters(model, granularity=self.granularity, rules=self.rules,
                                        trainable_only=self.trainable_only)
+        # LoRA's factors probed apart (together, their product's cross term bends the curvature negative) and chosen
+        # together, as `adapeft probe` does: a no-op where the groups already keep them apart.
+        self.parts = self.groups.split_factors()
         self.last_step = max(1, math.ceil(self.probe_fraction * max(max_steps, 1)))
-        every = self.every or max(1, min(4 * len(self.groups), self.last_step // 4))
-        self.schedule = ProbeSchedule(len(self.groups), interval=every, stop=self.last_step)
+        every = self.every or max(1, min(4 * len(self.parts), self.last_step // 4))
+        self.schedule = ProbeSchedule(len(self.parts), interval=every, stop=self.last_step)
         # The free signal the records of `adapeft probe` keep beside the probe's: |g|^2 a group at the probe steps.
         self.squared_gradient = torch.zeros(len(self.groups), dtype=torch.float64)
 
@@ -60,7 +64,7 @@ class ProbingPhase:
             self.why_not.append("no training batch was seen before the optimizer step")
             return None
         if self.prober is None:
-            self.prober = Prober(model, self.groups, loss_fn, direction=self.direction,
+            self.prober = Prober(model, self.parts, loss_fn, direction=self.direction,
                                  optimizer=optimizer if self.direction == "optimizer" else None,
                                  schedule=self.schedule, process_group=data_parallel_group(model),
                                  reuse_prefix=self.reuse_prefix)
@@ -90,7 +94,8 @@ class ProbingPhase:
                           f"(probe_fraction={self.probe_fraction}) holds a probe step.", UserWarning, stacklevel=3)
             return None
         self.prober.flush()
-        self.selection = select(self.prober, budget=self.budget, method=self.method, horizon=self.horizon)
+        self.selection = select(self.prober, budget=self.budget, method=self.method, horizon=self.horizon,
+                                units=self.groups)
         if not self.selection.chosen and writes_reports:
             why = None if self.budget is None else nothing_fits_note(self.selection.values, self.selection.counts,
                                                                      self.selection.names, self.budget)
@@ -102,9 +107,14 @@ class ProbingPhase:
         if output_dir and writes_reports:  # every rank holds the same selection; one writes it
             os.makedirs(output_dir, exist_ok=True)
             self.selection.save(os.path.join(output_dir, "adapeft_selection.json"))
+            record = {"format": "adapeft.probe/1", "granularity": self.granularity, "direction": self.direction,
+                      **probe_record(self.prober, self.groups, self.squared_gradient)}
+            adapted = {name: self.groups.adapted_modules(name) for name in self.groups.names}
+            if any(adapted.values()):  # what `adapeft select` turns into a LoraConfig, at the adapters' rank
+                record["adapted_modules"] = adapted
+                record["lora_rank"] = lora_rank(self.prober.model)
             with open(os.path.join(output_dir, "adapeft_probe.json"), "w") as handle:
-                json.dump({"format": "adapeft.probe/1", "granularity": self.granularity, "direction": self.direction,
-                           **probe_record(self.prober, self.groups, self.squared_gradient)}, handle, indent=2)
+                json.dump(record, handle, indent=2)
         return self.selection
 
 

@@ -223,8 +223,11 @@ def test_a_table_saved_with_a_byte_order_mark_reads_as_without(tmp_path):
     ('{"rows": []}', ".json", "holds a JSON dict, not a list of rows"),
     ("text,label\ntea,a\nrain,\n", ".csv", "row 2 has no value in column 'label'"),
     ("text,label\n", ".csv", "has no rows"),
-    ("text\tlabel\ntea\ta\n", ".txt", "not a .csv, .tsv, .jsonl, .json file"),
+    ("text\tlabel\ntea\ta\n", ".md", "not a .csv, .tsv, .jsonl, .json file"),
+    ("tea and rain\n", ".txt", "a .txt file is text without labels, which --task causal-lm reads"),
     ("sentence,y\ntea,a\nrain,b\n", ".csv", "has no column 'text'; its columns are ['sentence', 'y']"),
+    ('{"text": "tea"}\n', ".jsonl", "has no column 'label'; its columns are ['text']. Name the right one with "
+                                    "--label-column (or, for text without labels, give --task causal-lm)"),
 ])
 def test_probe_refuses_data_files_it_cannot_read(files, tmp_path, content, suffix, message):
     data = tmp_path / f"data{suffix}"

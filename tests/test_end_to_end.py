@@ -140,6 +140,31 @@ def test_callback_on_a_peft_model_budgets_what_trains_and_says_why_it_chose_noth
     assert report["trainable_parameters"] == 512 == sum(p.numel() for p in target.parameters() if p.requires_grad)
 
 
+def test_callback_probes_lora_factors_apart_and_records_what_select_turns_into_a_lora_config(tmp_path):
+    """As `adapeft probe` does: each adapter's A and B probed as groups of their own (together, their product's
+    cross term bends the curvature negative) and chosen as one unit; the record names the adapted modules and their
+    rank, so that `adapeft select` prints the LoraConfig."""
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = equip_lora(transformers.GPT2LMHeadModel(transformers.GPT2Config(
+            n_layer=2, n_embd=32, n_head=2, vocab_size=61, n_positions=32, bos_token_id=0, eos_token_id=0)),
+            ["c_attn", "mlp.c_proj"], r=4, train_all=False)
+    callback = AdaPEFTCallback(budget=0.5, method="exact", probe_fraction=0.5, every=2, granularity="module",
+                               trainable_only=True)
+    train_with_callback(model, Tokens(61), tmp_path, callback)
+    units = ["attn.c_attn@0", "mlp.c_proj@0", "attn.c_attn@1", "mlp.c_proj@1"]
+    assert callback.prober.names == [f"{unit}/{factor}" for unit in units for factor in ("lora_A", "lora_B")]
+    assert callback.selection.names == units and callback.selection.chosen
+    record = json.loads((tmp_path / "adapeft_probe.json").read_text())
+    assert record["groups"] == units and record["parts"]["groups"] == callback.prober.names
+    assert record["lora_rank"] == 4 and record["adapted_modules"]["mlp.c_proj@1"] == ["transformer.h.1.mlp.c_proj"]
+    done = run_cli("select", "--probe", str(tmp_path / "adapeft_probe.json"), "--budget", "0.5", "--method", "exact")
+    assert done.returncode == 0, done.stderr
+    assert "peft: LoraConfig(r=4, lora_alpha=8, " in done.stdout
+    assert adapeft.lora_config(callback.selection, callback.phase.groups)["r"] == 4  # the adapters' own rank
+
+
 def test_settings_are_refused_when_made_not_when_the_phase_ends():
     for options, argument in (({"budget": 5}, "budget"), ({"method": "best"}, "method"),
                               ({"budget": None, "method": "best"}, "method"), ({"granularity": "row"}, "granularity"),

@@ -445,6 +445,34 @@ def test_causal_lm_inputs_are_refused_with_the_flag_named(corpus, tmp_path):
             "--lora '': a causal language model is probed through LoRA adapters")
     refused(adapeft_command(*base, "--data", corpus["text"], "--lora", "nothing_here", timeout=120),
             "--lora nothing_here:")
+    # peft raises only where no name matches: one typo among right names would adapt fewer modules unsaid
+    refused(adapeft_command(*base, "--data", corpus["text"], "--lora", "q_proj,v_prj", timeout=120),
+            "--lora q_proj,v_prj: no module of the model is named v_prj", "its layers end in embed_tokens, q_proj")
+
+
+def test_lora_targets_that_name_no_module_are_refused_each():
+    model = tiny("llama")
+    with pytest.raises(ValueError, match=r"adapeft.equip_lora: no module of the model is named v_prj, mlp.up "
+                                         r"\(a name matches the end of a module's path; its layers end in "
+                                         r"embed_tokens, q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj"):
+        equip_lora(model, ["q_proj", "v_prj", "mlp.up"])
+    with pytest.raises(TypeError, match="adapeft.equip_lora: target_modules must be a list of module names"):
+        equip_lora(model, "q_proj")
+    assert sum("lora_A" in name for name, _ in equip_lora(model, ["q_proj", "mlp.up_proj"]).named_parameters()) == 8
+
+
+def test_adapters_outside_the_blocks_are_units_of_their_own(corpus, tmp_path):
+    """LoRA on the embedding and the head: each a unit named by its module (not the factors' type names, which would
+    lump the two adapters' A together), probed (peft's embedding wrapper has no num_embeddings) and chosen into a
+    LoraConfig."""
+    done = adapeft_command("probe", "--task", "causal-lm", "--model", corpus["llama"], "--data", corpus["text"],
+                           "--lora", "embed_tokens,q_proj,lm_head", "--max-length", "16", "--batch", "4", "--steps",
+                           "1", "--out", tmp_path, timeout=120)
+    assert done.returncode == 0, done.stderr
+    record = json.loads((tmp_path / "probe.json").read_text())
+    assert record["groups"][-2:] == ["model.embed_tokens", "lm_head"]
+    assert record["adapted_modules"]["lm_head"] == ["lm_head"]
+    assert all(name.startswith("self_attn.q_proj@") for name in record["groups"][:-2])
 
 
 def test_an_encoder_is_refused_as_a_causal_lm(corpus, tmp_path):

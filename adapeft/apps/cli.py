@@ -20,6 +20,7 @@ import torch
 from .. import __version__
 from ..select import METHODS
 from ..groups import GRANULARITIES
+from ..llm import DEFAULT_LORA_RANK
 from . import common, demo, probe_command
 from .common import InputError
 from .inputs import horizon_values, load_record, squared_gradient_values
@@ -166,7 +167,7 @@ def _select(args):
     fields = {}
     if adapted is not None and any(adapted[name] for name in selection.chosen):
         from ..llm import count_at_ranks, lora_config
-        counts, rank = dict(zip(record["groups"], record["counts"])), record.get("lora_rank") or 8
+        counts, rank = dict(zip(record["groups"], record["counts"])), record.get("lora_rank") or DEFAULT_LORA_RANK
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             config = lora_config(selection, adapted, r=rank, ranks=args.lora_ranks, counts=counts)
@@ -291,7 +292,7 @@ def parser():
     probe.add_argument("--lora", type=module_names, default=None,
                        help="LoRA target modules, comma separated; '' for none (classification) (default: query,value "
                             "for classification, every linear layer of the blocks for causal-lm)")
-    probe.add_argument("--lora-rank", type=positive_int, default=8, help="LoRA's rank (alpha is twice it)")
+    probe.add_argument("--lora-rank", type=positive_int, default=DEFAULT_LORA_RANK, help="LoRA's rank (alpha is twice it)")
     probe.add_argument("--granularity", choices=GRANULARITIES, default=None,
                        help="groups: the paper's types, types per layer, modules per layer or tensors; for causal-lm, "
                             "module (each adapter of each block) or layer (every adapter of a block), whose units hold "

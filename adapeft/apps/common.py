@@ -164,11 +164,16 @@ def load_causal_lm(folder, gguf_file=None, **options):
     return model
 
 
+def embedding_rows(model):
+    """The rows of a model's input embedding (through peft's LoRA wrapper of it, which has no num_embeddings)."""
+    return model.get_input_embeddings().weight.shape[0]
+
+
 @torch.no_grad()
 def _sees_later_tokens(model):
     """Whether a model's outputs at a sequence's first positions change with its last token (from_pretrained leaves
     it in eval mode: no dropout)."""
-    sequences = torch.tensor([[0, 1, 2], [0, 1, 3]], device=model.device) % model.get_input_embeddings().num_embeddings
+    sequences = torch.tensor([[0, 1, 2], [0, 1, 3]], device=model.device) % embedding_rows(model)
     first, second = (model(input_ids=ids[None]).logits[0, :2].float() for ids in sequences)
     return bool((first - second).abs().max() > 1e-3 * first.abs().max())
 

@@ -57,8 +57,12 @@ def json_error(error):
 def read_table(path, text_column, label_column):
     """(texts, labels as strings) of a data file, every row checked for both columns (text_column None:
     TEXT_COLUMN)."""
+    if path.endswith(".txt"):
+        raise InputError(f"--data {path}: a .txt file is text without labels, which --task causal-lm reads; a "
+                         f"classifier reads a {', '.join(DATA_FORMATS)} table of texts and labels")
     text_column = TEXT_COLUMN if text_column is None else text_column
-    rows = _rows_with(path, (text_column, "--text-column"), (label_column, "--label-column"))
+    rows = _rows_with(path, (text_column, "--text-column"),
+                      (label_column, "--label-column (or, for text without labels, give --task causal-lm)"))
     return [str(row[text_column]) for row in rows], [str(row[label_column]) for row in rows]
 
 

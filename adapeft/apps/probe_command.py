@@ -60,7 +60,7 @@ def run(args):
         model, data, loss_fn = _classifier(args, tokenizer, texts, labels)
     else:
         model, data, loss_fn = _causal_lm(args, tokenizer, texts)
-    rows = model.get_input_embeddings().num_embeddings
+    rows = common.embedding_rows(model)
     if len(tokenizer) > rows:
         raise InputError(f"{flag} {source}: its tokenizer has {len(tokenizer)} tokens, but the embeddings of --model "
                          f"{args.model} have {rows} rows; use the tokenizer the model was trained with")
@@ -306,7 +306,11 @@ def _load_tokenizer(source, flag, options):
 
 
 def _with_lora(model, targets, flag_value, **options):
-    from ..algorithm import equip_lora
+    from ..algorithm import check_lora_targets, equip_lora
+    try:
+        check_lora_targets(model, targets, owner=f"--lora {flag_value}")
+    except ValueError as error:
+        raise InputError(str(error)) from None
     try:
         return equip_lora(model, targets, **options)
     except ValueError as error:  # peft: no module of the model has such a name
