@@ -14,7 +14,7 @@ from .llm import lora_rank
 from .probe import Prober, ProbeSchedule
 from .record import probe_record
 from .signals import squared_gradient
-from .select import check_horizon, check_settings, nothing_fits_note, select
+from .select import NOTHING_OF_VALUE, check_horizon, check_settings, nothing_fits_note, select
 from .probe.distributed import is_sharded
 
 
@@ -101,7 +101,7 @@ class ProbingPhase:
                                                                      self.selection.names, self.budget)
             frozen = why is not None and not self.trainable_only and not all(p.requires_grad for p in
                                                                              self.prober.model.parameters())
-            warnings.warn(f"{self.owner}: the selection trains no group: {why or 'no group has a positive value'}"
+            warnings.warn(f"{self.owner}: the selection trains no group: {why or NOTHING_OF_VALUE}"
                           + (" (the budget is a share of every parameter, frozen ones too: trainable_only=True "
                              "makes it a share of those that train)" if frozen else ""), UserWarning, stacklevel=3)
         if output_dir and writes_reports:  # every rank holds the same selection; one writes it

@@ -241,11 +241,12 @@ def select(prober_or_values=None, counts=None, *, values=None, budget=None, meth
     if note is not None:
         selection.notes.append(note)
     if budget is not None and not selection.chosen:
-        note = nothing_fits_note(values, counts, names, budget)
-        if note is not None:
-            selection.notes.append(note)
+        selection.notes.append(nothing_fits_note(values, counts, names, budget) or NOTHING_OF_VALUE)
     selection.horizon = horizon
     return selection
+
+
+NOTHING_OF_VALUE = "no group has a positive value: none is expected to lower the loss, so none is chosen"
 
 
 def nothing_fits_note(values, counts, names, budget):

@@ -183,6 +183,14 @@ def test_bad_flag_values_are_argparse_errors(args, flag, capsys):
     assert f"error: argument {flag}: " in capsys.readouterr().err
 
 
+def test_a_budget_in_percent_is_told_as_a_share(capsys):
+    for budget, told in (("5%", "'5%': give a share of the parameters in [0, 1], 5% as 0.05"),
+                         ("x%", "'x%': give a share of the parameters in [0, 1]\n")):
+        with pytest.raises(SystemExit):
+            cli.main(SELECT + ["--budget", budget])
+        assert f"error: argument --budget: {told}" in capsys.readouterr().err
+
+
 # The real command, once for each flag (the values are all tried above).
 @pytest.mark.parametrize("args, flag", list({flag + args[0]: (args, flag) for args, flag in BAD_VALUES}.values()),
                          ids=lambda value: " ".join(value[-2:]) if isinstance(value, list) else value)

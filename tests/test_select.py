@@ -123,8 +123,9 @@ def test_a_choice_of_nothing_says_why():
         "(10) fits in it; method='exact' chooses the best set within it")
     assert adapeft.select(values=[20.0, 1.0], counts=[100, 10], names=["big", "small"], budget=0.1,
                           method="exact").chosen == ["small"]
-    # nothing of positive value: no note
-    assert adapeft.select(values=[0.0, 0.0], counts=[1, 1], budget=0.5, method="exact").notes == []
+    # nothing of positive value: said so
+    assert adapeft.select(values=[0.0, 0.0], counts=[1, 1], budget=0.5, method="exact").notes == [
+        "no group has a positive value: none is expected to lower the loss, so none is chosen"]
 
 
 @pytest.mark.parametrize("kwargs, error, message", [

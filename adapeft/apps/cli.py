@@ -48,6 +48,14 @@ def _number(text, kind):
         raise argparse.ArgumentTypeError(f"{text!r} is not {wanted}") from None
 
 
+def _is_number(text):
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 def positive_int(text):
     value = _number(text, int)
     if value < 1:
@@ -71,6 +79,10 @@ def positive_float(text):
 
 def share(text):
     """A share of the parameters in [0, 1], as adapeft.select takes it."""
+    percent = text.strip().removesuffix("%")
+    if percent != text.strip():
+        as_share = f", {percent}% as {float(percent) / 100:g}" if _is_number(percent) else ""
+        raise argparse.ArgumentTypeError(f"{text!r}: give a share of the parameters in [0, 1]{as_share}")
     value = _number(text, float)
     if not 0 <= value <= 1:
         raise argparse.ArgumentTypeError(f"must be a share of the parameters in [0, 1] (0.01 for 1%), got {text}")
