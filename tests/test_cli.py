@@ -389,6 +389,10 @@ def test_probe_gives_the_same_record_for_the_same_seed(files, tmp_path):
         records.append(json.loads((out / "probe.json").read_text()))
     assert records[0]["ppi_history"] == records[1]["ppi_history"] and records[0]["appi"] == records[1]["appi"]
     assert records[0]["probe_history"] != records[2]["probe_history"]
+    # and the record says how it was run
+    assert {key: records[2][key] for key in ("data", "batch", "steps", "every", "seed", "dtype", "max_length")} == {
+        "data": str(files["data"]), "batch": 8, "steps": 2, "every": 1, "seed": 1, "dtype": "float32",
+        "max_length": 64}
 
 
 # Probe records: select and plot say what is wrong with the file -----------------------------------------

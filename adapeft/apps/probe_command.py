@@ -100,6 +100,10 @@ def run(args):
     prober.flush()
     record = {"format": "adapeft.probe/1", "task": args.task, "model": args.model, "granularity": granularity,
               "direction": args.direction, "lr": lr, "points": args.points, "slope": args.slope,
+              # the rest of the run's settings, to repeat it
+              "data": args.data, "dtype": args.dtype, "compute": args.compute, "batch": args.batch,
+              "max_length": args.max_length, "steps": args.steps, "every": args.every, "eta": args.eta,
+              "seed": args.seed, "reuse_prefix": args.reuse_prefix,
               "forward_passes": prober.forward_passes, "backward_passes": prober.backward_passes,
               **probe_record(prober, groups, squared_gradient), "prefix": common.prefix_record(prober)}
     if args.task == "causal-lm":
