@@ -569,6 +569,23 @@ def test_plot_takes_a_budget(tmp_path):
         assert (tmp_path / "plots" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_the_plots_tick_whole_probe_steps(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    from adapeft.apps import plot
+    ticks = []
+
+    def saved(plt, fig, path):
+        ticks.append(fig.axes[0].get_xticks().tolist())
+        plt.close(fig)
+
+    monkeypatch.setattr(plot, "_save", saved)
+    for probes, expected in ((1, [0]), (3, [0, 1, 2]), (25, [0, 3, 6, 9, 12, 15, 18, 21, 24])):
+        history = [[1.0 + step, 2.0] for step in range(probes)]
+        plot.ppi_heatmap(history, ["a", "others"], tmp_path / "h.png")
+        plot.appi_curves(history, ["a", "others"], tmp_path / "a.png")
+        assert ticks[-2:] == [expected, expected]
+
+
 def test_a_missing_optional_package_is_named_with_how_to_install_it(tmp_path):
     blocker = tmp_path / "blocked" / "matplotlib"
     blocker.mkdir(parents=True)

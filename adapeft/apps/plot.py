@@ -6,6 +6,8 @@ row by the `others` row (the bulk of the parameters), so that row reads one unit
 Groups rejected at a probe step (PPI 0) count as missing, not as zero influence; where the record has each
 probe's verdicts, the heatmap marks those cells by why (not measured, or rejected for what was measured).
 """
+import math
+
 import numpy as np
 import torch
 
@@ -62,7 +64,7 @@ def ppi_heatmap(history, names, path, relative_to="others", title="PPI relative 
     with np.errstate(divide="ignore", invalid="ignore"):
         image = ax.imshow(np.log10(smooth), aspect="auto", cmap="viridis", interpolation="nearest")
     ax.set_yticks(range(len(names)), names)
-    ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
+    _probe_step_ticks(ax, smooth.shape[1])
     ax.set_xlabel("probe step")
     if verdicts is not None:
         for t, probe in enumerate(verdicts):
@@ -76,6 +78,11 @@ def ppi_heatmap(history, names, path, relative_to="others", title="PPI relative 
     ax.set_title(title)
     fig.colorbar(image, ax=ax, label="log10 PPI ratio")
     return _save(plt, fig, path)
+
+
+def _probe_step_ticks(ax, steps):
+    """Ticks at whole probe steps, ten at most (a locator puts fractions under one or two steps)."""
+    ax.set_xticks(range(0, steps, max(1, math.ceil(steps / 10))))
 
 
 LABELLED_CURVES = 10  # more groups than this: the rest drawn thin and grey, unlabelled, so the legend stays readable
@@ -94,7 +101,7 @@ def appi_curves(history, names, path, title="APPI: accumulated PPI, cleaned and 
         else:
             ax.plot(curve, color="0.75", linewidth=0.6)
     ax.set_yscale("symlog", linthresh=1e-12)
-    ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
+    _probe_step_ticks(ax, curves.shape[1])
     ax.set_xlabel("probe step")
     ax.set_ylabel("APPI")
     others = len(names) - len(labelled)
