@@ -31,7 +31,13 @@ from .unwrap import trainable_tensors
 
 TYPES = ("lora_A", "lora_B", "head", "norm", "bias", "embed", "others")
 GRANULARITIES = ("type", "layer", "module", "tensor")
-LORA_FACTORS = ("lora_A", "lora_B")
+# peft's names of LoRA's factors and the factor each is (an embedding's adapter has names of its own)
+LORA_FACTORS = {"lora_A": "lora_A", "lora_B": "lora_B", "lora_embedding_A": "lora_A", "lora_embedding_B": "lora_B"}
+
+
+def lora_factor(path):
+    """The LoRA factor ("lora_A" or "lora_B") a parameter's path lies in, or None."""
+    return next((LORA_FACTORS[part] for part in path if part in LORA_FACTORS), None)
 
 # Module names that hold a model's output head, in Hugging Face and torchvision models.
 HEAD_MODULE_NAMES = {"classifier", "score", "lm_head", "qa_outputs", "cls", "head", "heads", "fc",
@@ -82,8 +88,7 @@ class ParameterGroups:
         none. `whole(part)` names the group a part came from."""
         members = {}
         for name in self.names:
-            factors = [next((part for part in tensor.path if part in LORA_FACTORS), None)
-                       for tensor in self._members[name]]
+            factors = [lora_factor(tensor.path) for tensor in self._members[name]]
             whole = len(set(factors)) == 1  # one factor only (the "lora_A" type group), or none
             for tensor, factor in zip(self._members[name], factors):
                 members.setdefault(name if whole or factor is None else f"{name}/{factor}", []).append(tensor)
@@ -92,7 +97,7 @@ class ParameterGroups:
     @staticmethod
     def whole(part):
         """The group a part of `split_factors` came from."""
-        return part.rpartition("/")[0] if part.endswith(tuple(f"/{f}" for f in LORA_FACTORS)) else part
+        return part.rpartition("/")[0] if part.endswith(("/lora_A", "/lora_B")) else part
 
     def values_from_parts(self, parts, values):
         """Each group's value as the sum of its parts' (`parts`: group names of `split_factors`, or these groups'
@@ -173,10 +178,9 @@ def _output_head_ids(model):
 
 def _default_type(tensor, head_ids, fallback_head_ids):
     path = tensor.path
-    if any(part.startswith(("lora_A", "lora_embedding_A")) for part in path):
-        return "lora_A"
-    if any(part.startswith(("lora_B", "lora_embedding_B")) for part in path):
-        return "lora_B"
+    factor = lora_factor(path)
+    if factor is not None:
+        return factor
     if id(tensor.param) in head_ids or id(tensor.param) in fallback_head_ids or path[0] in HEAD_MODULE_NAMES:
         return "head"
     if _is_norm(tensor.owner) and path[-1] != "bias":

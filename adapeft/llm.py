@@ -20,7 +20,7 @@ import warnings
 
 import torch
 
-from .groups import ParameterGroups, block_position, group_parameters
+from .groups import ParameterGroups, block_position, group_parameters, lora_factor
 from .selection import Selection
 
 IGNORED = -100  # the target of a position that is not scored (padding), as torch and transformers take it
@@ -101,7 +101,7 @@ def lora_rank(model):
     """The rank of a model's LoRA adapters (the most common where they differ; None where it has none): the rows of
     their A factors."""
     ranks = collections.Counter(param.shape[0] for name, param in model.named_parameters()
-                    if any(f".{factor}." in name for factor in ("lora_A", "lora_embedding_A")))
+                                if lora_factor(name.split(".")) == "lora_A")
     return ranks.most_common(1)[0][0] if ranks else None
 
 

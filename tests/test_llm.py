@@ -472,6 +472,8 @@ def test_adapters_outside_the_blocks_are_units_of_their_own(corpus, tmp_path):
     record = json.loads((tmp_path / "probe.json").read_text())
     assert record["groups"][-2:] == ["model.embed_tokens", "lm_head"]
     assert record["adapted_modules"]["lm_head"] == ["lm_head"]
+    assert record["parts"]["groups"][-4:] == ["model.embed_tokens/lora_A", "model.embed_tokens/lora_B", "lm_head/lora_A",
+                                              "lm_head/lora_B"]  # probed apart, as inside the blocks
     assert all(name.startswith("self_attn.q_proj@") for name in record["groups"][:-2])
 
 

@@ -48,14 +48,6 @@ def _number(text, kind):
         raise argparse.ArgumentTypeError(f"{text!r} is not {wanted}") from None
 
 
-def _is_number(text):
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
-
-
 def positive_int(text):
     value = _number(text, int)
     if value < 1:
@@ -81,7 +73,10 @@ def share(text):
     """A share of the parameters in [0, 1], as adapeft.select takes it."""
     percent = text.strip().removesuffix("%")
     if percent != text.strip():
-        as_share = f", {percent}% as {float(percent) / 100:g}" if _is_number(percent) else ""
+        try:
+            as_share = f", {percent}% as {float(percent) / 100:g}"
+        except ValueError:
+            as_share = ""
         raise argparse.ArgumentTypeError(f"{text!r}: give a share of the parameters in [0, 1]{as_share}")
     value = _number(text, float)
     if not 0 <= value <= 1:

@@ -317,7 +317,7 @@ def _with_lora(model, targets, flag_value, **options):
         raise InputError(str(error)) from None
     try:
         return equip_lora(model, targets, **options)
-    except ValueError as error:  # peft: no module of the model has such a name
+    except ValueError as error:  # peft: a module it cannot adapt
         raise InputError(f"--lora {flag_value}: {error}") from None
 
 
