@@ -450,6 +450,18 @@ def test_causal_lm_inputs_are_refused_with_the_flag_named(corpus, tmp_path):
             "--lora q_proj,v_prj: no module of the model is named v_prj", "its layers end in embed_tokens, q_proj")
 
 
+def test_documents_longer_than_the_tokenizers_maximum_are_cut_into_rows_without_its_warning(corpus, caplog):
+    """A document longer than the tokenizer's model_max_length is tokenised whole and then cut into rows of --max-length
+    tokens, so transformers' warning that such a sequence "will result in indexing errors" is false here: unsaid."""
+    from adapeft.apps import demo_llm
+    long_text = " ".join(WORDS * 4)
+    for read in (lambda tokenizer: common.token_rows(tokenizer, [long_text], 8),
+                 lambda tokenizer: demo_llm.stdlib_source(tokenizer, 8, 4, 4)[0]):
+        tokenizer = transformers.AutoTokenizer.from_pretrained(corpus["llama"], model_max_length=16)
+        assert read(tokenizer).shape[1] == 8
+    assert "Token indices sequence length" not in caplog.text
+
+
 def test_lora_targets_that_name_no_module_are_refused_each():
     model = tiny("llama")
     with pytest.raises(ValueError, match=r"adapeft.equip_lora: no module of the model is named v_prj, mlp.up "

@@ -222,7 +222,9 @@ def token_rows(tokenizer, texts, length, where="the text"):
     into rows of `length` tokens (a LongTensor, rows x length; the tail shorter than a row is left out)."""
     ids = []
     for text in texts:
-        ids += tokenizer(text, add_special_tokens=False)["input_ids"]
+        # verbose=False: transformers warns of a text longer than the model's context "will result in indexing
+        # errors", which the rows below, cut to `length`, do not
+        ids += tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
         if tokenizer.eos_token_id is not None:
             ids.append(tokenizer.eos_token_id)
     rows = len(ids) // length

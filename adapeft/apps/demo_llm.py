@@ -83,7 +83,7 @@ def stdlib_source(tokenizer, tokens, train_rows, test_rows, files_per_side=16):
                 break
             continue
         with open(path, encoding="utf-8", errors="replace") as handle:
-            ids = tokenizer(handle.read(), add_special_tokens=False)["input_ids"]
+            ids = tokenizer(handle.read(), add_special_tokens=False, verbose=False)["input_ids"]  # cut into rows below
         take = min(missing, -(-wanted[test] // files_per_side), len(ids) // tokens)
         start = (len(ids) - take * tokens) // 2
         rows[test] += [ids[start + i * tokens:start + (i + 1) * tokens] for i in range(take)]
