@@ -243,6 +243,8 @@ def select(prober_or_values=None, counts=None, *, values=None, budget=None, meth
     if budget is not None and not selection.chosen:
         selection.notes.append(nothing_fits_note(values, counts, names, budget) or NOTHING_OF_VALUE)
     selection.horizon = horizon
+    # Values given as values= are the caller's (|g|^2, a Fisher, ...), which the table must not call APPI.
+    selection.signal = None if isinstance(prober_or_values, Prober) else "given"
     return selection
 
 

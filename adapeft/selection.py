@@ -16,7 +16,8 @@ class Selection:
     is a list of (count, value, mask) sorted by count and `labels` says how each point was found. `horizon`: the
     training steps its values were taken at (adapeft.select's horizon=), or None for the paper's values. `signal`:
     "squared gradient" where its values are the training gradient's |g|^2 instead of the probe's (`adapeft select
-    --values squared-gradient`), or None."""
+    --values squared-gradient`), "given" where they were given to adapeft.select as values= rather than read from a
+    Prober, or None."""
 
     names: list
     values: list
@@ -77,6 +78,8 @@ class Selection:
     def _what_values_are(self):
         if self.signal == "squared gradient":
             return "the training gradient's |g|^2 summed over the probe steps"
+        if self.signal == "given":
+            return "the values given to adapeft.select"
         if self.horizon is None:
             return "APPI x parameters: b^2/A summed over the probes"
         return (f"at a horizon of {self.horizon:g} steps: b^2/A times the share u(2 - u) that many steps of each "

@@ -84,6 +84,20 @@ def test_selection_api():
     assert "chosen:" in pareto.table()
 
 
+def test_a_table_of_values_given_does_not_call_them_appi(tmp_path):
+    """select(values=...) takes any values (|g|^2 from adapeft.signals, say): its table and saved file say they were
+    given, where a selection from a Prober's probes calls them APPI."""
+    given = adapeft.select(values=[0.3, 0.1], counts=[10, 20], budget=0.5, method="exact")
+    assert given.signal == "given" and "value 0.3 (the values given to adapeft.select;" in given.table()
+    assert "APPI" not in given.table()
+    given.save(tmp_path / "selection.json")
+    assert adapeft.Selection.load(tmp_path / "selection.json").table() == given.table()
+    prober, batch = mlp_prober()
+    prober.step(batch, 1e-4)
+    from_probes = adapeft.select(prober, budget=0.5, method="exact")
+    assert from_probes.signal is None and "(APPI x parameters: b^2/A summed over the probes;" in from_probes.table()
+
+
 def test_pareto_beyond_the_exact_limit_is_labelled():
     values, counts = realistic(80, seed=3)
     selection = adapeft.select(values=values, counts=counts, method="pareto", budgets=(0.1, 0.3))
