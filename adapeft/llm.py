@@ -38,8 +38,13 @@ def causal_lm_loss(model, batch):
     else:
         raise TypeError("adapeft.causal_lm_loss: batch must be a LongTensor of token ids or a dict with "
                         f"'input_ids', got {type(batch).__name__}")
+    where = "batch" if isinstance(batch, torch.Tensor) else "batch['input_ids']"
+    # Checked here: the embedding's own error names neither this function nor the batch
+    if not isinstance(ids, torch.Tensor) or ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+        raise TypeError(f"adapeft.causal_lm_loss: {where} must be a tensor of integer token ids, got "
+                        f"{ids.dtype if isinstance(ids, torch.Tensor) else type(ids).__name__}")
     if ids.dim() != 2 or ids.shape[1] < 2:
-        raise ValueError("adapeft.causal_lm_loss: batch['input_ids'] must be sequences x positions with at least "
+        raise ValueError(f"adapeft.causal_lm_loss: {where} must be sequences x positions with at least "
                          f"2 positions, got shape {tuple(ids.shape)}")
     # No key-value cache: a loss needs none, and building one costs memory (and host work a CUDA graph capture
     # may not take).

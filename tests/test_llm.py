@@ -92,8 +92,15 @@ def test_the_loss_refuses_what_is_not_a_batch_of_sequences():
     model = tiny("llama")
     with pytest.raises(TypeError, match="adapeft.causal_lm_loss: batch must be"):
         causal_lm_loss(model, [1, 2, 3])
-    with pytest.raises(ValueError, match="at least 2 positions, got shape \\(4, 1\\)"):
+    with pytest.raises(ValueError, match="batch must be sequences x positions with at least 2 positions, got shape "
+                                         "\\(4, 1\\)"):
         causal_lm_loss(model, torch.zeros(4, 1, dtype=torch.long))
+    with pytest.raises(TypeError, match="batch must be a tensor of integer token ids, got torch.float32"):
+        causal_lm_loss(model, torch.zeros(4, 8))
+    with pytest.raises(TypeError, match="batch\\['input_ids'\\] must be a tensor of integer token ids, got list"):
+        causal_lm_loss(model, {"input_ids": [[1, 2, 3]]})
+    with pytest.raises(ValueError, match="batch\\['input_ids'\\] must be sequences x positions"):
+        causal_lm_loss(model, {"input_ids": torch.zeros(8, dtype=torch.int32)})
 
 
 # Groups and targets -------------------------------------------------------------------------------------
