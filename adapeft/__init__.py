@@ -6,7 +6,7 @@ them on every device, falling back to the pure-PyTorch reference where a kernel 
 """
 from importlib import metadata as _metadata
 
-from .groups import ParameterGroups, group_parameters
+from .groups import ParameterGroups, group_parameters, groups_like
 from .llm import adapter_groups, causal_lm_loss, lora_config, lora_targets
 from .optim import OptimizerDirection, optimizer_direction
 from .ops import FitResult, group_fingerprint, new_ledger, new_report, pack_group, perturb_, quadratic_fit
@@ -38,6 +38,7 @@ __all__ = [
     "causal_lm_loss",
     "group_fingerprint",
     "group_parameters",
+    "groups_like",
     "adapter_groups",
     "lora_config",
     "lora_targets",

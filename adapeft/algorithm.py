@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .groups import group_parameters
+from .groups import group_parameters, groups_like
 from .probe import Prober, ProbeSchedule, param_groups
 from .select import check_settings, select
 from .selection import Selection
@@ -145,14 +145,15 @@ class AdaPEFT:
 
     @staticmethod
     def train_selected(model, selection, batches, loss_fn, steps, lr, optimizer_cls=torch.optim.AdamW,
-                       learning_rates=None, granularity="type", on_step=None, groups=None):
+                       learning_rates=None, granularity=None, on_step=None, groups=None):
         """Phase 4: train `model` with only the selected groups (matched by name). learning_rates: an
         optional {group name: lr} (e.g. from the probe's eta*) overriding `lr` per group. groups: the
-        ParameterGroups of `model` (default: group_parameters(model, granularity))."""
+        ParameterGroups of `model` (default: group_parameters(model, granularity), granularity by default the
+        selection's, else "type")."""
         if not isinstance(selection, Selection):
             raise TypeError("adapeft.AdaPEFT.train_selected: selection must be an adapeft.Selection")
         if groups is None:
-            groups = group_parameters(model, granularity=granularity)
+            groups = groups_like(model, granularity or selection.granularity or "type")
         report = selection.apply(model, groups)
         chosen = [name for name in groups.names if name in report["trained"]]
         if not chosen:

@@ -269,6 +269,17 @@ def check_grouping(granularity, rules=None, trainable_only=False, owner="adapeft
     return rules
 
 
+def groups_like(model, granularity):
+    """The groups of `model` at `granularity` as a Selection records it: a granularity of group_parameters, or one
+    followed by "/factors" for ParameterGroups.split_factors of it."""
+    base, _, parts = granularity.partition("/")
+    if parts not in ("", "factors"):
+        raise ValueError(f"adapeft.groups_like: granularity must be one of {GRANULARITIES}, or one followed by "
+                         f"'/factors', got {granularity!r}")
+    groups = group_parameters(model, granularity=base)
+    return groups.split_factors() if parts else groups
+
+
 def group_parameters(model, granularity="type", rules=None, trainable_only=False):
     """Split `model`'s parameters into named groups.
 

@@ -245,6 +245,8 @@ def select(prober_or_values=None, counts=None, *, values=None, budget=None, meth
     selection.horizon = horizon
     # Values given as values= are the caller's (|g|^2, a Fisher, ...), which the table must not call APPI.
     selection.signal = None if isinstance(prober_or_values, Prober) else "given"
+    if isinstance(prober_or_values, Prober):
+        selection.granularity = (prober_or_values.groups if units is None else units).granularity
     return selection
 
 

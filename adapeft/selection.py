@@ -17,7 +17,8 @@ class Selection:
     training steps its values were taken at (adapeft.select's horizon=), or None for the paper's values. `signal`:
     "squared gradient" where its values are the training gradient's |g|^2 instead of the probe's (`adapeft select
     --values squared-gradient`), "given" where they were given to adapeft.select as values= rather than read from a
-    Prober, or None."""
+    Prober, or None. `granularity`: that of the groups it names (adapeft.group_parameters'; "layer/factors" for
+    ParameterGroups.split_factors of "layer"), where known, so that the same groups can be made on another model."""
 
     names: list
     values: list
@@ -31,6 +32,7 @@ class Selection:
     notes: list = field(default_factory=list)
     horizon: float = None
     signal: str = None
+    granularity: str = None
 
     @property
     def value(self):
@@ -117,7 +119,7 @@ class Selection:
                 "names": list(self.names), "values": [float(v) for v in self.values],
                 "counts": [int(c) for c in self.counts], "chosen": self.chosen, "value": self.value,
                 "count": self.count, "notes": list(self.notes), "horizon": self.horizon,
-                "signal": self.signal, "frontier": None if self.frontier is None else [
+                "signal": self.signal, "granularity": self.granularity, "frontier": None if self.frontier is None else [
                     {"count": c, "value": v, "groups": [n for n, x in zip(self.names, m) if x], "how": label}
                     for (c, v, m), label in zip(self.frontier, self.labels)]}
 
@@ -135,7 +137,7 @@ class Selection:
         if unknown:
             raise ValueError(f"adapeft.Selection.given: no groups named {unknown}; groups are {groups.names}")
         return cls(groups.names, [0.0] * len(groups), groups.numel, np.array([n in names for n in groups.names]),
-                   "given")
+                   "given", granularity=groups.granularity)
 
     @classmethod
     def load(cls, path):
@@ -161,7 +163,7 @@ class Selection:
         return cls(names=names, values=data["values"], counts=data["counts"],
                    mask=np.array([n in data["chosen"] for n in names]), method=data["method"], budget=data["budget"],
                    proven=data["proven"], frontier=frontier, labels=labels, notes=data.get("notes", []),
-                   horizon=data.get("horizon"), signal=data.get("signal"))
+                   horizon=data.get("horizon"), signal=data.get("signal"), granularity=data.get("granularity"))
 
 
 class Frontier(Sequence):

@@ -237,6 +237,49 @@ def test_algorithm_phases_in_plain_pytorch():
     torch.testing.assert_close(again.prober.appi, run.prober.appi, rtol=1e-6, atol=0)
 
 
+def test_train_selected_groups_the_target_as_the_selection_was_made(tmp_path):
+    """AdaPEFT(granularity="layer") as the README runs it: train_selected groups the target per layer, as the
+    selection's groups were (it grouped by type, and refused the selection); a saved selection keeps its
+    granularity, and so do selections of LoRA's factors apart. (Per layer, the target has the proxy's layers.)"""
+    def batches():
+        g = torch.Generator().manual_seed(3)
+        while True:
+            x = torch.randint(0, 97, (8, 12), generator=g)
+            yield {"input_ids": x, "labels": (x[:, 0] % 3)}
+
+    def loss_fn(model, batch):
+        return model(**batch).loss
+
+    algorithm = AdaPEFT(budget=0.2, probe_every=2, granularity="layer")
+    run = algorithm.probe_train(tiny_bert(), batches(), loss_fn, 4, lr=1e-3)
+    selection = algorithm.select(run)
+    assert selection.granularity == "layer" and any("@" in name for name in selection.chosen)
+    target = tiny_bert()
+    trained = algorithm.train_selected(target, selection, batches(), loss_fn, 2, lr=1e-3)
+    assert trained.trainable == selection_count(target, selection.chosen, "layer") > 0
+    selection.save(tmp_path / "selection.json")
+    assert adapeft.Selection.load(tmp_path / "selection.json").granularity == "layer"
+    parts = adapeft.group_parameters(tiny_gpt2(), granularity="module").split_factors()
+    given = adapeft.Selection.given([name for name in parts.names if name.endswith("/lora_B")], parts)
+    assert given.granularity == "module/factors"
+    target = tiny_gpt2()
+    trained = AdaPEFT.train_selected(target, given, batches_of_tokens(), lambda m, b: m(**b).loss, 1, lr=1e-3)
+    assert trained.trainable == sum(p.numel() for n, p in target.named_parameters() if "lora_B" in n)
+    with pytest.raises(ValueError, match="granularity must be one of .* followed by '/factors'"):
+        adapeft.groups_like(target, "layer/halves")
+
+
+def selection_count(model, chosen, granularity):
+    groups = adapeft.group_parameters(model, granularity=granularity)
+    return sum(n for name, n in zip(groups.names, groups.numel) if name in chosen)
+
+
+def batches_of_tokens():
+    x = torch.randint(0, 61, (4, 10), generator=torch.Generator().manual_seed(2))
+    while True:
+        yield {"input_ids": x, "labels": x}
+
+
 def run_cli(*args, cwd=None):
     return subprocess.run([sys.executable, "-m", "adapeft.apps.cli", *args], capture_output=True, text=True, cwd=cwd,
                           timeout=600)

@@ -166,6 +166,7 @@ def _select(args):
                        method=args.method)
     selection.horizon = args.horizon
     selection.signal = "squared gradient" if by_gradient else None
+    selection.granularity = record.get("granularity")
     if args.budget is None:
         print(f"no --budget given, so the table is the whole {args.method} frontier (a row for every budget) and "
               f"'chosen' is its set of most {'value' if by_gradient else 'predicted loss reduction'}; give --budget "
