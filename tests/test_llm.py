@@ -546,11 +546,14 @@ def test_smollm2_from_its_gguf_file_is_probed_by_module_and_layer(tmp_path):
     text.write_text(open(os.__file__, encoding="utf-8").read()[:6000])
     done = adapeft_command("probe", "--task", "causal-lm", "--model", folder, "--gguf-file",
                            "SmolLM2-135M-Instruct.Q4_1.gguf", "--data", text, "--lora", "q_proj,v_proj",
-                           "--max-length", "32", "--batch", "2", "--steps", "1", "--out", tmp_path, timeout=600)
+                           "--max-length", "32", "--batch", "2", "--steps", "1", "--points", "3", "--slope", "autograd",
+                           "--out", tmp_path, timeout=600)
     assert done.returncode == 0, done.stderr
     assert "de-quantizing" not in done.stderr  # transformers' own bar over the GGUF file's tensors, hidden
     record = json.loads((tmp_path / "probe.json").read_text())
     assert record["lr"] == 3e-4  # causal-lm's default: LoRA only
+    # the three-point mode on a real model (and half the five points' passes, for the suite's time)
+    assert (record["points"], record["slope"], record["backward_passes"]) == (3, "autograd", 1)
     assert len(record["groups"]) == 60 and record["groups"][:2] == ["self_attn.q_proj@0", "self_attn.v_proj@0"]
     assert record["adapted_modules"]["self_attn.v_proj@29"] == ["model.layers.29.self_attn.v_proj"]
     # the GGUF file's context length is read before the corpus is tokenised or the model loaded
