@@ -399,6 +399,8 @@ def test_probe_tells_its_cost_before_the_long_part_and_its_progress_after_each_p
     assert re.fullmatch(r"probe 2 of 2: [0-9.]+ s \(with its training step\)", told[4]), told[4]
     assert done.stdout.splitlines()[-1] == f"probed 2 times; wrote {tmp_path / 'probe.json'}"
     assert "adapeft probe:" not in done.stdout
+    # stderr is a pipe here, as in a log file: no progress bar, whose redraws would put these lines inside its own
+    assert "\r" not in done.stderr and "it/s" not in done.stderr and told[0].startswith("cost:")
 
 
 def test_a_causal_lm_probed_by_lora_factor_is_warned_that_its_config_trains_both(corpus, tmp_path):

@@ -277,20 +277,25 @@ def paired_difference(accuracy, reference):
 
 
 class Progress:
-    """A tqdm bar when tqdm is there (it comes with transformers), else a line every tenth of the way."""
+    """A tqdm bar on a terminal where tqdm is there (it comes with transformers), else on a terminal a line every
+    tenth of the way. Nothing in a log file or a pipe, where a bar's redraws make no lines and the messages written
+    above it land inside them: the commands' own lines say how a run goes there."""
 
     def __init__(self, total, description):
-        try:
-            from tqdm.auto import tqdm
+        self.bar, self.total, self.description = None, total, description
+        self.shown = sys.stderr.isatty()
+        if self.shown:
+            try:
+                from tqdm.auto import tqdm
+            except ImportError:
+                return
             self.bar = tqdm(total=total, desc=description, leave=False, dynamic_ncols=True)
-        except ImportError:
-            self.bar, self.total, self.description = None, total, description
 
     def __call__(self, step, loss):
         if self.bar is not None:
             self.bar.update(1)
             self.bar.set_postfix(loss=f"{loss:.3f}")
-        elif (step + 1) % max(1, self.total // 10) == 0:
+        elif self.shown and (step + 1) % max(1, self.total // 10) == 0:
             print(f"  {self.description}: step {step + 1}/{self.total}, loss {loss:.3f}", flush=True)
 
     def close(self):
