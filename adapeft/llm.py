@@ -180,16 +180,21 @@ def _warn_of_more_trained(names, adapted, counts, modules):
 
 
 def count_at_ranks(chosen, adapted, counts, config, probe_rank):
-    """The parameters the `chosen` groups' adapters hold at the ranks `config` (lora_config's) gives their modules
-    (its rank_pattern, else its r), from their `counts` at the probe's rank: a group's count scales with its modules'
-    rank. None where a chosen group's modules were given different ranks (its count cannot be split among them)."""
+    """The parameters that `config` (lora_config's, for the `chosen` groups) trains at the ranks it gives its modules
+    (its rank_pattern, else its r), from the `counts` at the probe's rank of the groups it trains: those all of whose
+    adapters it puts LoRA on, the other factor of a chosen one's adapters included. A group's count scales with its
+    modules' rank; None where a trained group's modules were given different ranks (its count cannot be split among
+    them)."""
     pattern = config.get("rank_pattern", {})
+    modules = {module for name in chosen for module in adapted[name]}
     total = 0
-    for name in chosen:
-        ranks = {pattern.get(module, config["r"]) for module in adapted[name]}
+    for name, found in adapted.items():
+        if not found or not set(found) <= modules:
+            continue
+        ranks = {pattern.get(module, config["r"]) for module in found}
         if len(ranks) > 1:
             return None
-        total += fractions.Fraction(counts[name] * (ranks.pop() if ranks else probe_rank), probe_rank)
+        total += fractions.Fraction(counts[name] * ranks.pop(), probe_rank)
     return _whole(float(total))
 
 

@@ -424,6 +424,12 @@ def test_a_causal_lm_probed_by_lora_factor_is_warned_that_its_config_trains_both
                             "--out", tmp_path / "chosen.json")
     assert saved.returncode == 0, saved.stderr
     assert [note for note in json.loads((tmp_path / "chosen.json").read_text())["notes"] if warning in note]
+    # the parameters said for ranks by value are those of both factors too (it said the chosen factor's alone)
+    ranked = adapeft_command("select", "--probe", tmp_path / "valued.json", "--budget", "0.6", "--method", "exact",
+                             "--lora-ranks", "values")
+    assert ranked.returncode == 0, ranked.stderr
+    assert f"peft: at these ranks the chosen adapters hold {both:,} parameters ({both:,} at the probe's rank 8" in \
+        ranked.stdout
 
 
 def test_causal_lm_inputs_are_refused_with_the_flag_named(corpus, tmp_path):

@@ -187,8 +187,9 @@ def _select(args):
         print("peft: LoraConfig(" + ", ".join(f"{key}={value!r}" for key, value in config.items()) + ")")
         if "rank_pattern" in config:
             held = count_at_ranks(selection.chosen, adapted, counts, config, rank)
+            at_probe_rank = count_at_ranks(selection.chosen, adapted, counts, {"r": rank}, rank)
             fields["lora_parameters"] = held
-            print(f"peft: at these ranks the chosen adapters hold {held:,} parameters ({selection.count:,} at the "
+            print(f"peft: at these ranks the chosen adapters hold {held:,} parameters ({at_probe_rank:,} at the "
                   f"probe's rank {rank}: a rank's parameters follow its module's shape)" if held is not None else
                   "peft: these ranks differ among a chosen group's modules, so the parameters they hold are not "
                   "counted here")
