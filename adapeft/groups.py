@@ -312,10 +312,16 @@ def group_parameters(model, granularity="type", rules=None, trainable_only=False
     head_ids = _output_head_ids(unwrapped)
     fallback_head_ids = set()
     if not hasattr(unwrapped, "get_output_embeddings") and not any(t.path[0] in HEAD_MODULE_NAMES for t in tensors):
-        # A plain PyTorch model: its last Linear layer is the head (not a Linear of a LoRA adapter).
-        linears = [t.owner for t in tensors if isinstance(t.owner, torch.nn.Linear) and t.adapted is None]
+        # A plain PyTorch model: its last Linear layer is the head (not a Linear of a LoRA adapter). A tensor is
+        # listed under its first module only, so the layers are found among the modules: a decoder tied to the
+        # embedding is the last Linear, and its weight stays the embedding's, as in a Hugging Face model; the
+        # Linear before it is no head.
+        base = {id(t.param) for t in tensors if t.adapted is None}
+        linears = [module for module in unwrapped.modules() if isinstance(module, torch.nn.Linear)
+                   and any(id(p) in base for p in module.parameters(recurse=False))]
         if linears:
-            fallback_head_ids = {id(p) for p in linears[-1].parameters()}
+            embedded = {id(p) for t in tensors if _is_embedding(t.owner) for p in t.owner.parameters(recurse=False)}
+            fallback_head_ids = {id(p) for p in linears[-1].parameters()} - embedded
     stacks = _stacks(t.path for t in tensors)
 
     members = OrderedDict()

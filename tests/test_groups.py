@@ -178,6 +178,20 @@ def test_plain_pytorch_model_and_custom_norm():
                      "3.weight": "norm", "3.bias": "bias", "4.weight": "head", "4.bias": "head"}
 
 
+def test_plain_pytorch_decoder_tied_to_the_embedding_makes_no_head():
+    class Tied(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.mid = torch.nn.Embedding(20, 16), torch.nn.Linear(16, 16)
+            self.dec = torch.nn.Linear(16, 20, bias=False)
+            self.dec.weight = self.emb.weight
+
+    model = Tied()
+    owner = assert_partition(adapeft.group_parameters(model), model)
+    # the hidden layer was taken for the head: the tied decoder's weight is listed under the embedding only
+    assert owner == {"emb.weight": "embed", "mid.weight": "others", "mid.bias": "bias"}
+
+
 def test_summary_and_json_are_stable():
     model = tiny("vit")
     groups = adapeft.group_parameters(model)
