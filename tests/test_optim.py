@@ -147,6 +147,17 @@ def test_unsupported_setups_are_named():
         adapeft.Prober(model, None, lambda m, b: m(b).sum(), direction="optimizer")
 
 
+def test_prober_refuses_an_optimizer_that_leaves_trainable_tensors_out_naming_them():
+    model, optimizer = trained(OPTIMIZERS["sgd"], torch.float32)
+    head_only = torch.optim.SGD(model[2].parameters(), lr=1e-2)
+    # it was refused at step() as "adapeft.optimizer_direction: params[0] is not optimized by this optimizer"
+    with pytest.raises(ValueError, match=r"adapeft.Prober: optimizer does not update 2 parameters .*"
+                                         r"\(0.bias, 0.weight\)"):
+        adapeft.Prober(model, None, lambda m, b: m(b).sum(), direction="optimizer", optimizer=head_only)
+    model[0].requires_grad_(False)
+    adapeft.Prober(model, None, lambda m, b: m(b).sum(), direction="optimizer", optimizer=head_only)
+
+
 def test_prober_with_optimizer_direction_gives_learning_rates():
     """Along AdamW's own update, eta* is a learning rate for AdamW; the probe leaves its state alone."""
     make = OPTIMIZERS["adamw"]

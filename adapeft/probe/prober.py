@@ -105,6 +105,8 @@ class Prober:
                  prefix_memory=None):
         groups = _checked_groups(model, groups, loss_fn)
         _check_options(backend, direction, optimizer, step_policy, step_range, slope, compute, cuda_graph, points)
+        if direction == "optimizer":
+            _check_optimizer_holds(optimizer, groups)
         devices = {p.device for name in groups.names for p in groups.params(name)}
         if len(devices) != 1:
             raise ValueError(f"adapeft.Prober: the model's parameters are on several devices {sorted(map(str, devices))}"
@@ -355,6 +357,19 @@ def _check_options(backend, direction, optimizer, step_policy, step_range, slope
                          "slope")
     if direction == "optimizer" and not isinstance(optimizer, torch.optim.Optimizer):
         raise ValueError("adapeft.Prober: direction='optimizer' needs the optimizer (optimizer=...)")
+
+
+def _check_optimizer_holds(optimizer, groups):
+    """Along an optimizer's update every tensor the probe moves must be one the optimizer steps: one it does not
+    hold (a model trained in part, with the rest still requiring gradients) has no update to probe."""
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    missing = [tensor for name in groups.names for tensor, p in zip(groups.tensor_names(name), groups.params(name))
+               if p.requires_grad and id(p) not in held]
+    if missing:
+        raise ValueError(f"adapeft.Prober: optimizer does not update {len(missing)} parameters that the groups hold "
+                         f"and that require gradients ({', '.join(missing[:4])}{', ...' if len(missing) > 4 else ''})"
+                         "; give them to the optimizer, or freeze them (requires_grad_(False)): the probe skips frozen "
+                         "tensors")
 
 
 class ProbeSchedule:
