@@ -278,3 +278,5 @@ def test_probe_schedule():
     prober = adapeft.Prober(model, groups, loss_fn, schedule=adapeft.ProbeSchedule(len(groups), interval=3))
     ran = [prober.maybe_step(t, batch, 1e-4) is not None for t in range(7)]
     assert ran == [True, False, False, True, False, False, True] and len(prober.history) == 3
+    with pytest.raises(TypeError, match=r"adapeft.Prober: schedule must be a callable .*, got int 3"):
+        adapeft.Prober(model, groups, loss_fn, schedule=3)

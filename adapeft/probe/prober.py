@@ -107,6 +107,10 @@ class Prober:
         _check_options(backend, direction, optimizer, step_policy, step_range, slope, compute, cuda_graph, points)
         if direction == "optimizer":
             _check_optimizer_holds(optimizer, groups)
+        if schedule is not None and not callable(schedule):  # an interval failed at the first schedule(step)
+            raise TypeError("adapeft.Prober: schedule must be a callable training step -> bool such as "
+                            f"adapeft.ProbeSchedule(len(groups), interval=...), got {type(schedule).__name__} "
+                            f"{schedule!r}")
         devices = {p.device for name in groups.names for p in groups.params(name)}
         if len(devices) != 1:
             raise ValueError(f"adapeft.Prober: the model's parameters are on several devices {sorted(map(str, devices))}"
