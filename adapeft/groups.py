@@ -328,7 +328,7 @@ def group_parameters(model, granularity="type", rules=None, trainable_only=False
     by_rule = {rule_name: [] for rule_name in rule_names}
     by_default = []
     for tensor in tensors:
-        hits = [rule_name for rule_name, match in matchers if match(tensor.unwrapped_name, tensor.param, tensor.owner)]
+        hits = [rule_name for rule_name, match in matchers if _rule_hits(rule_name, match, tensor)]
         if len(hits) > 1:
             raise ValueError(f"adapeft.group_parameters: parameter {tensor.unwrapped_name!r} matches rules {hits}; "
                              "rules must not overlap")
@@ -367,6 +367,16 @@ def group_parameters(model, granularity="type", rules=None, trainable_only=False
                              "rename the rule")
         members[label] = found
     return ParameterGroups(model, members, granularity)
+
+
+def _rule_hits(rule_name, match, tensor):
+    """Whether a rule's pattern matches `tensor`; a callable's own error would name neither the rule nor the
+    parameter it failed on."""
+    try:
+        return match(tensor.unwrapped_name, tensor.param, tensor.owner)
+    except Exception as error:
+        raise RuntimeError(f"adapeft.group_parameters: rule {rule_name!r} failed on parameter {tensor.unwrapped_name!r}"
+                           f": {error!r}; a callable rule is called as (name, param, module) -> bool") from error
 
 
 def _module_in_block(tensor, adapted):

@@ -192,6 +192,15 @@ def test_plain_pytorch_decoder_tied_to_the_embedding_makes_no_head():
     assert owner == {"emb.weight": "embed", "mid.weight": "others", "mid.bias": "bias"}
 
 
+def test_a_callable_rule_that_fails_is_named_with_its_parameter():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4), torch.nn.Linear(4, 2))
+    # its own TypeError ("takes 1 positional argument but 3 were given") named neither
+    with pytest.raises(RuntimeError, match=r"adapeft.group_parameters: rule 'norms' failed on parameter '0.weight'"):
+        adapeft.group_parameters(model, rules=[("norms", lambda name: "1." in name)])
+    with pytest.raises(RuntimeError, match=r"rule 'odd' failed on parameter '0.weight': ZeroDivisionError"):
+        adapeft.group_parameters(model, rules=[("odd", lambda name, param, module: 1 / 0)])
+
+
 def test_summary_and_json_are_stable():
     model = tiny("vit")
     groups = adapeft.group_parameters(model)
