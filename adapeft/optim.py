@@ -38,15 +38,19 @@ def _bias_corrections(step, beta1, beta2):
     return 1.0 - beta1 ** t, math.sqrt(1.0 - beta2 ** t)
 
 
+def check_supported(optimizer, owner="adapeft.optimizer_direction"):
+    """Refuses an optimizer whose update this module cannot describe."""
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"{owner}: optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    if not isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD)):
+        raise TypeError(f"{owner}: {type(optimizer).__name__} is not supported; direction='optimizer' knows "
+                        "torch.optim.Adam, AdamW and SGD (direction='grad', or pass your own directions otherwise)")
+
+
 def optimizer_direction(optimizer, params):
     """Describe the next update of `optimizer` for `params` (which must have gradients)."""
-    if not isinstance(optimizer, torch.optim.Optimizer):
-        raise TypeError(f"adapeft.optimizer_direction: optimizer must be a torch.optim.Optimizer, got "
-                        f"{type(optimizer).__name__}")
+    check_supported(optimizer)
     adam_like = isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW))
-    if not adam_like and not isinstance(optimizer, torch.optim.SGD):
-        raise TypeError(f"adapeft.optimizer_direction: {type(optimizer).__name__} is not supported; direction="
-                        "'optimizer' knows torch.optim.Adam, AdamW and SGD (pass your own directions otherwise)")
     owners = _param_groups_by_param(optimizer)
     directions, states, layout, rows, device_steps = [], [], [], [], []
     for i, p in enumerate(params):

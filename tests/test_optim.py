@@ -145,6 +145,10 @@ def test_unsupported_setups_are_named():
         adapeft.optimizer_direction(optimizer, list(model.parameters()))
     with pytest.raises(ValueError, match="direction='optimizer' needs the optimizer"):
         adapeft.Prober(model, None, lambda m, b: m(b).sum(), direction="optimizer")
+    # refused when the Prober is made, not at its first step
+    with pytest.raises(TypeError, match="adapeft.Prober: RMSprop is not supported; direction='optimizer' knows"):
+        adapeft.Prober(model, None, lambda m, b: m(b).sum(), direction="optimizer",
+                       optimizer=torch.optim.RMSprop(model.parameters()))
 
 
 def test_prober_refuses_an_optimizer_that_leaves_trainable_tensors_out_naming_them():

@@ -14,6 +14,7 @@ import torch
 from ..ops import layout as L
 from .. import steps as step_rules
 from ..groups import ParameterGroups, group_parameters
+from ..optim import check_supported
 from . import distributed
 from .assess import Assessor, verdicts
 from .feedback import LastProbe
@@ -366,6 +367,7 @@ def _check_options(backend, direction, optimizer, step_policy, step_range, slope
 def _check_optimizer_holds(optimizer, groups):
     """Along an optimizer's update every tensor the probe moves must be one the optimizer steps: one it does not
     hold (a model trained in part, with the rest still requiring gradients) has no update to probe."""
+    check_supported(optimizer, "adapeft.Prober")
     held = {id(p) for group in optimizer.param_groups for p in group["params"]}
     missing = [tensor for name in groups.names for tensor, p in zip(groups.tensor_names(name), groups.params(name))
                if p.requires_grad and id(p) not in held]
