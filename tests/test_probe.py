@@ -749,6 +749,8 @@ def test_bad_input_is_named_and_changes_nothing():
         prober.step(wrong_batch, 1e-3)
     with pytest.raises(TypeError, match="loss_fn must return a one-element floating tensor"):
         adapeft.Prober(model, None, lambda m, b: 1.0).step(batch, 1e-3)
+    with pytest.raises(TypeError, match=r"floating tensor, got a torch.int64 tensor of shape \(\)"):
+        adapeft.Prober(model, None, lambda m, b: loss_fn(m, b).long()).step(batch, 1e-3)
     with pytest.raises(ValueError, match="not this model's"):
         adapeft.Prober(model, adapeft.group_parameters(other), loss_fn)
     with pytest.raises(TypeError, match="groups must come from adapeft.group_parameters"):

@@ -53,8 +53,9 @@ class ProbeLoss:
             raise RuntimeError(f"adapeft.Prober.step: loss_fn(model, batch) failed {where}: {error!r}; the model "
                                "was left unchanged") from error
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1 or not loss.is_floating_point():
-            raise TypeError(f"adapeft.Prober.step: loss_fn must return a one-element floating tensor, got "
-                            f"{type(loss).__name__}{'' if not isinstance(loss, torch.Tensor) else tuple(loss.shape)}")
+            got = (type(loss).__name__ if not isinstance(loss, torch.Tensor) else
+                   f"a {loss.dtype} tensor of shape {tuple(loss.shape)}")
+            raise TypeError(f"adapeft.Prober.step: loss_fn must return a one-element floating tensor, got {got}")
         self.eps = torch.finfo(loss.dtype).eps
         if loss.dtype.itemsize < 4 and not self._said_coarse:
             # The fit runs in float64, but differences the loss's own rounding erased are not there to fit.
