@@ -719,3 +719,25 @@ def test_a_model_folder_without_weights_is_refused_naming_what_is_missing(files,
     lost.unlink()
     refused(adapeft_command("probe", "--model", sharded, "--data", files["data"], "--steps", "1", timeout=120),
             f"--model {sharded}: transformers could not load the model: ", lost.name)
+
+
+def test_a_decoder_classifies_padded_with_its_end_of_text_token(files, tmp_path):
+    """A causal LM's folder (Llama's, GPT-2's) probed as a classifier: its config names no padding token and its
+    tokenizer often has none; the texts pad with the end-of-text token, and a tokenizer without either is refused."""
+    folder = tmp_path / "llama"
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        transformers.LlamaForCausalLM(transformers.LlamaConfig(
+            num_hidden_layers=2, hidden_size=32, num_attention_heads=2, num_key_value_heads=2, intermediate_size=64,
+            vocab_size=32, max_position_embeddings=64)).save_pretrained(folder)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(files["model"])
+    tokenizer.pad_token, tokenizer.eos_token = None, "[SEP]"
+    tokenizer.save_pretrained(folder)
+    done = adapeft_command("probe", "--model", folder, "--lora", "q_proj,v_proj", "--data", files["data"], "--batch",
+                           "8", "--steps", "2", "--every", "1", "--out", tmp_path / "out", timeout=120)
+    assert done.returncode == 0, done.stderr
+    tokenizer.eos_token = None
+    tokenizer.save_pretrained(folder)
+    refused(adapeft_command("probe", "--model", folder, "--lora", "q_proj", "--data", files["data"]),
+            f"--model {folder}: its tokenizer has neither a padding token nor an end-of-text token")

@@ -55,6 +55,12 @@ def run(args):
     from ..llm import ADAPTER_UNITS, adapter_groups
     flag = "--tokenizer" if args.tokenizer else "--gguf-file" if args.gguf_file else "--model"
     tokenizer = _load_tokenizer(source, flag, options)
+    if args.task == "classification" and tokenizer.pad_token is None:
+        # A decoder's tokenizer (GPT-2's, Llama's) has no padding token: its end-of-text token pads, masked out.
+        if tokenizer.eos_token is None:
+            raise InputError(f"{flag} {source}: its tokenizer has neither a padding token nor an end-of-text token "
+                             f"to pad the texts to --max-length with")
+        tokenizer.pad_token = tokenizer.eos_token
     common.seed_everything(args.seed)
     if args.task == "classification":
         model, data, loss_fn = _classifier(args, tokenizer, texts, labels)
@@ -325,6 +331,9 @@ def _classifier(args, tokenizer, texts, labels):
     from transformers import AutoModelForSequenceClassification
     classes = sorted(set(labels))
     model = common.load_pretrained(AutoModelForSequenceClassification, args.model, num_labels=len(classes))
+    if model.config.pad_token_id is None:
+        # A decoder's classifier reads each text's last token before the padding, found by the padding token's id.
+        model.config.pad_token_id = tokenizer.pad_token_id
     targets = DEFAULT_LORA["classification"] if args.lora is None else args.lora
     if targets:
         model = _with_lora(model, targets, ",".join(targets), r=args.lora_rank, alpha=2 * args.lora_rank)
