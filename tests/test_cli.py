@@ -741,3 +741,13 @@ def test_a_decoder_classifies_padded_with_its_end_of_text_token(files, tmp_path)
     tokenizer.save_pretrained(folder)
     refused(adapeft_command("probe", "--model", folder, "--lora", "q_proj", "--data", files["data"]),
             f"--model {folder}: its tokenizer has neither a padding token nor an end-of-text token")
+
+
+def test_select_does_not_overwrite_the_record_it_reads(tmp_path):
+    path = tmp_path / "probe.json"
+    path.write_text(json.dumps(probe_record()))
+    for out in (path, tmp_path / "." / "probe.json"):
+        done = refused(adapeft_command("select", "--probe", path, "--budget", "0.1", "--out", out),
+                       f"--out {out} is the --probe record")
+        assert done.count("\n") == 1
+    assert json.loads(path.read_text()) == probe_record()
