@@ -751,3 +751,15 @@ def test_select_does_not_overwrite_the_record_it_reads(tmp_path):
                        f"--out {out} is the --probe record")
         assert done.count("\n") == 1
     assert json.loads(path.read_text()) == probe_record()
+
+
+def test_a_command_run_with_stdout_closed_ends_as_with_it_open(tmp_path):
+    """`adapeft select ... >&-`: Python has no sys.stdout; the results are not shown, and the command ends with
+    status 0, without a traceback."""
+    path = tmp_path / "probe.json"
+    path.write_text(json.dumps(probe_record()))
+    done = subprocess.run([sys.executable, "-m", "adapeft", "select", "--probe", str(path), "--budget", "0.1",
+                           "--out", str(tmp_path / "selection.json")], stderr=subprocess.PIPE, text=True,
+                          preexec_fn=lambda: os.close(1), timeout=60)
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+    assert adapeft.Selection.load(tmp_path / "selection.json").chosen == ["head", "norm"]

@@ -409,7 +409,8 @@ def main(argv=None):
     with _warnings_shown(args):
         try:
             args.run(args)
-            sys.stdout.flush()  # inside: a reader that stopped reading is answered below, not at exit
+            if sys.stdout is not None:  # None when run with stdout closed (>&-), where print() writes nothing
+                sys.stdout.flush()  # inside: a reader that stopped reading is answered below, not at exit
         except InputError as error:
             print(f"adapeft {args.command}: error: {error}", file=sys.stderr)
             return 2
