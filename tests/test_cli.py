@@ -721,16 +721,23 @@ def test_a_model_folder_without_weights_is_refused_naming_what_is_missing(files,
             f"--model {sharded}: transformers could not load the model: ", lost.name)
 
 
-def test_a_decoder_classifies_padded_with_its_end_of_text_token(files, tmp_path):
-    """A causal LM's folder (Llama's, GPT-2's) probed as a classifier: its config names no padding token and its
-    tokenizer often has none; the texts pad with the end-of-text token, and a tokenizer without either is refused."""
-    folder = tmp_path / "llama"
+def tiny_llama(folder):
+    """A 2-layer Llama causal LM checkpoint, without a tokenizer."""
     torch.manual_seed(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         transformers.LlamaForCausalLM(transformers.LlamaConfig(
             num_hidden_layers=2, hidden_size=32, num_attention_heads=2, num_key_value_heads=2, intermediate_size=64,
             vocab_size=32, max_position_embeddings=64)).save_pretrained(folder)
+    return folder
+
+
+def test_a_decoder_classifies_padded_with_its_end_of_text_token(files, tmp_path):
+    """A causal LM's folder (Llama's, GPT-2's) probed as a classifier: its config names no padding token and its
+    tokenizer often has none; the texts pad with the end-of-text token, and a tokenizer without either is refused."""
+    folder = tiny_llama(tmp_path / "llama")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
         tokenizer = transformers.AutoTokenizer.from_pretrained(files["model"])
     tokenizer.pad_token, tokenizer.eos_token = None, "[SEP]"
     tokenizer.save_pretrained(folder)
@@ -763,3 +770,16 @@ def test_a_command_run_with_stdout_closed_ends_as_with_it_open(tmp_path):
                           preexec_fn=lambda: os.close(1), timeout=60)
     assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
     assert adapeft.Selection.load(tmp_path / "selection.json").chosen == ["head", "norm"]
+
+
+def test_the_classification_demo_refuses_a_model_other_than_a_bert(files, tmp_path):
+    """BertForSequenceClassification loads another model's folder as random BERT weights, with a warning only."""
+    folder = tiny_llama(tmp_path / "llama")
+    shutil.copy(files["model"] / "vocab.txt", folder)
+    started = time.perf_counter()
+    refused(adapeft_command("demo", "--model", folder, "--quick", "--out", tmp_path / "report"),
+            f"--model {folder} is a 'llama' model, not the BERT the classification demo trains", "--task causal-lm")
+    assert time.perf_counter() - started < FLAG_CHECK_SECONDS and not (tmp_path / "report").exists()
+    (folder / "config.json").write_text("{oops")
+    refused(adapeft_command("demo", "--model", folder, "--quick", "--out", tmp_path / "report"),
+            f"--model {folder}: config.json is not JSON")

@@ -126,6 +126,8 @@ def _demo(args):
         else:
             common.check_model_folder(args.model, "--model", common.GGUF_REMEDY)
             common.check_tokenizer_files(args.model, "--model")
+            if not causal:
+                demo.check_bert(args.model)
     out = args.out or ("adapeft-demo-llm" if causal else "adapeft-demo")
     common.prepare_output_folder(out, "--out")
     if causal:

