@@ -783,3 +783,15 @@ def test_the_classification_demo_refuses_a_model_other_than_a_bert(files, tmp_pa
     (folder / "config.json").write_text("{oops")
     refused(adapeft_command("demo", "--model", folder, "--quick", "--out", tmp_path / "report"),
             f"--model {folder}: config.json is not JSON")
+
+
+def test_a_classifier_saved_with_another_number_of_labels_gets_a_new_head(files, tmp_path):
+    folder = tmp_path / "two-labels"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        transformers.BertForSequenceClassification.from_pretrained(files["model"], num_labels=2).save_pretrained(folder)
+    shutil.copy(files["model"] / "vocab.txt", folder)
+    done = adapeft_command("probe", "--model", folder, "--data", write_csv(tmp_path / "three.csv", ["a", "b", "c"] * 8),
+                           "--batch", "8", "--steps", "1", "--out", tmp_path / "out", timeout=120)
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+    assert json.loads((tmp_path / "out" / "probe.json").read_text())["format"] == "adapeft.probe/1"

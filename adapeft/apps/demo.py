@@ -87,7 +87,9 @@ def check_bert(folder):
 def load_classifier(folder, layers, seed):
     from transformers import BertForSequenceClassification
     torch.manual_seed(seed)
-    model = load_pretrained(BertForSequenceClassification, folder, num_labels=len(LABELS), torch_dtype=torch.float32)
+    # ignore_mismatched_sizes: a classifier saved with another number of labels gets a new head, as a body does.
+    model = load_pretrained(BertForSequenceClassification, folder, num_labels=len(LABELS), torch_dtype=torch.float32,
+                            ignore_mismatched_sizes=True)
     if layers < model.config.num_hidden_layers:
         model.bert.encoder.layer = model.bert.encoder.layer[:layers]
         model.config.num_hidden_layers = layers

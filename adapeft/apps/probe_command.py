@@ -330,7 +330,9 @@ def _with_lora(model, targets, flag_value, **options):
 def _classifier(args, tokenizer, texts, labels):
     from transformers import AutoModelForSequenceClassification
     classes = sorted(set(labels))
-    model = common.load_pretrained(AutoModelForSequenceClassification, args.model, num_labels=len(classes))
+    # ignore_mismatched_sizes: a classifier saved with another number of labels gets a new head, as a body does.
+    model = common.load_pretrained(AutoModelForSequenceClassification, args.model, num_labels=len(classes),
+                                   ignore_mismatched_sizes=True)
     if model.config.pad_token_id is None:
         # A decoder's classifier reads each text's last token before the padding, found by the padding token's id.
         model.config.pad_token_id = tokenizer.pad_token_id
