@@ -249,6 +249,8 @@ def test_probe_refuses_missing_folders_and_files(files, tmp_path):
             "--model", "no such folder")
     refused(adapeft_command("probe", "--model", tmp_path, "--data", files["data"]),
             "not a Hugging Face model folder (no config.json)")
+    refused(adapeft_command("probe", "--model", files["model"], "--data", files["model"]),
+            f"--data {files['model']} is a folder; give the data file in it")
     refused(adapeft_command("probe", "--model", files["model"], "--data", tmp_path / "nothing.csv"),
             "--data", "no such file")
     refused(adapeft_command("probe", "--model", files["model"], "--data", files["data"], "--out", files["data"]),

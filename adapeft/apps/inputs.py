@@ -22,6 +22,8 @@ RECORD_WRITERS = "`adapeft probe` writes probe records as probe.json, `adapeft d
 def _read_rows(path):
     """The rows of a .csv, .tsv, .jsonl or .json file, as dicts."""
     where = f"--data {path}"
+    if os.path.isdir(path):
+        raise InputError(f"{where} is a folder; give the data file in it")
     if not os.path.isfile(path):
         raise InputError(f"{where}: no such file")
     if not path.endswith(DATA_FORMATS):
