@@ -154,7 +154,8 @@ def _select(args):
         if os.path.isdir(args.out):
             raise InputError(f"--out {args.out} is a folder; give the file to write, such as selection.json")
         if os.path.exists(args.out) and os.path.samefile(args.out, args.probe):
-            raise InputError(f"--out {args.out} is the --probe record, which the selection would overwrite; give another file")
+            raise InputError(f"--out {args.out} is the --probe record, which the selection would overwrite; give "
+                             "another file")
         common.prepare_output_folder(os.path.dirname(args.out) or ".", "--out")
     by_gradient = args.values == "squared-gradient"
     if by_gradient:
